@@ -1,0 +1,143 @@
+"""The ``multimodal-engine`` command: serve | dev | send voice … | send image …"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import uuid
+from typing import Sequence
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="multimodal-engine",
+        description="Event-driven image and voice generation for AI companions.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser(
+        "serve", help="consumers + HTTP (production; needs KAFKA_BOOTSTRAP_SERVERS)",
+        description="Run the Kafka consumers and the HTTP app, configured by the environment "
+                    "and .env. Needs KAFKA_BOOTSTRAP_SERVERS; never falls back to a toy.",
+    )
+    commands.add_parser(
+        "dev", help="everything on one machine (embedded broker, local voice)",
+        description="Start an embedded Kafka-protocol broker unless KAFKA_BOOTSTRAP_SERVERS "
+                    "is set, use the local voice unless an ElevenLabs key is set, and serve.",
+    )
+    send = commands.add_parser(
+        "send", help="publish one request and wait for its answer",
+        description="Publish one request, wait for its generation.completed or "
+                    "generation.failed event, print it; exit 0 (completed) or 1.",
+    )
+    kinds = send.add_subparsers(dest="kind", required=True, metavar="KIND")
+    voice = kinds.add_parser("voice", help="a voice request", description="Send a voice request.")
+    voice.add_argument("text")
+    voice.add_argument("--voice-id")
+    voice.add_argument("--model-id")
+    voice.add_argument("--stability", type=float)
+    voice.add_argument("--similarity-boost", type=float)
+    voice.add_argument("--style", type=float)
+    voice.add_argument("--no-emotion", action="store_true", help="inject_emotion: false")
+    image = kinds.add_parser("image", help="an image request", description="Send an image request.")
+    image.add_argument("prompt")
+    image.add_argument("--negative-prompt")
+    image.add_argument("--lora", dest="character_lora_id")
+    image.add_argument("--width", type=int)
+    image.add_argument("--height", type=int)
+    image.add_argument("--steps", dest="num_inference_steps", type=int)
+    image.add_argument("--guidance", dest="guidance_scale", type=float)
+    image.add_argument("--seed", type=int)
+    image.add_argument("--no-optimize", action="store_true", help="optimize_prompt: false")
+    for sub in (voice, image):
+        sub.add_argument("--conversation-id", default="cli")
+        sub.add_argument("--character-id")
+        sub.add_argument("--request-id", help="default: a new UUID")
+        sub.add_argument("--encoding", choices=["json", "avro"], default="avro")
+        sub.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    from core.settings import ConfigurationError, load_settings
+
+    try:
+        settings = load_settings()
+    except ConfigurationError as exc:
+        print(f"multimodal-engine: {exc}", file=sys.stderr)
+        sys.exit(2)
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "send":
+        sys.exit(asyncio.run(_send(args, settings)))
+    from consumers.serve import StartupError, run_dev, run_serve
+
+    try:
+        asyncio.run(run_serve(settings) if args.command == "serve" else run_dev(settings))
+    except StartupError as exc:
+        print(f"multimodal-engine: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+async def _send(args: argparse.Namespace, settings: object) -> int:
+    from consumers.devstate import read_state
+    from consumers.send import send_and_wait
+    from core.settings import Settings
+    from schemas.errors import InvalidRequestError
+    from schemas.codec import EventCodec
+    from schemas.events import ImageRequested, VoiceRequested
+
+    assert isinstance(settings, Settings)
+    state = read_state() if settings.kafka_bootstrap_servers is None else None
+    bootstrap = settings.kafka_bootstrap_servers or (state.bootstrap_servers if state else None)
+    if bootstrap is None:
+        print("multimodal-engine: no broker: start `multimodal-engine dev` (make run) in "
+              "another shell, or set KAFKA_BOOTSTRAP_SERVERS", file=sys.stderr)
+        return 2
+    prefix = state.topic_prefix if state else settings.kafka_topic_prefix
+    fields = {k: v for k, v in vars(args).items() if v is not None}
+    body: dict[str, object] = {
+        "request_id": args.request_id or str(uuid.uuid4()),
+        "conversation_id": args.conversation_id,
+    }
+    if args.character_id:
+        body["character_id"] = args.character_id
+    codec = EventCodec()
+    if args.kind == "voice":
+        body.update({k: fields[k] for k in ("text", "voice_id", "model_id", "stability",
+                                            "similarity_boost", "style") if k in fields})
+        body["inject_emotion"] = not args.no_emotion
+        model: type = VoiceRequested
+    else:
+        body.update({k: fields[k] for k in ("prompt", "negative_prompt", "character_lora_id",
+                                            "width", "height", "num_inference_steps",
+                                            "guidance_scale", "seed") if k in fields})
+        body["optimize_prompt"] = not args.no_optimize
+        model = ImageRequested
+    try:
+        event = codec.validate(model, body)
+    except InvalidRequestError as exc:
+        print(f"multimodal-engine: invalid request: {exc}", file=sys.stderr)
+        return 2
+    reply = await send_and_wait(
+        bootstrap, f"{prefix}generation.requested.{args.kind}", event, args.conversation_id,
+        completed_topic=f"{prefix}generation.completed",
+        failed_topic=f"{prefix}generation.failed",
+        encoding=args.encoding, timeout=args.timeout, codec=codec,
+    )
+    if reply is None:
+        print(f"multimodal-engine: no answer to request {body['request_id']} within "
+              f"{args.timeout:.0f}s", file=sys.stderr)
+        return 1
+    print(json.dumps(reply.event, indent=2, default=str))
+    url = reply.event.get("url")
+    if state is not None and isinstance(url, str) and url.startswith("/"):
+        print(f"file: {state.http_url}{url}")
+    return 0 if reply.completed else 1

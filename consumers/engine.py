@@ -1,0 +1,192 @@
+"""One engine process: the consume loop and the HTTP app, started and stopped together.
+
+Built once from :class:`~core.settings.Settings` at the entry point; every component gets
+its part through its constructor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from consumers.handlers import VoiceHandler
+from consumers.kafka import build_consumer, build_producer, resolve_idempotence
+from consumers.publisher import EventPublisher
+from consumers.retry import RetryPolicy
+from consumers.routes import Route
+from consumers.runtime import ConsumeLoop, DeliveryConfig, ResultTopics
+from core.health import EngineHealth, probe_gpu
+from core.metrics import EngineMetrics
+from core.outputs import OutputStore
+from core.settings import Settings
+from core.voice import build_voice_service
+from http_files import AppServices, create_app
+from schemas.codec import EventCodec
+from schemas.events import VoiceRequested
+
+__all__ = ["Engine", "EngineAddresses", "TOPICS"]
+
+logger = logging.getLogger(__name__)
+
+TOPICS = (
+    "generation.requested.image",
+    "generation.requested.voice",
+    "generation.requested.lora",
+    "generation.completed",
+    "generation.failed",
+    "generation.progress",
+)
+
+
+@dataclass(frozen=True)
+class EngineAddresses:
+    bootstrap_servers: str
+    http_url: str
+
+
+class Engine:
+    """Consumers + HTTP in one process. ``start`` → ``wait_stopped`` → ``stop``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap_servers: str,
+        *,
+        registry: CollectorRegistry | None = None,
+        http_host: str = "0.0.0.0",
+    ) -> None:
+        self._settings = settings
+        self._bootstrap = bootstrap_servers
+        self._http_host = http_host
+        self.metrics = EngineMetrics(registry or CollectorRegistry())
+        self.codec = EventCodec()
+        self.store = OutputStore(
+            settings.output_dir,
+            public_base_url=settings.public_base_url,
+            cleanup_delay=settings.cleanup_delay if settings.auto_cleanup else None,
+        )
+        self.voice = build_voice_service(settings, self.store)
+        self.health = EngineHealth(voice_backend=self.voice.backend_name)
+        self._stop_requested = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._runner: web.AppRunner | None = None
+        self._loop: ConsumeLoop | None = None
+        self._consumer = None
+        self._producer = None
+        self.addresses: EngineAddresses | None = None
+
+    async def start(self) -> EngineAddresses:
+        """Starts HTTP first (so ``/health`` answers "starting"), then Kafka."""
+        settings = self._settings
+        settings.output_dir.mkdir(parents=True, exist_ok=True)
+        self.health.gpu = probe_gpu()
+        app = create_app(
+            AppServices(
+                health=self.health, metrics=self.metrics, store=self.store,
+                codec=self.codec, voice=self.voice,
+            )
+        )
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._http_host, settings.service_port)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        host = "127.0.0.1" if self._http_host in ("0.0.0.0", "") else self._http_host
+        http_url = f"http://{host}:{port}"
+
+        idempotent = await resolve_idempotence(settings, self._bootstrap)
+        self._producer = build_producer(settings, self._bootstrap, idempotent=idempotent)
+        self._consumer = build_consumer(settings, self._bootstrap)
+        await self._producer.start()
+        await self._consumer.start()
+        codec = self.codec
+        publisher = EventPublisher(self._producer, codec, settings.event_encoding)
+        routes = [
+            Route(settings.topic("generation.requested.voice"), "voice", VoiceRequested,
+                  VoiceHandler(self.voice)),
+        ]
+        self._loop = ConsumeLoop(
+            self._consumer, publisher, codec, routes,
+            ResultTopics(
+                completed=settings.topic("generation.completed"),
+                failed=settings.topic("generation.failed"),
+                progress=settings.topic("generation.progress"),
+            ),
+            config=DeliveryConfig(
+                max_in_flight=settings.max_in_flight,
+                shutdown_grace=settings.shutdown_grace_seconds,
+            ),
+            retry=RetryPolicy(
+                max_attempts=settings.retry_max_attempts,
+                base_delay=settings.retry_base_delay,
+                max_delay=settings.retry_max_delay,
+            ),
+            metrics=self.metrics,
+            health=self.health,
+        )
+        self._tasks.append(asyncio.create_task(self._loop.run(), name="consume-loop"))
+        self._tasks.append(asyncio.create_task(self._watch_broker(), name="broker-watch"))
+        if settings.auto_cleanup:
+            self._tasks.append(asyncio.create_task(
+                self.store.run_cleanup(min(60.0, settings.cleanup_delay / 4),
+                                       self._stop_requested),
+                name="cleanup"))
+        self.health.started = True
+        self.addresses = EngineAddresses(self._bootstrap, http_url)
+        return self.addresses
+
+    def request_stop(self) -> None:
+        """Begins a graceful stop (safe to call from a signal handler)."""
+        self._stop_requested.set()
+        if self._loop is not None:
+            self._loop.request_stop()
+
+    async def wait_stopped(self) -> None:
+        """Returns when a stop was requested or the consume loop ended on its own."""
+        loop_task = self._tasks[0] if self._tasks else None
+        waiter = asyncio.create_task(self._stop_requested.wait())
+        waits: set[asyncio.Future[object]] = {waiter}  # type: ignore[arg-type]
+        if loop_task is not None:
+            waits.add(loop_task)  # type: ignore[arg-type]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+
+    async def stop(self) -> None:
+        """Drains in-flight work, commits, leaves the group, closes HTTP."""
+        self.request_stop()
+        if self._tasks:
+            loop_task, *others = self._tasks
+            try:
+                await loop_task
+            except Exception:
+                logger.exception("consume loop ended with an error")
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+        if self._consumer is not None:
+            await self._consumer.stop()  # leaves the group
+        if self._producer is not None:
+            await self._producer.stop()  # flushes
+        await self.voice.aclose()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _watch_broker(self, interval: float = 5.0) -> None:
+        """Keeps ``/health`` honest about the broker: a metadata request every interval."""
+        assert self._consumer is not None
+        while not self._stop_requested.is_set():
+            try:
+                await asyncio.wait_for(self._consumer.topics(), timeout=interval)
+                self.health.kafka_connected = True
+            except Exception as exc:  # any failure means "unreachable" for /health
+                if self.health.kafka_connected:
+                    logger.warning("broker %s unreachable: %s", self._bootstrap, exc)
+                self.health.kafka_connected = False
+            try:
+                await asyncio.wait_for(self._stop_requested.wait(), timeout=interval)
+            except asyncio.TimeoutError:
+                pass

@@ -1,0 +1,5 @@
+"""Handlers: a validated request event in, a completed event out."""
+
+from consumers.handlers.voice import VoiceHandler
+
+__all__ = ["VoiceHandler"]

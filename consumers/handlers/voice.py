@@ -1,0 +1,32 @@
+"""generation.requested.voice → the voice core → generation.completed (kind voice)."""
+
+from __future__ import annotations
+
+from consumers.routes import HandlerContext
+from core.voice import VoiceService
+from schemas.events import GenerationCompleted, VoiceRequested
+
+__all__ = ["VoiceHandler"]
+
+
+class VoiceHandler:
+    """Calls the same core entry as ``POST /generate/voice``."""
+
+    def __init__(self, service: VoiceService) -> None:
+        self._service = service
+
+    async def __call__(self, event: VoiceRequested, context: HandlerContext) -> GenerationCompleted:
+        result = await self._service.generate(event)
+        return GenerationCompleted(
+            request_id=event.request_id,
+            conversation_id=event.conversation_id,
+            kind="voice",
+            audio_id=result.audio_id,
+            filename=result.filename,
+            text=result.text,
+            enhanced_text=result.enhanced_text,
+            voice_id=result.voice_id,
+            url=result.url,
+            duration_seconds=result.duration_seconds,
+            character_id=event.character_id,
+        )

@@ -1,0 +1,61 @@
+"""Building the Kafka clients from settings, and choosing idempotence honestly."""
+
+from __future__ import annotations
+
+import logging
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from consumers.topics import probe_idempotence
+from core.settings import Settings
+
+__all__ = ["build_consumer", "build_producer", "resolve_idempotence"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_consumer(settings: Settings, bootstrap_servers: str) -> AIOKafkaConsumer:
+    """A group consumer with manual commits; the consume loop subscribes it."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers,
+        group_id=settings.kafka_group_id,
+        client_id=f"{settings.service_name}-consumer",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+        max_poll_interval_ms=max(300_000, int(settings.shutdown_grace_seconds * 1000) * 2),
+        # records of aborted producer transactions are never answered
+        isolation_level="read_committed",
+    )
+
+
+def build_producer(
+    settings: Settings, bootstrap_servers: str, *, idempotent: bool
+) -> AIOKafkaProducer:
+    """A producer that waits for all in-sync replicas (acks=all)."""
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers,
+        client_id=f"{settings.service_name}-producer",
+        acks="all",
+        enable_idempotence=idempotent,
+        linger_ms=0,
+        max_request_size=16 * 2**20,
+    )
+
+
+async def resolve_idempotence(settings: Settings, bootstrap_servers: str) -> bool:
+    """``KAFKA_IDEMPOTENCE``: on/off as set; auto asks the broker (InitProducerId) and
+    says when it has to be off."""
+    if settings.kafka_idempotence != "auto":
+        return settings.kafka_idempotence == "on"
+    supported = await probe_idempotence(bootstrap_servers)
+    if not supported:
+        logger.warning(
+            "broker at %s has no idempotent producer (InitProducerId failed): publishing "
+            "with acks=all and idempotence off; duplicates on producer retries are possible "
+            "and harmless (consumers dedupe by request_id)",
+            bootstrap_servers,
+        )
+    return supported

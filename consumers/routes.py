@@ -1,0 +1,45 @@
+"""What a handler is: a validated event in, a completed event out.
+
+Handlers never see records, offsets or retries; the consume loop owns those. A handler
+raises an :class:`~schemas.errors.EngineError` for failures (``retryable`` decides whether
+the loop retries it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Protocol
+
+from pydantic import BaseModel
+
+from schemas.events import GenerationCompleted
+
+__all__ = ["HandlerContext", "Handler", "Route", "ProgressReporter"]
+
+ProgressReporter = Callable[[int, int, float | None], Awaitable[None]]
+
+
+async def _no_progress(step: int, total: int, loss: float | None) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class HandlerContext:
+    """What a handler may know of its delivery besides the event."""
+
+    attempt: int = 1
+    progress: ProgressReporter = _no_progress
+
+
+class Handler(Protocol):
+    async def __call__(self, event: Any, context: HandlerContext) -> GenerationCompleted: ...
+
+
+@dataclass(frozen=True)
+class Route:
+    """One input topic: the event type found there, its kind and its handler."""
+
+    topic: str
+    kind: str
+    model: type[BaseModel]
+    handler: Handler

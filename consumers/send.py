@@ -1,0 +1,90 @@
+"""``multimodal-engine send``: publish one request and wait for its answer.
+
+The reply topics are read from their current end *before* the request is published, so
+the answer cannot slip past; the request's ``request_id`` picks it out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from pydantic import BaseModel
+
+from schemas.codec import EventCodec
+from schemas.errors import EngineError
+
+__all__ = ["Reply", "send_and_wait"]
+
+
+@dataclass(frozen=True)
+class Reply:
+    topic: str
+    event: dict[str, object]
+    completed: bool
+
+
+async def send_and_wait(
+    bootstrap_servers: str,
+    request_topic: str,
+    event: BaseModel,
+    key: str,
+    *,
+    completed_topic: str,
+    failed_topic: str,
+    encoding: Literal["avro", "json"] = "json",
+    timeout: float = 60.0,
+    codec: EventCodec | None = None,
+) -> Reply | None:
+    """Publishes ``event`` and returns its completed/failed reply, or None on timeout."""
+    codec = codec or EventCodec()
+    request_id = getattr(event, "request_id")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
+        fetch_max_wait_ms=10,
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all")
+    await consumer.start()
+    await producer.start()
+    try:
+        await consumer.topics()
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in (completed_topic, failed_topic)
+            for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+        consumer.assign(partitions)
+        await consumer.seek_to_end(*partitions)
+        for tp in partitions:
+            await consumer.position(tp)  # pin the end now, before publishing
+        await producer.send_and_wait(
+            request_topic,
+            value=codec.encode(event, encoding),
+            key=key.encode(),
+            headers=[
+                ("content-type", codec.content_type(encoding).encode()),
+                ("request_id", request_id.encode()),
+            ],
+        )
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            batches = await consumer.getmany(timeout_ms=int(min(remaining, 0.5) * 1000))
+            for tp, records in batches.items():
+                for record in records:
+                    headers = dict(record.headers or ())
+                    content_type = headers.get("content-type")
+                    try:
+                        _, raw = codec.decode_raw(
+                            record.value, content_type.decode() if content_type else None
+                        )
+                    except EngineError:
+                        continue
+                    if raw.get("request_id") == request_id:
+                        return Reply(tp.topic, raw, completed=tp.topic == completed_topic)
+        return None
+    finally:
+        await producer.stop()
+        await consumer.stop()

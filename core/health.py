@@ -1,0 +1,90 @@
+"""The engine's health, as ``/health`` reports it.
+
+Components report into one :class:`EngineHealth` (the consumer runtime its Kafka state,
+the entry point readiness); the HTTP layer only reads :meth:`EngineHealth.snapshot`.
+Nothing secret is ever stored here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["EngineHealth", "GpuInfo", "ImageModelInfo", "probe_gpu"]
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    available: bool
+    name: str | None = None
+    memory_total_mb: int | None = None
+    memory_allocated_mb: int | None = None
+
+
+@dataclass(frozen=True)
+class ImageModelInfo:
+    name: str | None = None
+    loaded: bool = False
+    development_model: bool = False
+
+
+def probe_gpu() -> GpuInfo:
+    """What torch sees of CUDA; a CPU-only build reports ``available: false``."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return GpuInfo(available=False)
+    index = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    return GpuInfo(
+        available=True,
+        name=props.name,
+        memory_total_mb=props.total_memory // 2**20,
+        memory_allocated_mb=torch.cuda.memory_allocated(index) // 2**20,
+    )
+
+
+@dataclass
+class EngineHealth:
+    voice_backend: str
+    kafka_enabled: bool = True
+    started: bool = False
+    kafka_connected: bool = False
+    assigned: list[tuple[str, int]] = field(default_factory=list)
+    image_model: ImageModelInfo = field(default_factory=ImageModelInfo)
+    gpu: GpuInfo = field(default_factory=lambda: GpuInfo(available=False))
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        if not self.started:
+            return "starting"
+        if self.kafka_enabled and not self.kafka_connected:
+            return "degraded"
+        return "ok"
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "gpu": {
+                "available": self.gpu.available,
+                "name": self.gpu.name,
+                "memory_total_mb": self.gpu.memory_total_mb,
+                "memory_allocated_mb": self.gpu.memory_allocated_mb,
+            },
+            "image_model": {
+                "name": self.image_model.name,
+                "loaded": self.image_model.loaded,
+                "development_model": self.image_model.development_model,
+            },
+            "kafka": {
+                "enabled": self.kafka_enabled,
+                "connected": self.kafka_connected,
+                "assigned_partitions": [
+                    {"topic": topic, "partition": partition}
+                    for topic, partition in sorted(self.assigned)
+                ],
+            },
+            "voice": {"backend": self.voice_backend},
+            **self.details,
+        }

@@ -1,0 +1,55 @@
+"""The engine's Prometheus metrics, registered on an injected registry.
+
+Names carry their unit (``_total``, ``_seconds``); labels are a fixed, small set:
+``kind`` (image, voice, lora), ``error_code`` (the contract's codes), and
+``topic``/``partition`` for consumer lag.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["EngineMetrics"]
+
+_LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+)
+
+
+class EngineMetrics:
+    """All metrics of one engine process; pass a fresh registry per test."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.consumed = Counter(
+            "engine_requests_consumed_total", "Request records consumed", ["kind"],
+            registry=registry,
+        )
+        self.completed = Counter(
+            "engine_requests_completed_total", "Requests answered with generation.completed",
+            ["kind"], registry=registry,
+        )
+        self.failed = Counter(
+            "engine_requests_failed_total", "Requests answered with generation.failed",
+            ["kind", "error_code"], registry=registry,
+        )
+        self.retries = Counter(
+            "engine_retries_total", "Retries of transient errors", ["kind", "error_code"],
+            registry=registry,
+        )
+        self.processing = Histogram(
+            "engine_processing_seconds", "Time from record fetched to result acknowledged",
+            ["kind"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.in_flight = Gauge(
+            "engine_in_flight_requests", "Requests being worked on", ["kind"], registry=registry
+        )
+        self.lag = Gauge(
+            "engine_consumer_lag_records",
+            "Records of a partition not yet answered (high watermark minus committed position)",
+            ["topic", "partition"], registry=registry,
+        )
+        self.http_requests = Counter(
+            "engine_http_requests_total", "HTTP API requests", ["endpoint", "status"],
+            registry=registry,
+        )

@@ -1,0 +1,157 @@
+"""Configuration from the environment and ``.env``: every variable of the contract.
+
+Built once at the entry point (:func:`load_settings`) and handed down; components receive
+only their part. Invalid values stop start-up with :class:`ConfigurationError`, whose
+message is one line naming the variable, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "ConfigurationError", "load_settings"]
+
+_SECRET_FIELDS = {"elevenlabs_api_key"}
+
+
+class ConfigurationError(Exception):
+    """A configuration value is invalid; the message is one line, never a secret."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    # --- service (original .env.example) ---
+    service_name: str = Field("multimodal_engine", min_length=1)
+    service_port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 picks a free one")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    # --- model ---
+    flux_model_path: Path | None = None
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    use_fp16: bool = False
+    default_inference_steps: int = Field(28, ge=1, le=100)
+    default_guidance_scale: float = Field(3.5, ge=0.0, le=30.0)
+    default_negative_prompt: str = ""
+    max_image_size: int = Field(2048, ge=64, le=4096)
+    max_batch_size: int = Field(4, ge=1, le=64)
+
+    # --- LoRA ---
+    lora_output_dir: Path = Path("lora_models")
+    min_lora_images: int = Field(5, ge=1)
+    max_lora_images: int = Field(50, ge=1)
+
+    # --- files ---
+    output_dir: Path = Path("outputs")
+    temp_dir: Path = Path("temp")
+    auto_cleanup: bool = True
+    cleanup_delay: float = Field(3600, gt=0, description="seconds a file lives")
+    public_base_url: str = ""
+
+    # --- voice ---
+    voice_backend: Literal["auto", "elevenlabs", "local"] = "auto"
+    elevenlabs_api_url: str = Field("https://api.elevenlabs.io/v1", pattern=r"^https?://")
+    elevenlabs_api_key: SecretStr | None = None
+    default_voice_id: str = Field("21m00Tcm4TlvDq8ikWAM", min_length=1)
+
+    # --- Persona Engine ---
+    persona_engine_url: str | None = Field(None, pattern=r"^https?://")
+
+    # --- Kafka ---
+    kafka_bootstrap_servers: str | None = None
+    kafka_group_id: str = Field("multimodal_engine", min_length=1)
+    kafka_topic_prefix: str = ""
+    kafka_topic_partitions: int = Field(6, ge=1, le=1000)
+    kafka_fetch_max_wait_ms: int = Field(10, ge=0, le=10000)
+    kafka_session_timeout_ms: int = Field(10000, ge=1000)
+    kafka_heartbeat_interval_ms: int = Field(1000, ge=100)
+    kafka_idempotence: Literal["auto", "on", "off"] = "auto"
+    event_encoding: Literal["avro", "json"] = "avro"
+    embedded_broker: Literal["tansu", "rdkafka-mock"] = "tansu"
+
+    # --- delivery ---
+    max_in_flight: int = Field(64, ge=1, le=10000)
+    retry_max_attempts: int = Field(4, ge=1, le=20)
+    retry_base_delay: float = Field(0.5, ge=0.0)
+    retry_max_delay: float = Field(30.0, ge=0.0)
+    shutdown_grace_seconds: float = Field(30.0, ge=0.0)
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _bootstrap_list(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        for part in value.split(","):
+            host, sep, port = part.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError("a list host:port,host:port")
+        return value.strip()
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @property
+    def use_elevenlabs(self) -> bool:
+        if self.voice_backend == "auto":
+            return self.elevenlabs_api_key is not None
+        return self.voice_backend == "elevenlabs"
+
+    def topic(self, name: str) -> str:
+        """The configured name of a contract topic (prefix + name)."""
+        return f"{self.kafka_topic_prefix}{name}"
+
+
+_TYPE_WORDS = {
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_parsing": "a number",
+    "bool_parsing": "a boolean (true/false, 1/0, yes/no)",
+    "string_too_short": "a non-empty string",
+}
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    if error.get("type") in _TYPE_WORDS:
+        return _TYPE_WORDS[str(error["type"])]
+    ctx = error.get("ctx") or {}
+    if "expected" in ctx:
+        return f"one of {ctx['expected']}"
+    if "pattern" in ctx:
+        return f"a value matching {ctx['pattern']}"
+    if "error" in ctx:
+        return str(ctx["error"]).removeprefix("Value error, ")
+    for key, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if key in ctx:
+            return f"a number {word} {ctx[key]}"
+    return str(error.get("msg", "a valid value"))
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment and ``.env`` (overrides win).
+
+    Raises :class:`ConfigurationError` naming the first invalid variable, its value and
+    what is allowed, in one line; secrets are shown as ``'**********'``.
+    """
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "?"
+        value = "**********" if name in _SECRET_FIELDS else first.get("input")
+        raise ConfigurationError(
+            f"invalid configuration: {name.upper()}={value!r} (allowed: {_describe(first)})"
+        ) from None
+    if settings.min_lora_images > settings.max_lora_images:
+        raise ConfigurationError(
+            f"invalid configuration: MIN_LORA_IMAGES={settings.min_lora_images!r} "
+            f"(allowed: at most MAX_LORA_IMAGES={settings.max_lora_images})"
+        )
+    return settings

@@ -1,0 +1,27 @@
+"""The aiohttp application factory: routes only; services come in through the factory."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from http_files.health import health
+from http_files.metrics import metrics
+from http_files.outputs import get_output
+from http_files.services import SERVICES, AppServices
+from http_files.voice import generate_voice
+
+__all__ = ["create_app"]
+
+_MAX_BODY = 1 * 2**20  # JSON requests; LoRA uploads get their own limit
+
+
+def create_app(services: AppServices) -> web.Application:
+    """Builds the HTTP app: ``/health``, ``/outputs/{filename}``, ``/metrics`` and the
+    original API's POST endpoints, all backed by ``services``."""
+    app = web.Application(client_max_size=_MAX_BODY)
+    app[SERVICES] = services
+    app.router.add_get("/health", health)
+    app.router.add_get("/outputs/{filename}", get_output)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/generate/voice", generate_voice)
+    return app

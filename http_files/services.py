@@ -1,0 +1,27 @@
+"""What the HTTP app needs, handed to its factory (typed app state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from core.health import EngineHealth
+from core.metrics import EngineMetrics
+from core.outputs import OutputStore
+from core.voice import VoiceService
+from schemas.codec import EventCodec
+
+__all__ = ["AppServices", "SERVICES"]
+
+
+@dataclass(frozen=True)
+class AppServices:
+    health: EngineHealth
+    metrics: EngineMetrics
+    store: OutputStore
+    codec: EventCodec
+    voice: VoiceService
+
+
+SERVICES: web.AppKey[AppServices] = web.AppKey("services", AppServices)

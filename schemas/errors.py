@@ -1,0 +1,115 @@
+"""The engine's one error hierarchy; every error carries a wire code of the contract.
+
+    EngineError (code, retryable)
+     ├── UndecodableError            UNDECODABLE           bytes that are no event at all
+     ├── InvalidRequestError         INVALID_REQUEST       decoded, but a field is wrong (.field)
+     ├── UnknownLoraError            UNKNOWN_LORA
+     ├── UpstreamUnavailableError    UPSTREAM_UNAVAILABLE  retryable: 429, 5xx, connection errors
+     ├── UpstreamRejectedError       UPSTREAM_REJECTED     400/401/422 from an upstream
+     ├── QuotaExceededError          QUOTA_EXCEEDED
+     ├── OutOfMemoryError            OUT_OF_MEMORY         retryable
+     ├── GenerationTimeoutError      TIMEOUT               retryable
+     └── InternalError               INTERNAL
+
+The codes are part of the wire contract (``GenerationFailed.error_code``), which is why the
+hierarchy lives in ``schemas``, the bottom layer. Foreign errors are translated where they
+enter (``raise UpstreamUnavailableError(...) from exc``); messages never carry secrets.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = [
+    "ErrorCode",
+    "EngineError",
+    "UndecodableError",
+    "InvalidRequestError",
+    "UnknownLoraError",
+    "UpstreamUnavailableError",
+    "UpstreamRejectedError",
+    "QuotaExceededError",
+    "OutOfMemoryError",
+    "GenerationTimeoutError",
+    "InternalError",
+]
+
+
+class ErrorCode(StrEnum):
+    UNDECODABLE = "UNDECODABLE"
+    INVALID_REQUEST = "INVALID_REQUEST"
+    UNKNOWN_LORA = "UNKNOWN_LORA"
+    UPSTREAM_UNAVAILABLE = "UPSTREAM_UNAVAILABLE"
+    UPSTREAM_REJECTED = "UPSTREAM_REJECTED"
+    QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
+    OUT_OF_MEMORY = "OUT_OF_MEMORY"
+    TIMEOUT = "TIMEOUT"
+    INTERNAL = "INTERNAL"
+
+
+class EngineError(Exception):
+    """Root of the engine's errors: ``code`` is the wire code, ``retryable`` says whether
+    the same request may succeed later (transient), which drives retries and the failed
+    event's ``retryable`` field."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+    retryable: bool = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UndecodableError(EngineError):
+    code = ErrorCode.UNDECODABLE
+
+
+class InvalidRequestError(EngineError):
+    """A request that decoded but is not valid; ``field`` names the offending field
+    (dotted path for nested ones), ``errors`` lists every field error found."""
+
+    code = ErrorCode.INVALID_REQUEST
+
+    def __init__(
+        self, message: str, field: str | None = None, errors: list[dict[str, str]] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.field = field
+        self.errors = errors if errors is not None else (
+            [{"field": field, "message": message}] if field else []
+        )
+
+
+class UnknownLoraError(EngineError):
+    code = ErrorCode.UNKNOWN_LORA
+
+
+class UpstreamUnavailableError(EngineError):
+    code = ErrorCode.UPSTREAM_UNAVAILABLE
+    retryable = True
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UpstreamRejectedError(EngineError):
+    code = ErrorCode.UPSTREAM_REJECTED
+
+
+class QuotaExceededError(EngineError):
+    code = ErrorCode.QUOTA_EXCEEDED
+
+
+class OutOfMemoryError(EngineError):
+    code = ErrorCode.OUT_OF_MEMORY
+    retryable = True
+
+
+class GenerationTimeoutError(EngineError):
+    code = ErrorCode.TIMEOUT
+    retryable = True
+
+
+class InternalError(EngineError):
+    code = ErrorCode.INTERNAL

@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+
+from core.settings import ConfigurationError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # no stray .env
+
+
+def test_defaults_follow_the_contract() -> None:
+    settings = load_settings()
+    assert settings.kafka_bootstrap_servers is None
+    assert settings.kafka_group_id == "multimodal_engine"
+    assert settings.public_base_url == ""
+    assert settings.event_encoding == "avro"
+    assert settings.voice_backend == "auto" and not settings.use_elevenlabs
+
+
+def test_env_and_dotenv_are_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("SERVICE_PORT=9001\nEVENT_ENCODING=json\n")
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "k1:9092,k2:9092")
+    settings = load_settings()
+    assert settings.service_port == 9001
+    assert settings.event_encoding == "json"
+    assert settings.kafka_bootstrap_servers == "k1:9092,k2:9092"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "allowed"),
+    [
+        ("SERVICE_PORT", "eighty", "integer"),
+        ("SERVICE_PORT", "70000", "<= 65535"),
+        ("EVENT_ENCODING", "xml", "'avro' or 'json'"),
+        ("VOICE_BACKEND", "cloud", "'auto', 'elevenlabs' or 'local'"),
+        ("KAFKA_BOOTSTRAP_SERVERS", "localhost", "host:port"),
+        ("AUTO_CLEANUP", "maybe", "boolean"),
+    ],
+)
+def test_invalid_value_is_one_line_naming_variable_value_and_allowed(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, allowed: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigurationError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "\n" not in message
+    assert variable in message and repr(value) in message
+    assert allowed in message
+
+
+def test_api_key_is_secret_and_selects_elevenlabs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ELEVENLABS_API_KEY", "sk_live_do_not_print")
+    settings = load_settings()
+    assert settings.use_elevenlabs
+    assert "sk_live_do_not_print" not in repr(settings)
+    assert "sk_live_do_not_print" not in str(settings.model_dump())
+    monkeypatch.setenv("VOICE_BACKEND", "local")
+    assert not load_settings().use_elevenlabs
