@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         asyncio.run(run_serve(settings) if args.command == "serve" else run_dev(settings))
-    except StartupError as exc:
+    except (StartupError, ConfigurationError) as exc:
         print(f"multimodal-engine: {exc}", file=sys.stderr)
         sys.exit(2)
 

@@ -70,7 +70,7 @@ class Engine:
             cleanup_delay=settings.cleanup_delay if settings.auto_cleanup else None,
         )
         self.voice = build_voice_service(settings, self.store)
-        self.health = EngineHealth(voice_backend=self.voice.backend_name)
+        self.health = EngineHealth(voice_backend=self.voice.backend.name)
         self._stop_requested = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
@@ -171,7 +171,6 @@ class Engine:
             await self._consumer.stop()  # leaves the group
         if self._producer is not None:
             await self._producer.stop()  # flushes
-        await self.voice.aclose()
         if self._runner is not None:
             await self._runner.cleanup()
 

@@ -51,7 +51,7 @@ async def run_serve(settings: Settings) -> None:
     engine = Engine(settings, bootstrap)
     addresses = await engine.start()
     print(f"engine serving: kafka={addresses.bootstrap_servers} http={addresses.http_url} "
-          f"voice={engine.voice.backend_name}", flush=True)
+          f"voice={engine.voice.backend.name}", flush=True)
     await _serve_until_signal(engine)
 
 
@@ -82,7 +82,7 @@ async def run_dev(settings: Settings) -> None:
             "partitions per topic)\n"
             f"  http        {addresses.http_url}  (/health, /metrics, /outputs/…, "
             "POST /generate/voice)\n"
-            f"  voice       {engine.voice.backend_name}\n"
+            f"  voice       {engine.voice.backend.name}\n"
             f"  image model {settings.flux_model_path or 'none configured'} "
             "(image generation arrives with the image core)\n"
             f"  outputs     {settings.output_dir.resolve()}\n"

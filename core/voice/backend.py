@@ -1,0 +1,45 @@
+"""What a speech backend is: the seam between :class:`~core.voice.service.VoiceService` and
+an engine (the local espeak-ng one, ElevenLabs over HTTP)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+__all__ = ["VoiceBackend", "VoiceSettings"]
+
+
+@dataclass(frozen=True)
+class VoiceSettings:
+    """The voice a request asks for, with ElevenLabs' meaning of each field: ``voice_id``
+    and ``model_id`` name an ElevenLabs voice and model; ``stability``, ``similarity_boost``
+    and ``style`` are within 0..1, ``None`` for the engine's default."""
+
+    voice_id: str
+    model_id: str | None = None
+    stability: float | None = None
+    similarity_boost: float | None = None
+    style: float | None = None
+
+
+class VoiceBackend(Protocol):
+    """A speech engine that writes one MP3 file per call."""
+
+    @property
+    def name(self) -> str:
+        """Short name for logs and ``/health`` (``local``, ``elevenlabs``)."""
+        ...
+
+    def performs_audio_tags(self, model_id: str | None) -> bool:
+        """Whether ``model_id`` on this engine performs audio tags such as ``[warmly]``
+        (ElevenLabs v3) instead of reading them aloud; if not, the service strips them."""
+        ...
+
+    async def synthesize_to(self, path: Path, text: str, settings: VoiceSettings) -> None:
+        """Speak ``text`` into a new MP3 file at ``path``.
+
+        Raises an :class:`~schemas.errors.EngineError` on failure; the caller removes a
+        partly written file.
+        """
+        ...

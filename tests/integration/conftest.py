@@ -1,0 +1,127 @@
+"""Fixtures for tests against the real broker: settings on fresh topics, an in-process
+engine, a consume loop with test handlers, and the Persona-side peer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from prometheus_client import CollectorRegistry
+
+from consumers.engine import Engine
+from consumers.kafka import build_consumer, build_producer, resolve_idempotence
+from consumers.publisher import EventPublisher
+from consumers.retry import RetryPolicy
+from consumers.routes import Route
+from consumers.runtime import ConsumeLoop, DeliveryConfig, ResultTopics
+from core.health import EngineHealth
+from core.metrics import EngineMetrics
+from core.settings import Settings, load_settings
+from schemas.codec import EventCodec
+from tests.support.kafka_client import PersonaPeer
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture
+async def settings(
+    tmp_path: Path, broker_bootstrap: str, topic_prefix: str, make_topics: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Settings:
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    await make_topics(partitions=3)
+    return load_settings(
+        kafka_bootstrap_servers=broker_bootstrap,
+        kafka_topic_prefix=topic_prefix,
+        kafka_group_id=f"{topic_prefix}group",
+        kafka_session_timeout_ms=2000,
+        kafka_heartbeat_interval_ms=200,
+        kafka_fetch_max_wait_ms=10,
+        output_dir=tmp_path / "outputs",
+        service_port=0,
+        voice_backend="local",
+        retry_base_delay=0.01,
+        retry_max_delay=0.05,
+        shutdown_grace_seconds=10,
+    )
+
+
+@pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[Engine]:
+    assert settings.kafka_bootstrap_servers is not None
+    instance = Engine(settings, settings.kafka_bootstrap_servers, http_host="127.0.0.1",
+                      registry=CollectorRegistry())
+    await instance.start()
+    try:
+        yield instance
+    finally:
+        await instance.stop()
+
+
+@pytest.fixture
+async def peer(settings: Settings) -> AsyncIterator[PersonaPeer]:
+    assert settings.kafka_bootstrap_servers is not None
+    async with PersonaPeer(settings.kafka_bootstrap_servers, settings.kafka_topic_prefix) as p:
+        yield p
+
+
+class LoopHarness:
+    """A real consume loop on the real broker with handlers chosen by the test."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = EngineMetrics(CollectorRegistry())
+        self.health = EngineHealth(voice_backend="none")
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.loop: ConsumeLoop | None = None
+        self._task: Any = None
+
+    async def start(self, routes: list[tuple[str, str, Any, Any]], **config: Any) -> ConsumeLoop:
+        import asyncio
+
+        s = self.settings
+        bootstrap = s.kafka_bootstrap_servers
+        assert bootstrap is not None
+        self.producer = build_producer(
+            s, bootstrap, idempotent=await resolve_idempotence(s, bootstrap)
+        )
+        self.consumer = build_consumer(s, bootstrap)
+        await self.producer.start()
+        await self.consumer.start()
+        codec = EventCodec()
+        self.loop = ConsumeLoop(
+            self.consumer, EventPublisher(self.producer, codec, s.event_encoding), codec,
+            [Route(s.topic(f"generation.requested.{kind}"), kind, model, handler)
+             for kind, _, model, handler in routes],
+            ResultTopics(s.topic("generation.completed"), s.topic("generation.failed"),
+                         s.topic("generation.progress")),
+            config=DeliveryConfig(**config),
+            retry=RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.02),
+            metrics=self.metrics, health=self.health,
+        )
+        self._task = asyncio.create_task(self.loop.run())
+        return self.loop
+
+    async def stop(self) -> None:
+        if self.loop is not None:
+            self.loop.request_stop()
+            await self._task
+        if self.consumer is not None:
+            await self.consumer.stop()
+        if self.producer is not None:
+            await self.producer.stop()
+
+
+@pytest.fixture
+async def harness(settings: Settings) -> AsyncIterator[LoopHarness]:
+    h = LoopHarness(settings)
+    try:
+        yield h
+    finally:
+        await h.stop()
+
+
+Waiter = Callable[..., Awaitable[Any]]

@@ -1,0 +1,129 @@
+"""Delivery semantics of the consume loop on the real broker, with handlers the test
+controls (the loop is generic; these handlers stand in for slow or failing work)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+
+from consumers.routes import HandlerContext
+from schemas.errors import UpstreamUnavailableError
+from schemas.events import GenerationCompleted, VoiceRequested
+from tests.support.kafka_client import PersonaPeer
+
+pytestmark = pytest.mark.kafka
+
+
+def completed(event: VoiceRequested) -> GenerationCompleted:
+    return GenerationCompleted(request_id=event.request_id,
+                               conversation_id=event.conversation_id, kind="voice",
+                               text=event.text)
+
+
+def request(conversation: str, text: str) -> dict[str, Any]:
+    return {"request_id": str(uuid.uuid4()), "conversation_id": conversation, "text": text}
+
+
+async def test_same_key_keeps_order_while_other_keys_overtake(harness: Any,
+                                                              peer: PersonaPeer) -> None:
+    gate = asyncio.Event()
+    seen: list[str] = []
+
+    async def handler(event: VoiceRequested, context: HandlerContext) -> GenerationCompleted:
+        assert isinstance(event, VoiceRequested)  # handlers see events, not records
+        seen.append(event.text)
+        if event.text == "a1":
+            await gate.wait()
+        return completed(event)
+
+    await harness.start([("voice", "voice", VoiceRequested, handler)])
+    a1, a2, b1 = request("conv-a", "a1"), request("conv-a", "a2"), request("conv-b", "b1")
+    for r in (a1, a2, b1):
+        await peer.publish("voice", r)
+    await peer.answers_for([b1["request_id"]])  # b overtakes the blocked a1 ...
+    assert "a2" not in seen  # ... while a2 waits behind a1
+    gate.set()
+    answers = await peer.answers_for([a1["request_id"], a2["request_id"]])
+    assert answers[a1["request_id"]].offset < answers[a2["request_id"]].offset
+
+
+async def test_transient_errors_retry_then_fail_retryable(harness: Any, peer: PersonaPeer) -> None:
+    calls: dict[str, int] = {}
+
+    async def handler(event: VoiceRequested, context: HandlerContext) -> GenerationCompleted:
+        calls[event.text] = calls.get(event.text, 0) + 1
+        assert context.attempt == calls[event.text]
+        if event.text == "always-down" or calls[event.text] < 2:
+            raise UpstreamUnavailableError("upstream 503")
+        return completed(event)
+
+    await harness.start([("voice", "voice", VoiceRequested, handler)])
+    flaky, down = request("c1", "flaky-once"), request("c2", "always-down")
+    await peer.publish("voice", flaky)
+    await peer.publish("voice", down)
+    answers = await peer.answers_for([flaky["request_id"], down["request_id"]])
+    assert answers[flaky["request_id"]].kind == "completed"
+    failed = answers[down["request_id"]].event
+    assert failed["error_code"] == "UPSTREAM_UNAVAILABLE"
+    assert failed["retryable"] is True and failed["attempts"] == 3
+    assert calls == {"flaky-once": 2, "always-down": 3}
+    retries = harness.metrics.retries.labels("voice", "UPSTREAM_UNAVAILABLE")._value.get()
+    assert retries == 1 + 2
+
+
+async def test_in_flight_work_is_bounded_by_pausing(harness: Any, peer: PersonaPeer) -> None:
+    gate = asyncio.Event()
+    running = 0
+    peak = 0
+    started = asyncio.Queue[str]()
+
+    async def handler(event: VoiceRequested, context: HandlerContext) -> GenerationCompleted:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await started.put(event.text)
+        await gate.wait()
+        running -= 1
+        return completed(event)
+
+    loop = await harness.start([("voice", "voice", VoiceRequested, handler)], max_in_flight=2)
+    requests = [request(f"conv-{i}", f"r{i}") for i in range(6)]
+    for r in requests:
+        await peer.publish("voice", r)
+    for _ in range(2):
+        await asyncio.wait_for(started.get(), timeout=10)
+    assert loop.in_flight == 2
+    assert harness.consumer.paused()  # fetching stopped while the bound is reached
+    assert started.empty()
+    gate.set()
+    answers = await peer.answers_for([r["request_id"] for r in requests])
+    assert all(a.kind == "completed" for a in answers.values())
+    assert peak <= 2
+
+
+async def test_graceful_stop_finishes_in_flight_and_commits(harness: Any,
+                                                             peer: PersonaPeer) -> None:
+    gate = asyncio.Event()
+    started = asyncio.Queue[str]()
+
+    async def handler(event: VoiceRequested, context: HandlerContext) -> GenerationCompleted:
+        await started.put(event.request_id)
+        await gate.wait()
+        return completed(event)
+
+    loop = await harness.start([("voice", "voice", VoiceRequested, handler)])
+    r = request("conv-stop", "in flight at stop")
+    partition, offset = await peer.publish("voice", r)
+    await asyncio.wait_for(started.get(), timeout=10)
+    loop.request_stop()
+    gate.set()
+    await harness._task  # the loop drains, publishes and commits before returning
+    answer = (await peer.answers_for([r["request_id"]]))[r["request_id"]]
+    assert answer.kind == "completed"
+    from aiokafka import TopicPartition
+
+    tp = TopicPartition(harness.settings.topic("generation.requested.voice"), partition)
+    assert await harness.consumer.committed(tp) == offset + 1

@@ -1,0 +1,89 @@
+"""The engine as a real subprocess (`multimodal-engine serve`), its output read line by
+line so tests wait on what it says, never on the clock."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["EngineProcess"]
+
+_SERVING = re.compile(r"engine serving: kafka=\S+ http=(\S+)")
+
+
+class EngineProcess:
+    def __init__(self, env: dict[str, str], cwd: Path, name: str = "engine") -> None:
+        self.env = {**os.environ, **env}
+        self.cwd = cwd
+        self.name = name
+        self.lines: list[str] = []
+        self.http_url: str | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._changed = asyncio.Condition()
+
+    async def start(self, timeout: float = 30.0) -> str:
+        """Starts the process and waits for its "engine serving" line; returns its HTTP URL."""
+        script = Path(sys.executable).with_name("multimodal-engine")
+        self._proc = await asyncio.create_subprocess_exec(
+            str(script), "serve", cwd=self.cwd, env=self.env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        self._reader = asyncio.create_task(self._read())
+        line = await self.wait_for_line(lambda text: _SERVING.search(text) is not None, timeout)
+        match = _SERVING.search(line)
+        assert match is not None
+        self.http_url = match.group(1)
+        return self.http_url
+
+    async def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        while line := await self._proc.stdout.readline():
+            async with self._changed:
+                self.lines.append(line.decode(errors="replace").rstrip())
+                self._changed.notify_all()
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for_line(self, predicate: Callable[[str], bool], timeout: float,
+                            after: int = 0) -> str:
+        """Waits for a line (from index ``after`` on) that satisfies ``predicate``."""
+        async def find() -> str:
+            async with self._changed:
+                while True:
+                    for line in self.lines[after:]:
+                        if predicate(line):
+                            return line
+                    if self._reader is not None and self._reader.done():
+                        raise AssertionError(f"{self.name} exited:\n" + "\n".join(self.lines[-30:]))
+                    await self._changed.wait()
+        try:
+            return await asyncio.wait_for(find(), timeout)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"{self.name}: no such line within {timeout}s:\n"
+                                 + "\n".join(self.lines[-30:])) from None
+
+    def send_signal(self, sig: signal.Signals) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(sig)
+
+    async def wait(self, timeout: float = 30.0) -> int:
+        assert self._proc is not None
+        code = await asyncio.wait_for(self._proc.wait(), timeout)
+        if self._reader is not None:
+            await asyncio.wait_for(self._reader, timeout)
+        return code
+
+    async def stop(self) -> None:
+        """Kills the process if it still runs (test clean-up)."""
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
+            await self._proc.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)

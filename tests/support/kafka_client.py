@@ -1,0 +1,132 @@
+"""A test-side Kafka peer: publishes requests like the Persona Engine and collects the
+engine's answers from the result topics, waiting with timeouts (never sleeping)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from schemas.codec import EventCodec
+from schemas.events import ImageRequested, LoraTrainingRequested, VoiceRequested
+
+__all__ = ["Answer", "PersonaPeer"]
+
+_MODELS: dict[str, Any] = {
+    "image": ImageRequested, "voice": VoiceRequested, "lora": LoraTrainingRequested,
+}
+
+
+@dataclass(frozen=True)
+class Answer:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    headers: dict[str, bytes]
+    event: dict[str, Any]
+    received_at: float = field(default=0.0)
+
+    @property
+    def kind(self) -> str:
+        return "completed" if self.topic.endswith("generation.completed") else (
+            "failed" if self.topic.endswith("generation.failed") else "progress"
+        )
+
+
+class PersonaPeer:
+    """Publishes to ``{prefix}generation.requested.*`` and reads every answer topic."""
+
+    def __init__(self, bootstrap: str, prefix: str) -> None:
+        self.bootstrap = bootstrap
+        self.prefix = prefix
+        self.codec = EventCodec()
+        self.answers: list[Answer] = []
+        self._arrived = asyncio.Condition()
+        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        self._consumer = AIOKafkaConsumer(
+            f"{prefix}generation.completed", f"{prefix}generation.failed",
+            f"{prefix}generation.progress",
+            bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
+            enable_auto_commit=False, fetch_max_wait_ms=10,
+        )
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> PersonaPeer:
+        await self._producer.start()
+        await self._consumer.start()
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._reader is not None
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+        await self._consumer.stop()
+        await self._producer.stop()
+
+    async def _read(self) -> None:
+        async for record in self._consumer:
+            headers = {k: v for k, v in record.headers or ()}
+            ctype = headers.get("content-type")
+            _, raw = self.codec.decode_raw(record.value, ctype.decode() if ctype else None)
+            answer = Answer(record.topic, record.partition, record.offset, record.key,
+                            headers, raw, time.perf_counter())
+            async with self._arrived:
+                self.answers.append(answer)
+                self._arrived.notify_all()
+
+    async def publish(
+        self,
+        kind: str,
+        payload: dict[str, Any] | bytes,
+        *,
+        key: str | None = None,
+        encoding: str = "json",
+        content_type_header: bool = True,
+    ) -> tuple[int, int]:
+        """Publishes one request; returns (partition, offset)."""
+        topic = f"{self.prefix}generation.requested.{kind}"
+        headers: list[tuple[str, bytes]] = []
+        if isinstance(payload, bytes):
+            value = payload
+        else:
+            if encoding == "avro":
+                model = _MODELS[kind]
+                value = self.codec.encode(self.codec.validate(model, payload), "avro")
+            else:
+                value = json.dumps(payload).encode()
+            if content_type_header:
+                headers.append(("content-type", self.codec.content_type(encoding).encode()))
+            headers.append(("request_id", str(payload.get("request_id", "")).encode()))
+        if key is None and isinstance(payload, dict):
+            key = str(payload.get("conversation_id", ""))
+        meta = await self._producer.send_and_wait(
+            topic, value=value, key=key.encode() if key is not None else None, headers=headers
+        )
+        return meta.partition, meta.offset
+
+    async def wait_for(self, predicate: Any, count: int = 1, timeout: float = 30.0
+                       ) -> list[Answer]:
+        """Waits until ``count`` answers satisfy ``predicate``; returns them in arrival order."""
+        async def enough() -> list[Answer]:
+            async with self._arrived:
+                await self._arrived.wait_for(
+                    lambda: sum(1 for a in self.answers if predicate(a)) >= count
+                )
+                return [a for a in self.answers if predicate(a)]
+        return await asyncio.wait_for(enough(), timeout)
+
+    async def answers_for(self, request_ids: list[str], timeout: float = 30.0
+                          ) -> dict[str, Answer]:
+        """Waits for a completed or failed answer to each request id."""
+        wanted = set(request_ids)
+        found = await self.wait_for(
+            lambda a: a.kind != "progress" and a.event.get("request_id") in wanted,
+            count=len(wanted), timeout=timeout,
+        )
+        return {a.event["request_id"]: a for a in found}
