@@ -123,10 +123,25 @@ class PersonaPeer:
 
     async def answers_for(self, request_ids: list[str], timeout: float = 30.0
                           ) -> dict[str, Answer]:
-        """Waits for a completed or failed answer to each request id."""
+        """Waits for a completed or failed answer to each request id (the first of each)."""
         wanted = set(request_ids)
-        found = await self.wait_for(
-            lambda a: a.kind != "progress" and a.event.get("request_id") in wanted,
-            count=len(wanted), timeout=timeout,
-        )
-        return {a.event["request_id"]: a for a in found}
+
+        def found() -> dict[str, Answer]:
+            first: dict[str, Answer] = {}
+            for a in self.answers:
+                rid = a.event.get("request_id")
+                if a.kind != "progress" and rid in wanted and rid not in first:
+                    first[rid] = a
+            return first
+
+        async def complete() -> dict[str, Answer]:
+            async with self._arrived:
+                await self._arrived.wait_for(lambda: len(found()) == len(wanted))
+                return found()
+
+        try:
+            return await asyncio.wait_for(complete(), timeout)
+        except asyncio.TimeoutError:
+            missing = wanted - set(found())
+            raise AssertionError(f"{len(missing)} of {len(wanted)} requests unanswered "
+                                 f"after {timeout}s") from None

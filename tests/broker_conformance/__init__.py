@@ -1,0 +1,1 @@
+"""Conformance of Kafka-protocol brokers to what the engine relies on."""

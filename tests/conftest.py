@@ -1,0 +1,76 @@
+"""Fixtures every test may use: a Kafka-protocol broker and topics of its own.
+
+- ``broker_bootstrap`` (session): ``host:port`` of the broker. ``KAFKA_BOOTSTRAP_SERVERS``
+  when set; otherwise an embedded broker (``EMBEDDED_BROKER``, default ``tansu``) started
+  on first use, once per session, and stopped at its end.
+- ``topic_prefix``: unique per test (``t1a2b3c4d.``), so no two tests share a topic.
+- ``make_topics``: ``await make_topics(partitions=3)`` creates the six contract topics
+  under ``topic_prefix`` and returns ``{contract name: real name}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+
+import pytest
+
+from consumers.broker import EmbeddedBroker, launch_broker
+from consumers.topics import CONTRACT_TOPICS, ensure_topics
+
+MakeTopics = Callable[..., Awaitable[dict[str, str]]]
+
+
+@pytest.fixture(scope="session")
+def _embedded_broker() -> Iterator[EmbeddedBroker | None]:
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip():
+        yield None
+        return
+    broker = launch_broker(os.environ.get("EMBEDDED_BROKER", "tansu"))
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def broker_bootstrap(_embedded_broker: EmbeddedBroker | None) -> str:
+    """Bootstrap servers of the session's broker (external or embedded)."""
+    if _embedded_broker is None:
+        return os.environ["KAFKA_BOOTSTRAP_SERVERS"].strip()
+    return _embedded_broker.bootstrap_servers
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    """A topic-name prefix no other test uses, such as ``t1a2b3c4d.``."""
+    return f"t{uuid.uuid4().hex[:8]}."
+
+
+@pytest.fixture
+def make_topics(
+    _embedded_broker: EmbeddedBroker | None, broker_bootstrap: str, topic_prefix: str
+) -> MakeTopics:
+    """``await make_topics(partitions=3, names=CONTRACT_TOPICS)``: create ``names`` under
+    ``topic_prefix`` on the session's broker and return ``{name: prefixed name}``.
+
+    On the embedded broker a refusal raises ``BrokerError``; on an external one creation is
+    best effort (``ensure_topics``: existing topics are used, a refusal is a warning).
+    """
+
+    async def make(
+        partitions: int = 3, names: Sequence[str] = CONTRACT_TOPICS
+    ) -> dict[str, str]:
+        topics = {name: f"{topic_prefix}{name}" for name in names}
+        if _embedded_broker is None:
+            await ensure_topics(broker_bootstrap, list(topics.values()), partitions)
+        else:
+            await asyncio.to_thread(
+                _embedded_broker.create_topics, list(topics.values()), partitions
+            )
+        return topics
+
+    return make
