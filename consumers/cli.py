@@ -76,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "send":
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)  # keep the reply readable
         sys.exit(asyncio.run(_send(args, settings)))
     from consumers.serve import StartupError, run_dev, run_serve
 

@@ -28,18 +28,9 @@ from http_files import AppServices, create_app
 from schemas.codec import EventCodec
 from schemas.events import VoiceRequested
 
-__all__ = ["Engine", "EngineAddresses", "TOPICS"]
+__all__ = ["Engine", "EngineAddresses"]
 
 logger = logging.getLogger(__name__)
-
-TOPICS = (
-    "generation.requested.image",
-    "generation.requested.voice",
-    "generation.requested.lora",
-    "generation.completed",
-    "generation.failed",
-    "generation.progress",
-)
 
 
 @dataclass(frozen=True)
@@ -58,10 +49,12 @@ class Engine:
         *,
         registry: CollectorRegistry | None = None,
         http_host: str = "0.0.0.0",
+        broker_watch_interval: float = 5.0,
     ) -> None:
         self._settings = settings
         self._bootstrap = bootstrap_servers
         self._http_host = http_host
+        self._watch_interval = broker_watch_interval
         self.metrics = EngineMetrics(registry or CollectorRegistry())
         self.codec = EventCodec()
         self.store = OutputStore(
@@ -174,9 +167,10 @@ class Engine:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def _watch_broker(self, interval: float = 5.0) -> None:
+    async def _watch_broker(self) -> None:
         """Keeps ``/health`` honest about the broker: a metadata request every interval."""
         assert self._consumer is not None
+        interval = self._watch_interval
         while not self._stop_requested.is_set():
             try:
                 await asyncio.wait_for(self._consumer.topics(), timeout=interval)

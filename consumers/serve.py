@@ -11,8 +11,8 @@ from contextlib import ExitStack
 
 from consumers.broker import launch_broker
 from consumers.devstate import DevState, clear_state, write_state
-from consumers.engine import TOPICS, Engine
-from consumers.topics import ensure_topics
+from consumers.engine import Engine
+from consumers.topics import CONTRACT_TOPICS, ensure_topics
 from core.settings import Settings
 
 __all__ = ["run_serve", "run_dev"]
@@ -46,7 +46,7 @@ async def run_serve(settings: Settings) -> None:
         )
     bootstrap = settings.kafka_bootstrap_servers
     await ensure_topics(
-        bootstrap, [settings.topic(t) for t in TOPICS], settings.kafka_topic_partitions
+        bootstrap, [settings.topic(t) for t in CONTRACT_TOPICS], settings.kafka_topic_partitions
     )
     engine = Engine(settings, bootstrap)
     addresses = await engine.start()
@@ -61,7 +61,7 @@ async def run_dev(settings: Settings) -> None:
     with ExitStack() as stack:
         bootstrap = settings.kafka_bootstrap_servers
         broker_note = "external (KAFKA_BOOTSTRAP_SERVERS)"
-        topics = [settings.topic(t) for t in TOPICS]
+        topics = [settings.topic(t) for t in CONTRACT_TOPICS]
         if bootstrap is None:
             broker = launch_broker(settings.embedded_broker)
             broker.start()

@@ -7,8 +7,9 @@ Nothing secret is ever stored here.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["EngineHealth", "GpuInfo", "ImageModelInfo", "probe_gpu"]
 
@@ -54,6 +55,30 @@ class EngineHealth:
     image_model: ImageModelInfo = field(default_factory=ImageModelInfo)
     gpu: GpuInfo = field(default_factory=lambda: GpuInfo(available=False))
     details: dict[str, Any] = field(default_factory=dict)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        for waiter in self.__dict__.get("_waiters", ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait_until(self, predicate: Callable[["EngineHealth"], bool], timeout: float) -> None:
+        """Waits until ``predicate(self)`` holds, woken by every change (no polling).
+
+        Raises ``TimeoutError`` when it does not hold within ``timeout`` seconds.
+        """
+        waiters: list[asyncio.Future[None]] = self.__dict__.setdefault("_waiters", [])
+
+        async def watch() -> None:
+            while not predicate(self):
+                waiter = asyncio.get_running_loop().create_future()
+                waiters.append(waiter)
+                try:
+                    await waiter
+                finally:
+                    waiters.remove(waiter)
+
+        await asyncio.wait_for(watch(), timeout)
 
     @property
     def status(self) -> str:

@@ -127,3 +127,64 @@ async def test_graceful_stop_finishes_in_flight_and_commits(harness: Any,
 
     tp = TopicPartition(harness.settings.topic("generation.requested.voice"), partition)
     assert await harness.consumer.committed(tp) == offset + 1
+
+
+async def test_long_work_does_not_starve_heartbeats(harness: Any, peer: PersonaPeer,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    import threading
+    import logging
+
+    caplog.set_level(logging.INFO, logger="consumers.runtime")
+    session_seconds = harness.settings.kafka_session_timeout_ms / 1000
+
+    async def handler(event: VoiceRequested, context: HandlerContext) -> GenerationCompleted:
+        # blocking work (as the GPU or an encoder would do) off the event loop, for longer
+        # than the session timeout
+        await asyncio.to_thread(threading.Event().wait, session_seconds * 1.5)
+        return completed(event)
+
+    await harness.start([("voice", "voice", VoiceRequested, handler)])
+    r = request("conv-long", "long work")
+    await peer.publish("voice", r)
+    answers = await peer.answers_for([r["request_id"]], timeout=30)
+    assert answers[r["request_id"]].kind == "completed"
+    assert "partitions revoked" not in caplog.text  # the member was never kicked out
+
+
+async def test_revoke_drops_unfinished_work_and_it_is_answered_after_rebalance(
+    settings: Any, peer: PersonaPeer
+) -> None:
+    from tests.integration.conftest import LoopHarness
+
+    invocations: list[str] = []
+    first_started = asyncio.Event()
+    cancelled = asyncio.Event()
+    never = asyncio.Event()
+
+    async def handler(event: VoiceRequested, context: HandlerContext) -> GenerationCompleted:
+        invocations.append(event.request_id)
+        first_started.set()
+        if len(invocations) == 1:  # the first try hangs until the rebalance takes it away
+            try:
+                await never.wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        return completed(event)
+
+    first, second = LoopHarness(settings), LoopHarness(settings)
+    try:
+        await first.start([("voice", "voice", VoiceRequested, handler)], rebalance_grace=0.2)
+        await first.health.wait_until(lambda h: bool(h.assigned), timeout=20)
+        r = request("conv-moved", "moved by a rebalance")
+        await peer.publish("voice", r)
+        await asyncio.wait_for(first_started.wait(), timeout=20)
+        await second.start([("voice", "voice", VoiceRequested, handler)], rebalance_grace=0.2)
+        await asyncio.wait_for(cancelled.wait(), timeout=20)  # dropped, not committed ...
+        answer = (await peer.answers_for([r["request_id"]], timeout=30))[r["request_id"]]
+        assert answer.kind == "completed"  # ... and answered by the partition's owner
+        assert invocations == [r["request_id"], r["request_id"]]
+    finally:
+        await second.stop()
+        await first.stop()
+

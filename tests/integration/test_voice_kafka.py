@@ -150,3 +150,34 @@ async def test_api_key_never_appears_in_logs_events_or_health(
     assert secret not in caplog.text
     assert all(secret not in str(a.event) for a in answers.values())
     assert secret.encode() not in health
+
+
+async def test_health_turns_503_when_the_broker_becomes_unreachable(
+    settings: Any, tmp_path: Path
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from consumers.broker import launch_broker
+    from consumers.topics import CONTRACT_TOPICS
+
+    broker = launch_broker("tansu")  # a broker of its own, to take away
+    broker.start()
+    try:
+        broker.create_topics([settings.topic(t) for t in CONTRACT_TOPICS], 1)
+        engine = Engine(settings, broker.bootstrap_servers, http_host="127.0.0.1",
+                        registry=CollectorRegistry(), broker_watch_interval=0.2)
+        await engine.start()
+        try:
+            assert engine.addresses is not None
+            await engine.health.wait_until(lambda h: h.kafka_connected, timeout=20)
+            status, body, _ = await fetch(engine.addresses.http_url + "/health")
+            assert status == 200
+            broker.stop()
+            await engine.health.wait_until(lambda h: not h.kafka_connected, timeout=20)
+            status, body, _ = await fetch(engine.addresses.http_url + "/health")
+            assert status == 503
+            assert b'"degraded"' in body
+        finally:
+            await engine.stop()
+    finally:
+        broker.stop()

@@ -1,0 +1,144 @@
+"""Voice through Kafka versus the voice core called directly, in the same run.
+
+Measures, on the embedded broker (or KAFKA_BOOTSTRAP_SERVERS):
+- latency: one request at a time; p50/p99 of the core alone, and of publish → completed
+  event received through the engine (a `multimodal-engine serve` subprocess); the
+  difference is what Kafka and the consume loop add;
+- throughput: N requests over C conversations at once, requests per second both ways.
+
+Usage: .venv/bin/python bench/voice_kafka.py [--requests 300] [--latency-samples 100]
+Prints a table and the ratios; figures are recorded in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from consumers.broker import launch_broker  # noqa: E402
+from consumers.topics import CONTRACT_TOPICS as TOPICS  # noqa: E402
+from core.outputs import OutputStore  # noqa: E402
+from core.voice import EspeakSynthesizer, LocalVoiceBackend, VoiceService  # noqa: E402
+from schemas.events import VoiceRequested  # noqa: E402
+from tests.support.engine_process import EngineProcess  # noqa: E402
+from tests.support.kafka_client import PersonaPeer  # noqa: E402
+
+TEXT = "Hello, I'm Sarah! How can I help you today?"
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def request(i: int, conversations: int) -> dict[str, object]:
+    return {"request_id": str(uuid.uuid4()), "conversation_id": f"conv-{i % conversations}",
+            "text": f"{TEXT} Number {i}."}
+
+
+async def direct(args: argparse.Namespace, workdir: Path) -> tuple[list[float], float]:
+    store = OutputStore(workdir / "direct", cleanup_delay=None)
+    service = VoiceService(LocalVoiceBackend(EspeakSynthesizer()), store, "21m00Tcm4TlvDq8ikWAM")
+    latencies = []
+    for i in range(args.latency_samples):
+        event = VoiceRequested.model_validate(request(i, 1))
+        started = time.perf_counter()
+        await service.generate(event)
+        latencies.append(time.perf_counter() - started)
+    semaphore = asyncio.Semaphore(args.concurrency)
+
+    async def one(i: int) -> None:
+        async with semaphore:
+            await service.generate(VoiceRequested.model_validate(request(i, args.conversations)))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(args.requests)))
+    return latencies, args.requests / (time.perf_counter() - started)
+
+
+async def through_kafka(args: argparse.Namespace, bootstrap: str, prefix: str, workdir: Path
+                        ) -> tuple[list[float], float]:
+    engine = EngineProcess({
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KAFKA_TOPIC_PREFIX": prefix,
+        "KAFKA_GROUP_ID": f"{prefix}bench", "KAFKA_FETCH_MAX_WAIT_MS": str(args.fetch_wait_ms),
+        "SERVICE_PORT": "0", "OUTPUT_DIR": str(workdir / "kafka"), "VOICE_BACKEND": "local",
+        "LOG_LEVEL": "WARNING", "MAX_IN_FLIGHT": str(args.concurrency),
+        "KAFKA_SESSION_TIMEOUT_MS": "3000", "KAFKA_HEARTBEAT_INTERVAL_MS": "300",
+    }, workdir, "bench-engine")
+    await engine.start()
+    try:
+        async with PersonaPeer(bootstrap, prefix) as peer:
+            warm = request(0, 1)  # waits for the group join before timing
+            await peer.publish("voice", warm)
+            await peer.answers_for([str(warm["request_id"])], timeout=60)
+            latencies = []
+            for i in range(args.latency_samples):
+                r = request(i, 1)
+                started = time.perf_counter()
+                await peer.publish("voice", r)
+                answer = (await peer.answers_for([str(r["request_id"])]))[str(r["request_id"])]
+                latencies.append(answer.received_at - started)
+            batch = [request(i, args.conversations) for i in range(args.requests)]
+            started = time.perf_counter()
+            for r in batch:
+                await peer.publish("voice", r)
+            answers = await peer.answers_for([str(r["request_id"]) for r in batch], timeout=300)
+            finished = max(a.received_at for a in answers.values())
+            return latencies, args.requests / (finished - started)
+    finally:
+        engine.send_signal(__import__("signal").SIGTERM)
+        await engine.wait()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--latency-samples", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--conversations", type=int, default=20)
+    parser.add_argument("--fetch-wait-ms", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        broker = None
+        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        prefix = f"bench{uuid.uuid4().hex[:6]}."
+        if not bootstrap:
+            broker = launch_broker("tansu")
+            broker.start()
+            broker.create_topics([prefix + t for t in TOPICS], 6)
+            bootstrap = broker.bootstrap_servers
+        else:
+            from consumers.topics import ensure_topics
+            await ensure_topics(bootstrap, [prefix + t for t in TOPICS], 6)
+        try:
+            core_lat, core_rps = await direct(args, workdir)
+            kafka_lat, kafka_rps = await through_kafka(args, bootstrap, prefix, workdir)
+        finally:
+            if broker is not None:
+                broker.stop()
+    ms = 1000.0
+    print(f"broker: {'embedded tansu' if broker else bootstrap}, fetch_max_wait_ms="
+          f"{args.fetch_wait_ms}, cores: {os.cpu_count()}")
+    print(f"{'':24}{'p50 ms':>10}{'p99 ms':>10}{'req/s':>10}")
+    print(f"{'core directly':24}{pct(core_lat, .5) * ms:10.1f}{pct(core_lat, .99) * ms:10.1f}"
+          f"{core_rps:10.1f}")
+    print(f"{'through Kafka':24}{pct(kafka_lat, .5) * ms:10.1f}{pct(kafka_lat, .99) * ms:10.1f}"
+          f"{kafka_rps:10.1f}")
+    print(f"added latency: p50 {(pct(kafka_lat, .5) - pct(core_lat, .5)) * ms:.1f} ms, "
+          f"p99 {(pct(kafka_lat, .99) - pct(core_lat, .99)) * ms:.1f} ms; "
+          f"throughput ratio kafka/core {kafka_rps / core_rps:.2f} "
+          f"(mean core {statistics.mean(core_lat) * ms:.1f} ms)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
