@@ -41,6 +41,17 @@ class Settings(BaseSettings):
     default_negative_prompt: str = ""
     max_image_size: int = Field(2048, ge=64, le=4096)
     max_batch_size: int = Field(4, ge=1, le=64)
+    max_inference_steps: int = Field(100, ge=1, le=1000)
+    memory_mode: Literal["none", "model_offload", "sequential_offload"] = "none"
+    attention_backend: str = Field("native", pattern=r"^[a-z0-9_]+$")
+    vae_tiling_threshold: int = Field(1536, ge=64, description="pixels per side")
+    flux_max_sequence_length: int = Field(512, ge=16, le=512)
+    true_cfg_scale: float = Field(4.0, gt=1.0, le=30.0)
+    batch_window_ms: int = Field(20, ge=0, le=10000)
+    lora_cache_size: int = Field(4, ge=1, le=64)
+    compile_transformer: bool = False
+    progress_interval: float = Field(0.5, ge=0.0)
+    dev_model_dir: Path = Path(".cache/dev-flux")
 
     # --- LoRA ---
     lora_output_dir: Path = Path("lora_models")
@@ -59,9 +70,16 @@ class Settings(BaseSettings):
     elevenlabs_api_url: str = Field("https://api.elevenlabs.io/v1", pattern=r"^https?://")
     elevenlabs_api_key: SecretStr | None = None
     default_voice_id: str = Field("21m00Tcm4TlvDq8ikWAM", min_length=1)
+    elevenlabs_model_id: str = Field("eleven_multilingual_v2", min_length=1)
+    elevenlabs_output_format: str = Field("mp3_44100_128", pattern=r"^mp3_\d+_\d+$")
+    elevenlabs_max_concurrency: int = Field(4, ge=1, le=100)
+    elevenlabs_timeout: float = Field(30.0, gt=0)
+    voice_profiles_path: Path | None = None
 
     # --- Persona Engine ---
     persona_engine_url: str | None = Field(None, pattern=r"^https?://")
+    persona_engine_model: str = Field("persona", min_length=1)
+    persona_engine_timeout: float = Field(2.0, gt=0, le=60)
 
     # --- Kafka ---
     kafka_bootstrap_servers: str | None = None
