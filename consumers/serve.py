@@ -9,6 +9,8 @@ import signal
 import sys
 from contextlib import ExitStack
 
+from aiokafka.errors import KafkaConnectionError
+
 from consumers.broker import launch_broker
 from consumers.devstate import DevState, clear_state, write_state
 from consumers.engine import Engine
@@ -49,7 +51,12 @@ async def run_serve(settings: Settings) -> None:
         bootstrap, [settings.topic(t) for t in CONTRACT_TOPICS], settings.kafka_topic_partitions
     )
     engine = Engine(settings, bootstrap)
-    addresses = await engine.start()
+    try:
+        addresses = await engine.start()
+    except KafkaConnectionError as exc:
+        await engine.stop()
+        raise StartupError(f"cannot reach Kafka at KAFKA_BOOTSTRAP_SERVERS={bootstrap}: {exc}"
+                           ) from exc
     print(f"engine serving: kafka={addresses.bootstrap_servers} http={addresses.http_url} "
           f"voice={engine.voice.backend.name}", flush=True)
     await _serve_until_signal(engine)

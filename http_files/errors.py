@@ -11,7 +11,7 @@ __all__ = ["error_response"]
 _STATUS = {
     ErrorCode.UNDECODABLE: 400,
     ErrorCode.INVALID_REQUEST: 422,
-    ErrorCode.UNKNOWN_LORA: 404,
+    ErrorCode.UNKNOWN_LORA: 422,
     ErrorCode.UPSTREAM_UNAVAILABLE: 503,
     ErrorCode.UPSTREAM_REJECTED: 502,
     ErrorCode.QUOTA_EXCEEDED: 429,

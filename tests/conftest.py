@@ -61,9 +61,7 @@ def make_topics(
     best effort (``ensure_topics``: existing topics are used, a refusal is a warning).
     """
 
-    async def make(
-        partitions: int = 3, names: Sequence[str] = CONTRACT_TOPICS
-    ) -> dict[str, str]:
+    async def make(partitions: int = 3, names: Sequence[str] = CONTRACT_TOPICS) -> dict[str, str]:
         topics = {name: f"{topic_prefix}{name}" for name in names}
         if _embedded_broker is None:
             await ensure_topics(broker_bootstrap, list(topics.values()), partitions)

@@ -37,8 +37,13 @@ async def _run(bootstrap: str, topic: str, group: str, session_ms: int, heartbea
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     stdin = sys.stdin.fileno()
-    # The parent never writes; readable stdin means end of input: the test is done.
-    loop.add_reader(stdin, lambda: os.read(stdin, 4096) or stop.set())
+
+    def on_stdin() -> None:
+        # The parent never writes; readable stdin means end of input: the test is done.
+        if not os.read(stdin, 4096):
+            stop.set()
+
+    loop.add_reader(stdin, on_stdin)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=group,

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 __all__ = ["Member"]
 
@@ -22,7 +23,7 @@ class Member:
     def __init__(self, process: asyncio.subprocess.Process, label: str) -> None:
         self.process = process
         self.label = label
-        self.events: list[dict[str, object]] = []
+        self.events: list[dict[str, Any]] = []
         self.started = time.monotonic()
 
     @classmethod
@@ -30,7 +31,13 @@ class Member:
         cls, label: str, bootstrap: str, topic: str, group: str, session_ms: int, heartbeat_ms: int
     ) -> Member:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, _SCRIPT, bootstrap, topic, group, str(session_ms), str(heartbeat_ms),
+            sys.executable,
+            _SCRIPT,
+            bootstrap,
+            topic,
+            group,
+            str(session_ms),
+            str(heartbeat_ms),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -54,8 +61,8 @@ class Member:
                         )
                     event = json.loads(line)
                     self.events.append(event)
-                    partitions = event.get("partitions")
-                    if event["event"] == "assigned" and isinstance(partitions, list):
+                    if event["event"] == "assigned":
+                        partitions = [int(p) for p in event["partitions"]]
                         if accept(partitions):
                             return partitions
         except TimeoutError:

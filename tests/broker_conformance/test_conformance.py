@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import InvalidRequestError
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from consumers.broker import KNOWN_BROKERS, BrokerCapabilities, EmbeddedBroker, launch_broker
@@ -30,20 +30,26 @@ pytestmark = pytest.mark.kafka
 
 # Group timings scale with the session timeout on every broker measured (Tansu holds a
 # first join for half of it; librdkafka's mock holds every rebalance for it minus 1 s),
-# so the suite uses a short one; 500 ms heartbeats leave six per session.
-SESSION_MS = 3000
-HEARTBEAT_MS = 500
+# so the suite uses a short one (stable on 2 busy cores); 400 ms heartbeats leave five
+# per session.
+SESSION_MS = 2000
+HEARTBEAT_MS = 400
 JOIN_TIMEOUT_S = 15.0
 REBALANCE_TIMEOUT_S = SESSION_MS / 1000 + 10.0
 MOVE_TIMEOUT_S = 2 * SESSION_MS / 1000 + 10.0
 READ_TIMEOUT_S = 15.0
 # Rejoins allowed after librdkafka's mock rejects a follower's SyncGroup (see the xfail).
-MAX_SYNC_RETRIES = 2
+MAX_SYNC_RETRIES = 1
 
 _MOCK_SYNC_RACE = (
     "librdkafka's mock completes a rebalance as soon as the leader's SyncGroup assigns every "
     "member, and then answers the follower's SyncGroup with INVALID_REQUEST; with aiokafka "
     "the leader nearly always syncs first, and each rejoin waits session timeout - 1 s"
+)
+_TANSU_END_OFFSET = (
+    "Tansu answers ListOffsets(latest) with the last batch's base offset + 1, not the last "
+    "record's offset + 1: after a multi-record batch end_offsets, seek_to_end and "
+    "auto_offset_reset='latest' point inside that batch (fetch high watermarks are right)"
 )
 _EXTERNAL = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
 
@@ -106,6 +112,11 @@ async def _produce(target: Target, topic: str, counts: dict[int, int]) -> None:
         await producer.stop()
 
 
+def _sync_rejected(exc: KafkaError) -> bool:
+    # aiokafka wraps an unexpected SyncGroup error: KafkaError("InvalidRequestError()").
+    return "InvalidRequestError" in str(exc)
+
+
 async def _read(consumer: AIOKafkaConsumer, count: int) -> list[ConsumerRecord[bytes, bytes]]:
     """``count`` records from ``consumer``, polling through the mock's SyncGroup race."""
     records: list[ConsumerRecord[bytes, bytes]] = []
@@ -113,7 +124,9 @@ async def _read(consumer: AIOKafkaConsumer, count: int) -> list[ConsumerRecord[b
         while len(records) < count:
             try:
                 batches = await consumer.getmany(timeout_ms=100)
-            except InvalidRequestError:
+            except KafkaError as exc:
+                if not _sync_rejected(exc):
+                    raise
                 continue  # the next poll rejoins
             for batch in batches.values():
                 records.extend(batch)
@@ -134,7 +147,9 @@ async def _poll_until(
             for consumer in consumers:
                 try:
                     await consumer.getmany(timeout_ms=20)
-                except InvalidRequestError:
+                except KafkaError as exc:
+                    if not _sync_rejected(exc):
+                        raise
                     rejected += 1
                     assert rejected <= MAX_SYNC_RETRIES, f"SyncGroup rejected {rejected} times"
 
@@ -142,7 +157,11 @@ async def _poll_until(
 async def test_keys_and_headers_round_trip(target: Target) -> None:
     topic = await target.topic(partitions=3)
     sent = [
-        ("conv-1", b'{"prompt": "a"}', [("content-type", b"application/json"), ("request_id", b"r1")]),
+        (
+            "conv-1",
+            b'{"prompt": "a"}',
+            [("content-type", b"application/json"), ("request_id", b"r1")],
+        ),
         ("conv-ü", b"\xc3\x01\x00\xff", [("content-type", b"avro/binary"), ("request_id", b"r2")]),
         ("conv-1", b"", [("empty", b""), ("dup", b"1"), ("dup", b"2")]),
         ("conv-1", b"third", []),
@@ -246,8 +265,9 @@ async def test_a_crashed_members_partitions_move(target: Target) -> None:
         started = time.monotonic()
         await victim.kill()
         await survivor.wait_assignment(lambda p: p == [0, 1, 2], MOVE_TIMEOUT_S)
-        _report(target, "partitions moved to the survivor after SIGKILL",
-                time.monotonic() - started)
+        _report(
+            target, "partitions moved to the survivor after SIGKILL", time.monotonic() - started
+        )
     finally:
         for member in (victim, survivor):
             if member is not None:
@@ -267,26 +287,51 @@ async def test_a_restart_after_sigkill_gets_an_assignment(target: Target) -> Non
         started = time.monotonic()
         restarted = await Member.spawn("restarted", *args)
         await restarted.wait_assignment(lambda p: p == [0, 1, 2], MOVE_TIMEOUT_S)
-        _report(target, "restart after SIGKILL to assignment, process start included",
-                time.monotonic() - started)
+        _report(
+            target,
+            "restart after SIGKILL to assignment, process start included",
+            time.monotonic() - started,
+        )
     finally:
         for member in (restarted, crashed):
             if member is not None:
                 await member.close()
 
 
-async def test_end_offsets_count_the_produced_records(target: Target) -> None:
-    topic = await target.topic(partitions=3)
-    counts = {0: 7, 1: 3, 2: 0}
-    await _produce(target, topic, counts)
+async def _end_offsets(target: Target, topic: str, partitions: int) -> dict[int, int]:
     consumer = _consumer(target)
     await consumer.start()
     try:
-        tps = [TopicPartition(topic, p) for p in counts]
-        assert await consumer.end_offsets(tps) == {tp: counts[tp.partition] for tp in tps}
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
         assert await consumer.beginning_offsets(tps) == {tp: 0 for tp in tps}
+        return {tp.partition: end for tp, end in (await consumer.end_offsets(tps)).items()}
     finally:
         await consumer.stop()
+
+
+async def test_end_offsets_after_single_record_batches(target: Target) -> None:
+    topic = await target.topic(partitions=3)
+    counts = {0: 7, 1: 3, 2: 0}
+    producer = AIOKafkaProducer(bootstrap_servers=target.bootstrap)
+    await producer.start()
+    try:
+        for partition, count in counts.items():
+            for i in range(count):  # one record per request, so one per batch
+                await producer.send_and_wait(topic, str(i).encode(), partition=partition)
+    finally:
+        await producer.stop()
+    assert await _end_offsets(target, topic, 3) == counts
+
+
+async def test_end_offsets_after_multi_record_batches(
+    target: Target, request: pytest.FixtureRequest
+) -> None:
+    if target.name == "tansu":
+        request.applymarker(pytest.mark.xfail(reason=_TANSU_END_OFFSET, strict=False))
+    topic = await target.topic(partitions=3)
+    counts = {0: 7, 1: 3, 2: 0}
+    await _produce(target, topic, counts)  # sends then one flush: several records a batch
+    assert await _end_offsets(target, topic, 3) == counts
 
 
 async def test_idempotent_producer_claim_matches_the_broker(target: Target) -> None:
