@@ -115,13 +115,14 @@ async def _send(args: argparse.Namespace, settings: object) -> int:
         body.update({k: fields[k] for k in ("text", "voice_id", "model_id", "stability",
                                             "similarity_boost", "style") if k in fields})
         body["inject_emotion"] = not args.no_emotion
-        model: type = VoiceRequested
+        model: type[ImageRequested] | type[VoiceRequested] = VoiceRequested
     else:
         body.update({k: fields[k] for k in ("prompt", "negative_prompt", "character_lora_id",
                                             "width", "height", "num_inference_steps",
                                             "guidance_scale", "seed") if k in fields})
         body["optimize_prompt"] = not args.no_optimize
         model = ImageRequested
+    event: ImageRequested | VoiceRequested
     try:
         event = codec.validate(model, body)
     except InvalidRequestError as exc:

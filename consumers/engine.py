@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from consumers.handlers import VoiceHandler
@@ -68,8 +69,8 @@ class Engine:
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         self._loop: ConsumeLoop | None = None
-        self._consumer = None
-        self._producer = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
         self.addresses: EngineAddresses | None = None
 
     async def start(self) -> EngineAddresses:
@@ -92,18 +93,18 @@ class Engine:
         http_url = f"http://{host}:{port}"
 
         idempotent = await resolve_idempotence(settings, self._bootstrap)
-        self._producer = build_producer(settings, self._bootstrap, idempotent=idempotent)
-        self._consumer = build_consumer(settings, self._bootstrap)
-        await self._producer.start()
-        await self._consumer.start()
+        producer = self._producer = build_producer(settings, self._bootstrap, idempotent=idempotent)
+        consumer = self._consumer = build_consumer(settings, self._bootstrap)
+        await producer.start()
+        await consumer.start()
         codec = self.codec
-        publisher = EventPublisher(self._producer, codec, settings.event_encoding)
+        publisher = EventPublisher(producer, codec, settings.event_encoding)
         routes = [
             Route(settings.topic("generation.requested.voice"), "voice", VoiceRequested,
                   VoiceHandler(self.voice)),
         ]
         self._loop = ConsumeLoop(
-            self._consumer, publisher, codec, routes,
+            consumer, publisher, codec, routes,
             ResultTopics(
                 completed=settings.topic("generation.completed"),
                 failed=settings.topic("generation.failed"),

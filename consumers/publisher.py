@@ -14,9 +14,9 @@ from typing import Awaitable, Callable, Literal
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from pydantic import BaseModel
 
 from schemas.codec import EventCodec
+from schemas.events import Event
 
 __all__ = ["EventPublisher"]
 
@@ -43,7 +43,7 @@ class EventPublisher:
         self._sleep = sleep
 
     async def publish(
-        self, topic: str, event: BaseModel, key: bytes | None, request_id: str | None
+        self, topic: str, event: Event, key: bytes | None, request_id: str | None
     ) -> None:
         """Sends ``event`` to ``topic`` and returns once the broker acknowledged it."""
         value = self._codec.encode(event, self._encoding)

@@ -10,9 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol
 
-from pydantic import BaseModel
-
-from schemas.events import GenerationCompleted
+from schemas.events import Event, EventKind, GenerationCompleted
 
 __all__ = ["HandlerContext", "Handler", "Route", "ProgressReporter"]
 
@@ -40,6 +38,6 @@ class Route:
     """One input topic: the event type found there, its kind and its handler."""
 
     topic: str
-    kind: str
-    model: type[BaseModel]
+    kind: EventKind
+    model: type[Event]
     handler: Handler

@@ -364,7 +364,7 @@ class ConsumeLoop(ConsumerRebalanceListener):  # type: ignore[misc]
 def _content_type(record: ConsumerRecord[bytes, bytes]) -> str | None:
     for name, value in record.headers or ():
         if name.lower() == "content-type" and value is not None:
-            return value.decode("latin-1")
+            return str(value.decode("latin-1"))
     return None
 
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from pydantic import BaseModel
 
 from schemas.codec import EventCodec
 from schemas.errors import EngineError
+from schemas.events import Event
 
 __all__ = ["Reply", "send_and_wait"]
 
@@ -30,7 +30,7 @@ class Reply:
 async def send_and_wait(
     bootstrap_servers: str,
     request_topic: str,
-    event: BaseModel,
+    event: Event,
     key: str,
     *,
     completed_topic: str,

@@ -11,14 +11,14 @@ import uuid
 from typing import Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel
 
 from schemas.codec import EventCodec
 from schemas.errors import InvalidRequestError
+from schemas.events import Event
 
 __all__ = ["read_event", "unprocessable"]
 
-T = TypeVar("T", bound=BaseModel)
+T = TypeVar("T", bound=Event)
 
 
 def unprocessable(errors: list[dict[str, str]], kind: str = "value_error") -> web.HTTPException:
