@@ -10,6 +10,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+import httpx
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
@@ -63,7 +64,9 @@ class Engine:
             public_base_url=settings.public_base_url,
             cleanup_delay=settings.cleanup_delay if settings.auto_cleanup else None,
         )
-        self.voice = build_voice_service(settings, self.store)
+        self.http = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
+        self.voice = build_voice_service(settings, self.store, self.http)
         self.health = EngineHealth(voice_backend=self.voice.backend.name)
         self._stop_requested = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -124,6 +127,9 @@ class Engine:
         )
         self._tasks.append(asyncio.create_task(self._loop.run(), name="consume-loop"))
         self._tasks.append(asyncio.create_task(self._watch_broker(), name="broker-watch"))
+        if self.voice.quota is not None:
+            self._tasks.append(asyncio.create_task(
+                self.voice.quota.run(self.health, self._stop_requested), name="voice-quota"))
         if settings.auto_cleanup:
             self._tasks.append(asyncio.create_task(
                 self.store.run_cleanup(min(60.0, settings.cleanup_delay / 4),
@@ -167,6 +173,7 @@ class Engine:
             await self._producer.stop()  # flushes
         if self._runner is not None:
             await self._runner.cleanup()
+        await self.http.aclose()
 
     async def _watch_broker(self) -> None:
         """Keeps ``/health`` honest about the broker: a metadata request every interval."""

@@ -11,7 +11,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["EngineHealth", "GpuInfo", "ImageModelInfo", "probe_gpu"]
+__all__ = ["EngineHealth", "GpuInfo", "ImageModelInfo", "VoiceQuota", "probe_gpu"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,19 @@ class ImageModelInfo:
     name: str | None = None
     loaded: bool = False
     development_model: bool = False
+
+
+@dataclass(frozen=True)
+class VoiceQuota:
+    """The voice provider's character quota: ``used`` of ``limit`` in the current period,
+    the plan's ``tier``, when it resets (ISO-8601 UTC); ``error`` is the engine error code
+    of the last failed check (the figures are then the last known ones, or ``None``)."""
+
+    used: int | None = None
+    limit: int | None = None
+    tier: str | None = None
+    resets_at: str | None = None
+    error: str | None = None
 
 
 def probe_gpu() -> GpuInfo:
@@ -54,6 +67,7 @@ class EngineHealth:
     assigned: list[tuple[str, int]] = field(default_factory=list)
     image_model: ImageModelInfo = field(default_factory=ImageModelInfo)
     gpu: GpuInfo = field(default_factory=lambda: GpuInfo(available=False))
+    voice_quota: VoiceQuota | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -88,6 +102,14 @@ class EngineHealth:
             return "degraded"
         return "ok"
 
+    def _voice(self) -> dict[str, Any]:
+        voice: dict[str, Any] = {"backend": self.voice_backend}
+        quota = self.voice_quota
+        if quota is not None:  # only a backend with an account has one
+            voice["quota"] = {"used": quota.used, "limit": quota.limit, "tier": quota.tier,
+                              "resets_at": quota.resets_at, "error": quota.error}
+        return voice
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "status": self.status,
@@ -110,6 +132,6 @@ class EngineHealth:
                     for topic, partition in sorted(self.assigned)
                 ],
             },
-            "voice": {"backend": self.voice_backend},
+            "voice": self._voice(),
             **self.details,
         }

@@ -14,6 +14,7 @@ __all__ = ["EngineMetrics"]
 _LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
 )
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
 
 class EngineMetrics:
@@ -51,5 +52,27 @@ class EngineMetrics:
         )
         self.http_requests = Counter(
             "engine_http_requests_total", "HTTP API requests", ["endpoint", "status"],
+            registry=registry,
+        )
+        # --- image worker (core/image/worker.py) ---
+        self.image_batch_size = Histogram(
+            "engine_image_batch_size", "Images per pipeline call of the GPU worker",
+            buckets=_BATCH_BUCKETS, registry=registry,
+        )
+        self.image_batch_seconds = Histogram(
+            "engine_image_batch_seconds", "Duration of one pipeline call of the GPU worker",
+            buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.image_oom = Counter(
+            "engine_image_oom_total", "Pipeline calls that ran out of GPU memory",
+            registry=registry,
+        )
+        self.lora_switch_seconds = Histogram(
+            "engine_lora_switch_seconds",
+            "Time to make a request's LoRA (or none) active, loading it when not cached",
+            buckets=(0.0005, 0.001, 0.0025, *_LATENCY_BUCKETS), registry=registry,
+        )
+        self.lora_evictions = Counter(
+            "engine_lora_evictions_total", "LoRA adapters dropped from the loaded set (LRU)",
             registry=registry,
         )

@@ -1,31 +1,67 @@
 """Voice: text to an MP3 output, through ElevenLabs or the local espeak-ng engine.
 
-:class:`VoiceService` is the one entry; backends (:class:`VoiceBackend`) and emotion
-injectors (:class:`EmotionInjector`) are injected into it.
+:class:`VoiceService` is the one entry; backends (:class:`VoiceBackend`: ElevenLabs,
+local), emotion injectors (:class:`EmotionInjector`: rules, the Persona Engine's LLM),
+voice profiles and the quota monitor are injected into it; :func:`build_voice_service`
+assembles them from settings.
 """
 
 from core.voice.backend import VoiceBackend, VoiceSettings
-from core.voice.emotion import EmotionInjector, PunctuationInjector
+from core.voice.elevenlabs import ElevenLabsBackend, Subscription
+from core.voice.elevenlabs_faults import (
+    BackoffPolicy,
+    ElevenLabsError,
+    ElevenLabsQuotaError,
+    ElevenLabsRejectedError,
+    ElevenLabsTimeoutError,
+    ElevenLabsUnavailableError,
+)
+from core.voice.emotion import EMOTIONS, KNOWN_TAGS, Emotion, EmotionInjector, Expression
+from core.voice.emotion_llm import LLMEmotionInjector
+from core.voice.emotion_rules import RulesEmotionInjector
 from core.voice.espeak import EspeakSynthesizer
 from core.voice.factory import build_voice_service
 from core.voice.local import LocalVoiceBackend
+from core.voice.models import ModelFacts, model_facts
 from core.voice.mp3 import audio_duration, write_mp3
+from core.voice.mp3join import join_mp3
+from core.voice.profiles import VoiceProfile, VoiceProfiles
+from core.voice.quota import QuotaMonitor
 from core.voice.service import VoiceJob, VoiceRequestLike, VoiceResult, VoiceService
 from core.voice.tags import strip_audio_tags
 
 __all__ = [
+    "EMOTIONS",
+    "KNOWN_TAGS",
+    "BackoffPolicy",
+    "ElevenLabsBackend",
+    "ElevenLabsError",
+    "ElevenLabsQuotaError",
+    "ElevenLabsRejectedError",
+    "ElevenLabsTimeoutError",
+    "ElevenLabsUnavailableError",
+    "Emotion",
     "EmotionInjector",
     "EspeakSynthesizer",
+    "Expression",
+    "LLMEmotionInjector",
     "LocalVoiceBackend",
-    "PunctuationInjector",
+    "ModelFacts",
+    "QuotaMonitor",
+    "RulesEmotionInjector",
+    "Subscription",
     "VoiceBackend",
     "VoiceJob",
+    "VoiceProfile",
+    "VoiceProfiles",
     "VoiceRequestLike",
     "VoiceResult",
     "VoiceService",
     "VoiceSettings",
     "audio_duration",
     "build_voice_service",
+    "join_mp3",
+    "model_facts",
     "strip_audio_tags",
     "write_mp3",
 ]

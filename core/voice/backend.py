@@ -13,14 +13,18 @@ __all__ = ["VoiceBackend", "VoiceSettings"]
 @dataclass(frozen=True)
 class VoiceSettings:
     """The voice a request asks for, with ElevenLabs' meaning of each field: ``voice_id``
-    and ``model_id`` name an ElevenLabs voice and model; ``stability``, ``similarity_boost``
-    and ``style`` are within 0..1, ``None`` for the engine's default."""
+    and ``model_id`` name an ElevenLabs voice and model (``None``: the backend's default
+    model); ``stability``, ``similarity_boost`` and ``style`` are within 0..1, ``speed``
+    within 0.7..1.2 (1 is normal), ``use_speaker_boost`` a switch; ``None`` for the
+    engine's default."""
 
     voice_id: str
     model_id: str | None = None
     stability: float | None = None
     similarity_boost: float | None = None
     style: float | None = None
+    speed: float | None = None
+    use_speaker_boost: bool | None = None
 
 
 class VoiceBackend(Protocol):

@@ -1,27 +1,101 @@
-"""Choosing and building the voice backend from settings (``VOICE_BACKEND``)."""
+"""Choosing and building the voice core from settings (``VOICE_BACKEND`` and friends)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
+import httpx
+
+from core.llm import ChatClient
 from core.outputs import OutputStore
 from core.settings import ConfigurationError, Settings
+from core.voice.backend import VoiceBackend
+from core.voice.elevenlabs import ElevenLabsBackend, Sleep
+from core.voice.emotion import EmotionInjector
+from core.voice.emotion_llm import LLMEmotionInjector
+from core.voice.emotion_rules import RulesEmotionInjector
 from core.voice.espeak import EspeakSynthesizer
 from core.voice.local import LocalVoiceBackend
+from core.voice.profiles import VoiceProfiles
+from core.voice.quota import QuotaMonitor
 from core.voice.service import VoiceService
 
 __all__ = ["build_voice_service"]
 
+logger = logging.getLogger(__name__)
 
-def build_voice_service(settings: Settings, store: OutputStore) -> VoiceService:
-    """The voice core for these settings: local espeak-ng for ``local`` (or ``auto``
-    without a key).
 
-    Raises :class:`ConfigurationError` when ElevenLabs is selected, since this build has
-    no ElevenLabs backend yet: a key must never silently fall back to another voice.
+def build_voice_service(
+    settings: Settings,
+    store: OutputStore,
+    http: httpx.AsyncClient | None = None,
+    *,
+    sleep: Sleep = asyncio.sleep,
+) -> VoiceService:
+    """The voice core for these settings.
+
+    - Backend: ElevenLabs when ``settings.use_elevenlabs`` (``VOICE_BACKEND=elevenlabs``, or
+      ``auto`` with ELEVENLABS_API_KEY set), on ``http``, with its quota monitor; the local
+      espeak-ng voice otherwise.
+    - Emotion: the Persona Engine's LLM (on ``http``) with the rules as fallback when
+      PERSONA_ENGINE_URL is set, the rules alone otherwise.
+    - Profiles: read from VOICE_PROFILES_PATH when set.
+
+    ``http`` is the engine's shared client (the caller closes it); ``sleep`` is how the
+    ElevenLabs backend waits between retries (tests pass a recorder).
+
+    Raises :class:`ConfigurationError` (one line) when ElevenLabs is selected with an empty
+    key or no key, or the profiles file is unreadable or invalid; ``ValueError`` when
+    ElevenLabs is selected but no ``http`` client is given. (Without ``http`` the LLM is
+    not used: the rules alone inject emotion, and a warning says so.)
     """
+    profiles = (
+        VoiceProfiles.load(settings.voice_profiles_path)
+        if settings.voice_profiles_path is not None else VoiceProfiles()
+    )
+    injector: EmotionInjector = RulesEmotionInjector()
+    if settings.persona_engine_url and http is None:
+        logger.warning("PERSONA_ENGINE_URL is set but no HTTP client was given: emotion "
+                       "injection uses the rules only")
+    elif settings.persona_engine_url and http is not None:
+        chat = ChatClient(http, settings.persona_engine_url, settings.persona_engine_model,
+                          settings.persona_engine_timeout)
+        injector = LLMEmotionInjector(chat)
+
+    backend: VoiceBackend
+    quota: QuotaMonitor | None = None
     if settings.use_elevenlabs:
-        raise ConfigurationError(
-            f"invalid configuration: VOICE_BACKEND={settings.voice_backend!r} with an "
-            "ElevenLabs key selects the ElevenLabs backend, which this build does not "
-            "include yet (allowed: VOICE_BACKEND='local')"
+        key = settings.elevenlabs_api_key
+        if key is None or not key.get_secret_value().strip():
+            shown = "unset" if key is None else "''"
+            raise ConfigurationError(
+                f"invalid configuration: ELEVENLABS_API_KEY is {shown} but "
+                f"VOICE_BACKEND={settings.voice_backend!r} selects ElevenLabs (allowed: a "
+                "non-empty key, or VOICE_BACKEND='local' with the key unset)"
+            )
+        elevenlabs = ElevenLabsBackend(
+            _require(http),
+            settings.elevenlabs_api_url,
+            key,
+            default_model_id=settings.elevenlabs_model_id,
+            output_format=settings.elevenlabs_output_format,
+            max_concurrency=settings.elevenlabs_max_concurrency,
+            timeout=httpx.Timeout(settings.elevenlabs_timeout,
+                                  connect=min(5.0, settings.elevenlabs_timeout)),
+            sleep=sleep,
         )
-    return VoiceService(LocalVoiceBackend(EspeakSynthesizer()), store, settings.default_voice_id)
+        backend, quota = elevenlabs, QuotaMonitor(elevenlabs)
+    else:
+        backend = LocalVoiceBackend(EspeakSynthesizer())
+    return VoiceService(backend, store, settings.default_voice_id, injector,
+                        profiles=profiles, quota=quota)
+
+
+def _require(http: httpx.AsyncClient | None) -> httpx.AsyncClient:
+    if http is None:
+        raise ValueError(
+            "the ElevenLabs backend needs the engine's httpx.AsyncClient: "
+            "build_voice_service(settings, store, http)"
+        )
+    return http

@@ -7,7 +7,9 @@ deterministically onto espeak's prosody:
 - ``stability`` (default 0.5) sets the pitch range: ``20 + 60 * (1 - stability)``, so 0.5 is
   espeak's own intonation (50), 1.0 steady (20), 0.0 lively (80);
 - ``style`` (default 0) speeds speech up by up to 20 %: ``rate * (1 + 0.2 * style)``;
-- ``similarity_boost`` has no local meaning and is ignored.
+- ``speed`` (default 1) multiplies the rate too; the result stays within espeak's 80..450
+  words per minute;
+- ``similarity_boost`` and ``use_speaker_boost`` have no local meaning and are ignored.
 """
 
 from __future__ import annotations
@@ -71,10 +73,11 @@ class LocalVoiceBackend:
     def _synthesize_file(self, path: Path, text: str, settings: VoiceSettings) -> None:
         stability = 0.5 if settings.stability is None else settings.stability
         style = 0.0 if settings.style is None else settings.style
+        speed = 1.0 if settings.speed is None else settings.speed
         samples, sample_rate = self._synthesizer.synthesize(
             text,
             voice=self._voice,
-            rate=round(self._rate * (1 + 0.2 * style)),
+            rate=min(450, max(80, round(self._rate * speed * (1 + 0.2 * style)))),
             pitch_range=round(20 + 60 * (1 - stability)),
         )
         write_mp3(path, samples, sample_rate)

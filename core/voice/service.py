@@ -1,7 +1,9 @@
 """The one entry for voice work: a validated request in, an MP3 output and its result out.
 
 The Kafka consumer and the HTTP endpoint both call :meth:`VoiceService.generate`, so the
-two paths cannot drift apart.
+two paths cannot drift apart. The service resolves the voice (request, then the character's
+profile, then the defaults), injects emotion the way the model can perform it, and has the
+backend write the file.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from core.outputs import OutputStore
 from core.voice.backend import VoiceBackend, VoiceSettings
-from core.voice.emotion import EmotionInjector, PunctuationInjector
+from core.voice.emotion import EmotionInjector, shift_settings
+from core.voice.emotion_rules import RulesEmotionInjector
 from core.voice.mp3 import audio_duration
+from core.voice.profiles import VoiceProfiles
+from core.voice.quota import QuotaMonitor
 from core.voice.tags import strip_audio_tags
 from schemas.errors import InternalError, InvalidRequestError
 
@@ -44,6 +49,8 @@ class VoiceRequestLike(Protocol):
     def model_id(self) -> str | None: ...
     @property
     def inject_emotion(self) -> bool: ...
+    @property
+    def character_id(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class VoiceJob:
     style: float | None = None
     model_id: str | None = None
     inject_emotion: bool = True
+    character_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,10 +85,13 @@ class VoiceResult:
 class VoiceService:
     """Turns voice requests into MP3 outputs in ``store`` through ``backend``.
 
-    ``default_voice_id`` is used when a request names no voice; ``injector`` rewrites text
-    when a request asks for emotion (default: :class:`PunctuationInjector`); texts longer
-    than ``max_text_chars`` are rejected. Raises ``ValueError`` for an empty
-    ``default_voice_id`` or a ``max_text_chars`` below 1.
+    ``default_voice_id`` is used when neither a request nor its character's profile (in
+    ``profiles``) names a voice; the model falls back to the backend's default. ``injector``
+    makes text expressive when a request asks for emotion (default: the rules,
+    :class:`~core.voice.emotion_rules.RulesEmotionInjector`); texts longer than
+    ``max_text_chars`` are rejected. ``quota`` is the provider's quota monitor, when the
+    backend has an account. Raises ``ValueError`` for an empty ``default_voice_id`` or a
+    ``max_text_chars`` below 1.
     """
 
     def __init__(
@@ -90,6 +101,9 @@ class VoiceService:
         default_voice_id: str,
         injector: EmotionInjector | None = None,
         max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+        *,
+        profiles: VoiceProfiles | None = None,
+        quota: QuotaMonitor | None = None,
     ) -> None:
         if not default_voice_id:
             raise ValueError("default_voice_id must not be empty")
@@ -98,34 +112,46 @@ class VoiceService:
         self._backend = backend
         self._store = store
         self._default_voice_id = default_voice_id
-        self._injector = injector if injector is not None else PunctuationInjector()
+        self._injector = injector if injector is not None else RulesEmotionInjector()
         self._max_text_chars = max_text_chars
+        self._profiles = profiles if profiles is not None else VoiceProfiles()
+        self._quota = quota
 
     @property
     def backend(self) -> VoiceBackend:
         return self._backend
 
+    @property
+    def quota(self) -> QuotaMonitor | None:
+        """The provider's quota monitor (ElevenLabs), ``None`` for the local voice."""
+        return self._quota
+
     async def generate(self, request: VoiceRequestLike) -> VoiceResult:
         """Speak ``request.text`` into a new MP3 output and describe it.
 
         Tags such as ``[warmly]`` reach the backend only if it performs them for the
-        requested model; ``enhanced_text`` is exactly what was sent to the backend.
+        requested model; for other models emotion shifts the voice settings a request did
+        not set itself. ``enhanced_text`` is exactly what was sent to the backend.
 
         Raises :class:`InvalidRequestError` (before any work) for a text that is empty once
-        audio tags are removed, or too long, or a voice setting outside 0..1; the backend's
-        :class:`~schemas.errors.EngineError` as raised; :class:`InternalError` when the
-        output cannot be written or read back. A failed request leaves no file.
+        audio tags are removed, or too long, a voice setting outside 0..1, or a blank
+        ``voice_id``/``model_id``; the backend's :class:`~schemas.errors.EngineError` as
+        raised (ElevenLabs: the subclasses of
+        :class:`~core.voice.elevenlabs_faults.ElevenLabsError`, carrying ``attempts``);
+        :class:`InternalError` when the output cannot be written or read back. A failed
+        request leaves no file.
         """
-        settings = self._settings(request)
+        settings, explicit = self._settings(request)
         plain = self._checked_text(request.text)
 
         text = request.text
+        performs_tags = self._backend.performs_audio_tags(settings.model_id)
         if request.inject_emotion:
-            text = await self._injector.inject(text, settings.model_id)
-        if self._backend.performs_audio_tags(settings.model_id):
-            spoken = text.strip()
-        else:
-            spoken = strip_audio_tags(text)
+            expression = await self._injector.express(text, performs_tags)
+            text = expression.text
+            if not performs_tags:
+                settings = shift_settings(settings, expression.emotion, explicit)
+        spoken = text.strip() if performs_tags else strip_audio_tags(text)
         if not strip_audio_tags(spoken):
             logger.warning("emotion injection returned no speech; speaking the text as given")
             spoken = plain
@@ -154,20 +180,39 @@ class VoiceService:
             timestamp=_iso_utc(stored.created_at),
         )
 
-    def _settings(self, request: VoiceRequestLike) -> VoiceSettings:
+    def _settings(self, request: VoiceRequestLike) -> tuple[VoiceSettings, frozenset[str]]:
+        """The voice for ``request`` (request, then profile, then defaults) and the names of
+        the settings the request set itself."""
         for field in ("stability", "similarity_boost", "style"):
             value = getattr(request, field)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise InvalidRequestError(f"{field} must be within 0..1, got {value}", field=field)
-        if request.voice_id is not None and not request.voice_id.strip():
-            raise InvalidRequestError("voice_id must not be blank", field="voice_id")
-        return VoiceSettings(
-            voice_id=request.voice_id if request.voice_id is not None else self._default_voice_id,
-            model_id=request.model_id,
-            stability=request.stability,
-            similarity_boost=request.similarity_boost,
-            style=request.style,
+        for field in ("voice_id", "model_id"):
+            value = getattr(request, field)
+            if value is not None and not value.strip():
+                raise InvalidRequestError(f"{field} must not be blank", field=field)
+        profile = self._profiles.get(getattr(request, "character_id", None))
+
+        def pick(field: str) -> Any:
+            value = getattr(request, field, None)
+            if value is None and profile is not None:
+                value = getattr(profile, field)
+            return value
+
+        explicit = frozenset(
+            f for f in ("stability", "similarity_boost", "style")
+            if getattr(request, f) is not None
         )
+        settings = VoiceSettings(
+            voice_id=pick("voice_id") or self._default_voice_id,
+            model_id=pick("model_id"),
+            stability=pick("stability"),
+            similarity_boost=pick("similarity_boost"),
+            style=pick("style"),
+            speed=pick("speed"),
+            use_speaker_boost=pick("use_speaker_boost"),
+        )
+        return settings, explicit
 
     def _checked_text(self, text: str) -> str:
         if len(text) > self._max_text_chars:

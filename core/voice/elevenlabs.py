@@ -1,0 +1,265 @@
+"""ElevenLabs text to speech over HTTP, on the engine's one shared ``httpx.AsyncClient``.
+
+``POST {api_url}/text-to-speech/{voice_id}?output_format=…`` with the ``xi-api-key`` header
+and the JSON body of ElevenLabs' OpenAPI document (``text``, ``model_id``,
+``voice_settings``, ``previous_text``/``next_text``); the answer is the MP3 itself.
+
+- **Concurrency:** at most ``max_concurrency`` requests are in flight (an
+  ``asyncio.Semaphore``), so the account's concurrency limit is rarely hit; a request
+  waiting out a backoff does not hold a slot.
+- **Faults** (:mod:`core.voice.elevenlabs_faults`): 429, 5xx and connection errors
+  (including a connection dropped in the middle of the audio) are retried here, at most
+  ``retry.max_attempts`` requests with capped exponential backoff and jitter honouring
+  ``Retry-After``, waiting through the injected ``sleep``; then
+  ``ElevenLabsUnavailableError`` (retryable). A read timeout is ``ElevenLabsTimeoutError``
+  at once (retryable, but a hang costs a whole timeout, so only the caller's outer retries
+  try again). 400/401/404/422 are permanent; quota exhaustion is ``QUOTA_EXCEEDED``.
+  Every error carries ``attempts``.
+- **Long text:** split at sentence boundaries within the model's limit
+  (:mod:`core.voice.models`, :mod:`core.voice.chunking`); the parts are requested
+  concurrently, each with its neighbours as ``previous_text``/``next_text``, and joined
+  into one MP3 (:func:`core.voice.mp3join.join_mp3`).
+- **One file per call:** the file is written once, after every part's body arrived whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from pydantic import SecretStr
+
+from core.voice.backend import VoiceSettings
+from core.voice.chunking import context, split_text
+from core.voice.elevenlabs_faults import (
+    BackoffPolicy,
+    ElevenLabsError,
+    ElevenLabsTimeoutError,
+    ElevenLabsUnavailableError,
+    error_for_response,
+)
+from core.voice.models import model_facts
+from core.voice.mp3join import join_mp3
+from schemas.errors import InternalError
+
+__all__ = ["ElevenLabsBackend", "Subscription"]
+
+logger = logging.getLogger(__name__)
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """The account's quota, from ``GET /user/subscription``."""
+
+    tier: str
+    character_count: int
+    character_limit: int
+    next_character_count_reset_unix: int | None = None
+    status: str | None = None
+
+
+class ElevenLabsBackend:
+    """A :class:`~core.voice.backend.VoiceBackend` speaking through ElevenLabs.
+
+    ``client`` is shared and owned by the caller (who closes it); ``api_url`` is the API
+    base including ``/v1`` (ELEVENLABS_API_URL); ``default_model_id`` is used when a request
+    names no model; ``timeout`` applies to each HTTP request (its read part is what turns a
+    hang into ``TIMEOUT``); ``retry`` and ``sleep`` govern retries (see the module
+    docstring). Raises ``ValueError`` naming the argument for an empty key, a URL that is
+    not http(s), an output format other than ``mp3_*``, or ``max_concurrency`` < 1.
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        api_url: str,
+        api_key: SecretStr,
+        *,
+        default_model_id: str = "eleven_multilingual_v2",
+        output_format: str = "mp3_44100_128",
+        max_concurrency: int = 4,
+        timeout: httpx.Timeout | None = None,
+        retry: BackoffPolicy | None = None,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        if not api_key.get_secret_value().strip():
+            raise ValueError("api_key must not be empty")
+        if not api_url.startswith(("http://", "https://")):
+            raise ValueError(f"api_url must be an http(s) URL, got {api_url!r}")
+        if not output_format.startswith("mp3_"):
+            raise ValueError(f"output_format must be an mp3_* format, got {output_format!r}")
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if not default_model_id:
+            raise ValueError("default_model_id must not be empty")
+        self._client = client
+        self._api_url = api_url.rstrip("/")
+        self._key = api_key
+        self._default_model_id = default_model_id
+        self._output_format = output_format
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._timeout = timeout if timeout is not None else httpx.Timeout(30.0, connect=5.0)
+        self._retry = retry if retry is not None else BackoffPolicy()
+        self._sleep = sleep
+
+    def __repr__(self) -> str:
+        return f"ElevenLabsBackend({self._api_url!r}, model={self._default_model_id!r})"
+
+    @property
+    def name(self) -> str:
+        return "elevenlabs"
+
+    @property
+    def default_model_id(self) -> str:
+        return self._default_model_id
+
+    def performs_audio_tags(self, model_id: str | None) -> bool:
+        return model_facts(model_id or self._default_model_id).performs_audio_tags
+
+    async def synthesize_to(self, path: Path, text: str, settings: VoiceSettings) -> None:
+        """Speak ``text`` into an MP3 at ``path`` (see the module docstring).
+
+        Raises an :class:`~core.voice.elevenlabs_faults.ElevenLabsError` subclass for an
+        upstream failure and :class:`InternalError` when the parts cannot be joined.
+        """
+        model_id = settings.model_id or self._default_model_id
+        chunks = split_text(text, model_facts(model_id).chunk_chars)
+        if not chunks:
+            raise InternalError("nothing to speak")
+        bodies = [
+            self._body(
+                chunk, model_id, settings,
+                previous=context(chunks[i - 1], before=True) if i > 0 else None,
+                following=context(chunks[i + 1], before=False) if i + 1 < len(chunks) else None,
+            )
+            for i, chunk in enumerate(chunks)
+        ]
+        if len(bodies) == 1:
+            audio = await self._convert(settings.voice_id, bodies[0])
+        else:
+            parts = await _all_or_nothing([self._convert(settings.voice_id, b) for b in bodies])
+            audio = await asyncio.to_thread(join_mp3, parts)
+        await asyncio.to_thread(path.write_bytes, audio)
+
+    async def subscription(self) -> Subscription:
+        """The account's subscription (one request, no retries).
+
+        Raises an :class:`~core.voice.elevenlabs_faults.ElevenLabsError` subclass.
+        """
+        url = f"{self._api_url}/user/subscription"
+        try:
+            response = await self._client.get(url, headers=self._headers("application/json"),
+                                               timeout=self._timeout)
+        except httpx.TimeoutException as exc:
+            raise ElevenLabsTimeoutError("ElevenLabs subscription check timed out") from exc
+        except httpx.RequestError as exc:
+            raise ElevenLabsUnavailableError(
+                f"ElevenLabs unreachable: {type(exc).__name__}") from exc
+        if response.status_code != 200:
+            raise error_for_response(response.status_code, response.content, response.headers,
+                                     attempts=1, secret=self._key.get_secret_value())
+        try:
+            data: Any = response.json()
+            return Subscription(
+                tier=str(data["tier"]),
+                character_count=int(data["character_count"]),
+                character_limit=int(data["character_limit"]),
+                next_character_count_reset_unix=data.get("next_character_count_reset_unix"),
+                status=data.get("status"),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ElevenLabsUnavailableError(
+                "ElevenLabs answered a subscription without tier and character counts"
+            ) from exc
+
+    # --- one request ---
+
+    def _headers(self, accept: str) -> dict[str, str]:
+        return {"xi-api-key": self._key.get_secret_value(), "accept": accept}
+
+    @staticmethod
+    def _body(
+        text: str, model_id: str, settings: VoiceSettings, *,
+        previous: str | None, following: str | None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"text": text, "model_id": model_id}
+        voice_settings = {
+            name: value
+            for name in ("stability", "similarity_boost", "style", "use_speaker_boost", "speed")
+            if (value := getattr(settings, name)) is not None
+        }
+        if voice_settings:  # none given: the voice's own stored settings apply
+            body["voice_settings"] = voice_settings
+        if previous:
+            body["previous_text"] = previous
+        if following:
+            body["next_text"] = following
+        return body
+
+    async def _convert(self, voice_id: str, body: dict[str, Any]) -> bytes:
+        """The audio for one request body, retried as the module docstring says."""
+        url = f"{self._api_url}/text-to-speech/{quote(voice_id, safe='')}"
+        params = {"output_format": self._output_format}
+        attempt = 0
+        while True:
+            attempt += 1
+            error: ElevenLabsError
+            async with self._slots:
+                try:
+                    response = await self._client.post(
+                        url, params=params, json=body, headers=self._headers("audio/mpeg"),
+                        timeout=self._timeout,
+                    )
+                except httpx.ReadTimeout as exc:
+                    raise ElevenLabsTimeoutError(
+                        f"ElevenLabs sent no audio within {self._timeout.read}s",
+                        attempts=attempt,
+                    ) from exc
+                except httpx.RequestError as exc:  # connect, write, pool, dropped body
+                    error = ElevenLabsUnavailableError(
+                        f"ElevenLabs unreachable: {type(exc).__name__}", attempts=attempt
+                    )
+                    error.__cause__ = exc
+                else:
+                    if response.status_code == 200 and response.content:
+                        return response.content
+                    if response.status_code == 200:
+                        error = ElevenLabsUnavailableError(
+                            "ElevenLabs answered 200 without audio", http_status=200,
+                            attempts=attempt,
+                        )
+                    else:
+                        error = error_for_response(
+                            response.status_code, response.content, response.headers,
+                            attempts=attempt, secret=self._key.get_secret_value(),
+                        )
+            wait = (
+                self._retry.delay(attempt, getattr(error, "retry_after", None))
+                if error.retryable else None
+            )
+            if wait is None:
+                raise error
+            logger.warning("%s (attempt %d of %d); retrying in %.2fs",
+                           error.message, attempt, self._retry.max_attempts, wait)
+            await self._sleep(wait)
+
+
+async def _all_or_nothing(calls: list[Awaitable[bytes]]) -> list[bytes]:
+    """The results of ``calls`` run concurrently, in order; on the first failure the others
+    are cancelled and that failure is raised."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

@@ -1,0 +1,91 @@
+"""The ElevenLabs backend end to end: Kafka and HTTP reach the same core entry, against a
+faithful local ElevenLabs server; the key never leaks."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any, AsyncIterator
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
+
+from consumers.engine import Engine
+from core.settings import Settings
+from tests.support.elevenlabs_server import DEFAULT_KEY, ElevenLabsServer
+from tests.support.kafka_client import PersonaPeer
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[ElevenLabsServer]:
+    server = ElevenLabsServer()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def eleven_engine(settings: Settings, upstream: ElevenLabsServer) -> AsyncIterator[Engine]:
+    configured = settings.model_copy(update={
+        "voice_backend": "auto", "elevenlabs_api_key": SecretStr(DEFAULT_KEY),
+        "elevenlabs_api_url": upstream.api_url, "elevenlabs_model_id": "eleven_multilingual_v2",
+    })
+    assert configured.kafka_bootstrap_servers is not None
+    engine = Engine(configured, configured.kafka_bootstrap_servers, http_host="127.0.0.1",
+                    registry=CollectorRegistry())
+    await engine.start()
+    yield engine
+    await engine.stop()
+
+
+async def test_kafka_and_http_give_the_same_result(
+    eleven_engine: Engine, peer: PersonaPeer, upstream: ElevenLabsServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    text = "I missed you so much! Tell me everything about your day."
+    body = {"text": text, "voice_id": "21m00Tcm4TlvDq8ikWAM", "stability": 0.4,
+            "similarity_boost": 0.7, "style": 0.1}
+    request = {"request_id": str(uuid.uuid4()), "conversation_id": "conv-el", **body}
+    await peer.publish("voice", request)
+    via_kafka = (await peer.answers_for([request["request_id"]]))[request["request_id"]]
+    assert via_kafka.kind == "completed", via_kafka.event
+    assert eleven_engine.addresses is not None
+    async with aiohttp.ClientSession() as session:
+        async with session.post(eleven_engine.addresses.http_url + "/generate/voice",
+                                json=body) as response:
+            assert response.status == 200
+            via_http = await response.json()
+        async with session.get(eleven_engine.addresses.http_url + "/health") as response:
+            health = await response.text()
+
+    assert via_http["enhanced_text"] == via_kafka.event["enhanced_text"]
+    assert via_http["voice_id"] == via_kafka.event["voice_id"] == body["voice_id"]
+    assert via_http["duration_seconds"] == pytest.approx(via_kafka.event["duration_seconds"],
+                                                         abs=0.05)
+    sent = upstream.tts_requests()
+    assert len(sent) == 2
+    assert sent[0].json == sent[1].json  # the very same upstream request from both paths
+    assert sent[0].json["model_id"] == "eleven_multilingual_v2"
+    assert "[" not in sent[0].json["text"]  # a non-v3 model never gets audio tags
+
+    assert '"backend": "elevenlabs"' in health
+    for where in (caplog.text, str(via_kafka.event), str(via_http), health):
+        assert DEFAULT_KEY not in where
+
+
+async def test_quota_exceeded_becomes_a_failed_event(
+    eleven_engine: Engine, peer: PersonaPeer, upstream: ElevenLabsServer,
+) -> None:
+    upstream.character_limit = 0
+    request: dict[str, Any] = {"request_id": str(uuid.uuid4()), "conversation_id": "conv-q",
+                               "text": "Hello again!"}
+    await peer.publish("voice", request)
+    answer = (await peer.answers_for([request["request_id"]]))[request["request_id"]]
+    assert answer.kind == "failed"
+    assert answer.event["error_code"] == "QUOTA_EXCEEDED"
+    assert answer.event["retryable"] is False and answer.event["attempts"] == 1

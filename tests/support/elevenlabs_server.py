@@ -1,0 +1,444 @@
+"""A local ElevenLabs: a real aiohttp server on 127.0.0.1 speaking the paths, bodies and
+error shapes of ElevenLabs' OpenAPI document (``shared/reference/elevenlabs-openapi-tts.json``)
+and of its observed errors, with faults a test can script.
+
+Paths (under ``/v1``): ``POST /text-to-speech/{voice_id}`` (and ``…/stream``),
+``GET /user/subscription``, ``GET /voices``, ``GET /models``.
+
+- **Auth:** header ``xi-api-key``; missing → 401 ``needs_authorization``, wrong → 401
+  ``invalid_api_key``, as ``{"detail": {"status", "message"}}``.
+- **Validation:** FastAPI's 422 ``{"detail": [{"type", "loc", "msg", "input"}]}`` for a body
+  that is not JSON, a missing or non-string ``text``, voice settings out of range
+  (stability, similarity_boost, style 0..1; speed 0.7..1.2) or an unknown ``output_format``;
+  400 ``max_character_limit_exceeded`` for a text over the model's limit, 400
+  ``model_not_found``, 404 ``voice_not_found``; 401 ``quota_exceeded`` when the account's
+  characters run out (``character_limit``).
+- **Concurrency:** beyond ``max_concurrency`` requests at once, 429
+  ``too_many_concurrent_requests`` (with ``current-concurrent-requests`` and
+  ``maximum-concurrent-requests`` headers).
+- **Scripted faults:** :attr:`ElevenLabsServer.faults` is a queue; each text-to-speech
+  request takes the next :class:`Fault` (``too_many_concurrent_requests``, ``system_busy``,
+  each with or without ``retry_after``; ``quota_exceeded``; ``server_error`` (500 without
+  ``detail``); ``server_error_detail``; ``hang`` (no answer until the server stops);
+  ``drop`` (half the audio, then the connection closes)).
+- **Latency:** ``latency`` seconds before each answer, like generation time.
+- **Audio:** a deterministic MP3 (a tone whose pitch follows the text), ``seconds_per_char``
+  seconds per character, at the sample rate of ``output_format``; cached per text.
+- **Log:** :attr:`ElevenLabsServer.received` lists every request (never the key itself);
+  each text-to-speech answer says how long the server took in a ``Server-Timing`` header.
+
+Standalone, for trying the engine without a key::
+
+    python -m tests.support.elevenlabs_server --port 8765
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import soundfile
+from aiohttp import web
+
+__all__ = [
+    "DEFAULT_KEY", "MODELS", "VOICES", "ElevenLabsServer", "Fault", "Received", "RecordingSleep",
+]
+
+DEFAULT_KEY = "sk_local_test_key"
+
+FaultKind = Literal[
+    "too_many_concurrent_requests", "system_busy", "quota_exceeded", "server_error",
+    "server_error_detail", "hang", "drop",
+]
+
+# model id → characters per request (FACTS.md)
+MODELS: dict[str, int] = {
+    "eleven_v3": 3_000,
+    "eleven_multilingual_v2": 10_000,
+    "eleven_flash_v2_5": 40_000,
+    "eleven_turbo_v2_5": 40_000,
+}
+VOICES: dict[str, str] = {
+    "21m00Tcm4TlvDq8ikWAM": "Rachel",
+    "EXAVITQu4vr4xnSDxMaL": "Sarah",
+    "TX3LPaxmHKxFdv7VOQHJ": "Liam",
+    "XB0fDUnXU5powFXDhCwa": "Charlotte",
+}
+_OUTPUT_FORMATS = {
+    "mp3_22050_32", "mp3_44100_32", "mp3_44100_64", "mp3_44100_96", "mp3_44100_128",
+    "mp3_44100_192", "pcm_8000", "pcm_16000", "pcm_22050", "pcm_24000", "pcm_44100",
+    "pcm_48000", "ulaw_8000", "alaw_8000", "opus_48000_32", "opus_48000_64", "opus_48000_96",
+    "opus_48000_128", "opus_48000_192",
+}
+_SETTING_RANGES = {
+    "stability": (0.0, 1.0), "similarity_boost": (0.0, 1.0), "style": (0.0, 1.0),
+    "speed": (0.7, 1.2),
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One scripted answer; ``retry_after`` becomes the ``Retry-After`` header (429s)."""
+
+    kind: FaultKind
+    retry_after: float | str | None = None
+
+
+@dataclass
+class Received:
+    """One request as the server saw it. ``key`` is ``ok``, ``missing`` or ``wrong``."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    key: str
+    json: Any = None
+    voice_id: str | None = None
+    status: int | None = None
+    audio_seconds: float | None = None
+    fault: str | None = None
+    at: float = field(default_factory=time.monotonic)
+    seconds: float | None = None  # how long the server took to answer
+
+
+class RecordingSleep:
+    """A ``sleep`` for the backend's retries that records the waits and returns at once."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+
+def _detail(status: int, code: str, message: str, **headers: str) -> web.Response:
+    return web.json_response({"detail": {"status": code, "message": message}},
+                             status=status, headers=headers or None)
+
+
+def _invalid(errors: list[dict[str, Any]]) -> web.Response:
+    return web.json_response({"detail": errors}, status=422)
+
+
+def _tone(text: str, seconds: float, rate: int) -> np.ndarray[Any, np.dtype[np.int16]]:
+    n = max(1, round(seconds * rate))
+    t = np.arange(n) / rate
+    pitch = 140 + zlib.crc32(text.encode()) % 160
+    syllables = 0.55 + 0.45 * np.abs(np.sin(2 * np.pi * 3.0 * t))  # speech-like rhythm
+    return (np.sin(2 * np.pi * pitch * t) * syllables * 9000).astype(np.int16)
+
+
+class ElevenLabsServer:
+    """See the module docstring. ``start()`` returns the API base URL (ending in ``/v1``),
+    the value of ELEVENLABS_API_URL."""
+
+    def __init__(
+        self,
+        api_key: str = DEFAULT_KEY,
+        *,
+        latency: float = 0.0,
+        max_concurrency: int | None = None,
+        seconds_per_char: float = 0.06,
+        character_limit: int = 1_000_000,
+        tier: str = "creator",
+    ) -> None:
+        self.api_key = api_key
+        self.latency = latency
+        self.max_concurrency = max_concurrency
+        self.seconds_per_char = seconds_per_char
+        self.character_limit = character_limit
+        self.character_count = 0
+        self.tier = tier
+        self.faults: list[Fault] = []
+        self.received: list[Received] = []
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.url = ""
+        self.api_url = ""
+        self._audio: dict[tuple[str, int], bytes] = {}
+        self._release = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+
+    # --- lifecycle ---
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        app = web.Application()
+        app.router.add_post("/v1/text-to-speech/{voice_id}", self._tts)
+        app.router.add_post("/v1/text-to-speech/{voice_id}/stream", self._tts)
+        app.router.add_get("/v1/user/subscription", self._subscription)
+        app.router.add_get("/v1/voices", self._voices)
+        app.router.add_get("/v1/models", self._models)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+        self.url = f"http://{host}:{self._runner.addresses[0][1]}"
+        self.api_url = f"{self.url}/v1"
+        return self.api_url
+
+    async def stop(self) -> None:
+        self._release.set()  # let hanging handlers finish before the server goes
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # --- helpers for tests ---
+
+    def tts_requests(self) -> list[Received]:
+        return [r for r in self.received if "/text-to-speech/" in r.path]
+
+    def audio_sent(self, text: str, rate: int = 44100) -> bytes:
+        """The MP3 bytes this server answered for ``text`` at ``rate`` (KeyError if none)."""
+        return self._audio[(text, rate)]
+
+    def audio_seconds(self, text: str) -> float:
+        """The duration of the audio this server makes for ``text``."""
+        return max(0.05, self.seconds_per_char * len(text))
+
+    # --- handlers ---
+
+    def _log(self, request: web.Request) -> tuple[Received, web.Response | None]:
+        given = request.headers.get("xi-api-key")
+        key = "missing" if given is None else ("ok" if given == self.api_key else "wrong")
+        entry = Received(request.method, request.path, dict(request.query), key,
+                         voice_id=request.match_info.get("voice_id"))
+        self.received.append(entry)
+        if key == "missing":
+            return entry, _detail(401, "needs_authorization", "Neither authorization header "
+                                  "nor xi-api-key received, please provide one.")
+        if key == "wrong":
+            return entry, _detail(401, "invalid_api_key", "Invalid API key")
+        return entry, None
+
+    async def _tts(self, request: web.Request) -> web.StreamResponse:
+        entry, refusal = self._log(request)
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            response = refusal or await self._speak(request, entry)
+        finally:
+            self.in_flight -= 1
+        entry.status = response.status
+        entry.seconds = time.monotonic() - entry.at
+        if not response.prepared:  # the server's own time, for benchmarks
+            response.headers["Server-Timing"] = f"app;dur={entry.seconds * 1000:.3f}"
+        return response
+
+    async def _speak(self, request: web.Request, entry: Received) -> web.StreamResponse:
+        limit = self.max_concurrency
+        if limit is not None and self.in_flight > limit:
+            entry.fault = "concurrency"
+            return _detail(
+                429, "too_many_concurrent_requests",
+                "Too many concurrent requests. Your current subscription is associated with a "
+                f"maximum of {limit} concurrent requests (running in parallel).",
+                **{"current-concurrent-requests": str(self.in_flight),
+                   "maximum-concurrent-requests": str(limit)},
+            )
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            return _invalid([{"type": "json_invalid", "loc": ["body", 0],
+                              "msg": "JSON decode error", "input": {},
+                              "ctx": {"error": str(exc)}}])
+        entry.json = body
+        invalid = self._validate(body, request.query)
+        if invalid is not None:
+            return invalid
+        text: str = body["text"]
+        model_id = body.get("model_id", "eleven_multilingual_v2")
+        if model_id not in MODELS:
+            return _detail(400, "model_not_found", f"A model with model ID {model_id} does not "
+                           "exist.")
+        if entry.voice_id not in VOICES:
+            return _detail(404, "voice_not_found",
+                           f"A voice with the voice_id {entry.voice_id} was not found.")
+        if len(text) > MODELS[model_id]:
+            return _detail(400, "max_character_limit_exceeded",
+                           f"You are sending {len(text)} characters with a maximum of "
+                           f"{MODELS[model_id]} for model {model_id}.")
+
+        fault = self.faults.pop(0) if self.faults else None
+        if fault is not None:
+            entry.fault = fault.kind
+            answer = await self._fault(fault, request, text)
+            if answer is not None:
+                return answer
+        if self.character_count + len(text) > self.character_limit:
+            return self._quota(len(text))
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        rate = int(request.query.get("output_format", "mp3_44100_128").split("_")[1])
+        audio = await self._audio_for(text, rate)
+        self.character_count += len(text)
+        entry.audio_seconds = self.audio_seconds(text)
+        return web.Response(body=audio, content_type="audio/mpeg",
+                            headers={"character-cost": str(len(text)),
+                                     "request-id": f"req{len(self.received):06d}"})
+
+    def _validate(self, body: Any, query: Any) -> web.Response | None:
+        errors: list[dict[str, Any]] = []
+        if not isinstance(body, dict):
+            return _invalid([{"type": "model_attributes_type", "loc": ["body"],
+                              "msg": "Input should be a valid dictionary", "input": body}])
+        if "text" not in body:
+            errors.append({"type": "missing", "loc": ["body", "text"], "msg": "Field required",
+                           "input": body})
+        elif not isinstance(body["text"], str):
+            errors.append({"type": "string_type", "loc": ["body", "text"],
+                           "msg": "Input should be a valid string", "input": body["text"]})
+        settings = body.get("voice_settings")
+        if isinstance(settings, dict):
+            for name, (low, high) in _SETTING_RANGES.items():
+                value = settings.get(name)
+                if value is None:
+                    continue
+                loc = ["body", "voice_settings", name]
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    errors.append({"type": "float_type", "loc": loc,
+                                   "msg": "Input should be a valid number", "input": value})
+                elif value < low:
+                    errors.append({"type": "greater_than_equal", "loc": loc, "input": value,
+                                   "msg": f"Input should be greater than or equal to {low}",
+                                   "ctx": {"ge": low}})
+                elif value > high:
+                    errors.append({"type": "less_than_equal", "loc": loc, "input": value,
+                                   "msg": f"Input should be less than or equal to {high}",
+                                   "ctx": {"le": high}})
+        elif settings is not None:
+            errors.append({"type": "model_attributes_type", "loc": ["body", "voice_settings"],
+                           "msg": "Input should be a valid dictionary", "input": settings})
+        fmt = query.get("output_format")
+        if fmt is not None and fmt not in _OUTPUT_FORMATS:
+            errors.append({"type": "enum", "loc": ["query", "output_format"], "input": fmt,
+                           "msg": "Input should be one of the supported output formats"})
+        elif fmt is not None and not fmt.startswith("mp3_"):
+            errors.append({"type": "enum", "loc": ["query", "output_format"], "input": fmt,
+                           "msg": "this local server only makes mp3_* formats"})
+        return _invalid(errors) if errors else None
+
+    def _quota(self, needed: int) -> web.Response:
+        left = max(0, self.character_limit - self.character_count)
+        return _detail(401, "quota_exceeded",
+                       f"This request exceeds your quota of {self.character_limit}. You have "
+                       f"{left} credits remaining, while {needed} credits are required for "
+                       "this request.")
+
+    async def _fault(
+        self, fault: Fault, request: web.Request, text: str
+    ) -> web.StreamResponse | None:
+        headers = {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
+        if fault.kind == "too_many_concurrent_requests":
+            return _detail(429, fault.kind, "Too many concurrent requests.", **headers)
+        if fault.kind == "system_busy":
+            return _detail(429, fault.kind, "We're experiencing an unusually high volume of "
+                           "requests. Please try again later.", **headers)
+        if fault.kind == "quota_exceeded":
+            return self._quota(len(text) + self.character_limit)
+        if fault.kind == "server_error":
+            return web.Response(status=500, text="Internal Server Error")
+        if fault.kind == "server_error_detail":
+            return _detail(500, "internal_error", "An internal error occurred.")
+        if fault.kind == "hang":
+            await self._release.wait()
+            return web.Response(status=503)
+        if fault.kind == "drop":
+            audio = await self._audio_for(text, 44100)
+            response = web.StreamResponse(headers={"Content-Type": "audio/mpeg",
+                                                   "Content-Length": str(len(audio))})
+            await response.prepare(request)
+            await response.write(audio[: len(audio) // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        return None
+
+    async def _audio_for(self, text: str, rate: int) -> bytes:
+        key = (text, rate)
+        if key not in self._audio:
+            samples = _tone(text, self.audio_seconds(text), rate)
+            self._audio[key] = await asyncio.to_thread(_encode, samples, rate)
+        return self._audio[key]
+
+    async def _subscription(self, request: web.Request) -> web.Response:
+        _, refusal = self._log(request)
+        if refusal is not None:
+            return refusal
+        return web.json_response({
+            "tier": self.tier, "character_count": self.character_count,
+            "character_limit": self.character_limit, "max_character_limit_extension": None,
+            "can_extend_character_limit": False, "allowed_to_extend_character_limit": False,
+            "next_character_count_reset_unix": 1_767_225_600, "voice_slots_used": 1,
+            "professional_voice_slots_used": 0, "voice_limit": 30, "voice_add_edit_counter": 0,
+            "professional_voice_limit": 1, "can_extend_voice_limit": False,
+            "can_use_instant_voice_cloning": True, "can_use_professional_voice_cloning": True,
+            "currency": "usd", "status": "active", "billing_period": "monthly_period",
+            "character_refresh_period": "monthly_period", "next_invoice": None,
+            "has_open_invoices": False, "pending_change": None,
+        })
+
+    async def _voices(self, request: web.Request) -> web.Response:
+        _, refusal = self._log(request)
+        if refusal is not None:
+            return refusal
+        return web.json_response({"voices": [
+            {"voice_id": voice_id, "name": name, "category": "premade", "labels": {},
+             "description": None, "preview_url": None, "available_for_tiers": [],
+             "settings": {"stability": 0.5, "similarity_boost": 0.75, "style": 0.0,
+                          "use_speaker_boost": True, "speed": 1.0},
+             "high_quality_base_model_ids": list(MODELS)}
+            for voice_id, name in VOICES.items()
+        ]})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        _, refusal = self._log(request)
+        if refusal is not None:
+            return refusal
+        return web.json_response([
+            {"model_id": model_id, "name": model_id, "can_do_text_to_speech": True,
+             "can_do_voice_conversion": False, "can_use_style": True,
+             "can_use_speaker_boost": True, "max_characters_request_free_user": limit,
+             "max_characters_request_subscribed_user": limit,
+             "maximum_text_length_per_request": limit, "languages": [],
+             "concurrency_group": "turbo" if "v2_5" in model_id else "standard"}
+            for model_id, limit in MODELS.items()
+        ])
+
+
+def _encode(samples: np.ndarray[Any, np.dtype[np.int16]], rate: int) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, rate, format="MP3")
+    return buffer.getvalue()
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    server = ElevenLabsServer(args.api_key, latency=args.latency,
+                              max_concurrency=args.max_concurrency)
+    url = await server.start(args.host, args.port)
+    print(f"local ElevenLabs on {url}  (ELEVENLABS_API_URL={url} "
+          f"ELEVENLABS_API_KEY={args.api_key}); Ctrl-C stops", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A local ElevenLabs API for trying the engine.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--api-key", default=DEFAULT_KEY, help="the key it accepts")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per answer")
+    parser.add_argument("--max-concurrency", type=int, default=None)
+    try:
+        asyncio.run(_serve(parser.parse_args()))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
