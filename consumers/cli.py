@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import uuid
+from pathlib import Path
 from typing import Sequence
 
 __all__ = ["main"]
@@ -29,6 +31,15 @@ def _parser() -> argparse.ArgumentParser:
         description="Start an embedded Kafka-protocol broker unless KAFKA_BOOTSTRAP_SERVERS "
                     "is set, use the local voice unless an ElevenLabs key is set, and serve.",
     )
+    dev_model = commands.add_parser(
+        "dev-model", help="write the tiny development FLUX model to a folder",
+        description="Build the real FLUX architecture with random weights and local "
+                    "tokenizers (deterministic, well under a second) into PATH, so that "
+                    "FLUX_MODEL_PATH=PATH works with `serve`. It is marked as the "
+                    "development model in /health and in every event.",
+    )
+    dev_model.add_argument("path", type=Path)
+    dev_model.add_argument("--seed", type=int, default=0)
     send = commands.add_parser(
         "send", help="publish one request and wait for its answer",
         description="Publish one request, wait for its generation.completed or "
@@ -75,6 +86,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    _quiet_model_libraries()
+    if args.command == "dev-model":
+        from core.image.devmodel import build_dev_model
+
+        print(build_dev_model(args.path, seed=args.seed))
+        return
     if args.command == "send":
         logging.getLogger("aiokafka").setLevel(logging.WARNING)  # keep the reply readable
         sys.exit(asyncio.run(_send(args, settings)))
@@ -85,6 +102,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (StartupError, ConfigurationError) as exc:
         print(f"multimodal-engine: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def _quiet_model_libraries() -> None:
+    """No network at run time, no progress bars or advice in the service's output."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
 async def _send(args: argparse.Namespace, settings: object) -> int:

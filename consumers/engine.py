@@ -9,26 +9,30 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
-from consumers.handlers import VoiceHandler
+from consumers.handlers import ImageHandler, VoiceHandler
 from consumers.kafka import build_consumer, build_producer, resolve_idempotence
 from consumers.publisher import EventPublisher
 from consumers.retry import RetryPolicy
 from consumers.routes import Route
 from consumers.runtime import ConsumeLoop, DeliveryConfig, ResultTopics
-from core.health import EngineHealth, probe_gpu
+from core.health import EngineHealth, ImageModelInfo, probe_gpu
+from core.image.factory import build_image_service
+from core.image.service import ImageService
+from core.image.worker import GpuWorker
 from core.metrics import EngineMetrics
 from core.outputs import OutputStore
 from core.settings import Settings
 from core.voice import build_voice_service
 from http_files import AppServices, create_app
 from schemas.codec import EventCodec
-from schemas.events import VoiceRequested
+from schemas.events import ImageRequested, VoiceRequested
 
 __all__ = ["Engine", "EngineAddresses"]
 
@@ -50,6 +54,7 @@ class Engine:
         bootstrap_servers: str,
         *,
         registry: CollectorRegistry | None = None,
+        model_path: Path | None = None,
         http_host: str = "0.0.0.0",
         broker_watch_interval: float = 5.0,
     ) -> None:
@@ -57,6 +62,9 @@ class Engine:
         self._bootstrap = bootstrap_servers
         self._http_host = http_host
         self._watch_interval = broker_watch_interval
+        self._model_path = model_path
+        self.image: ImageService | None = None
+        self._worker: GpuWorker | None = None
         self.metrics = EngineMetrics(registry or CollectorRegistry())
         self.codec = EventCodec()
         self.store = OutputStore(
@@ -81,12 +89,11 @@ class Engine:
         settings = self._settings
         settings.output_dir.mkdir(parents=True, exist_ok=True)
         self.health.gpu = probe_gpu()
-        app = create_app(
-            AppServices(
-                health=self.health, metrics=self.metrics, store=self.store,
-                codec=self.codec, voice=self.voice,
-            )
+        services = AppServices(
+            health=self.health, metrics=self.metrics, store=self.store,
+            codec=self.codec, voice=self.voice,
         )
+        app = create_app(services)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._http_host, settings.service_port)
@@ -94,6 +101,15 @@ class Engine:
         port = self._runner.addresses[0][1]
         host = "127.0.0.1" if self._http_host in ("0.0.0.0", "") else self._http_host
         http_url = f"http://{host}:{port}"
+
+        if self._model_path is not None:
+            self.health.image_model = ImageModelInfo(name=str(self._model_path), loaded=False)
+            self.image, self._worker = await build_image_service(
+                settings, self._model_path, self.store, self.http, self.metrics)
+            services.image = self.image
+            self.health.image_model = ImageModelInfo(
+                name=self.image.model.name, loaded=True,
+                development_model=self.image.model.development_model)
 
         idempotent = await resolve_idempotence(settings, self._bootstrap)
         producer = self._producer = build_producer(settings, self._bootstrap, idempotent=idempotent)
@@ -106,6 +122,9 @@ class Engine:
             Route(settings.topic("generation.requested.voice"), "voice", VoiceRequested,
                   VoiceHandler(self.voice)),
         ]
+        if self.image is not None:
+            routes.append(Route(settings.topic("generation.requested.image"), "image",
+                                ImageRequested, ImageHandler(self.image)))
         self._loop = ConsumeLoop(
             consumer, publisher, codec, routes,
             ResultTopics(
@@ -171,6 +190,8 @@ class Engine:
             await self._consumer.stop()  # leaves the group
         if self._producer is not None:
             await self._producer.stop()  # flushes
+        if self._worker is not None:
+            await asyncio.to_thread(self._worker.stop)
         if self._runner is not None:
             await self._runner.cleanup()
         await self.http.aclose()

@@ -7,17 +7,25 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from contextlib import ExitStack
+from pathlib import Path
 
 from aiokafka.errors import KafkaConnectionError
 
 from consumers.broker import launch_broker
 from consumers.devstate import DevState, clear_state, write_state
-from consumers.engine import Engine
+from consumers.engine import Engine, EngineAddresses
+from core.image.devmodel import DEV_MODEL_NAME, build_dev_model, make_dev_lora
+from core.image.loader import ModelLoadError
+from core.lora.registry import LoraRegistry
+from schemas.errors import UnknownLoraError
 from consumers.topics import CONTRACT_TOPICS, ensure_topics
 from core.settings import Settings
 
-__all__ = ["run_serve", "run_dev"]
+__all__ = ["run_serve", "run_dev", "prepare_dev_model", "StartupError", "DEV_LORA_ID"]
+
+DEV_LORA_ID = "sarah_v1"
 
 logger = logging.getLogger(__name__)
 
@@ -46,20 +54,57 @@ async def run_serve(settings: Settings) -> None:
             "KAFKA_BOOTSTRAP_SERVERS is not set: `serve` needs a Kafka broker "
             "(host:port,…); for a local all-in-one setup use `multimodal-engine dev`"
         )
+    if settings.flux_model_path is None:
+        raise StartupError(
+            "FLUX_MODEL_PATH is not set: `serve` needs a local FLUX.1 folder (diffusers "
+            "layout, see docs/deployment.md); `multimodal-engine dev-model DIR` writes the "
+            "tiny development model, and `multimodal-engine dev` uses it by itself"
+        )
     bootstrap = settings.kafka_bootstrap_servers
     await ensure_topics(
         bootstrap, [settings.topic(t) for t in CONTRACT_TOPICS], settings.kafka_topic_partitions
     )
-    engine = Engine(settings, bootstrap)
+    engine = Engine(settings, bootstrap, model_path=settings.flux_model_path)
+    addresses = await _start(engine, bootstrap)
+    print(f"engine serving: kafka={addresses.bootstrap_servers} http={addresses.http_url} "
+          f"voice={engine.voice.backend.name} model={_model_line(engine)}", flush=True)
+    await _serve_until_signal(engine)
+
+
+async def _start(engine: Engine, bootstrap: str) -> EngineAddresses:
+    """Starts the engine or turns what stopped it into one clear :class:`StartupError`."""
     try:
-        addresses = await engine.start()
+        return await engine.start()
     except KafkaConnectionError as exc:
         await engine.stop()
-        raise StartupError(f"cannot reach Kafka at KAFKA_BOOTSTRAP_SERVERS={bootstrap}: {exc}"
-                           ) from exc
-    print(f"engine serving: kafka={addresses.bootstrap_servers} http={addresses.http_url} "
-          f"voice={engine.voice.backend.name}", flush=True)
-    await _serve_until_signal(engine)
+        raise StartupError(
+            f"cannot reach Kafka at KAFKA_BOOTSTRAP_SERVERS={bootstrap}: {exc}") from exc
+    except ModelLoadError as exc:
+        await engine.stop()
+        raise StartupError(f"cannot load the image model: {exc}") from exc
+
+
+def _model_line(engine: Engine) -> str:
+    if engine.image is None:
+        return "none"
+    model = engine.image.model
+    return f"{model.name} (development model)" if model.development_model else model.name
+
+
+def prepare_dev_model(settings: Settings) -> Path:
+    """The tiny development model (built once, cached in DEV_MODEL_DIR) with the
+    development LoRA ``sarah_v1`` (trigger word ``sarah``) registered, so the original
+    API's example request works as it is."""
+    path = build_dev_model(settings.dev_model_dir)
+    registry = LoraRegistry(settings.lora_output_dir)
+    try:
+        registry.get(DEV_LORA_ID)
+    except UnknownLoraError:
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = make_dev_lora(path, Path(tmp) / f"{DEV_LORA_ID}.safetensors", seed=1)
+            registry.register(DEV_LORA_ID, weights, trigger_word="sarah",
+                              base_model=DEV_MODEL_NAME)
+    return path
 
 
 async def run_dev(settings: Settings) -> None:
@@ -78,8 +123,10 @@ async def run_dev(settings: Settings) -> None:
             broker_note = f"embedded {broker.name}"
         else:
             await ensure_topics(bootstrap, topics, settings.kafka_topic_partitions)
-        engine = Engine(settings, bootstrap, http_host="127.0.0.1")
-        addresses = await engine.start()
+        model_path = settings.flux_model_path or await asyncio.to_thread(
+            prepare_dev_model, settings)
+        engine = Engine(settings, bootstrap, model_path=model_path, http_host="127.0.0.1")
+        addresses = await _start(engine, bootstrap)
         write_state(DevState(os.getpid(), bootstrap, addresses.http_url,
                              settings.kafka_topic_prefix))
         stack.callback(clear_state, os.getpid())
@@ -88,17 +135,17 @@ async def run_dev(settings: Settings) -> None:
             f"  broker      {bootstrap} ({broker_note}, {settings.kafka_topic_partitions} "
             "partitions per topic)\n"
             f"  http        {addresses.http_url}  (/health, /metrics, /outputs/…, "
-            "POST /generate/voice)\n"
+            "POST /generate/image, POST /generate/voice)\n"
             f"  voice       {engine.voice.backend.name}\n"
-            f"  image model {settings.flux_model_path or 'none configured'} "
-            "(image generation arrives with the image core)\n"
+            f"  image model {_model_line(engine)} from {model_path}\n"
+            f"  LoRAs       {settings.lora_output_dir.resolve()} "
+            f"({', '.join(i.lora_id for i in LoraRegistry(settings.lora_output_dir).list())})\n"
             f"  outputs     {settings.output_dir.resolve()}\n"
-            "try:  multimodal-engine send voice \"Hello, I'm Sarah!\"   (Ctrl-C stops)",
+            "try:  multimodal-engine send voice \"Hello, I'm Sarah!\"\n"
+            "      multimodal-engine send image \"portrait in a cafe\" --lora sarah_v1 "
+            "--width 256 --height 256 --steps 8\n"
+            "(Ctrl-C stops)",
             flush=True,
         )
         await _serve_until_signal(engine)
 
-
-def exit_on_startup_error(exc: Exception) -> None:
-    print(f"multimodal-engine: {exc}", file=sys.stderr)
-    sys.exit(2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from http_files.health import health
+from http_files.image import generate_image
 from http_files.metrics import metrics
 from http_files.outputs import get_output
 from http_files.services import SERVICES, AppServices
@@ -24,4 +25,5 @@ def create_app(services: AppServices) -> web.Application:
     app.router.add_get("/outputs/{filename}", get_output)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/generate/voice", generate_voice)
+    app.router.add_post("/generate/image", generate_image)
     return app

@@ -1,12 +1,18 @@
-"""Engine errors as HTTP responses: the wire code, a message, and a fitting status."""
+"""Engine errors as HTTP responses: the wire code, a message, and a fitting status.
+
+Request errors (INVALID_REQUEST, UNKNOWN_LORA) are 422s in the original API's FastAPI
+shape, naming the field: ``{"detail": [{"loc": ["body", field], "msg", "type"}], ...}``.
+"""
 
 from __future__ import annotations
 
+import json
+
 from aiohttp import web
 
-from schemas.errors import EngineError, ErrorCode
+from schemas.errors import EngineError, ErrorCode, InvalidRequestError
 
-__all__ = ["error_response"]
+__all__ = ["error_response", "unprocessable"]
 
 _STATUS = {
     ErrorCode.UNDECODABLE: 400,
@@ -19,14 +25,37 @@ _STATUS = {
     ErrorCode.TIMEOUT: 504,
     ErrorCode.INTERNAL: 500,
 }
+_FIELD_OF = {ErrorCode.UNKNOWN_LORA: "character_lora_id"}
+
+
+def _detail(errors: list[dict[str, str]], kind: str, code: ErrorCode) -> dict[str, object]:
+    return {
+        "detail": [
+            {"loc": ["body", *e["field"].split(".")] if e.get("field") else ["body"],
+             "msg": e["message"], "type": kind}
+            for e in errors
+        ],
+        "error_code": str(code),
+    }
+
+
+def unprocessable(errors: list[dict[str, str]], kind: str = "value_error",
+                  code: ErrorCode = ErrorCode.INVALID_REQUEST) -> web.HTTPException:
+    """A 422 to raise, naming each field in ``errors`` (``[{"field", "message"}]``)."""
+    return web.HTTPUnprocessableEntity(
+        text=json.dumps(_detail(errors, kind, code)), content_type="application/json")
 
 
 def error_response(error: EngineError) -> web.Response:
-    """A JSON error body ``{"error_code", "message", "retryable"}`` with its status."""
-    status = _STATUS.get(error.code, 500)
-    headers = {"Retry-After": "5"} if error.retryable else None
+    """The response for an error raised by the core."""
+    if isinstance(error, InvalidRequestError) or error.code in _FIELD_OF:
+        field = getattr(error, "field", None) or _FIELD_OF.get(error.code, "")
+        errors = getattr(error, "errors", None) or [{"field": field, "message": error.message}]
+        return web.json_response(_detail(errors, "value_error", error.code), status=422)
+    retry_after = getattr(error, "retry_after", None)
+    headers = {"Retry-After": str(max(1, round(retry_after or 5)))} if error.retryable else None
     return web.json_response(
         {"error_code": str(error.code), "message": error.message, "retryable": error.retryable},
-        status=status,
+        status=_STATUS.get(error.code, 500),
         headers=headers,
     )

@@ -9,19 +9,23 @@ from aiohttp import web
 from core.health import EngineHealth
 from core.metrics import EngineMetrics
 from core.outputs import OutputStore
+from core.image.service import ImageService
 from core.voice import VoiceService
 from schemas.codec import EventCodec
 
 __all__ = ["AppServices", "SERVICES"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class AppServices:
+    """Filled in at start-up; ``image`` arrives once the model is loaded."""
+
     health: EngineHealth
     metrics: EngineMetrics
     store: OutputStore
     codec: EventCodec
     voice: VoiceService
+    image: ImageService | None = None
 
 
 SERVICES: web.AppKey[AppServices] = web.AppKey("services", AppServices)

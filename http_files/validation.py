@@ -12,24 +12,14 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from http_files.errors import unprocessable
 from schemas.codec import EventCodec
 from schemas.errors import InvalidRequestError
 from schemas.events import Event
 
-__all__ = ["read_event", "unprocessable"]
+__all__ = ["read_event"]
 
 T = TypeVar("T", bound=Event)
-
-
-def unprocessable(errors: list[dict[str, str]], kind: str = "value_error") -> web.HTTPException:
-    detail = [
-        {"loc": ["body", *e["field"].split(".")] if e.get("field") else ["body"],
-         "msg": e["message"], "type": kind}
-        for e in errors
-    ]
-    return web.HTTPUnprocessableEntity(
-        text=json.dumps({"detail": detail}), content_type="application/json"
-    )
 
 
 async def read_event(request: web.Request, codec: EventCodec, model: type[T]) -> T:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from pathlib import Path
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import pytest
@@ -72,3 +73,12 @@ def make_topics(
         return topics
 
     return make
+
+
+@pytest.fixture(scope="session")
+def dev_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny development FLUX model, built once per session (real diffusers code,
+    random weights, local tokenizers)."""
+    from core.image.devmodel import build_dev_model
+
+    return build_dev_model(tmp_path_factory.mktemp("dev-flux") / "model")

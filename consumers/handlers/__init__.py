@@ -1,5 +1,6 @@
 """Handlers: a validated request event in, a completed event out."""
 
+from consumers.handlers.image import ImageHandler
 from consumers.handlers.voice import VoiceHandler
 
-__all__ = ["VoiceHandler"]
+__all__ = ["ImageHandler", "VoiceHandler"]

@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 
 @pytest.fixture
-async def spawn(settings: Settings, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+async def spawn(settings: Settings, tmp_path: Path, dev_model_dir: Path
+                ) -> AsyncIterator[Callable[..., Any]]:
     started: list[EngineProcess] = []
 
     async def make(name: str = "engine") -> EngineProcess:
@@ -36,6 +37,8 @@ async def spawn(settings: Settings, tmp_path: Path) -> AsyncIterator[Callable[..
             "VOICE_BACKEND": "local",
             "LOG_LEVEL": "INFO",
             "SHUTDOWN_GRACE_SECONDS": "20",
+            "FLUX_MODEL_PATH": str(dev_model_dir),
+            "LORA_OUTPUT_DIR": str(tmp_path / "loras"),
         }
         process = EngineProcess(env, tmp_path, name)
         started.append(process)
@@ -110,3 +113,33 @@ async def test_two_engines_in_one_group_share_the_partitions(spawn: Any,
             line = next(l for l in text.splitlines()
                         if l.startswith('engine_requests_completed_total{kind="voice"}'))
             assert float(line.split()[-1]) > 0, f"{process.name} answered nothing"
+
+
+async def _run_serve(env: dict[str, str], cwd: Path) -> tuple[int, str]:
+    import asyncio
+    import os
+    import sys
+
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("multimodal-engine")), "serve", cwd=cwd,
+        env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    return process.returncode or 0, output.decode()
+
+
+async def test_serve_refuses_to_start_without_broker_or_model(
+    settings: Settings, tmp_path: Path
+) -> None:
+    base = {"SERVICE_PORT": "0", "VOICE_BACKEND": "local", "OUTPUT_DIR": str(tmp_path / "o")}
+    code, output = await _run_serve({**base, "KAFKA_BOOTSTRAP_SERVERS": ""}, tmp_path)
+    assert code == 2 and "KAFKA_BOOTSTRAP_SERVERS is not set" in output
+
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    code, output = await _run_serve({**base, "FLUX_MODEL_PATH": str(empty),
+                                     "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers
+                                     or "", "KAFKA_TOPIC_PREFIX": settings.kafka_topic_prefix},
+                                    tmp_path)
+    assert code == 2
+    assert "cannot load the image model" in output and "model_index.json" in output

@@ -1,0 +1,38 @@
+"""generation.requested.image → the image core → generation.completed (kind image)."""
+
+from __future__ import annotations
+
+from consumers.routes import HandlerContext
+from core.image.service import ImageService
+from schemas.events import GenerationCompleted, ImageRequested
+
+__all__ = ["ImageHandler"]
+
+
+class ImageHandler:
+    """Calls the same core entry as ``POST /generate/image``; denoising steps become
+    ``generation.progress`` events."""
+
+    def __init__(self, service: ImageService) -> None:
+        self._service = service
+
+    async def __call__(self, event: ImageRequested, context: HandlerContext) -> GenerationCompleted:
+        async def progress(step: int, total: int) -> None:
+            await context.progress(step, total, None)
+
+        result = await self._service.generate(event, progress)
+        return GenerationCompleted(
+            request_id=event.request_id,
+            conversation_id=event.conversation_id,
+            kind="image",
+            image_id=result.image_id,
+            filename=result.filename,
+            prompt=result.prompt,
+            width=result.width,
+            height=result.height,
+            url=result.url,
+            seed=result.seed,
+            character_id=event.character_id,
+            model=result.model,
+            development_model=result.development_model,
+        )

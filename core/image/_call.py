@@ -1,0 +1,67 @@
+"""One pipeline call for a batch of compatible jobs.
+
+Each job keeps its own seeded ``torch.Generator`` (a list is passed), so an image depends
+on its own seed only; batching changes pixels by at most about one level in 255
+(float kernels differ with the batch size). Generators live on the CPU: the same seed
+gives the same initial noise on any device.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import torch
+from PIL.Image import Image
+
+from core.image.job import ImageJob
+
+__all__ = ["Aborted", "call_pipeline"]
+
+logger = logging.getLogger(__name__)
+
+
+class Aborted(Exception):
+    """The worker is stopping: the call was cut short between two steps."""
+
+
+def call_pipeline(
+    pipeline: Any, jobs: list[ImageJob], *, max_sequence_length: int, abort: threading.Event
+) -> list[Image]:
+    """Generate one image per job (all sharing :func:`~core.image.job.batch_key`) in one
+    call. Reports each step to every job's ``progress``; raises :class:`Aborted` when
+    ``abort`` is set mid-call; lets torch's errors (out of memory) through."""
+    first = jobs[0]
+
+    def on_step_end(_pipe: Any, index: int, _timestep: Any, _tensors: dict[str, Any]) -> dict[
+        str, Any
+    ]:
+        if abort.is_set():
+            raise Aborted("the GPU worker is stopping")
+        for job in jobs:
+            if job.progress is not None:
+                try:
+                    job.progress(index + 1, first.steps)
+                except Exception:  # a reporting problem must not fail the image
+                    logger.exception("progress callback failed at step %d", index + 1)
+        return {}
+
+    arguments: dict[str, Any] = {
+        "prompt": [job.prompt for job in jobs],
+        "width": first.width,
+        "height": first.height,
+        "num_inference_steps": first.steps,
+        "guidance_scale": first.guidance,
+        "generator": [torch.Generator("cpu").manual_seed(job.seed) for job in jobs],
+        "max_sequence_length": max_sequence_length,
+        "output_type": "pil",
+        "callback_on_step_end": on_step_end,
+    }
+    if first.negative_prompt is not None:
+        arguments["negative_prompt"] = [job.negative_prompt for job in jobs]
+        arguments["true_cfg_scale"] = first.true_cfg_scale
+    images = list(pipeline(**arguments).images)  # FluxPipeline.__call__ runs under no_grad
+    if len(images) != len(jobs):  # pragma: no cover - diffusers' contract
+        raise RuntimeError(f"pipeline returned {len(images)} images for {len(jobs)} prompts")
+    return images

@@ -1,0 +1,77 @@
+"""Building the image core from settings: model, GPU worker, LoRAs, prompts, results."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import httpx
+
+from core.image.loader import LoadedModel, load_pipeline
+from core.image.params import ImageLimits
+from core.image.prompts import PromptOptimizer
+from core.image.results import ResultCache
+from core.image.service import ImageService, ModelIdentity
+from core.image.worker import GpuWorker
+from core.llm import ChatClient
+from core.lora.registry import LoraRegistry
+from core.metrics import EngineMetrics
+from core.outputs import OutputStore
+from core.settings import Settings
+
+__all__ = ["build_image_service", "model_fingerprint"]
+
+
+def model_fingerprint(path: Path) -> str:
+    """Identifies a model folder's content cheaply: its configs, and its weight files by
+    name, size and modification time (hashing GBs of weights at start-up is not worth it)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = file.relative_to(path).as_posix()
+        digest.update(relative.encode())
+        if file.suffix in (".json", ".txt"):
+            digest.update(file.read_bytes())
+        else:
+            stat = file.stat()
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+async def build_image_service(
+    settings: Settings, model_path: Path, store: OutputStore, http: httpx.AsyncClient,
+    metrics: EngineMetrics,
+) -> tuple[ImageService, GpuWorker]:
+    """Loads the model at ``model_path`` (in a thread: real weights take minutes) and
+    starts its GPU worker. Raises ``ModelLoadError`` with what is missing or wrong."""
+    model: LoadedModel = await asyncio.to_thread(
+        load_pipeline, model_path, device=settings.device, use_fp16=settings.use_fp16,
+        memory_mode=settings.memory_mode, attention_backend=settings.attention_backend,
+        compile_transformer=settings.compile_transformer,
+    )
+    worker = GpuWorker(
+        model, max_batch_size=settings.max_batch_size, batch_window_ms=settings.batch_window_ms,
+        lora_cache_size=settings.lora_cache_size,
+        vae_tiling_threshold=settings.vae_tiling_threshold,
+        max_sequence_length=settings.flux_max_sequence_length, metrics=metrics,
+    )
+    worker.start()
+    llm = (ChatClient(http, settings.persona_engine_url, settings.persona_engine_model,
+                      settings.persona_engine_timeout)
+           if settings.persona_engine_url else None)
+    identity = ModelIdentity(model.name, model.development_model,
+                             await asyncio.to_thread(model_fingerprint, model_path))
+    service = ImageService(
+        worker, LoraRegistry(settings.lora_output_dir), store, PromptOptimizer(llm),
+        ResultCache(settings.output_dir / ".results"),
+        ImageLimits(
+            max_image_size=settings.max_image_size,
+            max_inference_steps=settings.max_inference_steps,
+            default_steps=settings.default_inference_steps,
+            default_guidance=settings.default_guidance_scale,
+            default_negative_prompt=settings.default_negative_prompt,
+        ),
+        identity, true_cfg_scale=settings.true_cfg_scale,
+        progress_interval=settings.progress_interval,
+    )
+    return service, worker

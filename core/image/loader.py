@@ -1,0 +1,194 @@
+"""Load a FLUX pipeline from a local folder, once, at start-up.
+
+:func:`load_pipeline` checks the folder first (one :class:`ModelLoadError` listing all that
+is missing), never touches the network, picks the dtype (bf16 on CUDA, fp16 with
+USE_FP16, fp32 on CPU), and applies the memory mode, the attention backend and, when asked,
+compilation with a LoRA hotswap slot. The tiny development model is recognised by its
+marker file.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.image._fresh_thread import run_in_fresh_thread
+from core.image._layout import missing_parts
+from core.image.devmodel import read_dev_marker
+
+__all__ = ["LoadedModel", "ModelLoadError", "load_pipeline", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+_MEMORY_MODES = ("none", "model_offload", "sequential_offload")
+HOTSWAP_RANK = 16  # the highest LoRA rank a compiled model can swap in
+
+
+class ModelLoadError(Exception):
+    """The image model cannot be loaded. ``path`` is the model folder; ``missing`` lists
+    what it lacks (empty for other causes); ``setting`` names the variable at fault, if
+    one is (MEMORY_MODE, ATTENTION_BACKEND, DEVICE)."""
+
+    def __init__(
+        self, message: str, *, path: Path, missing: tuple[str, ...] = (),
+        setting: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.missing = missing
+        self.setting = setting
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A pipeline ready for the GPU worker. ``device`` is where it computes (``cuda:0``,
+    ``cpu``); ``hotswap_slot`` names the adapter slot of a compiled transformer (None:
+    adapters are loaded into an LRU set)."""
+
+    pipeline: Any
+    name: str
+    development_model: bool
+    device: str
+    dtype: torch.dtype
+    memory_mode: str = "none"
+    compiled: bool = False
+    hotswap_slot: str | None = None
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when torch sees one, else ``cpu``; anything else unchanged."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_pipeline(
+    path: Path,
+    *,
+    device: str,
+    use_fp16: bool,
+    memory_mode: str,
+    attention_backend: str,
+    compile_transformer: bool,
+) -> LoadedModel:
+    """Load the ``FluxPipeline`` in ``path`` for ``device`` (``auto``, ``cpu``, ``cuda[:n]``).
+
+    Raises :class:`ModelLoadError` when the folder is missing or incomplete (listing every
+    missing part), when DEVICE names CUDA on a machine without it, when MEMORY_MODE asks
+    for offloading without an accelerator, when ATTENTION_BACKEND is unknown or not
+    usable here, or when diffusers fails to load what is there.
+    """
+    path = Path(path)
+    missing = missing_parts(path)
+    if missing:
+        raise ModelLoadError(
+            f"image model at {path} is incomplete: missing {', '.join(missing)} "
+            "(FLUX_MODEL_PATH must be a diffusers FluxPipeline folder)",
+            path=path, missing=tuple(missing),
+        )
+    resolved = resolve_device(device)
+    is_cuda = resolved.startswith("cuda")
+    if is_cuda and not torch.cuda.is_available():
+        raise ModelLoadError(f"DEVICE={device!r} but torch sees no CUDA device", path=path,
+                             setting="DEVICE")
+    _check_memory_mode(memory_mode, is_cuda, path)
+    dtype = (torch.float16 if use_fp16 else torch.bfloat16) if is_cuda else torch.float32
+    marker = read_dev_marker(path)
+
+    def prepare() -> tuple[Any, str | None]:
+        pipeline = _from_pretrained(path, dtype)
+        pipeline.set_progress_bar_config(disable=True)
+        _set_attention_backend(pipeline, attention_backend, path)
+        if memory_mode == "model_offload":
+            pipeline.enable_model_cpu_offload(device=resolved)
+        elif memory_mode == "sequential_offload":
+            pipeline.enable_sequential_cpu_offload(device=resolved)
+        else:
+            pipeline.to(resolved)
+        return pipeline, (_compile(pipeline) if compile_transformer else None)
+
+    # torch work off the caller's thread: see core/image/_fresh_thread.py
+    pipeline, slot = run_in_fresh_thread(prepare)
+    name = str(marker["name"]) if marker else path.name
+    logger.info("loaded image model %s from %s on %s (%s, memory mode %s%s)", name, path,
+                resolved, dtype, memory_mode, ", compiled" if slot else "")
+    return LoadedModel(
+        pipeline=pipeline, name=name, development_model=marker is not None, device=resolved,
+        dtype=dtype, memory_mode=memory_mode, compiled=slot is not None, hotswap_slot=slot,
+    )
+
+
+def _check_memory_mode(memory_mode: str, is_cuda: bool, path: Path) -> None:
+    if memory_mode not in _MEMORY_MODES:
+        raise ModelLoadError(
+            f"MEMORY_MODE={memory_mode!r} is unknown (allowed: {', '.join(_MEMORY_MODES)})",
+            path=path, setting="MEMORY_MODE",
+        )
+    if memory_mode != "none" and not is_cuda:
+        # diffusers would raise "requires accelerator" deep inside; say it here
+        raise ModelLoadError(
+            f"MEMORY_MODE={memory_mode!r} offloads to a GPU, but the model runs on the CPU "
+            "(no CUDA device); use MEMORY_MODE=none",
+            path=path, setting="MEMORY_MODE",
+        )
+
+
+def _from_pretrained(path: Path, dtype: torch.dtype) -> Any:
+    import diffusers
+
+    pipeline_class: Any = diffusers.FluxPipeline
+    try:
+        return pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"image model at {path} failed to load: {exc}", path=path) from exc
+
+
+def _set_attention_backend(pipeline: Any, backend: str, path: Path) -> None:
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    if backend == "native":
+        return  # diffusers' default (torch SDPA); setting it would only log a warning
+    known = sorted(name.value for name in AttentionBackendName if not name.value.startswith("_"))
+    if backend not in {name.value for name in AttentionBackendName}:
+        raise ModelLoadError(
+            f"ATTENTION_BACKEND={backend!r} is unknown (allowed: {', '.join(known)})",
+            path=path, setting="ATTENTION_BACKEND",
+        )
+    if backend.endswith("_hub"):
+        raise ModelLoadError(
+            f"ATTENTION_BACKEND={backend!r} downloads its kernel from the Hub at start-up; "
+            "the engine runs offline",
+            path=path, setting="ATTENTION_BACKEND",
+        )
+    if backend == "xformers":
+        import importlib.util
+
+        if importlib.util.find_spec("xformers") is None:
+            raise ModelLoadError(
+                "ATTENTION_BACKEND='xformers' but xformers is not installed "
+                "(pip install 'multimodal-engine[gpu]', or use ATTENTION_BACKEND=native)",
+                path=path, setting="ATTENTION_BACKEND",
+            )
+    try:
+        pipeline.transformer.set_attention_backend(backend)
+    except (RuntimeError, ValueError, ImportError) as exc:
+        raise ModelLoadError(f"ATTENTION_BACKEND={backend!r} is not usable here: {exc}",
+                             path=path, setting="ATTENTION_BACKEND") from exc
+
+
+def _compile(pipeline: Any) -> str:
+    """Prepare the LoRA hotswap slot, then compile the transformer in place.
+
+    The slot must exist before compilation (peft refuses to prepare a compiled model);
+    compilation itself happens on the first call, which is slow (≈30 s for the tiny
+    model on a CPU, minutes for FLUX.1 on a GPU).
+    """
+    from core.lora.adapters import HOTSWAP_SLOT, prepare_hotswap_slot
+
+    prepare_hotswap_slot(pipeline, rank=HOTSWAP_RANK, slot=HOTSWAP_SLOT)
+    pipeline.transformer.compile()
+    return HOTSWAP_SLOT

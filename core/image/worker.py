@@ -1,0 +1,332 @@
+"""The GPU worker: one thread owns the pipeline; everything else talks to it through a queue.
+
+Jobs are batched when compatible (:func:`~core.image.job.batch_key`), up to
+``max_batch_size``, waiting at most ``batch_window_ms`` to gather. LoRA loading, switching
+and unloading happen only in this thread, between pipeline calls. Callables given to
+:meth:`GpuWorker.run_exclusive` (LoRA training) run there too, between jobs.
+
+Out of memory: the memory is freed and every job of the failed call is retried once,
+alone; a job that fails alone too gets :class:`OutOfMemoryError` (retryable) and the
+worker goes on serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import torch
+from PIL.Image import Image
+
+from core.image._call import Aborted, call_pipeline
+from core.image._queue import ExclusiveItem, JobItem, StopItem, WorkQueue
+from core.image.job import ImageJob
+from core.image.loader import LoadedModel
+from core.lora.adapters import AdapterSet
+from core.metrics import EngineMetrics
+from schemas.errors import EngineError, InternalError, InvalidRequestError, OutOfMemoryError
+
+__all__ = ["GpuWorker", "ImageJob"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+OomInjector = Callable[[list[ImageJob]], None]
+_STOPPED = "the GPU worker is stopped"
+
+
+class GpuWorker:
+    """Runs image jobs and exclusive calls on ``model`` in one thread.
+
+    Settings arrive as arguments and are checked here (``ValueError`` naming the
+    variable). ``oom_injector(jobs)`` is a test seam called before each pipeline call; it
+    may raise ``torch.cuda.OutOfMemoryError`` to exercise the recovery path.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        max_batch_size: int,
+        batch_window_ms: int,
+        lora_cache_size: int,
+        vae_tiling_threshold: int,
+        max_sequence_length: int,
+        metrics: EngineMetrics | None = None,
+        oom_injector: OomInjector | None = None,
+    ) -> None:
+        _check_settings(model, max_batch_size, batch_window_ms, vae_tiling_threshold,
+                        max_sequence_length)
+        self._model = model
+        self._max_batch = max_batch_size
+        self._window_s = batch_window_ms / 1000
+        self._tiling_threshold = vae_tiling_threshold
+        self._max_sequence_length = max_sequence_length
+        self._metrics = metrics
+        self._oom_injector = oom_injector
+        self._adapters = AdapterSet(
+            model.pipeline,
+            capacity=lora_cache_size,
+            hotswap_slot=model.hotswap_slot,
+            on_switch=metrics.lora_switch_seconds.observe if metrics else None,
+            on_evict=metrics.lora_evictions.inc if metrics else None,
+        )
+        self._queue = WorkQueue()
+        self._abort = threading.Event()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._tiling: bool | None = None
+
+    @property
+    def model(self) -> LoadedModel:
+        return self._model
+
+    @property
+    def loaded_loras(self) -> list[str]:
+        """Ids of the LoRAs loaded now, least recently used first (a snapshot)."""
+        return self._adapters.loaded
+
+    def start(self) -> None:
+        """Start the worker thread. Raises ``RuntimeError`` when started twice or stopped."""
+        with self._lock:
+            if self._thread is not None or self._closed:
+                raise RuntimeError("GpuWorker.start() may be called once, before stop()")
+            self._thread = threading.Thread(target=self._serve, name="gpu-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30) -> None:
+        """Stop taking work and finish what is queued within ``timeout`` seconds; after
+        that, the running call is cut short at its next step and every job not done fails
+        with :class:`InternalError`. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(StopItem())
+            thread = self._thread
+        if thread is None:
+            self._fail_queued()
+            return
+        thread.join(timeout)
+        if thread.is_alive():
+            logger.warning("GPU worker did not finish its queue in %.1f s; aborting", timeout)
+            self._abort.set()
+            thread.join(max(timeout, 5.0))
+            if thread.is_alive():  # an exclusive call that never returns
+                logger.error("GPU worker thread still busy after abort; leaving it")
+                self._fail_queued()
+
+    def submit(self, job: ImageJob) -> Future[Image]:
+        """Queue ``job``; the future resolves to its image or an :class:`EngineError`
+        (:class:`OutOfMemoryError`, a LoRA load error, :class:`InternalError`). Raises
+        :class:`InvalidRequestError` for sizes or steps the pipeline would silently
+        change, :class:`InternalError` once stopped."""
+        _check_job(job)
+        future: Future[Image] = Future()
+        self._put(JobItem(job, future))
+        return future
+
+    async def generate(self, job: ImageJob) -> Image:
+        """The image for ``job`` (see :meth:`submit`). Cancelling the caller drops the job
+        if it has not started yet."""
+        return await asyncio.wrap_future(self.submit(job))
+
+    def submit_exclusive(self, fn: Callable[[Any], T]) -> Future[T]:
+        """Queue ``fn(pipeline)`` to run in the worker thread between jobs."""
+        future: Future[T] = Future()
+        self._put(ExclusiveItem(fn, future))
+        return future
+
+    async def run_exclusive(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(pipeline)`` in the worker thread between jobs and return its result;
+        its exceptions are raised here (torch's out of memory as
+        :class:`OutOfMemoryError`). ``fn`` must leave the pipeline's LoRA adapters as it
+        found them (use its own adapter name and delete it); otherwise the worker unloads
+        all adapters afterwards."""
+        return await asyncio.wrap_future(self.submit_exclusive(fn))
+
+    def _put(self, item: JobItem | ExclusiveItem) -> None:
+        with self._lock:
+            if self._closed:
+                raise InternalError(_STOPPED)
+            self._queue.put(item)
+
+    # --- the worker thread ---
+
+    def _serve(self) -> None:
+        logger.info("GPU worker started (%s on %s)", self._model.name, self._model.device)
+        while not self._abort.is_set():
+            work = self._queue.take(self._max_batch, self._window_s)
+            if isinstance(work, StopItem):
+                break
+            if isinstance(work, ExclusiveItem):
+                self._run_exclusive(work)
+            else:
+                self._run_batch(work)
+        self._fail_queued()
+        logger.info("GPU worker stopped")
+
+    def _run_batch(self, items: list[JobItem]) -> None:
+        live = [item for item in items if item.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        jobs = [item.job for item in live]
+        try:
+            results = self._generate(jobs)
+        except Exception as exc:  # noqa: BLE001 - every failure must reach the callers
+            results = list(_copies(_translate(exc), len(jobs)))
+        for item, result in zip(live, results):
+            if isinstance(result, BaseException):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
+
+    def _generate(self, jobs: list[ImageJob]) -> list[Image | EngineError]:
+        try:
+            return list(self._attempt(jobs))
+        except torch.OutOfMemoryError as exc:
+            self._recover(exc, jobs)
+        results: list[Image | EngineError] = []
+        for job in jobs:  # once more, each alone
+            try:
+                results.append(self._attempt([job])[0])
+            except torch.OutOfMemoryError as exc:
+                self._recover(exc, [job])
+                error = OutOfMemoryError(
+                    f"out of GPU memory for a {job.width}x{job.height} image with "
+                    f"{job.steps} steps, even alone"
+                )
+                error.__cause__ = exc
+                results.append(error)
+            except Exception as exc:  # noqa: BLE001 - reported to that job's caller
+                results.append(_translate(exc))
+        return results
+
+    def _attempt(self, jobs: list[ImageJob]) -> list[Image]:
+        first = jobs[0]
+        self._adapters.activate(first.lora)
+        self._set_tiling(max(first.width, first.height) > self._tiling_threshold)
+        if self._oom_injector is not None:
+            self._oom_injector(jobs)
+        started = time.perf_counter()
+        if self._metrics is not None:
+            self._metrics.image_batch_size.observe(len(jobs))
+        images = call_pipeline(self._model.pipeline, jobs,
+                               max_sequence_length=self._max_sequence_length, abort=self._abort)
+        if self._metrics is not None:
+            self._metrics.image_batch_seconds.observe(time.perf_counter() - started)
+        return images
+
+    def _set_tiling(self, on: bool) -> None:
+        if on != self._tiling:
+            vae = self._model.pipeline.vae
+            if on:
+                vae.enable_tiling()
+            else:
+                vae.disable_tiling()
+            self._tiling = on
+
+    def _recover(self, exc: BaseException, jobs: list[ImageJob]) -> None:
+        logger.warning("out of GPU memory with a batch of %d (%dx%d, %d steps): %s",
+                       len(jobs), jobs[0].width, jobs[0].height, jobs[0].steps, exc)
+        if self._metrics is not None:
+            self._metrics.image_oom.inc()
+        _free_memory(self._model.pipeline)
+
+    def _run_exclusive(self, item: ExclusiveItem) -> None:
+        if not item.future.set_running_or_notify_cancel():
+            return
+        try:
+            result = item.fn(self._model.pipeline)
+        except torch.OutOfMemoryError as exc:
+            _free_memory(self._model.pipeline)
+            error = OutOfMemoryError(f"out of GPU memory in an exclusive call: {exc}")
+            error.__cause__ = exc
+            item.future.set_exception(error)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller
+            item.future.set_exception(exc)
+        else:
+            item.future.set_result(result)
+        finally:
+            self._tiling = None  # foreign code may have changed it
+            self._adapters.resync()
+
+    def _fail_queued(self) -> None:
+        for item in self._queue.drain():
+            if isinstance(item, StopItem) or item.future.done():
+                continue
+            if item.future.set_running_or_notify_cancel():
+                item.future.set_exception(InternalError(
+                    f"{_STOPPED}: the job was not run (stopped before its turn)"
+                ))
+
+
+def _translate(exc: BaseException) -> EngineError:
+    """Engine errors pass; anything else becomes :class:`InternalError`, keeping its cause."""
+    if isinstance(exc, EngineError):
+        return exc
+    if isinstance(exc, Aborted):
+        error = InternalError(f"{_STOPPED}: generation was cut short")
+    else:
+        error = InternalError(f"image generation failed: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _copies(error: EngineError, count: int) -> list[EngineError]:
+    """One exception object per future: a shared one would collect every raiser's
+    traceback."""
+    errors = [error]
+    for _ in range(count - 1):
+        twin = copy.copy(error)
+        twin.__cause__ = error.__cause__
+        errors.append(twin)
+    return errors
+
+
+def _free_memory(pipeline: Any) -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        pipeline.maybe_free_model_hooks()  # puts offloaded models back where they belong
+    except Exception:
+        logger.exception("freeing model hooks after out of memory")
+
+
+def _check_settings(
+    model: LoadedModel, max_batch_size: int, batch_window_ms: int, vae_tiling_threshold: int,
+    max_sequence_length: int,
+) -> None:
+    if max_batch_size < 1:
+        raise ValueError(f"MAX_BATCH_SIZE must be >= 1, got {max_batch_size}")
+    if batch_window_ms < 0:
+        raise ValueError(f"BATCH_WINDOW_MS must be >= 0, got {batch_window_ms}")
+    if vae_tiling_threshold < 1:
+        raise ValueError(f"VAE_TILING_THRESHOLD must be >= 1, got {vae_tiling_threshold}")
+    tokenizer = getattr(model.pipeline, "tokenizer_2", None)
+    limit = min(512, int(getattr(tokenizer, "model_max_length", 512)))
+    if not 1 <= max_sequence_length <= limit:
+        raise ValueError(
+            f"FLUX_MAX_SEQUENCE_LENGTH must be between 1 and {limit} for {model.name} "
+            f"(its T5 tokenizer's limit), got {max_sequence_length}"
+        )
+
+
+def _check_job(job: ImageJob) -> None:
+    # FluxPipeline silently rounds sizes down to multiples of 16: refuse instead
+    for name, value in (("width", job.width), ("height", job.height)):
+        if value < 16 or value % 16:
+            raise InvalidRequestError(f"{name} must be a positive multiple of 16, got {value}",
+                                      field=name)
+    if job.steps < 1:
+        raise InvalidRequestError(f"steps must be >= 1, got {job.steps}",
+                                  field="num_inference_steps")

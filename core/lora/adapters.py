@@ -1,0 +1,256 @@
+"""The LoRA adapters loaded into a pipeline: an LRU set switched per request.
+
+Used only by the GPU worker's thread, between pipeline calls. Two modes:
+
+- **LRU set** (eager model): up to ``capacity`` peft adapters stay loaded; a request's
+  adapter is made the only active one (``set_adapters``); a request without a LoRA runs
+  with the adapters disabled (``disable_lora``), which is bit-identical to the base model
+  and takes < 1 ms, where ``unload_lora_weights`` would force reloading the next time.
+  The least recently used adapter is deleted when a new one does not fit.
+- **Hotswap slot** (compiled transformer): one adapter slot, prepared by
+  :func:`prepare_hotswap_slot` before compilation; each LoRA is hot-swapped into it
+  (``load_lora_weights(..., hotswap=True)``), so switching never recompiles.
+
+A LoRA that fails to load raises :class:`LoraLoadError`: the request never silently runs
+on the base model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from core.lora.registry import LoraInfo, file_sha256
+from schemas.errors import InternalError
+
+__all__ = ["HOTSWAP_SLOT", "AdapterSet", "LoraLoadError", "prepare_hotswap_slot"]
+
+logger = logging.getLogger(__name__)
+
+HOTSWAP_SLOT = "hotswap_slot"
+_HOTSWAP_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+
+
+class LoraLoadError(InternalError):
+    """A registered LoRA could not be made active (unreadable, changed since it was
+    registered, or not made for this model); ``lora_id`` names it."""
+
+    def __init__(self, message: str, lora_id: str) -> None:
+        super().__init__(message)
+        self.lora_id = lora_id
+
+
+_Key = tuple[str, str]  # (lora_id, sha256): a re-registered id is a new adapter
+_UNKNOWN = object()
+_MULTIPLE_ADAPTERS_WARNING = "Already found a `peft_config` attribute in the model"
+
+
+class AdapterSet:
+    """The adapters of ``pipeline`` (a ``FluxPipeline``), owned by one thread.
+
+    ``capacity`` bounds the loaded set (ignored with a hotswap slot, which holds one).
+    ``on_switch(seconds)`` is told how long each change of the active adapter took;
+    ``on_evict()`` when an adapter is dropped.
+    """
+
+    def __init__(
+        self,
+        pipeline: Any,
+        *,
+        capacity: int,
+        hotswap_slot: str | None = None,
+        on_switch: Callable[[float], None] | None = None,
+        on_evict: Callable[[], None] | None = None,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"LORA_CACHE_SIZE must be >= 1, got {capacity}")
+        self._pipeline = pipeline
+        self._capacity = capacity
+        self._slot = hotswap_slot
+        self._on_switch = on_switch
+        self._on_evict = on_evict
+        self._loaded: OrderedDict[_Key, str] = OrderedDict()  # key -> adapter name
+        self._slot_content: _Key | None = None  # what the hotswap slot holds
+        # the adapter the next call runs with: a key, None (base model) or _UNKNOWN
+        self._state: _Key | None | object = None
+        self._counter = 0
+        self._loaded_ids: tuple[str, ...] = ()
+
+    @property
+    def loaded(self) -> list[str]:
+        """Ids of the loaded LoRAs, least recently used first (a snapshot taken after the
+        last change, safe to read from any thread)."""
+        return list(self._loaded_ids)
+
+    def _changed(self) -> None:
+        self._loaded_ids = tuple(lora_id for lora_id, _ in self._loaded)
+
+    def activate(self, lora: LoraInfo | None) -> None:
+        """Make ``lora`` the only active adapter, loading it when needed; None runs the
+        base model exactly. Raises :class:`LoraLoadError` when it cannot be loaded (the
+        set is then left with its adapters disabled or intact, never half-switched)."""
+        wanted = None if lora is None else (lora.lora_id, lora.fingerprint)
+        if wanted == self._state:
+            if wanted is not None:
+                self._loaded.move_to_end(wanted)
+            return
+        started = time.perf_counter()
+        self._state = _UNKNOWN
+        try:
+            if lora is None:
+                if self._loaded or self._slot is not None:
+                    self._pipeline.disable_lora()
+            elif self._slot is not None:
+                self._hotswap(lora)
+            else:
+                self._switch(lora)
+        finally:
+            self._changed()
+        self._state = wanted
+        if self._on_switch is not None:
+            self._on_switch(time.perf_counter() - started)
+
+    def resync(self) -> None:
+        """After foreign code used the pipeline: re-apply the active adapter on the next
+        :meth:`activate`, and start over (unload all) if the loaded adapters changed."""
+        self._state = _UNKNOWN
+        if not self._consistent():
+            logger.warning("the pipeline's LoRA adapters changed under the worker; resetting")
+            self.reset()
+
+    def reset(self) -> None:
+        """Unload every adapter (a hotswap slot stays, disabled): the plain base model."""
+        if self._slot is not None:
+            self._pipeline.disable_lora()
+            self._slot_content = None
+        elif self._present():
+            self._pipeline.unload_lora_weights()
+        self._loaded.clear()
+        self._changed()
+        self._state = None
+
+    def _present(self) -> set[str]:
+        try:
+            return set(self._pipeline.get_list_adapters().get("transformer", []))
+        except ValueError:  # no peft adapters at all
+            return set()
+
+    def _consistent(self) -> bool:
+        expected = {self._slot} if self._slot is not None else set(self._loaded.values())
+        return self._present() == expected
+
+    def _switch(self, lora: LoraInfo) -> None:
+        key = (lora.lora_id, lora.fingerprint)
+        name = self._loaded.get(key)
+        if name is None:
+            while len(self._loaded) >= self._capacity:
+                self._evict()
+            name = self._load(lora)
+            self._loaded[key] = name
+        self._loaded.move_to_end(key)
+        self._pipeline.enable_lora()
+        self._pipeline.set_adapters([name])
+
+    def _load(self, lora: LoraInfo) -> str:
+        _verify_file(lora)
+        self._counter += 1
+        name = f"lora_{self._counter}"  # ids may hold dots, which peft names may not
+        try:
+            with warnings.catch_warnings():
+                # several adapters in one model is the point of the set
+                warnings.filterwarnings("ignore", _MULTIPLE_ADAPTERS_WARNING, UserWarning)
+                self._pipeline.load_lora_weights(str(lora.path), adapter_name=name)
+        except Exception as exc:
+            self._forget_partial(name)
+            raise LoraLoadError(
+                f"LoRA {lora.lora_id!r} could not be loaded: {exc}", lora.lora_id
+            ) from exc
+        logger.info("loaded LoRA %s as adapter %s", lora.lora_id, name)
+        return name
+
+    def _evict(self) -> None:
+        key, name = self._loaded.popitem(last=False)
+        self._pipeline.delete_adapters([name])
+        logger.info("evicted LoRA %s (adapter %s)", key[0], name)
+        if self._on_evict is not None:
+            self._on_evict()
+
+    def _forget_partial(self, name: str) -> None:
+        try:
+            if name in self._present():
+                self._pipeline.delete_adapters([name])
+        except Exception:  # the set is in an unknown state: start over
+            logger.exception("cleaning up a failed LoRA load; unloading all adapters")
+            self._pipeline.unload_lora_weights()
+            self._loaded.clear()
+
+    def _hotswap(self, lora: LoraInfo) -> None:
+        key = (lora.lora_id, lora.fingerprint)
+        if key != self._slot_content:
+            _verify_file(lora)
+            self._slot_content = None  # unknown if the swap fails half-way
+            try:
+                self._pipeline.load_lora_weights(
+                    str(lora.path), adapter_name=self._slot, hotswap=True
+                )
+            except Exception as exc:
+                self._pipeline.disable_lora()
+                raise LoraLoadError(
+                    f"LoRA {lora.lora_id!r} could not be hot-swapped in (a compiled model "
+                    f"takes LoRAs of rank <= its slot's on {', '.join(_HOTSWAP_TARGETS)}): "
+                    f"{exc}",
+                    lora.lora_id,
+                ) from exc
+            self._slot_content = key
+            self._loaded = OrderedDict([(key, str(self._slot))])
+        self._pipeline.enable_lora()
+
+
+def _verify_file(lora: LoraInfo) -> None:
+    """The file must still be the one registered: results are cached by its hash."""
+    try:
+        digest = file_sha256(lora.path)
+    except OSError as exc:
+        raise LoraLoadError(f"LoRA {lora.lora_id!r} is unreadable: {exc}", lora.lora_id) from exc
+    if digest != lora.fingerprint:
+        raise LoraLoadError(
+            f"LoRA {lora.lora_id!r} changed on disk since it was registered "
+            f"(sha256 {digest[:12]}…, registered {lora.fingerprint[:12]}…)",
+            lora.lora_id,
+        )
+
+
+def prepare_hotswap_slot(pipeline: Any, *, rank: int = 16, slot: str = HOTSWAP_SLOT) -> None:
+    """Before compiling the transformer: enable hotswap for ranks up to ``rank`` and load
+    an all-zero LoRA of that rank on the attention projections into ``slot``, disabled.
+
+    peft must wrap the layers before compilation (``prepare_model_for_compiled_hotswap``
+    refuses a compiled model), so the slot exists from the start; the zero adapter is a
+    no-op, and disabled the outputs are the base model's.
+    """
+    import torch
+
+    state: dict[str, torch.Tensor] = {}
+    for name, module in pipeline.transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and _is_target(name):
+            dtype = module.weight.dtype
+            state[f"transformer.{name}.lora_A.weight"] = torch.zeros(
+                rank, module.in_features, dtype=dtype
+            )
+            state[f"transformer.{name}.lora_B.weight"] = torch.zeros(
+                module.out_features, rank, dtype=dtype
+            )
+    pipeline.enable_lora_hotswap(target_rank=rank)
+    pipeline.load_lora_weights(state, adapter_name=slot)
+    pipeline.disable_lora()
+
+
+def _is_target(module_name: str) -> bool:
+    return any(
+        module_name == target or module_name.endswith("." + target)
+        for target in _HOTSWAP_TARGETS
+    )

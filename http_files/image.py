@@ -1,0 +1,32 @@
+"""POST /generate/image: the original API's request and response, on the image core."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from http_files.errors import error_response
+from http_files.services import SERVICES
+from http_files.validation import read_event
+from schemas.errors import EngineError
+from schemas.events import ImageRequested
+
+__all__ = ["generate_image"]
+
+
+async def generate_image(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    if services.image is None:
+        return web.json_response(
+            {"error_code": "INTERNAL", "message": "no image model is loaded", "retryable": True},
+            status=503)
+    event = await read_event(request, services.codec, ImageRequested)
+    try:
+        result = await services.image.generate(event)
+    except EngineError as exc:
+        return error_response(exc)
+    return web.json_response({
+        "image_id": result.image_id, "filename": result.filename, "prompt": result.prompt,
+        "width": result.width, "height": result.height, "url": result.url,
+        "timestamp": result.timestamp, "seed": result.seed, "model": result.model,
+        "development_model": result.development_model,
+    })
