@@ -24,13 +24,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from consumers.broker import launch_broker  # noqa: E402
-from consumers.topics import CONTRACT_TOPICS as TOPICS  # noqa: E402
-from core.outputs import OutputStore  # noqa: E402
-from core.voice import EspeakSynthesizer, LocalVoiceBackend, VoiceService  # noqa: E402
-from schemas.events import VoiceRequested  # noqa: E402
-from tests.support.engine_process import EngineProcess  # noqa: E402
-from tests.support.kafka_client import PersonaPeer  # noqa: E402
+from consumers.broker import launch_broker
+from consumers.topics import CONTRACT_TOPICS as TOPICS
+from core.image.devmodel import build_dev_model
+from core.outputs import OutputStore
+from core.voice import EspeakSynthesizer, LocalVoiceBackend, VoiceService
+from schemas.events import VoiceRequested
+from tests.support.engine_process import EngineProcess
+from tests.support.kafka_client import PersonaPeer
 
 TEXT = "Hello, I'm Sarah! How can I help you today?"
 
@@ -73,6 +74,8 @@ async def through_kafka(args: argparse.Namespace, bootstrap: str, prefix: str, w
         "SERVICE_PORT": "0", "OUTPUT_DIR": str(workdir / "kafka"), "VOICE_BACKEND": "local",
         "LOG_LEVEL": "WARNING", "MAX_IN_FLIGHT": str(args.concurrency),
         "KAFKA_SESSION_TIMEOUT_MS": "3000", "KAFKA_HEARTBEAT_INTERVAL_MS": "300",
+        "FLUX_MODEL_PATH": str(build_dev_model(workdir / "dev-flux")),
+        "LORA_OUTPUT_DIR": str(workdir / "loras"),
     }, workdir, "bench-engine")
     await engine.start()
     try:

@@ -9,8 +9,8 @@ import logging
 import os
 import sys
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 __all__ = ["main"]
 
@@ -116,8 +116,8 @@ async def _send(args: argparse.Namespace, settings: object) -> int:
     from consumers.devstate import read_state
     from consumers.send import send_and_wait
     from core.settings import Settings
-    from schemas.errors import InvalidRequestError
     from schemas.codec import EventCodec
+    from schemas.errors import InvalidRequestError
     from schemas.events import ImageRequested, VoiceRequested
 
     assert isinstance(settings, Settings)
@@ -140,7 +140,7 @@ async def _send(args: argparse.Namespace, settings: object) -> int:
         body.update({k: fields[k] for k in ("text", "voice_id", "model_id", "stability",
                                             "similarity_boost", "style") if k in fields})
         body["inject_emotion"] = not args.no_emotion
-        model: type[ImageRequested] | type[VoiceRequested] = VoiceRequested
+        model: type[ImageRequested | VoiceRequested] = VoiceRequested
     else:
         body.update({k: fields[k] for k in ("prompt", "negative_prompt", "character_lora_id",
                                             "width", "height", "num_inference_steps",

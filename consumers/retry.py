@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, TypeVar
+from typing import TypeVar
 
 from schemas.errors import EngineError, InternalError
 
-__all__ = ["RetryPolicy", "RetryExhausted", "call_with_retries"]
+__all__ = ["RetryExhausted", "RetryPolicy", "call_with_retries"]
 
 T = TypeVar("T")
 

@@ -7,12 +7,13 @@ the loop retries it).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Protocol
 
 from schemas.events import Event, EventKind, GenerationCompleted
 
-__all__ = ["HandlerContext", "Handler", "Route", "ProgressReporter"]
+__all__ = ["Handler", "HandlerContext", "ProgressReporter", "Route"]
 
 ProgressReporter = Callable[[int, int, float | None], Awaitable[None]]
 

@@ -6,7 +6,6 @@ the answer cannot slip past; the request's ``request_id`` picks it out.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -41,7 +40,7 @@ async def send_and_wait(
 ) -> Reply | None:
     """Publishes ``event`` and returns its completed/failed reply, or None on timeout."""
     codec = codec or EventCodec()
-    request_id = getattr(event, "request_id")
+    request_id: str = getattr(event, "request_id")  # noqa: B009  (every request has one)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
         fetch_max_wait_ms=10,

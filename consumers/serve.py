@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -16,14 +15,14 @@ from aiokafka.errors import KafkaConnectionError
 from consumers.broker import launch_broker
 from consumers.devstate import DevState, clear_state, write_state
 from consumers.engine import Engine, EngineAddresses
+from consumers.topics import CONTRACT_TOPICS, ensure_topics
 from core.image.devmodel import DEV_MODEL_NAME, build_dev_model, make_dev_lora
 from core.image.loader import ModelLoadError
 from core.lora.registry import LoraRegistry
-from schemas.errors import UnknownLoraError
-from consumers.topics import CONTRACT_TOPICS, ensure_topics
 from core.settings import Settings
+from schemas.errors import UnknownLoraError
 
-__all__ = ["run_serve", "run_dev", "prepare_dev_model", "StartupError", "DEV_LORA_ID"]
+__all__ = ["DEV_LORA_ID", "StartupError", "prepare_dev_model", "run_dev", "run_serve"]
 
 DEV_LORA_ID = "sarah_v1"
 

@@ -8,8 +8,9 @@ Nothing secret is ever stored here.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["EngineHealth", "GpuInfo", "ImageModelInfo", "VoiceQuota", "probe_gpu"]
 
@@ -76,7 +77,7 @@ class EngineHealth:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def wait_until(self, predicate: Callable[["EngineHealth"], bool], timeout: float) -> None:
+    async def wait_until(self, predicate: Callable[[EngineHealth], bool], timeout: float) -> None:
         """Waits until ``predicate(self)`` holds, woken by every change (no polling).
 
         Raises ``TimeoutError`` when it does not hold within ``timeout`` seconds.

@@ -7,13 +7,14 @@ message is one line naming the variable, the value and what is allowed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "ConfigurationError", "load_settings"]
+__all__ = ["ConfigurationError", "Settings", "load_settings"]
 
 _SECRET_FIELDS = {"elevenlabs_api_key"}
 

@@ -3,4 +3,4 @@
 from http_files.app import create_app
 from http_files.services import AppServices
 
-__all__ = ["create_app", "AppServices"]
+__all__ = ["AppServices", "create_app"]

@@ -21,17 +21,17 @@ from __future__ import annotations
 from enum import StrEnum
 
 __all__ = [
-    "ErrorCode",
     "EngineError",
-    "UndecodableError",
-    "InvalidRequestError",
-    "UnknownLoraError",
-    "UpstreamUnavailableError",
-    "UpstreamRejectedError",
-    "QuotaExceededError",
-    "OutOfMemoryError",
+    "ErrorCode",
     "GenerationTimeoutError",
     "InternalError",
+    "InvalidRequestError",
+    "OutOfMemoryError",
+    "QuotaExceededError",
+    "UndecodableError",
+    "UnknownLoraError",
+    "UpstreamRejectedError",
+    "UpstreamUnavailableError",
 ]
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from pathlib import Path
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from schemas.errors import InvalidRequestError
 from schemas.events import ImageRequested
 
-__all__ = ["ImageLimits", "ImageParams", "resolve_params", "derive_seed"]
+__all__ = ["ImageLimits", "ImageParams", "derive_seed", "resolve_params"]
 
 _MULTIPLE = 16  # VAE scale factor 8 × FLUX's 2×2 latent packing
 _MIN_SIDE = 64
@@ -82,9 +82,9 @@ def resolve_params(request: ImageRequested, limits: ImageLimits) -> ImageParams:
         raise InvalidRequestError(
             f"guidance_scale: must be between 0 and {_MAX_GUIDANCE}, got {guidance}",
             field="guidance_scale")
-    negative = request.negative_prompt if request.negative_prompt is not None else \
+    given = request.negative_prompt if request.negative_prompt is not None else \
         limits.default_negative_prompt
-    negative = negative.strip() or None
+    negative = given.strip() or None
     seed = derive_seed(request.request_id) if request.seed is None else request.seed
     lora_id = request.character_lora_id.strip() if request.character_lora_id else None
     return ImageParams(

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-__all__ = ["write_png", "read_png_text"]
+__all__ = ["read_png_text", "write_png"]
 
 
 def write_png(path: Path, image: Image.Image, parameters: Mapping[str, object]) -> None:

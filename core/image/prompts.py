@@ -14,7 +14,7 @@ from typing import Literal
 
 from core.llm import ChatClient, LLMUnavailable
 
-__all__ = ["PromptOptimizer", "OptimizedPrompt", "rules_prompt", "with_trigger"]
+__all__ = ["OptimizedPrompt", "PromptOptimizer", "rules_prompt", "with_trigger"]
 
 logger = logging.getLogger(__name__)
 

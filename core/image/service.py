@@ -9,22 +9,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 from PIL import Image
 
+from core.image.job import ImageJob
 from core.image.params import ImageLimits, ImageParams, resolve_params
 from core.image.png import write_png
 from core.image.prompts import PromptOptimizer
 from core.image.results import CachedResult, ResultCache, fingerprint
-from core.image.job import ImageJob
 from core.image.worker import GpuWorker
 from core.lora.registry import LoraInfo, LoraRegistry
-from core.outputs import OutputStore
+from core.outputs import OutputStore, StoredFile
 from schemas.events import ImageRequested
 
-__all__ = ["ImageService", "ImageResult", "ModelIdentity"]
+__all__ = ["ImageResult", "ImageService", "ModelIdentity"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class ImageService:
         return self._result(entry, cached=False)
 
     def _write(self, image: Image.Image, params: ImageParams, prompt: str,
-               lora: LoraInfo | None, request_id: str):  # type: ignore[no-untyped-def]
+               lora: LoraInfo | None, request_id: str) -> StoredFile:
         parameters = {
             "prompt": prompt, "negative_prompt": params.negative_prompt, "seed": params.seed,
             "steps": params.steps, "guidance_scale": params.guidance,

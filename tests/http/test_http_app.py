@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import mutagen.mp3
 import pytest

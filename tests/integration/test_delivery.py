@@ -131,8 +131,8 @@ async def test_graceful_stop_finishes_in_flight_and_commits(harness: Any,
 
 async def test_long_work_does_not_starve_heartbeats(harness: Any, peer: PersonaPeer,
                                                     caplog: pytest.LogCaptureFixture) -> None:
-    import threading
     import logging
+    import threading
 
     caplog.set_level(logging.INFO, logger="consumers.runtime")
     session_seconds = harness.settings.kafka_session_timeout_ms / 1000

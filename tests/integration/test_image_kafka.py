@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import io
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import numpy as np

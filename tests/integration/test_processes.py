@@ -6,8 +6,9 @@ from __future__ import annotations
 import signal
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import pytest

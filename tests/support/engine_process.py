@@ -8,8 +8,8 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 __all__ = ["EngineProcess"]
 
@@ -64,7 +64,7 @@ class EngineProcess:
                     await self._changed.wait()
         try:
             return await asyncio.wait_for(find(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AssertionError(f"{self.name}: no such line within {timeout}s:\n"
                                  + "\n".join(self.lines[-30:])) from None
 

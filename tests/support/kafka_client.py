@@ -141,7 +141,7 @@ class PersonaPeer:
 
         try:
             return await asyncio.wait_for(complete(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             missing = wanted - set(found())
             raise AssertionError(f"{len(missing)} of {len(wanted)} requests unanswered "
                                  f"after {timeout}s") from None

@@ -9,7 +9,8 @@ Modes: ``ok`` (answers ``reply(messages)``), ``slow`` (answers after ``delay`` s
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -36,7 +37,7 @@ class PersonaLLMServer:
         if self.mode == "slow":
             try:
                 await asyncio.wait_for(self._release.wait(), self.delay)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         if self.mode == "error":
             return web.json_response({"error": {"message": "model crashed"}}, status=500)
