@@ -86,9 +86,6 @@ class AdapterSet:
         last change, safe to read from any thread)."""
         return list(self._loaded_ids)
 
-    def _changed(self) -> None:
-        self._loaded_ids = tuple(lora_id for lora_id, _ in self._loaded)
-
     def activate(self, lora: LoraInfo | None) -> None:
         """Make ``lora`` the only active adapter, loading it when needed; None runs the
         base model exactly. Raises :class:`LoraLoadError` when it cannot be loaded (the
@@ -133,6 +130,9 @@ class AdapterSet:
         self._changed()
         self._state = None
 
+    def _changed(self) -> None:
+        self._loaded_ids = tuple(lora_id for lora_id, _ in self._loaded)
+
     def _present(self) -> set[str]:
         try:
             return set(self._pipeline.get_list_adapters().get("transformer", []))
@@ -166,6 +166,8 @@ class AdapterSet:
                 self._pipeline.load_lora_weights(str(lora.path), adapter_name=name)
         except Exception as exc:
             self._forget_partial(name)
+            if _is_out_of_memory(exc):
+                raise  # transient: the worker frees memory and retries
             raise LoraLoadError(
                 f"LoRA {lora.lora_id!r} could not be loaded: {exc}", lora.lora_id
             ) from exc
@@ -199,6 +201,8 @@ class AdapterSet:
                 )
             except Exception as exc:
                 self._pipeline.disable_lora()
+                if _is_out_of_memory(exc):
+                    raise
                 raise LoraLoadError(
                     f"LoRA {lora.lora_id!r} could not be hot-swapped in (a compiled model "
                     f"takes LoRAs of rank <= its slot's on {', '.join(_HOTSWAP_TARGETS)}): "
@@ -208,6 +212,12 @@ class AdapterSet:
             self._slot_content = key
             self._loaded = OrderedDict([(key, str(self._slot))])
         self._pipeline.enable_lora()
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError)
 
 
 def _verify_file(lora: LoraInfo) -> None:
