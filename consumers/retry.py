@@ -8,11 +8,11 @@ an injected ``sleep`` so tests run without real time.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
+from core.backoff import Backoff
 from schemas.errors import EngineError, InternalError
 
 __all__ = ["RetryExhausted", "RetryPolicy", "call_with_retries"]
@@ -21,22 +21,12 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
-    max_attempts: int = 4
-    base_delay: float = 0.5
-    max_delay: float = 30.0
-    rng: random.Random = field(default_factory=random.Random, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if self.base_delay < 0 or self.max_delay < 0:
-            raise ValueError("base_delay and max_delay must be >= 0")
+class RetryPolicy(Backoff):
+    """The consume loop's retries of a whole request."""
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        ceiling = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
-        wait = self.rng.uniform(0, ceiling)
+        wait = self.jittered(attempt)
         if retry_after is not None:
             wait = max(wait, min(retry_after, self.max_delay))
         return wait

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import email.utils
 import json
-import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from core.backoff import Backoff
 from schemas.errors import (
     EngineError,
     GenerationTimeoutError,
@@ -174,22 +174,14 @@ def error_for_response(
 
 
 @dataclass(frozen=True)
-class BackoffPolicy:
+class BackoffPolicy(Backoff):
     """Retries of one ElevenLabs request: at most ``max_attempts`` requests, waiting a
     uniformly jittered ``min(max_delay, base_delay * 2**(attempt-1))`` between them, or
     ``Retry-After`` when upstream asks for longer. A ``Retry-After`` beyond ``max_delay``
     is not waited out inside one request: the error goes up at once, carrying it."""
 
     max_attempts: int = 3
-    base_delay: float = 0.5
     max_delay: float = 8.0
-    rng: random.Random = field(default_factory=random.Random, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if self.base_delay < 0 or self.max_delay < 0:
-            raise ValueError("base_delay and max_delay must be >= 0")
 
     def delay(self, attempt: int, retry_after: float | None) -> float | None:
         """Seconds to wait after failed attempt ``attempt`` (1-based), or ``None`` to give
@@ -198,5 +190,5 @@ class BackoffPolicy:
             return None
         if retry_after is not None and retry_after > self.max_delay:
             return None
-        wait = self.rng.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+        wait = self.jittered(attempt)
         return wait if retry_after is None else max(wait, retry_after)
