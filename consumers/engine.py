@@ -16,7 +16,7 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
-from consumers.handlers import ImageHandler, VoiceHandler
+from consumers.handlers import ImageHandler, LoraHandler, VoiceHandler
 from consumers.kafka import build_consumer, build_producer, resolve_idempotence
 from consumers.publisher import EventPublisher
 from consumers.retry import RetryPolicy
@@ -29,10 +29,11 @@ from core.image.worker import GpuWorker
 from core.metrics import EngineMetrics
 from core.outputs import OutputStore
 from core.settings import Settings
+from core.training import TrainingService, build_training_service
 from core.voice import build_voice_service
 from http_files import AppServices, create_app
 from schemas.codec import EventCodec
-from schemas.events import ImageRequested, VoiceRequested
+from schemas.events import ImageRequested, LoraTrainingRequested, VoiceRequested
 
 __all__ = ["Engine", "EngineAddresses"]
 
@@ -65,6 +66,7 @@ class Engine:
         self._model_path = model_path
         self.image: ImageService | None = None
         self._worker: GpuWorker | None = None
+        self.training: TrainingService | None = None
         self.metrics = EngineMetrics(registry or CollectorRegistry())
         self.codec = EventCodec()
         self.store = OutputStore(
@@ -107,6 +109,9 @@ class Engine:
             self.image, self._worker = await build_image_service(
                 settings, self._model_path, self.store, self.http, self.metrics)
             services.image = self.image
+            self.training = build_training_service(settings, self._worker, self.image,
+                                                   self.http)
+            services.training = self.training
             self.health.image_model = ImageModelInfo(
                 name=self.image.model.name, loaded=True,
                 development_model=self.image.model.development_model)
@@ -118,13 +123,18 @@ class Engine:
         await consumer.start()
         codec = self.codec
         publisher = EventPublisher(producer, codec, settings.event_encoding)
-        routes = [
+        routes: list[Route] = [] if settings.lora_training_only else [
             Route(settings.topic("generation.requested.voice"), "voice", VoiceRequested,
                   VoiceHandler(self.voice)),
         ]
-        if self.image is not None:
+        if self.image is not None and not settings.lora_training_only:
             routes.append(Route(settings.topic("generation.requested.image"), "image",
                                 ImageRequested, ImageHandler(self.image)))
+        if self.training is not None and self.image is not None:
+            routes.append(Route(
+                settings.topic("generation.requested.lora"), "lora", LoraTrainingRequested,
+                LoraHandler(self.training, model=self.image.model.name,
+                            development_model=self.image.model.development_model)))
         self._loop = ConsumeLoop(
             consumer, publisher, codec, routes,
             ResultTopics(
@@ -154,6 +164,8 @@ class Engine:
                 self.store.run_cleanup(min(60.0, settings.cleanup_delay / 4),
                                        self._stop_requested),
                 name="cleanup"))
+        if self.training is not None:
+            await self.training.resume_pending()
         self.health.started = True
         self.addresses = EngineAddresses(self._bootstrap, http_url)
         return self.addresses
@@ -163,6 +175,8 @@ class Engine:
         self._stop_requested.set()
         if self._loop is not None:
             self._loop.request_stop()
+        if self.training is not None:
+            self.training.request_stop()  # trainings checkpoint at their next step
 
     async def wait_stopped(self) -> None:
         """Returns when a stop was requested or the consume loop ended on its own."""
@@ -190,6 +204,8 @@ class Engine:
             await self._consumer.stop()  # leaves the group
         if self._producer is not None:
             await self._producer.stop()  # flushes
+        if self.training is not None:
+            await self.training.close()
         if self._worker is not None:
             await asyncio.to_thread(self._worker.stop)
         if self._runner is not None:

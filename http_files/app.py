@@ -9,11 +9,13 @@ from http_files.image import generate_image
 from http_files.metrics import metrics
 from http_files.outputs import get_output
 from http_files.services import SERVICES, AppServices
+from http_files.train import get_training, train_lora
 from http_files.voice import generate_voice
 
 __all__ = ["create_app"]
 
-_MAX_BODY = 1 * 2**20  # JSON requests; LoRA uploads get their own limit
+_MAX_BODY = 1 * 2**20  # JSON requests. /train-lora streams its multipart body part by part
+# with its own limits (MAX_LORA_IMAGES x LORA_MAX_IMAGE_BYTES), which this one does not bind
 
 
 def create_app(services: AppServices) -> web.Application:
@@ -26,4 +28,6 @@ def create_app(services: AppServices) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/generate/voice", generate_voice)
     app.router.add_post("/generate/image", generate_image)
+    app.router.add_post("/train-lora", train_lora)
+    app.router.add_get("/train-lora/{training_id}", get_training)
     return app

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from core.health import EngineHealth
+from core.image.service import ImageService
 from core.metrics import EngineMetrics
 from core.outputs import OutputStore
-from core.image.service import ImageService
+from core.training import TrainingService
 from core.voice import VoiceService
 from schemas.codec import EventCodec
 
@@ -26,6 +27,7 @@ class AppServices:
     codec: EventCodec
     voice: VoiceService
     image: ImageService | None = None
+    training: TrainingService | None = None
 
 
 SERVICES: web.AppKey[AppServices] = web.AppKey("services", AppServices)

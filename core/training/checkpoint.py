@@ -1,0 +1,224 @@
+"""A training's files under ``TEMP_DIR/training/{training_id}/``.
+
+::
+
+    spec.json                 the validated request (written last of the inputs)
+    images/{i:02d}.{png|jpg|webp}   the checked images, as received
+    cache.safetensors         VAE latent mean/std + caption embeddings (once encoded)
+    checkpoints/step-{n:07d}/ adapter.safetensors (LoRA weights, fp32)
+                              state.pt (step, AdamW state, RNG state, smoothed loss)
+    final/{lora_id}.safetensors   the LoRA handed to the registry
+
+Every file is written under a temporary name, fsynced and renamed; a checkpoint is a
+folder built under a temporary name and renamed, so any ``step-*`` folder is complete
+and the highest one is the latest (older ones are removed after a new one is in place).
+A crash at any moment leaves either the previous checkpoint or the new one. A folder
+without ``spec.json`` holds no training (it is removed when found).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.training.adapter import lora_config
+from core.training.encode import TrainingCache
+from core.training.images import CheckedImage
+from core.training.spec import TrainingSpec
+from core.training.trainer import TrainState
+
+__all__ = ["TrainingFolder", "TrainingStore"]
+
+logger = logging.getLogger(__name__)
+
+_STEP_PREFIX = "step-"
+
+
+class TrainingFolder:
+    """The files of one training (see the module docstring). Blocking I/O: call its
+    methods off the event loop."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def _checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def exists(self) -> bool:
+        return (self.path / "spec.json").is_file()
+
+    def write_inputs(self, spec: TrainingSpec, images: Sequence[CheckedImage]) -> None:
+        """Write the checked images, then the spec (its presence marks complete inputs)."""
+        folder = self.path / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        for index, image in enumerate(images):
+            _write_bytes(folder / f"{index:02d}.{image.suffix}", image.data)
+        _write_bytes(self.path / "spec.json", spec.to_json().encode())
+        _fsync_dir(self.path)
+
+    def read_spec(self) -> TrainingSpec | None:
+        """The spec, or None when there is none or it is unreadable."""
+        try:
+            return TrainingSpec.from_json((self.path / "spec.json").read_text("utf-8"))
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+
+    def read_images(self, spec: TrainingSpec) -> list[bytes]:
+        """The images in order; raises ``OSError`` when one is missing."""
+        folder = self.path / "images"
+        found = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        if len(found) != spec.image_count:
+            raise OSError(f"{folder} holds {len(found)} images, the spec says "
+                          f"{spec.image_count}")
+        return [p.read_bytes() for p in found]
+
+    def write_cache(self, cache: TrainingCache) -> None:
+        from safetensors.torch import save_file
+
+        _write_with(self.path / "cache.safetensors",
+                    lambda target: save_file(
+                        {k: v.contiguous() for k, v in cache.tensors().items()}, str(target)))
+
+    def read_cache(self) -> TrainingCache | None:
+        """The encoded data, or None when absent or unreadable (then it is encoded again)."""
+        from safetensors.torch import load_file
+
+        try:
+            return TrainingCache.from_tensors(load_file(str(self.path / "cache.safetensors")))
+        except (OSError, KeyError, ValueError, RuntimeError):
+            return None
+
+    def save_checkpoint(self, state: TrainState) -> Path:
+        """Write ``state`` as ``checkpoints/step-{n}`` atomically; older ones are removed."""
+        from safetensors.torch import save_file
+
+        self._checkpoints.mkdir(parents=True, exist_ok=True)
+        target = self._checkpoints / f"{_STEP_PREFIX}{state.step:07d}"
+        staging = self._checkpoints / f".tmp-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            save_file({k: v.contiguous() for k, v in state.weights.items()},
+                      str(staging / "adapter.safetensors"))
+            torch.save({"step": state.step, "optimizer": state.optimizer, "rng": state.rng,
+                        "loss": state.loss}, staging / "state.pt")
+            for file in staging.iterdir():
+                _fsync_file(file)
+            if target.exists():  # the same step again after a resume: same content
+                shutil.rmtree(target)
+            os.replace(staging, target)
+            _fsync_dir(self._checkpoints)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        for older in self._checkpoints.iterdir():
+            if older != target:
+                shutil.rmtree(older, ignore_errors=True)
+        return target
+
+    def latest_step(self) -> int:
+        """The step of the newest checkpoint by its folder name (0 when there is none)."""
+        if not self._checkpoints.is_dir():
+            return 0
+        steps = [int(p.name.removeprefix(_STEP_PREFIX)) for p in self._checkpoints.iterdir()
+                 if p.name.startswith(_STEP_PREFIX) and p.name[len(_STEP_PREFIX):].isdigit()]
+        return max(steps, default=0)
+
+    def latest_checkpoint(self) -> TrainState | None:
+        """The newest complete checkpoint, or None. An unreadable one is skipped (logged)."""
+        from safetensors.torch import load_file
+
+        if not self._checkpoints.is_dir():
+            return None
+        folders = sorted((p for p in self._checkpoints.iterdir()
+                          if p.name.startswith(_STEP_PREFIX)), reverse=True)
+        for folder in folders:
+            try:
+                weights = load_file(str(folder / "adapter.safetensors"))
+                saved: dict[str, Any] = torch.load(folder / "state.pt", weights_only=True)
+                return TrainState(step=int(saved["step"]), weights=weights,
+                                  optimizer=saved["optimizer"], rng=saved["rng"],
+                                  loss=saved["loss"])
+            except (OSError, KeyError, ValueError, RuntimeError) as exc:
+                logger.warning("checkpoint %s is unreadable, skipped: %s", folder, exc)
+        return None
+
+    def write_lora(self, lora_id: str, weights: dict[str, torch.Tensor],
+                   dtype: torch.dtype) -> Path:
+        """The final LoRA in diffusers' format, with its adapter metadata (rank, alpha,
+        targets), weights in ``dtype``; returns its path."""
+        import diffusers
+
+        folder = self.path / "final"
+        folder.mkdir(parents=True, exist_ok=True)
+        metadata = lora_config().to_dict()
+        metadata["target_modules"] = sorted(metadata["target_modules"])  # a set in peft
+        pipeline_class: Any = diffusers.FluxPipeline
+        pipeline_class.save_lora_weights(
+            folder, transformer_lora_layers={k: v.to(dtype) for k, v in weights.items()},
+            weight_name=f"{lora_id}.safetensors",
+            transformer_lora_adapter_metadata=metadata)
+        return folder / f"{lora_id}.safetensors"
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class TrainingStore:
+    """``root`` (``TEMP_DIR/training``) holds one :class:`TrainingFolder` per training."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def folder(self, training_id: str) -> TrainingFolder:
+        return TrainingFolder(self.root / training_id)
+
+    def specs(self) -> list[TrainingSpec]:
+        """The specs of every training folder, sorted by id; folders without a readable
+        spec (inputs never completed) are removed."""
+        if not self.root.is_dir():
+            return []
+        found: list[TrainingSpec] = []
+        for path in sorted(self.root.iterdir()):
+            if not path.is_dir():
+                continue
+            spec = TrainingFolder(path).read_spec()
+            if spec is None or spec.training_id != path.name:
+                logger.warning("removing %s: no complete training inputs", path)
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                found.append(spec)
+        return found
+
+
+def _write_bytes(target: Path, data: bytes) -> None:
+    _write_with(target, lambda path: path.write_bytes(data))
+
+
+def _write_with(target: Path, write: Any) -> None:
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(temporary)
+        _fsync_file(temporary)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,49 @@
+"""Building the training service from settings, beside the image core it shares a GPU
+worker with."""
+
+from __future__ import annotations
+
+import httpx
+
+from core.image.service import ImageService
+from core.image.worker import GpuWorker
+from core.lora.registry import LoraRegistry
+from core.settings import Settings
+from core.training.checkpoint import TrainingStore
+from core.training.estimate import StepTimes
+from core.training.intake import Intake
+from core.training.runner import TrainingRunner
+from core.training.service import TrainingService
+from core.training.spec import TrainingLimits
+
+__all__ = ["build_training_service", "training_limits"]
+
+
+def training_limits(settings: Settings) -> TrainingLimits:
+    """The LoRA settings a request is checked against, and its defaults."""
+    return TrainingLimits(
+        min_images=settings.min_lora_images, max_images=settings.max_lora_images,
+        max_image_bytes=settings.lora_max_image_bytes,
+        max_image_pixels=settings.lora_max_image_pixels,
+        max_resolution=settings.max_image_size, default_steps=settings.lora_train_steps,
+        default_learning_rate=settings.lora_learning_rate,
+        default_resolution=settings.lora_resolution, batch_size=settings.lora_batch_size,
+    )
+
+
+def build_training_service(settings: Settings, worker: GpuWorker, images: ImageService,
+                           http: httpx.AsyncClient) -> TrainingService:
+    """Trainings on ``worker``'s pipeline, files under TEMP_DIR/training, results in
+    LORA_OUTPUT_DIR, validation images through ``images``. Nothing is written until a
+    training is accepted."""
+    model = worker.model
+    root = settings.temp_dir / "training"
+    times = StepTimes(root / "step_times.json", development_model=model.development_model)
+    return TrainingService(
+        TrainingRunner(worker, times, checkpoint_every=settings.lora_checkpoint_every,
+                       max_sequence_length=settings.flux_max_sequence_length),
+        Intake(training_limits(settings), http, settings.lora_fetch_timeout),
+        TrainingStore(root), LoraRegistry(settings.lora_output_dir), images, times,
+        base_model=model.name, lora_dtype=model.dtype,
+        progress_interval=settings.progress_interval,
+    )

@@ -1,0 +1,70 @@
+"""A finished training → a registered LoRA; and finding the LoRA a training made.
+
+LoRA ids are ``{character_id}_v{n}``, ``n`` one more than the highest version of that
+character in LORA_OUTPUT_DIR (``sarah_v1`` → ``sarah_v2``), so an id is usable at once as
+``character_lora_id`` and never replaces an earlier LoRA. The registry's metadata keeps
+``training`` (training_id, request_id, steps, images, probe losses, …): a replayed
+request finds its result there without training again.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import torch
+
+from core.lora.registry import LoraInfo, LoraRegistry
+from core.training.adapter import LORA_ALPHA, LORA_RANK
+from core.training.checkpoint import TrainingFolder
+from core.training.spec import TrainingSpec
+
+__all__ = ["find_registered", "register_lora"]
+
+logger = logging.getLogger(__name__)
+
+_ATTEMPTS = 20  # another writer taking the same version is retried with the next one
+
+
+def find_registered(registry: LoraRegistry, training_id: str) -> LoraInfo | None:
+    """The LoRA registered by training ``training_id``, or None. Blocking (reads the
+    registry's folder)."""
+    for info in registry.list():
+        if info.training and info.training.get("training_id") == training_id:
+            return info
+    return None
+
+
+def register_lora(
+    registry: LoraRegistry, folder: TrainingFolder, spec: TrainingSpec,
+    weights: dict[str, torch.Tensor], *, dtype: torch.dtype, base_model: str,
+    training: dict[str, Any],
+) -> LoraInfo:
+    """Write ``weights`` as a LoRA file (in ``dtype``, with its adapter metadata) and
+    register it under the next free ``{character_id}_v{n}`` with the trigger word, base
+    model and ``training`` metadata. Blocking. Raises ``OSError`` when a file cannot be
+    written, ``FileExistsError`` when no version could be taken."""
+    for _ in range(_ATTEMPTS):
+        lora_id = f"{spec.character_id}_v{_next_version(registry, spec.character_id)}"
+        weights_file = folder.write_lora(lora_id, weights, dtype)
+        try:
+            return registry.register(
+                lora_id, weights_file, trigger_word=spec.trigger_word, base_model=base_model,
+                rank=LORA_RANK, alpha=LORA_ALPHA, training=training)
+        except FileExistsError:
+            logger.info("LoRA id %s was taken meanwhile; trying the next version", lora_id)
+        finally:
+            weights_file.unlink(missing_ok=True)
+    raise FileExistsError(f"no free LoRA version for {spec.character_id!r}")
+
+
+def _next_version(registry: LoraRegistry, character_id: str) -> int:
+    pattern = re.compile(rf"^{re.escape(character_id)}_v(\d+)\.(safetensors|json)$")
+    versions = [0]
+    if registry.directory.is_dir():
+        for path in registry.directory.iterdir():
+            match = pattern.match(path.name)
+            if match:
+                versions.append(int(match.group(1)))
+    return max(versions) + 1
