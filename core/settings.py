@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     lora_learning_rate: float = Field(1e-4, gt=0, le=1.0)
     lora_resolution: int = Field(512, ge=64, le=2048)
     lora_batch_size: int = Field(1, ge=1, le=16)
-    lora_checkpoint_every: int = Field(100, ge=1)
+    lora_checkpoint_every: int = Field(20, ge=1)
     lora_max_image_bytes: int = Field(20 * 2**20, ge=1024)
     lora_max_image_pixels: int = Field(40_000_000, ge=4096)
     lora_fetch_timeout: float = Field(30.0, gt=0)
