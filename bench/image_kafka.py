@@ -78,6 +78,7 @@ async def through_kafka(bootstrap: str, model_dir: Path, workdir: Path, batch: i
         "FLUX_MODEL_PATH": str(model_dir), "MAX_BATCH_SIZE": str(batch),
         "BATCH_WINDOW_MS": "20", "LOG_LEVEL": "WARNING", "PROGRESS_INTERVAL": "1000",
         "FLUX_MAX_SEQUENCE_LENGTH": str(args.max_sequence_length),
+        **({"OMP_NUM_THREADS": os.environ["ENGINE_OMP_THREADS"]} if "ENGINE_OMP_THREADS" in os.environ else {}),
     }, workdir, f"engine-batch{batch}")
     await engine.start()
     try:
@@ -114,7 +115,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         model_dir = build_dev_model(workdir / "dev-flux")
-        loop_rate = in_fresh_thread(lambda: plain_loop(model_dir, args))
+        loops = [in_fresh_thread(lambda: plain_loop(model_dir, args))]
         broker = None
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
         if not bootstrap:
@@ -123,13 +124,19 @@ async def main() -> None:
             bootstrap = broker.bootstrap_servers
         try:
             single = await through_kafka(bootstrap, model_dir, workdir, 1, args)
+            loops.append(in_fresh_thread(lambda: plain_loop(model_dir, args)))
             batched = await through_kafka(bootstrap, model_dir, workdir, 4, args)
+            loops.append(in_fresh_thread(lambda: plain_loop(model_dir, args)))
         finally:
             if broker is not None:
                 broker.stop()
     print(f"tiny dev model, {args.size}x{args.size}, {args.steps} steps, {args.images} images, "
           f"{os.cpu_count()} cores, broker {'embedded tansu' if broker else bootstrap}")
-    print(f"plain diffusers loop          {loop_rate:7.2f} images/s")
+    # this machine's speed drifts between runs: the loop is measured before, between and
+    # after the engine runs, and the ratios use their mean
+    loop_rate = sum(loops) / len(loops)
+    print(f"plain diffusers loop          {loop_rate:7.2f} images/s  (runs: "
+          f"{', '.join(f'{r:.2f}' for r in loops)})")
     print(f"through Kafka, batch 1        {single:7.2f} images/s  ratio {single / loop_rate:.2f}")
     print(f"through Kafka, batches of 4   {batched:7.2f} images/s  ratio {batched / loop_rate:.2f}")
 
