@@ -226,5 +226,5 @@ class Engine:
                 self.health.kafka_connected = False
             try:
                 await asyncio.wait_for(self._stop_requested.wait(), timeout=interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass

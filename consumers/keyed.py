@@ -7,7 +7,7 @@ requests with different keys run concurrently, even inside one partition.
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 
 __all__ = ["KeyedSerializer"]
 

@@ -14,7 +14,7 @@ from core.training import TrainingService
 from core.voice import VoiceService
 from schemas.codec import EventCodec
 
-__all__ = ["AppServices", "SERVICES"]
+__all__ = ["SERVICES", "AppServices"]
 
 
 @dataclass
