@@ -37,6 +37,8 @@ from schemas.events import ImageRequested, LoraTrainingRequested, VoiceRequested
 
 __all__ = ["Engine", "EngineAddresses"]
 
+_CLIENT_STOP_TIMEOUT = 15.0
+
 logger = logging.getLogger(__name__)
 
 
@@ -85,6 +87,7 @@ class Engine:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self.addresses: EngineAddresses | None = None
+        self.crashed: BaseException | None = None
 
     async def start(self) -> EngineAddresses:
         """Starts HTTP first (so ``/health`` answers "starting"), then Kafka."""
@@ -195,15 +198,21 @@ class Engine:
             loop_task, *others = self._tasks
             try:
                 await loop_task
-            except Exception:
+            except Exception as exc:
                 logger.exception("consume loop ended with an error")
+                self.crashed = exc
             for task in others:
                 task.cancel()
             await asyncio.gather(*others, return_exceptions=True)
-        if self._consumer is not None:
-            await self._consumer.stop()  # leaves the group
-        if self._producer is not None:
-            await self._producer.stop()  # flushes
+        # bounded: with the broker gone, leaving the group or flushing would wait forever
+        for client, what in ((self._consumer, "leave the group"), (self._producer, "flush")):
+            if client is None:
+                continue
+            try:
+                await asyncio.wait_for(client.stop(), timeout=_CLIENT_STOP_TIMEOUT)
+            except TimeoutError:
+                logger.warning("could not %s within %.0fs; stopping anyway", what,
+                               _CLIENT_STOP_TIMEOUT)
         if self.training is not None:
             await self.training.close()
         if self._worker is not None:

@@ -16,7 +16,7 @@ class KeyedSerializer:
     """Chains coroutines per key: each starts when the previous one of its key ends."""
 
     def __init__(self) -> None:
-        self._tails: dict[Hashable, asyncio.Future[None]] = {}
+        self._tails: dict[Hashable, asyncio.Task[None]] = {}
 
     def submit(
         self, key: Hashable, work: Callable[[], Awaitable[None]]
@@ -24,30 +24,27 @@ class KeyedSerializer:
         """Schedules ``work`` after every earlier submission with the same key.
 
         The returned task finishes when ``work`` does; a failed or cancelled predecessor
-        does not stop its successors.
+        (even one cancelled before it ever ran) does not stop its successors.
         """
         previous = self._tails.get(key)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._tails[key] = done
 
         async def run() -> None:
-            try:
-                if previous is not None and not previous.done():
-                    await _wait_quietly(previous)
-                await work()
-            finally:
-                if not done.done():
-                    done.set_result(None)
-                if self._tails.get(key) is done:
-                    del self._tails[key]
+            if previous is not None and not previous.done():
+                # the predecessor's own task reports its errors; only its end matters here
+                await asyncio.wait({previous})
+            await work()
 
-        return asyncio.get_running_loop().create_task(run())
+        task = asyncio.get_running_loop().create_task(run())
+        self._tails[key] = task
+
+        def forget(finished: asyncio.Task[None]) -> None:
+            if self._tails.get(key) is finished:
+                del self._tails[key]
+
+        task.add_done_callback(forget)
+        return task
 
     @property
     def active_keys(self) -> int:
         return len(self._tails)
 
-
-async def _wait_quietly(future: asyncio.Future[None]) -> None:
-    # The predecessor's own task reports its errors; here only its end matters.
-    await asyncio.wait({future})

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Literal
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from schemas.codec import EventCodec
 from schemas.events import Event
@@ -46,7 +46,11 @@ class EventPublisher:
     async def publish(
         self, topic: str, event: Event, key: bytes | None, request_id: str | None
     ) -> None:
-        """Sends ``event`` to ``topic`` and returns once the broker acknowledged it."""
+        """Sends ``event`` to ``topic`` and returns once the broker acknowledged it.
+
+        Transient broker errors are retried until acknowledged (or cancelled); a
+        permanent one (``retriable`` false: too large, not authorized, unknown topic) is
+        raised at once."""
         value = self._codec.encode(event, self._encoding)
         headers = [
             ("content-type", self._content_type),
@@ -59,6 +63,8 @@ class EventPublisher:
                 await self._producer.send_and_wait(topic, value=value, key=key, headers=headers)
                 return
             except KafkaError as exc:
+                if not (exc.retriable or isinstance(exc, KafkaTimeoutError)):
+                    raise  # too large, not authorized, no such topic: retrying cannot help
                 wait = random.uniform(0, min(self._max_backoff, 0.1 * 2**attempt))
                 logger.warning(
                     "publish to %s failed (attempt %d, %s: %s); retrying in %.2fs",

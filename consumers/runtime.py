@@ -143,12 +143,17 @@ class ConsumeLoop(ConsumerRebalanceListener):  # type: ignore[misc]
                         self._dispatch(tp, record)
                 self._apply_backpressure()
                 self._update_lag()
-            await self._drain(self._config.shutdown_grace)
         finally:
             stop_wait.cancel()
+            await self._drain(self._config.shutdown_grace)
             committer.cancel()
             await asyncio.gather(committer, stop_wait, return_exceptions=True)
-            await self._commit(list(self._trackers))
+            try:  # bounded: with the broker gone, aiokafka would retry the commit forever
+                await asyncio.wait_for(self._commit(list(self._trackers)),
+                                       timeout=max(1.0, self._config.shutdown_grace))
+            except TimeoutError:
+                logger.warning("final commit timed out: uncommitted records will be "
+                               "redelivered (at-least-once)")
 
     # --------------------------------------------------------- rebalancing
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -195,16 +200,27 @@ class ConsumeLoop(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _process(self, work: _Work, tracker: PartitionTracker) -> None:
         started = time.perf_counter()
         record, route = work.record, work.route
-        topic, event, request_id = await self._answer(work)
+        where = f"topic={record.topic} partition={record.partition} offset={record.offset}"
         try:
-            await self._publisher.publish(topic, event, record.key, request_id)
-        except Exception as exc:  # an event that cannot be encoded is our bug: report it
-            logger.exception("topic=%s partition=%d offset=%d request_id=%s result unpublishable",
-                             record.topic, record.partition, record.offset, request_id)
-            topic = self._results.failed
-            event = self._failed(work, InternalError(f"result not publishable: {exc}"), 1, {
-                "request_id": request_id, "conversation_id": getattr(event, "conversation_id", None)})
-            await self._publisher.publish(topic, event, record.key, request_id)
+            topic, event, request_id = await self._answer(work)
+            try:
+                await self._publisher.publish(topic, event, record.key, request_id)
+            except Exception as exc:  # unencodable or refused by the broker: report that
+                logger.exception("%s request_id=%s result not publishable", where, request_id)
+                topic = self._results.failed
+                event = self._failed(
+                    work, InternalError(f"result not publishable: {str(exc)[:500]}"), 1,
+                    {"request_id": request_id,
+                     "conversation_id": getattr(event, "conversation_id", None)})
+                await self._publisher.publish(topic, event, record.key, request_id)
+        except Exception:
+            # Not even a failed event could be published: leave the record uncommitted and
+            # stop, so it is redelivered (to this instance restarted, or another one)
+            # instead of pinning its partition silently.
+            logger.critical("%s cannot be answered; stopping this consumer", where,
+                            exc_info=True)
+            self.request_stop()
+            return
         if isinstance(event, GenerationFailed):
             self._metrics.failed.labels(route.kind, event.error_code).inc()
         else:

@@ -44,6 +44,8 @@ async def _serve_until_signal(engine: Engine) -> None:
         await engine.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+    if engine.crashed is not None:
+        raise StartupError(f"the consume loop stopped with an error: {engine.crashed!r}")
 
 
 async def run_serve(settings: Settings) -> None:

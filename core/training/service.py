@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ from schemas.errors import EngineError, InternalError
 from schemas.events import ImageRequested, LoraTrainingRequested, utc_now_iso
 
 __all__ = ["TrainingOutcome", "TrainingService"]
+
+_TRAINING_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +136,10 @@ class TrainingService:
 
     async def status(self, training_id: str) -> TrainingStatus | None:
         """The status of ``training_id``: from memory, else the registry (completed), else
-        its folder (queued: waiting to resume); None when unknown."""
+        its folder (queued: waiting to resume); None when unknown (or not a training id
+        at all: a path trick never reaches the filesystem)."""
+        if not _TRAINING_ID.fullmatch(training_id) or ".." in training_id:
+            return None
         known = self._board.get(training_id)
         if known is not None:
             return known

@@ -50,3 +50,17 @@ async def test_a_failed_or_cancelled_predecessor_does_not_block_its_key() -> Non
     hanging.cancel()
     await asyncio.wait_for(after, timeout=2)
     assert done == [1]
+
+
+async def test_a_task_cancelled_before_it_ran_does_not_wedge_its_key() -> None:
+    serializer = KeyedSerializer()
+    ran: list[int] = []
+
+    async def mark() -> None:
+        ran.append(1)
+
+    first = serializer.submit("k", mark)
+    first.cancel()  # cancelled before its first step
+    second = serializer.submit("k", mark)
+    await asyncio.wait_for(second, timeout=2)
+    assert ran == [1] and serializer.active_keys == 0

@@ -155,6 +155,9 @@ async def test_kafka_training_gives_a_lora_usable_at_once_and_images_run_meanwhi
             assert response.status == 200 and response.content_type == "image/png"
         async with session.get("/train-lora/nobody_12345678") as response:
             assert response.status == 404
+        for trick in ("..%2f..%2fetc", "%2e%2e", "..", ".hidden"):
+            async with session.get(f"/train-lora/{trick}") as response:
+                assert response.status == 404, trick
     await peer.publish("lora", training, key="mia")  # redelivered or replayed
     replay = await peer.wait_for(of(training), count=2, timeout=WAIT)
     assert replay[-1].event["lora_id"] == "mia_v1"  # answered from the registry
