@@ -309,12 +309,19 @@ class ConsumeLoop(ConsumerRebalanceListener):  # type: ignore[misc]
 
     # --------------------------------------------------------------- commits
     async def _commit_when_wanted(self) -> None:
+        failures = 0
         while True:
             await self._commit_wanted.wait()
             self._commit_wanted.clear()
-            await self._commit(list(self._trackers))
+            if await self._commit(list(self._trackers)):
+                failures = 0
+            else:  # the broker is struggling: back off before the next try
+                failures += 1
+                await self._sleep(min(5.0, 0.1 * 2**failures))
 
-    async def _commit(self, partitions: list[TopicPartition]) -> None:
+    async def _commit(self, partitions: list[TopicPartition]) -> bool:
+        """Commits what is answered in ``partitions``; False when the broker failed (the
+        commit is wanted again)."""
         async with self._commit_lock:
             offsets = {}
             for tp in partitions:
@@ -323,22 +330,23 @@ class ConsumeLoop(ConsumerRebalanceListener):  # type: ignore[misc]
                 if position is not None:
                     offsets[tp] = position
             if not offsets:
-                return
+                return True
             try:
                 await self._consumer.commit(offsets)
             except (CommitFailedError, IllegalStateError) as exc:
                 # Membership changed: the partitions are being moved; the revoke callback
                 # commits what is ours, anything else is redelivered to the next owner.
                 logger.warning("commit of %s skipped: %s", _names(list(offsets)), exc)
-                return
+                return True
             except KafkaError as exc:
                 logger.warning("commit of %s failed, will retry: %s", _names(list(offsets)), exc)
                 self._commit_wanted.set()
-                return
+                return False
             for tp, position in offsets.items():
                 tracker = self._trackers.get(tp)
                 if tracker is not None:
                     tracker.mark_committed(position)
+            return True
 
     # ------------------------------------------------------- flow control
     def _apply_backpressure(self) -> None:
