@@ -108,9 +108,24 @@ def prepare_dev_model(settings: Settings) -> Path:
     return path
 
 
+def _embedded_group_timing(settings: Settings) -> Settings:
+    """Tansu makes a first group join wait half the session timeout (docs/brokers.md):
+    on the embedded broker, unless configured, `dev` uses a 3 s session so its first
+    answer comes after ~1.5 s instead of ~5 s. The dev configuration is decided here,
+    once, at the entry point."""
+    update: dict[str, int] = {}
+    if "kafka_session_timeout_ms" not in settings.model_fields_set:
+        update["kafka_session_timeout_ms"] = 3000
+    if "kafka_heartbeat_interval_ms" not in settings.model_fields_set:
+        update["kafka_heartbeat_interval_ms"] = 300
+    return settings.model_copy(update=update)
+
+
 async def run_dev(settings: Settings) -> None:
     """Everything on one machine: embedded broker unless configured, local voice without a
     key; prints what it started and records it for ``send``."""
+    if settings.kafka_bootstrap_servers is None:
+        settings = _embedded_group_timing(settings)
     with ExitStack() as stack:
         bootstrap = settings.kafka_bootstrap_servers
         broker_note = "external (KAFKA_BOOTSTRAP_SERVERS)"

@@ -153,6 +153,8 @@ async def probe_idempotence(bootstrap_servers: str, timeout: float = 5.0) -> boo
         enable_idempotence=True,
         request_timeout_ms=max(1000, int(timeout * 1000)),
     )
+    sender_log = logging.getLogger("aiokafka.producer.sender")
+    sender_log.addFilter(_quiet_probe)  # the refusal is the answer, not an error to show
     try:
         async with asyncio.timeout(timeout):
             await producer.start()
@@ -166,5 +168,10 @@ async def probe_idempotence(bootstrap_servers: str, timeout: float = 5.0) -> boo
         )
         return False
     finally:
+        sender_log.removeFilter(_quiet_probe)
         await producer.stop()
     return True
+
+
+def _quiet_probe(record: logging.LogRecord) -> bool:
+    return "InitProducerId" not in record.getMessage()
