@@ -33,6 +33,7 @@ class ImageHandler:
             url=result.url,
             seed=result.seed,
             character_id=event.character_id,
+            lora_id=event.character_lora_id,  # which character LoRA made it (operators)
             model=result.model,
             development_model=result.development_model,
         )

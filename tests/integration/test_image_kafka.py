@@ -128,6 +128,7 @@ async def test_lora_changes_the_image_and_no_lora_restores_the_base_exactly(
     again = (await answer(peer, image_request(prompt=prompt, seed=3, width=64, height=80,
                                               num_inference_steps=4, guidance_scale=3.5))).event
     assert with_lora["prompt"] == base["prompt"] == prompt
+    assert with_lora["lora_id"] == DEV_LORA_ID and base["lora_id"] is None
     base_pixels = pixels(await png(image_engine, base["url"]))
     assert not np.array_equal(pixels(await png(image_engine, with_lora["url"])), base_pixels)
     # `again` is the same content as `base`: answered from cache unless recomputed; force
