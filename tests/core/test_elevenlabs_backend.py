@@ -8,7 +8,6 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +32,6 @@ from tests.support.elevenlabs_server import DEFAULT_KEY, ElevenLabsServer, Fault
 
 RACHEL = "21m00Tcm4TlvDq8ikWAM"
 SARAH = "EXAVITQu4vr4xnSDxMaL"
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[ElevenLabsServer]:
-    s = ElevenLabsServer(seconds_per_char=0.004)
-    await s.start()
-    yield s
-    await s.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
 
 
 @pytest.fixture

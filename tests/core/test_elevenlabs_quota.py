@@ -25,12 +25,6 @@ async def server() -> AsyncIterator[ElevenLabsServer]:
     await s.stop()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
-
-
 def subscription_calls(server: ElevenLabsServer) -> int:
     return sum(r.path == "/v1/user/subscription" for r in server.received)
 

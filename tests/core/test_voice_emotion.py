@@ -3,9 +3,6 @@ Persona Engine's LLM when it answers well, the rules when it is slow, down or wr
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import httpx
 import pytest
 from pydantic import SecretStr
@@ -29,33 +26,6 @@ from tests.support.persona_server import PersonaLLMServer
 
 RACHEL = "21m00Tcm4TlvDq8ikWAM"
 LINE = "I have a secret for you. Haha, you will love it!"
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[ElevenLabsServer]:
-    s = ElevenLabsServer(seconds_per_char=0.004)
-    await s.start()
-    yield s
-    await s.stop()
-
-
-@pytest.fixture
-async def llm() -> AsyncIterator[PersonaLLMServer]:
-    s = PersonaLLMServer()
-    await s.start()
-    yield s
-    await s.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> OutputStore:
-    return OutputStore(tmp_path / "outputs")
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ settings (VOICE_BACKEND, the key, PERSONA_ENGINE_URL, VOICE_PROFILES_PATH)."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +26,6 @@ PROFILES = {
               "similarity_boost": 0.9, "use_speaker_boost": True, "speed": 1.1},
     "liam": {"voice_id": LIAM},
 }
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[ElevenLabsServer]:
-    s = ElevenLabsServer(seconds_per_char=0.004)
-    await s.start()
-    yield s
-    await s.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> OutputStore:
-    return OutputStore(tmp_path / "outputs")
 
 
 @pytest.fixture
