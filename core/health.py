@@ -69,7 +69,6 @@ class EngineHealth:
     image_model: ImageModelInfo = field(default_factory=ImageModelInfo)
     gpu: GpuInfo = field(default_factory=lambda: GpuInfo(available=False))
     voice_quota: VoiceQuota | None = None
-    details: dict[str, Any] = field(default_factory=dict)
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
@@ -134,5 +133,4 @@ class EngineHealth:
                 ],
             },
             "voice": self._voice(),
-            **self.details,
         }

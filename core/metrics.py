@@ -50,10 +50,6 @@ class EngineMetrics:
             "Records of a partition not yet answered (high watermark minus committed position)",
             ["topic", "partition"], registry=registry,
         )
-        self.http_requests = Counter(
-            "engine_http_requests_total", "HTTP API requests", ["endpoint", "status"],
-            registry=registry,
-        )
         # --- image worker (core/image/worker.py) ---
         self.image_batch_size = Histogram(
             "engine_image_batch_size", "Images per pipeline call of the GPU worker",

@@ -21,7 +21,7 @@ from core.image.prompts import PromptOptimizer
 from core.image.results import CachedResult, ResultCache, fingerprint
 from core.image.worker import GpuWorker
 from core.lora.registry import LoraInfo, LoraRegistry
-from core.outputs import OutputStore, StoredFile
+from core.outputs import OutputStore
 from schemas.events import ImageRequested
 
 __all__ = ["ImageResult", "ImageService", "ModelIdentity"]
@@ -52,7 +52,6 @@ class ImageResult:
     timestamp: str
     model: str
     development_model: bool
-    cached: bool = False
 
 
 class ImageService:
@@ -98,7 +97,7 @@ class ImageService:
         remembered = self._results.get(key)
         if remembered is not None and self._store.exists(remembered.filename):
             logger.debug("request_id=%s answered from the result cache", request.request_id)
-            return self._result(remembered, cached=True)
+            return self._result(remembered)
         if remembered is not None:
             prompt = remembered.prompt  # regenerate exactly what was made before
         else:
@@ -117,15 +116,13 @@ class ImageService:
             image = await self._worker.generate(job)
         finally:
             await finish_progress()
-        stored = await asyncio.to_thread(self._write, image, params, prompt, lora,
-                                          request.request_id)
-        entry = CachedResult(stored.file_id, stored.filename, prompt, params.width,
-                             params.height, params.seed)
-        self._results.put(key, entry)
-        return self._result(entry, cached=False)
+        entry = await asyncio.to_thread(self._keep, key, image, params, prompt, lora,
+                                        request.request_id)
+        return self._result(entry)
 
-    def _write(self, image: Image.Image, params: ImageParams, prompt: str,
-               lora: LoraInfo | None, request_id: str) -> StoredFile:
+    def _keep(self, key: str, image: Image.Image, params: ImageParams, prompt: str,
+              lora: LoraInfo | None, request_id: str) -> CachedResult:
+        """Writes the PNG and remembers it (file I/O: runs off the event loop)."""
         parameters = {
             "prompt": prompt, "negative_prompt": params.negative_prompt, "seed": params.seed,
             "steps": params.steps, "guidance_scale": params.guidance,
@@ -135,14 +132,18 @@ class ImageService:
             "model": self.model.name, "development_model": self.model.development_model,
             "request_id": request_id,
         }
-        return self._store.write_with(lambda path: write_png(path, image, parameters), "png")
+        stored = self._store.write_with(lambda path: write_png(path, image, parameters), "png")
+        entry = CachedResult(stored.file_id, stored.filename, prompt, params.width,
+                             params.height, params.seed)
+        self._results.put(key, entry)
+        return entry
 
-    def _result(self, entry: CachedResult, *, cached: bool) -> ImageResult:
+    def _result(self, entry: CachedResult) -> ImageResult:
         return ImageResult(
             image_id=entry.image_id, filename=entry.filename, prompt=entry.prompt,
             width=entry.width, height=entry.height, url=self._store.url_for(entry.filename),
             seed=entry.seed, timestamp=_now(), model=self.model.name,
-            development_model=self.model.development_model, cached=cached,
+            development_model=self.model.development_model,
         )
 
     def _bridge(self, progress: Progress | None

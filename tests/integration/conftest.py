@@ -3,7 +3,7 @@ engine, a consume loop with test handlers, and the Persona-side peer."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -124,5 +124,3 @@ async def harness(settings: Settings) -> AsyncIterator[LoopHarness]:
     finally:
         await h.stop()
 
-
-Waiter = Callable[..., Awaitable[Any]]
