@@ -28,11 +28,11 @@ from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from consumers.broker import launch_broker  # noqa: E402
-from consumers.topics import CONTRACT_TOPICS, ensure_topics  # noqa: E402
-from core.image import build_dev_model, load_pipeline  # noqa: E402
-from tests.support.engine_process import EngineProcess  # noqa: E402
-from tests.support.kafka_client import PersonaPeer  # noqa: E402
+from consumers.broker import launch_broker
+from consumers.topics import CONTRACT_TOPICS, ensure_topics
+from core.image import build_dev_model, load_pipeline
+from tests.support.engine_process import EngineProcess
+from tests.support.kafka_client import PersonaPeer
 
 T = TypeVar("T")
 

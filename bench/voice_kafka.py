@@ -38,7 +38,7 @@ TEXT = "Hello, I'm Sarah! How can I help you today?"
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def request(i: int, conversations: int) -> dict[str, object]:
@@ -72,7 +72,7 @@ async def through_kafka(args: argparse.Namespace, bootstrap: str, prefix: str, w
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KAFKA_TOPIC_PREFIX": prefix,
         "KAFKA_GROUP_ID": f"{prefix}bench", "KAFKA_FETCH_MAX_WAIT_MS": str(args.fetch_wait_ms),
         "SERVICE_PORT": "0", "OUTPUT_DIR": str(workdir / "kafka"), "VOICE_BACKEND": "local",
-        "LOG_LEVEL": "WARNING", "MAX_IN_FLIGHT": str(args.concurrency),
+        "LOG_LEVEL": "WARNING", "MAX_IN_FLIGHT_VOICE": str(args.concurrency),
         "KAFKA_SESSION_TIMEOUT_MS": "3000", "KAFKA_HEARTBEAT_INTERVAL_MS": "300",
         "FLUX_MODEL_PATH": str(build_dev_model(workdir / "dev-flux")),
         "LORA_OUTPUT_DIR": str(workdir / "loras"),

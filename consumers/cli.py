@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--request-id", help="default: a new UUID")
         sub.add_argument("--encoding", choices=["json", "avro"], default="avro")
         sub.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
+        sub.add_argument("--priority", choices=["interactive", "background"])
+        sub.add_argument("--deadline-in", type=float, metavar="SECONDS",
+                         help="deadline this many seconds from now (EXPIRED if not started)")
     return parser
 
 
@@ -113,6 +116,8 @@ def _quiet_model_libraries() -> None:
 
 
 async def _send(args: argparse.Namespace, settings: object) -> int:
+    from datetime import UTC, datetime, timedelta
+
     from consumers.devstate import read_state
     from consumers.send import send_and_wait
     from core.settings import Settings
@@ -135,6 +140,10 @@ async def _send(args: argparse.Namespace, settings: object) -> int:
     }
     if args.character_id:
         body["character_id"] = args.character_id
+    if args.priority:
+        body["priority"] = args.priority
+    if args.deadline_in is not None:
+        body["deadline"] = (datetime.now(UTC) + timedelta(seconds=args.deadline_in)).isoformat()
     codec = EventCodec()
     if args.kind == "voice":
         body.update({k: fields[k] for k in ("text", "voice_id", "model_id", "stability",

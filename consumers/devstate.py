@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["DevState", "state_path", "write_state", "read_state", "clear_state"]
+__all__ = ["DevState", "clear_state", "read_state", "state_path", "write_state"]
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,15 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
+from consumers.control import ControlReader
+from consumers.flow import FlowLimits
 from consumers.handlers import ImageHandler, LoraHandler, VoiceHandler
-from consumers.kafka import build_consumer, build_producer, resolve_idempotence
+from consumers.kafka import (
+    build_consumer,
+    build_control_consumer,
+    build_producer,
+    resolve_idempotence,
+)
 from consumers.publisher import EventPublisher
 from consumers.retry import RetryPolicy
 from consumers.routes import Route
@@ -28,12 +35,19 @@ from core.image.service import ImageService
 from core.image.worker import GpuWorker
 from core.metrics import EngineMetrics
 from core.outputs import OutputStore
+from core.scheduling import build_scheduling
 from core.settings import Settings
 from core.training import TrainingService, build_training_service
 from core.voice import build_voice_service
 from http_files import AppServices, create_app
 from schemas.codec import EventCodec
-from schemas.events import ImageRequested, LoraTrainingRequested, VoiceRequested
+from schemas.events import (
+    GenerationControl,
+    ImageRequested,
+    LoraTrainingRequested,
+    VoiceRequested,
+    utc_now_iso,
+)
 
 __all__ = ["Engine", "EngineAddresses"]
 
@@ -79,13 +93,16 @@ class Engine:
         self.http = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
         self.voice = build_voice_service(settings, self.store, self.http)
-        self.health = EngineHealth(voice_backend=self.voice.backend.name)
+        self.scheduling = build_scheduling(settings, self.metrics)
+        self.health = EngineHealth(voice_backend=self.voice.backend.name,
+                                   queues=self.scheduling.pending.depths)
         self._stop_requested = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         self._loop: ConsumeLoop | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
+        self._control_consumer: AIOKafkaConsumer | None = None
         self.addresses: EngineAddresses | None = None
         self.crashed: BaseException | None = None
 
@@ -96,10 +113,12 @@ class Engine:
         self.health.gpu = probe_gpu()
         services = AppServices(
             health=self.health, metrics=self.metrics, store=self.store,
-            codec=self.codec, voice=self.voice,
+            codec=self.codec, voice=self.voice, scheduling=self.scheduling,
         )
         app = create_app(services)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # handler_cancellation: a client that goes away cancels its own queued request
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                     handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._http_host, settings.service_port)
         await site.start()
@@ -122,10 +141,20 @@ class Engine:
         idempotent = await resolve_idempotence(settings, self._bootstrap)
         producer = self._producer = build_producer(settings, self._bootstrap, idempotent=idempotent)
         consumer = self._consumer = build_consumer(settings, self._bootstrap)
+        control = self._control_consumer = build_control_consumer(settings, self._bootstrap)
         await producer.start()
         await consumer.start()
+        await control.start()
         codec = self.codec
         publisher = EventPublisher(producer, codec, settings.event_encoding)
+        control_topic = settings.topic("generation.control")
+
+        async def broadcast_cancel(conversation_id: str, request_id: str | None) -> None:
+            await publisher.publish(control_topic, GenerationControl(
+                action="cancel", request_id=request_id, conversation_id=conversation_id,
+                created_at=utc_now_iso()), conversation_id.encode(), request_id)
+
+        services.broadcast_cancel = broadcast_cancel
         routes: list[Route] = [] if settings.lora_training_only else [
             Route(settings.topic("generation.requested.voice"), "voice", VoiceRequested,
                   VoiceHandler(self.voice)),
@@ -146,7 +175,7 @@ class Engine:
                 progress=settings.topic("generation.progress"),
             ),
             config=DeliveryConfig(
-                max_in_flight=settings.max_in_flight,
+                flow=FlowLimits(settings.max_buffered_records, settings.max_buffered_bytes),
                 shutdown_grace=settings.shutdown_grace_seconds,
             ),
             retry=RetryPolicy(
@@ -156,8 +185,12 @@ class Engine:
             ),
             metrics=self.metrics,
             health=self.health,
+            scheduling=self.scheduling,
         )
+        reader = ControlReader(control, control_topic, codec,
+                               self.scheduling.pending, lookback=settings.cancel_memory_seconds)
         self._tasks.append(asyncio.create_task(self._loop.run(), name="consume-loop"))
+        self._tasks.append(asyncio.create_task(reader.run(), name="control-reader"))
         self._tasks.append(asyncio.create_task(self._watch_broker(), name="broker-watch"))
         if self.voice.quota is not None:
             self._tasks.append(asyncio.create_task(
@@ -205,7 +238,9 @@ class Engine:
                 task.cancel()
             await asyncio.gather(*others, return_exceptions=True)
         # bounded: with the broker gone, leaving the group or flushing would wait forever
-        for client, what in ((self._consumer, "leave the group"), (self._producer, "flush")):
+        for client, what in ((self._consumer, "leave the group"),
+                             (self._control_consumer, "stop reading cancels"),
+                             (self._producer, "flush")):
             if client is None:
                 continue
             try:
@@ -229,7 +264,7 @@ class Engine:
             try:
                 await asyncio.wait_for(self._consumer.topics(), timeout=interval)
                 self.health.kafka_connected = True
-            except Exception as exc:  # any failure means "unreachable" for /health
+            except Exception as exc:  # noqa: BLE001 - any failure means "unreachable" for /health
                 if self.health.kafka_connected:
                     logger.warning("broker %s unreachable: %s", self._bootstrap, exc)
                 self.health.kafka_connected = False

@@ -9,7 +9,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from consumers.topics import probe_idempotence
 from core.settings import Settings
 
-__all__ = ["build_consumer", "build_producer", "resolve_idempotence"]
+__all__ = ["build_consumer", "build_control_consumer", "build_producer", "resolve_idempotence"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,20 @@ def build_consumer(settings: Settings, bootstrap_servers: str) -> AIOKafkaConsum
         heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
         max_poll_interval_ms=max(300_000, int(settings.shutdown_grace_seconds * 1000) * 2),
         # records of aborted producer transactions are never answered
+        isolation_level="read_committed",
+    )
+
+
+def build_control_consumer(settings: Settings, bootstrap_servers: str) -> AIOKafkaConsumer:
+    """A consumer outside any group, for ``generation.control``: every instance reads every
+    partition (it assigns them itself) and commits nothing."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers,
+        group_id=None,
+        client_id=f"{settings.service_name}-control",
+        enable_auto_commit=False,
+        auto_offset_reset="latest",
+        fetch_max_wait_ms=max(settings.kafka_fetch_max_wait_ms, 100),
         isolation_level="read_committed",
     )
 

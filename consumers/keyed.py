@@ -1,50 +1,68 @@
 """Per-key ordering with concurrency across keys.
 
-Two requests with the same key (one conversation) run one after the other in fetch order;
-requests with different keys run concurrently, even inside one partition.
+Two requests with the same key (one conversation) take their turns in fetch order;
+requests with different keys run concurrently, even inside one partition. A request that
+leaves its line early (cancelled, expired, failed) hands nothing to its successor but its
+place: the successor still waits for every request ahead of it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable
+from collections import deque
+from collections.abc import Callable, Hashable
 
-__all__ = ["KeyedSerializer"]
+__all__ = ["KeyedTurns", "Turn"]
 
 
-class KeyedSerializer:
-    """Chains coroutines per key: each starts when the previous one of its key ends."""
+class Turn:
+    """One place in a key's line: :meth:`wait` until it is first, :meth:`leave` when done
+    (always, also when it never got to wait: the line must not wedge)."""
+
+    def __init__(self, line: deque[Turn], forget: Callable[[], object]) -> None:
+        self._line = line
+        self._forget = forget
+        self._go = asyncio.Event()
+        self._left = False
+
+    async def wait(self) -> None:
+        """Returns once every earlier turn of the same key has left."""
+        await self._go.wait()
+
+    @property
+    def first(self) -> bool:
+        return self._go.is_set()
+
+    def leave(self) -> None:
+        """Gives up the place; the next in line may go when this one was first. Idempotent."""
+        if self._left:
+            return
+        self._left = True
+        was_first = self._line[0] is self
+        self._line.remove(self)
+        if not self._line:
+            self._forget()
+        elif was_first:
+            self._line[0]._go.set()
+
+
+class KeyedTurns:
+    """The lines of every key with work in flight."""
 
     def __init__(self) -> None:
-        self._tails: dict[Hashable, asyncio.Task[None]] = {}
+        self._lines: dict[Hashable, deque[Turn]] = {}
 
-    def submit(
-        self, key: Hashable, work: Callable[[], Awaitable[None]]
-    ) -> asyncio.Task[None]:
-        """Schedules ``work`` after every earlier submission with the same key.
-
-        The returned task finishes when ``work`` does; a failed or cancelled predecessor
-        (even one cancelled before it ever ran) does not stop its successors.
-        """
-        previous = self._tails.get(key)
-
-        async def run() -> None:
-            if previous is not None and not previous.done():
-                # the predecessor's own task reports its errors; only its end matters here
-                await asyncio.wait({previous})
-            await work()
-
-        task = asyncio.get_running_loop().create_task(run())
-        self._tails[key] = task
-
-        def forget(finished: asyncio.Task[None]) -> None:
-            if self._tails.get(key) is finished:
-                del self._tails[key]
-
-        task.add_done_callback(forget)
-        return task
+    def join(self, key: Hashable) -> Turn:
+        """A place at the end of ``key``'s line. Call in fetch order (synchronously)."""
+        line = self._lines.get(key)
+        if line is None:
+            line = self._lines[key] = deque()
+        turn = Turn(line, lambda: self._lines.pop(key, None))
+        line.append(turn)
+        if len(line) == 1:
+            turn._go.set()
+        return turn
 
     @property
     def active_keys(self) -> int:
-        return len(self._tails)
-
+        return len(self._lines)

@@ -63,7 +63,7 @@ async def call_with_retries(
             error = exc
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a bug or an untranslated foreign error
+        except Exception as exc:  # noqa: BLE001 - a bug or an untranslated foreign error
             error = InternalError(f"{type(exc).__name__}: {exc}")
             error.__cause__ = exc
         if not error.retryable or attempt >= policy.max_attempts:

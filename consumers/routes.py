@@ -8,9 +8,10 @@ the loop retries it).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from core.scheduling import Placement
 from schemas.events import Event, EventKind, GenerationCompleted
 
 __all__ = ["Handler", "HandlerContext", "ProgressReporter", "Route"]
@@ -24,10 +25,12 @@ async def _no_progress(step: int, total: int, loss: float | None) -> None:
 
 @dataclass(frozen=True)
 class HandlerContext:
-    """What a handler may know of its delivery besides the event."""
+    """What a handler may know of its delivery besides the event: the attempt, where to
+    report progress, and where the request stands in line (for the GPU queue)."""
 
     attempt: int = 1
     progress: ProgressReporter = _no_progress
+    placement: Placement = field(default_factory=Placement)
 
 
 class Handler(Protocol):

@@ -1,15 +1,13 @@
 """The consume loop: records in, result events out, offsets committed after the results.
 
-Delivery semantics (DESIGN.md):
-- a record's offset is committed only after its completed/failed event was acknowledged;
-- undecodable and invalid records become ``generation.failed`` at once (no poison pill);
-- transient errors are retried with capped, jittered backoff, then reported retryable;
-- same key in order, different keys concurrently, even within one partition;
-- at most ``max_in_flight`` records are worked on: beyond that the partitions are paused;
-- work runs in tasks (and threads below them), so fetching and heartbeats never starve;
-- on revoke: work of the revoked partitions gets a short grace, what is done is committed,
-  the rest is dropped (the next owner redoes it); nothing is committed for a partition no
-  longer owned;
+Delivery semantics (DESIGN.md), and where each lives:
+- fetching, dispatching and publishing: here; one task per fetched record;
+- decoding, scheduling, handling and retries: :mod:`consumers.answering`;
+- per-conversation order (same key in fetch order, other keys concurrently):
+  :mod:`consumers.keyed`;
+- memory bound per kind (a full kind pauses only its own partitions): :mod:`consumers.flow`;
+- commits after the answers were acknowledged: :mod:`consumers.committer`;
+- rebalances (short grace, commit what is done, drop the rest): :mod:`consumers.rebalance`;
 - on stop: no more fetching, in-flight work finishes within the grace period, results are
   published and committed, then the caller leaves the group.
 """
@@ -19,24 +17,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from consumers.keyed import KeyedSerializer
+from consumers.answering import RecordAnswerer, ResultTopics
+from consumers.committer import Committer
+from consumers.failures import failed_event
+from consumers.flow import FlowControl, FlowLimits
+from consumers.keyed import KeyedTurns, Turn
 from consumers.publisher import EventPublisher
-from consumers.retry import RetryExhausted, RetryPolicy, call_with_retries
-from consumers.routes import HandlerContext, Route
-from consumers.tracking import PartitionTracker
+from consumers.rebalance import RebalanceHandler
+from consumers.retry import RetryPolicy
+from consumers.routes import Route
 from core.health import EngineHealth
 from core.metrics import EngineMetrics
+from core.scheduling import Scheduling
 from schemas.codec import EventCodec
-from schemas.errors import EngineError, InternalError, InvalidRequestError, UndecodableError
-from schemas.events import GenerationCompleted, GenerationFailed, GenerationProgress
+from schemas.errors import InternalError
+from schemas.events import GenerationFailed
 
 __all__ = ["ConsumeLoop", "DeliveryConfig", "ResultTopics"]
 
@@ -45,21 +45,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DeliveryConfig:
-    max_in_flight: int = 64
+    flow: FlowLimits = field(default_factory=FlowLimits)
     shutdown_grace: float = 30.0
     rebalance_grace: float = 5.0
     fetch_timeout_ms: int = 200
-
-    def __post_init__(self) -> None:
-        if self.max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
-
-
-@dataclass(frozen=True)
-class ResultTopics:
-    completed: str
-    failed: str
-    progress: str
 
 
 @dataclass
@@ -67,11 +56,13 @@ class _Work:
     tp: TopicPartition
     record: ConsumerRecord[bytes, bytes]
     route: Route
+    size: int
     task: asyncio.Task[None] | None = None
+    admitted: bool = False  # past its turn and a slot: real work may have begun
 
 
-class ConsumeLoop(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Owns records, offsets, commits, retries and shutdown for a set of routes."""
+class ConsumeLoop:
+    """Owns records, offsets, commits and shutdown for a set of routes."""
 
     def __init__(
         self,
@@ -85,27 +76,29 @@ class ConsumeLoop(ConsumerRebalanceListener):  # type: ignore[misc]
         retry: RetryPolicy,
         metrics: EngineMetrics,
         health: EngineHealth,
+        scheduling: Scheduling,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if not routes:
             raise ValueError("routes must name at least one input topic")
         self._consumer = consumer
         self._publisher = publisher
-        self._codec = codec
         self._routes = {route.topic: route for route in routes}
         self._results = results
         self._config = config
-        self._retry = retry
         self._metrics = metrics
         self._health = health
-        self._sleep = sleep
-        self._trackers: dict[TopicPartition, PartitionTracker] = {}
+        self._answerer = RecordAnswerer(codec, publisher, results, scheduling, retry=retry,
+                                        metrics=metrics, sleep=sleep)
+        self._committer = Committer(consumer, sleep=sleep)
+        self._flow = FlowControl(consumer, {r.topic: r.kind for r in routes}, config.flow,
+                                 health)
+        self._listener = RebalanceHandler(self._committer, self, health,
+                                          grace=config.rebalance_grace,
+                                          on_assigned=self._restate_flow)
         self._work: dict[TopicPartition, dict[int, _Work]] = {}
-        self._keyed = KeyedSerializer()
+        self._turns = KeyedTurns()
         self._stopping = asyncio.Event()
-        self._commit_wanted = asyncio.Event()
-        self._commit_lock = asyncio.Lock()
-        self._paused = False
 
     # ----------------------------------------------------------------- public
     def request_stop(self) -> None:
@@ -114,6 +107,7 @@ class ConsumeLoop(ConsumerRebalanceListener):  # type: ignore[misc]
 
     @property
     def in_flight(self) -> int:
+        """Records fetched and not answered yet (at work or waiting for their turn)."""
         return sum(len(works) for works in self._work.values())
 
     async def run(self) -> None:
@@ -122,17 +116,13 @@ class ConsumeLoop(ConsumerRebalanceListener):  # type: ignore[misc]
         The consumer must be started by the caller, who also stops it afterwards (which
         leaves the group).
         """
-        self._consumer.subscribe(list(self._routes), listener=self)
-        committer = asyncio.create_task(self._commit_when_wanted(), name="committer")
+        self._consumer.subscribe(list(self._routes), listener=self._listener)
+        committer = asyncio.create_task(self._committer.run(), name="committer")
         stop_wait = asyncio.create_task(self._stopping.wait())
         try:
             while not self._stopping.is_set():
-                fetch = asyncio.create_task(
-                    self._consumer.getmany(
-                        timeout_ms=self._config.fetch_timeout_ms,
-                        max_records=max(1, self._config.max_in_flight - self.in_flight),
-                    )
-                )
+                fetch = asyncio.create_task(self._consumer.getmany(
+                    timeout_ms=self._config.fetch_timeout_ms, max_records=self._flow.room()))
                 await asyncio.wait({fetch, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
                 if not fetch.done():
                     fetch.cancel()
@@ -141,7 +131,7 @@ class ConsumeLoop(ConsumerRebalanceListener):  # type: ignore[misc]
                 for tp, records in fetch.result().items():
                     for record in records:
                         self._dispatch(tp, record)
-                self._apply_backpressure()
+                self._apply_flow()
                 self._update_lag()
         finally:
             stop_wait.cancel()
@@ -149,70 +139,73 @@ class ConsumeLoop(ConsumerRebalanceListener):  # type: ignore[misc]
             committer.cancel()
             await asyncio.gather(committer, stop_wait, return_exceptions=True)
             try:  # bounded: with the broker gone, aiokafka would retry the commit forever
-                await asyncio.wait_for(self._commit(list(self._trackers)),
+                await asyncio.wait_for(self._committer.commit(self._committer.owned),
                                        timeout=max(1.0, self._config.shutdown_grace))
             except TimeoutError:
                 logger.warning("final commit timed out: uncommitted records will be "
                                "redelivered (at-least-once)")
 
-    # --------------------------------------------------------- rebalancing
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        revoked = [tp for tp in revoked if tp in self._trackers]
-        if not revoked:
-            return
-        tasks = [w.task for tp in revoked for w in self._work.get(tp, {}).values() if w.task]
-        if tasks:
-            await asyncio.wait(tasks, timeout=self._config.rebalance_grace)
-        await self._commit(revoked)
-        for tp in revoked:
+    # ------------------------------------------- the work of partitions (rebalance)
+    async def settle(self, partitions: Iterable[TopicPartition], grace: float) -> int:
+        """Lets the work of ``partitions`` that has begun finish within ``grace`` seconds,
+        and cancels at once the records still waiting for their turn or a slot (they stay
+        uncommitted: redelivered). Returns how many were left unfinished (cancelled)."""
+        works = [w for tp in partitions for w in self._work.get(tp, {}).values()
+                 if w.task is not None and not w.task.done()]
+        waiting = [w.task for w in works if not w.admitted and w.task is not None]
+        begun = [w.task for w in works if w.admitted and w.task is not None]
+        for task in waiting:
+            task.cancel()
+        pending: set[asyncio.Task[None]] = set()
+        if begun:
+            _, pending = await asyncio.wait(begun, timeout=grace)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*waiting, *pending, return_exceptions=True)
+        return len(waiting) + len(pending)
+
+    def drop(self, partitions: Iterable[TopicPartition]) -> None:
+        for tp in partitions:
             for work in self._work.pop(tp, {}).values():
                 if work.task is not None and not work.task.done():
-                    work.task.cancel()
-            self._trackers.pop(tp, None)
-        self._refresh_assignment()
-        logger.info("partitions revoked: %s", _names(revoked))
-
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        for tp in assigned:
-            self._trackers.setdefault(tp, PartitionTracker())
-            self._work.setdefault(tp, {})
-        self._paused = False
-        self._apply_backpressure()
-        self._refresh_assignment()
-        self._health.kafka_connected = True
-        logger.info("partitions assigned: %s", _names(assigned))
+                    work.task.cancel()  # its own cleanup gives back what it held
 
     # -------------------------------------------------------------- records
     def _dispatch(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
-        tracker = self._trackers.get(tp)
+        tracker = self._committer.tracker(tp)
         route = self._routes.get(tp.topic)
         if tracker is None or route is None:
             return  # no longer ours; the next owner reads it again
         tracker.fetched(record.offset)
-        work = _Work(tp, record, route)
-        self._work[tp][record.offset] = work
+        work = _Work(tp, record, route, len(record.value or b"") + len(record.key or b""))
+        self._work.setdefault(tp, {})[record.offset] = work
+        self._flow.took(route.kind, work.size)
         self._metrics.consumed.labels(route.kind).inc()
         self._metrics.in_flight.labels(route.kind).inc()
-        key = (tp, record.key)
-        work.task = self._keyed.submit(key, lambda: self._process(work, tracker))
-        work.task.add_done_callback(lambda _: self._metrics.in_flight.labels(route.kind).dec())
+        turn = self._turns.join((tp, record.key))  # in fetch order: the key's order
+        work.task = asyncio.get_running_loop().create_task(self._process(work, turn))
+        work.task.add_done_callback(lambda _: self._let_go(work))
 
-    async def _process(self, work: _Work, tracker: PartitionTracker) -> None:
+    async def _process(self, work: _Work, turn: Turn) -> None:
         started = time.perf_counter()
         record, route = work.record, work.route
         where = f"topic={record.topic} partition={record.partition} offset={record.offset}"
         try:
-            topic, event, request_id = await self._answer(work)
+            answer = await self._answerer.answer(
+                record, route, turn, admitted=lambda: setattr(work, "admitted", True))
+            topic, event = answer.topic, answer.event
             try:
-                await self._publisher.publish(topic, event, record.key, request_id)
+                await self._publisher.publish(topic, event, record.key, answer.request_id)
             except Exception as exc:  # unencodable or refused by the broker: report that
-                logger.exception("%s request_id=%s result not publishable", where, request_id)
+                logger.exception("%s request_id=%s result not publishable", where,
+                                 answer.request_id)
                 topic = self._results.failed
-                event = self._failed(
-                    work, InternalError(f"result not publishable: {str(exc)[:500]}"), 1,
-                    {"request_id": request_id,
+                event = failed_event(
+                    record, route.kind,
+                    InternalError(f"result not publishable: {type(exc).__name__}"), 1,
+                    {"request_id": answer.request_id,
                      "conversation_id": getattr(event, "conversation_id", None)})
-                await self._publisher.publish(topic, event, record.key, request_id)
+                await self._publisher.publish(topic, event, record.key, answer.request_id)
         except Exception:
             # Not even a failed event could be published: leave the record uncommitted and
             # stop, so it is redelivered (to this instance restarted, or another one)
@@ -221,185 +214,47 @@ class ConsumeLoop(ConsumerRebalanceListener):  # type: ignore[misc]
                             exc_info=True)
             self.request_stop()
             return
+        finally:
+            turn.leave()  # after publishing: the next of this conversation answers after
         if isinstance(event, GenerationFailed):
             self._metrics.failed.labels(route.kind, event.error_code).inc()
         else:
             self._metrics.completed.labels(route.kind).inc()
         self._metrics.processing.labels(route.kind).observe(time.perf_counter() - started)
-        tracker.finished(record.offset)
-        self._work.get(work.tp, {}).pop(record.offset, None)
-        self._commit_wanted.set()
-        self._apply_backpressure()
+        tracker = self._committer.tracker(work.tp)
+        if tracker is not None and self._work.get(work.tp, {}).get(record.offset) is work:
+            tracker.finished(record.offset)
+            self._committer.want()
 
-    async def _answer(self, work: _Work) -> tuple[str, Any, str | None]:
-        """Decodes, validates and handles one record; always returns an event to publish."""
-        record, route = work.record, work.route
-        where = f"topic={record.topic} partition={record.partition} offset={record.offset}"
-        raw: dict[str, Any] = {}
-        try:
-            schema_name, raw = self._codec.decode_raw(record.value, _content_type(record))
-            event = self._codec.validate(route.model, raw, schema_name)
-        except (UndecodableError, InvalidRequestError) as exc:
-            request_id = _str_or_none(raw.get("request_id"))
-            logger.warning("%s request_id=%s rejected: %s %s", where, request_id, exc.code, exc)
-            return self._results.failed, self._failed(work, exc, 1, raw), request_id
-
-        request_id = event.request_id  # type: ignore[attr-defined]
-        where = f"{where} request_id={request_id}"
-        logger.debug("%s %s request received", where, route.kind)
-
-        async def report(step: int, total: int, loss: float | None) -> None:
-            progress = GenerationProgress(
-                request_id=request_id,
-                conversation_id=_conversation(event, raw),
-                kind=route.kind,
-                step=step,
-                total=total,
-                loss=loss,
-            )
-            await self._publisher.publish(
-                self._results.progress, progress, record.key, request_id
-            )
-
-        attempts = 0
-
-        async def attempt() -> GenerationCompleted:
-            nonlocal attempts
-            attempts += 1
-            return await route.handler(event, HandlerContext(attempt=attempts, progress=report))
-
-        def on_retry(error: EngineError, attempt_no: int, wait: float) -> None:
-            self._metrics.retries.labels(route.kind, error.code).inc()
-            logger.info(
-                "%s attempt %d failed with %s (%s); retrying in %.2fs",
-                where, attempt_no, error.code, error, wait,
-            )
-
-        try:
-            completed, _ = await call_with_retries(
-                attempt, self._retry, sleep=self._sleep, on_retry=on_retry
-            )
-        except RetryExhausted as exc:
-            log = logger.error if exc.error.code == "INTERNAL" else logger.warning
-            log("%s failed after %d attempt(s): %s %s", where, exc.attempts, exc.error.code,
-                exc.error, exc_info=exc.error.code == "INTERNAL")
-            return self._results.failed, self._failed(work, exc.error, exc.attempts, raw), request_id
-        logger.info("%s %s completed", where, route.kind)
-        return self._results.completed, completed, request_id
-
-    def _failed(
-        self, work: _Work, error: EngineError, attempts: int, raw: dict[str, Any]
-    ) -> GenerationFailed:
-        record = work.record
-        conversation = _str_or_none(raw.get("conversation_id"))
-        if conversation is None and record.key is not None:
-            conversation = record.key.decode("utf-8", "replace")
-        return GenerationFailed(
-            request_id=_str_or_none(raw.get("request_id")),
-            conversation_id=conversation,
-            kind=work.route.kind,
-            error_code=str(error.code),
-            message=error.message,
-            retryable=error.retryable,
-            attempts=attempts,
-            source_topic=record.topic,
-            source_partition=record.partition,
-            source_offset=record.offset,
-        )
-
-    # --------------------------------------------------------------- commits
-    async def _commit_when_wanted(self) -> None:
-        failures = 0
-        while True:
-            await self._commit_wanted.wait()
-            self._commit_wanted.clear()
-            if await self._commit(list(self._trackers)):
-                failures = 0
-            else:  # the broker is struggling: back off before the next try
-                failures += 1
-                await self._sleep(min(5.0, 0.1 * 2**failures))
-
-    async def _commit(self, partitions: list[TopicPartition]) -> bool:
-        """Commits what is answered in ``partitions``; False when the broker failed (the
-        commit is wanted again)."""
-        async with self._commit_lock:
-            offsets = {}
-            for tp in partitions:
-                tracker = self._trackers.get(tp)
-                position = tracker.committable() if tracker is not None else None
-                if position is not None:
-                    offsets[tp] = position
-            if not offsets:
-                return True
-            try:
-                await self._consumer.commit(offsets)
-            except (CommitFailedError, IllegalStateError) as exc:
-                # Membership changed: the partitions are being moved; the revoke callback
-                # commits what is ours, anything else is redelivered to the next owner.
-                logger.warning("commit of %s skipped: %s", _names(list(offsets)), exc)
-                return True
-            except KafkaError as exc:
-                logger.warning("commit of %s failed, will retry: %s", _names(list(offsets)), exc)
-                self._commit_wanted.set()
-                return False
-            for tp, position in offsets.items():
-                tracker = self._trackers.get(tp)
-                if tracker is not None:
-                    tracker.mark_committed(position)
-            return True
+    def _let_go(self, work: _Work) -> None:
+        """The record's task ended (answered, dropped or cancelled): free what it held."""
+        works = self._work.get(work.tp)
+        if works is not None and works.get(work.record.offset) is work:
+            del works[work.record.offset]
+        self._flow.let_go(work.route.kind, work.size)
+        self._metrics.in_flight.labels(work.route.kind).dec()
+        self._apply_flow()
 
     # ------------------------------------------------------- flow control
-    def _apply_backpressure(self) -> None:
-        assignment = [tp for tp in self._consumer.assignment() if tp in self._trackers]
-        if not assignment:
-            return
-        in_flight = self.in_flight
-        if not self._paused and in_flight >= self._config.max_in_flight:
-            self._consumer.pause(*assignment)
-            self._paused = True
-            logger.debug("paused fetching: %d in flight", in_flight)
-        elif self._paused and in_flight <= self._config.max_in_flight // 2:
-            self._consumer.resume(*assignment)
-            self._paused = False
-            logger.debug("resumed fetching: %d in flight", in_flight)
+    def _apply_flow(self) -> None:
+        self._flow.apply(self._committer.owned)
+
+    def _restate_flow(self) -> None:
+        self._flow.apply(self._committer.owned, restate=True)
 
     async def _drain(self, grace: float) -> None:
-        tasks = [w.task for works in self._work.values() for w in works.values() if w.task]
-        if not tasks:
+        if not self.in_flight:
             return
-        logger.info("stopping: finishing %d in-flight request(s) within %.1fs", len(tasks), grace)
-        _, pending = await asyncio.wait(tasks, timeout=grace)
-        for task in pending:
-            task.cancel()
-        if pending:
-            logger.warning("stopping: %d request(s) not finished, left uncommitted", len(pending))
-            await asyncio.gather(*pending, return_exceptions=True)
+        logger.info("stopping: finishing the %d request(s) at work within %.1fs",
+                    sum(w.admitted for ws in self._work.values() for w in ws.values()), grace)
+        left = await self.settle(list(self._work), grace)
+        if left:
+            logger.warning("stopping: %d request(s) not finished, left uncommitted", left)
 
     def _update_lag(self) -> None:
-        for tp, tracker in self._trackers.items():
+        for tp in self._committer.owned:
+            tracker = self._committer.tracker(tp)
             highwater = self._consumer.highwater(tp)
-            position = tracker.position()
+            position = tracker.position() if tracker is not None else None
             if highwater is not None and position is not None:
                 self._metrics.lag.labels(tp.topic, str(tp.partition)).set(highwater - position)
-
-    def _refresh_assignment(self) -> None:
-        self._health.assigned = [(tp.topic, tp.partition) for tp in self._trackers]
-
-
-def _content_type(record: ConsumerRecord[bytes, bytes]) -> str | None:
-    for name, value in record.headers or ():
-        if name.lower() == "content-type" and value is not None:
-            return str(value.decode("latin-1"))
-    return None
-
-
-def _str_or_none(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def _conversation(event: Any, raw: dict[str, Any]) -> str | None:
-    return getattr(event, "conversation_id", None) or _str_or_none(raw.get("conversation_id"))
-
-
-def _names(partitions: list[TopicPartition]) -> str:
-    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(partitions)) or "none"

@@ -36,6 +36,7 @@ CONTRACT_TOPICS: tuple[str, ...] = (
     "generation.requested.image",
     "generation.requested.voice",
     "generation.requested.lora",
+    "generation.control",
     "generation.completed",
     "generation.failed",
     "generation.progress",

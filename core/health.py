@@ -66,9 +66,11 @@ class EngineHealth:
     started: bool = False
     kafka_connected: bool = False
     assigned: list[tuple[str, int]] = field(default_factory=list)
+    paused_kinds: list[str] = field(default_factory=list)  # fetching held back: kind is full
     image_model: ImageModelInfo = field(default_factory=ImageModelInfo)
     gpu: GpuInfo = field(default_factory=lambda: GpuInfo(available=False))
     voice_quota: VoiceQuota | None = None
+    queues: Callable[[], dict[str, dict[str, int]]] | None = None  # waiting, kind → priority
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
@@ -131,6 +133,8 @@ class EngineHealth:
                     {"topic": topic, "partition": partition}
                     for topic, partition in sorted(self.assigned)
                 ],
+                "paused_kinds": self.paused_kinds,
             },
             "voice": self._voice(),
+            "queues": self.queues() if self.queues is not None else {},
         }

@@ -50,6 +50,30 @@ class EngineMetrics:
             "Records of a partition not yet answered (high watermark minus committed position)",
             ["topic", "partition"], registry=registry,
         )
+        # --- scheduling (core/scheduling) ---
+        self.queue_wait = Histogram(
+            "engine_queue_wait_seconds",
+            "Time from a request's arrival to the start of its work (a GPU job taken, a "
+            "voice or training call begun)", ["kind", "priority"],
+            buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "engine_queue_depth_requests", "Requests taken in and waiting to start",
+            ["kind", "priority"], registry=registry,
+        )
+        self.cancelled = Counter(
+            "engine_requests_cancelled_total",
+            "Requests answered CANCELLED (generation.control, DELETE, client gone)", ["kind"],
+            registry=registry,
+        )
+        self.expired = Counter(
+            "engine_requests_expired_total", "Requests answered EXPIRED (deadline passed "
+            "before they started)", ["kind"], registry=registry,
+        )
+        self.http_rejected = Counter(
+            "engine_http_rejected_total", "HTTP requests answered 503 because their kind "
+            "was full", ["kind"], registry=registry,
+        )
         # --- image worker (core/image/worker.py) ---
         self.image_batch_size = Histogram(
             "engine_image_batch_size", "Images per pipeline call of the GPU worker",

@@ -103,8 +103,20 @@ class Settings(BaseSettings):
     event_encoding: Literal["avro", "json"] = "avro"
     embedded_broker: Literal["tansu", "rdkafka-mock"] = "tansu"
 
-    # --- delivery ---
-    max_in_flight: int = Field(64, ge=1, le=10000)
+    # --- delivery and scheduling ---
+    max_in_flight_image: int = Field(16, ge=1, le=10000,
+                                     description="images taken in at once (GPU queue)")
+    max_in_flight_voice: int = Field(32, ge=1, le=10000)
+    max_in_flight_lora: int = Field(2, ge=1, le=100)
+    max_in_flight_per_conversation: int = Field(2, ge=1, le=1000)
+    max_buffered_records: int = Field(1000, ge=1, le=1_000_000,
+                                      description="fetched and unanswered, per kind")
+    max_buffered_bytes: int = Field(64 * 2**20, ge=2**20,
+                                    description="bytes of those records, per kind")
+    replay_age_seconds: float = Field(600.0, gt=0,
+                                      description="older records count as background")
+    cancel_memory_seconds: float = Field(600.0, ge=0,
+                                         description="how long a cancel is remembered")
     retry_max_attempts: int = Field(4, ge=1, le=20)
     retry_base_delay: float = Field(0.5, ge=0.0)
     retry_max_delay: float = Field(30.0, ge=0.0)

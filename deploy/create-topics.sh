@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates the six contract topics on the compose Kafka (run by the `create-topics` one-shot
+# Creates the seven contract topics on the compose Kafka (run by the `create-topics` one-shot
 # service, apache/kafka image, after the broker is healthy). Idempotent: --if-not-exists.
 #
 # Environment (all optional):
@@ -34,9 +34,11 @@ create() {
 create generation.requested.image
 create generation.requested.voice
 create generation.requested.lora --config "max.message.bytes=${lora_max_bytes}"
+# in: cancels (key conversation_id); read by every instance, kept a day
+create generation.control --config "retention.ms=${progress_retention}"
 # out: results (same key as the request)
 create generation.completed
 create generation.failed
 create generation.progress --config "retention.ms=${progress_retention}"
 
-echo "all six contract topics exist (prefix '${prefix}', ${partitions} partitions)"
+echo "all seven contract topics exist (prefix '${prefix}', ${partitions} partitions)"

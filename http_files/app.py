@@ -8,6 +8,7 @@ from http_files.health import health
 from http_files.image import generate_image
 from http_files.metrics import metrics
 from http_files.outputs import get_output
+from http_files.requests import cancel_request
 from http_files.services import SERVICES, AppServices
 from http_files.train import get_training, train_lora
 from http_files.voice import generate_voice
@@ -30,4 +31,5 @@ def create_app(services: AppServices) -> web.Application:
     app.router.add_post("/generate/image", generate_image)
     app.router.add_post("/train-lora", train_lora)
     app.router.add_get("/train-lora/{training_id}", get_training)
+    app.router.add_delete("/requests/{request_id}", cancel_request)
     return app

@@ -24,6 +24,8 @@ _STATUS = {
     ErrorCode.OUT_OF_MEMORY: 503,
     ErrorCode.TIMEOUT: 504,
     ErrorCode.INTERNAL: 500,
+    ErrorCode.CANCELLED: 409,  # withdrawn by DELETE /requests/{id} or generation.control
+    ErrorCode.EXPIRED: 504,  # its deadline passed before it started
 }
 _FIELD_OF = {ErrorCode.UNKNOWN_LORA: "character_lora_id"}
 

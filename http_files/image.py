@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from http_files.errors import error_response
+from http_files.scheduled import run_scheduled
 from http_files.services import SERVICES
 from http_files.validation import read_event
 from schemas.errors import EngineError
@@ -20,8 +21,11 @@ async def generate_image(request: web.Request) -> web.Response:
             {"error_code": "INTERNAL", "message": "no image model is loaded", "retryable": True},
             status=503)
     event = await read_event(request, services.codec, ImageRequested)
+    image = services.image
     try:
-        result = await services.image.generate(event)
+        result = await run_scheduled(
+            services, "image", event,
+            lambda pending: image.generate(event, placement=pending.placement()))
     except EngineError as exc:
         return error_response(exc)
     return web.json_response({

@@ -9,6 +9,8 @@
      ├── QuotaExceededError          QUOTA_EXCEEDED
      ├── OutOfMemoryError            OUT_OF_MEMORY         retryable
      ├── GenerationTimeoutError      TIMEOUT               retryable
+     ├── RequestCancelledError       CANCELLED             withdrawn by generation.control / DELETE
+     ├── RequestExpiredError         EXPIRED               not started by its deadline
      └── InternalError               INTERNAL
 
 The codes are part of the wire contract (``GenerationFailed.error_code``), which is why the
@@ -28,6 +30,8 @@ __all__ = [
     "InvalidRequestError",
     "OutOfMemoryError",
     "QuotaExceededError",
+    "RequestCancelledError",
+    "RequestExpiredError",
     "UndecodableError",
     "UnknownLoraError",
     "UpstreamRejectedError",
@@ -45,6 +49,8 @@ class ErrorCode(StrEnum):
     OUT_OF_MEMORY = "OUT_OF_MEMORY"
     TIMEOUT = "TIMEOUT"
     INTERNAL = "INTERNAL"
+    CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"
 
 
 class EngineError(Exception):
@@ -109,6 +115,19 @@ class OutOfMemoryError(EngineError):
 class GenerationTimeoutError(EngineError):
     code = ErrorCode.TIMEOUT
     retryable = True
+
+
+class RequestCancelledError(EngineError):
+    """The request was withdrawn (``generation.control`` cancel, ``DELETE /requests/{id}``
+    or an HTTP client that went away) before it finished; never retried."""
+
+    code = ErrorCode.CANCELLED
+
+
+class RequestExpiredError(EngineError):
+    """The request had not started by its ``deadline``; no work was done for it."""
+
+    code = ErrorCode.EXPIRED
 
 
 class InternalError(EngineError):

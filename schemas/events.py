@@ -25,12 +25,15 @@ __all__ = [
     "Event",
     "EventKind",
     "GenerationCompleted",
+    "GenerationControl",
     "GenerationFailed",
     "GenerationProgress",
     "ImageRequested",
     "InlineImage",
     "LoraTrainingRequested",
+    "RequestPriority",
     "VoiceRequested",
+    "parse_instant",
     "utc_now_iso",
 ]
 
@@ -63,6 +66,12 @@ def _iso_datetime(value: str) -> str:
     return value
 
 
+def parse_instant(value: str) -> datetime:
+    """An ISO-8601 date-time as an aware UTC ``datetime`` (no offset means UTC)."""
+    parsed = datetime.fromisoformat(value)
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
 def _bytes_from_wire(value: object) -> object:
     # Avro carries raw bytes; JSON can only carry text, so it carries standard base64.
     if isinstance(value, str):
@@ -80,6 +89,7 @@ def _bytes_to_json(value: bytes) -> str:
 NonBlank = Annotated[str, AfterValidator(_not_blank)]
 RequestId = Annotated[str, Field(max_length=200), AfterValidator(_not_blank)]
 IsoDateTime = Annotated[str, AfterValidator(_iso_datetime)]
+RequestPriority = Literal["interactive", "background"]
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 Seed = Annotated[int, Field(ge=0, le=_SEED_MAX)]
 WireBytes = Annotated[
@@ -119,6 +129,8 @@ class ImageRequested(Event):
     seed: Seed | None = None
     optimize_prompt: bool = True
     created_at: IsoDateTime | None = None
+    priority: RequestPriority | None = None
+    deadline: IsoDateTime | None = None
 
 
 class VoiceRequested(Event):
@@ -137,6 +149,8 @@ class VoiceRequested(Event):
     model_id: str | None = None
     inject_emotion: bool = True
     created_at: IsoDateTime | None = None
+    priority: RequestPriority | None = None
+    deadline: IsoDateTime | None = None
 
 
 class InlineImage(_Record):
@@ -163,6 +177,21 @@ class LoraTrainingRequested(Event):
     steps: Annotated[int, Field(ge=1)] | None = None
     learning_rate: Annotated[float, Field(gt=0.0)] | None = None
     resolution: Annotated[int, Field(gt=0)] | None = None
+    created_at: IsoDateTime | None = None
+
+
+class GenerationControl(Event):
+    """Control of pending requests (topic ``generation.control``, key conversation_id).
+
+    ``cancel`` with ``request_id`` withdraws that request; without it, every request of the
+    conversation published before this record. Every engine instance acts on every record.
+    """
+
+    avro_name: ClassVar[str] = f"{NAMESPACE}.GenerationControl"
+
+    action: Literal["cancel"]
+    request_id: Annotated[str, Field(max_length=200)] | None = None
+    conversation_id: NonBlank
     created_at: IsoDateTime | None = None
 
 

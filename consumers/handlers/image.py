@@ -20,7 +20,7 @@ class ImageHandler:
         async def progress(step: int, total: int) -> None:
             await context.progress(step, total, None)
 
-        result = await self._service.generate(event, progress)
+        result = await self._service.generate(event, progress, context.placement)
         return GenerationCompleted(
             request_id=event.request_id,
             conversation_id=event.conversation_id,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from PIL.Image import Image
 
 from core.image.job import ImageJob
 
-__all__ = ["Aborted", "call_pipeline"]
+__all__ = ["Aborted", "AllCancelled", "call_pipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,21 +27,35 @@ class Aborted(Exception):
     """The worker is stopping: the call was cut short between two steps."""
 
 
+class AllCancelled(Exception):
+    """Every job of the call was withdrawn: the call was cut short between two steps."""
+
+
 def call_pipeline(
-    pipeline: Any, jobs: list[ImageJob], *, max_sequence_length: int, abort: threading.Event
+    pipeline: Any, jobs: list[ImageJob], *, max_sequence_length: int, abort: threading.Event,
+    cancelled: Sequence[threading.Event],
 ) -> list[Image]:
     """Generate one image per job (all sharing :func:`~core.image.job.batch_key`) in one
-    call. Reports each step to every job's ``progress``; raises :class:`Aborted` when
-    ``abort`` is set mid-call; lets torch's errors (out of memory) through."""
+    call; ``cancelled[i]`` is set when job ``i``'s caller withdraws it. Reports each step to
+    every job still wanted's ``progress``; raises :class:`Aborted` when ``abort`` is set
+    mid-call, :class:`AllCancelled` when every job is withdrawn (before the call or
+    between two steps); lets torch's errors (out of memory) through."""
+    if len(cancelled) != len(jobs):
+        raise ValueError(f"{len(cancelled)} cancellation events for {len(jobs)} jobs")
     first = jobs[0]
+
+    def check() -> None:
+        if abort.is_set():
+            raise Aborted("the GPU worker is stopping")
+        if all(event.is_set() for event in cancelled):
+            raise AllCancelled(f"all {len(jobs)} job(s) of the call were withdrawn")
 
     def on_step_end(_pipe: Any, index: int, _timestep: Any, _tensors: dict[str, Any]) -> dict[
         str, Any
     ]:
-        if abort.is_set():
-            raise Aborted("the GPU worker is stopping")
-        for job in jobs:
-            if job.progress is not None:
+        check()
+        for job, withdrawn in zip(jobs, cancelled):
+            if job.progress is not None and not withdrawn.is_set():
                 try:
                     job.progress(index + 1, first.steps)
                 except Exception:  # a reporting problem must not fail the image
@@ -61,6 +76,7 @@ def call_pipeline(
     if first.negative_prompt is not None:
         arguments["negative_prompt"] = [job.negative_prompt for job in jobs]
         arguments["true_cfg_scale"] = first.true_cfg_scale
+    check()  # the callers may have gone while the batch was gathered
     images = list(pipeline(**arguments).images)  # FluxPipeline.__call__ runs under no_grad
     if len(images) != len(jobs):  # pragma: no cover - diffusers' contract
         raise RuntimeError(f"pipeline returned {len(images)} images for {len(jobs)} prompts")

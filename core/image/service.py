@@ -22,6 +22,7 @@ from core.image.results import CachedResult, ResultCache, fingerprint
 from core.image.worker import GpuWorker
 from core.lora.registry import LoraInfo, LoraRegistry
 from core.outputs import OutputStore
+from core.scheduling import Placement
 from schemas.events import ImageRequested
 
 __all__ = ["ImageResult", "ImageService", "ModelIdentity"]
@@ -85,12 +86,15 @@ class ImageService:
         lora = self._loras.get(params.lora_id) if params.lora_id else None
         return params, lora
 
-    async def generate(self, request: ImageRequested, progress: Progress | None = None
-                       ) -> ImageResult:
-        """Makes (or finds) the image for ``request``.
+    async def generate(self, request: ImageRequested, progress: Progress | None = None,
+                       placement: Placement | None = None) -> ImageResult:
+        """Makes (or finds) the image for ``request``, queued on the GPU as ``placement``
+        says (interactive, its own owner, when absent).
 
-        Raises ``InvalidRequestError`` (a field), ``UnknownLoraError``, ``OutOfMemoryError``
-        or ``InternalError``; never a partial file.
+        Raises ``InvalidRequestError`` (a field), ``UnknownLoraError``, ``OutOfMemoryError``,
+        ``RequestExpiredError`` (its deadline passed in the GPU queue) or ``InternalError``;
+        never a partial file. Cancelling the caller drops the job, or stops it at its next
+        step when it runs.
         """
         params, lora = self.check(request)
         key = fingerprint(params, self.model.fingerprint, lora.fingerprint if lora else None)
@@ -113,7 +117,8 @@ class ImageService:
             progress=on_step,
         )
         try:
-            image = await self._worker.generate(job)
+            image = await self._worker.generate(
+                job, placement or Placement(owner=request.conversation_id))
         finally:
             await finish_progress()
         entry = await asyncio.to_thread(self._keep, key, image, params, prompt, lora,

@@ -1,9 +1,14 @@
 """The GPU worker: one thread owns the pipeline; everything else talks to it through a queue.
 
-Jobs are batched when compatible (:func:`~core.image.job.batch_key`), up to
-``max_batch_size``, waiting at most ``batch_window_ms`` to gather. LoRA loading, switching
-and unloading happen only in this thread, between pipeline calls. Callables given to
-:meth:`GpuWorker.run_exclusive` (LoRA training) run there too, between jobs.
+Work is taken in the order of :mod:`core.scheduling.gpu_queue`: interactive before
+background, owners (conversations) in turn. Jobs are batched when compatible
+(:func:`~core.image.job.batch_key`) and of one priority, up to ``max_batch_size``, waiting
+at most ``batch_window_ms`` to gather. LoRA loading, switching and unloading happen only in
+this thread, between pipeline calls. Callables given to :meth:`GpuWorker.run_exclusive`
+(LoRA training) run there too, between jobs.
+
+A job whose caller goes away is dropped if queued; if it runs, the call stops at its next
+step once every job in it is withdrawn (:class:`RequestCancelledError`).
 
 Out of memory: the memory is freed and every job of the failed call is retried once,
 alone; a job that fails alone too gets :class:`OutOfMemoryError` (retryable) and the
@@ -25,13 +30,20 @@ from typing import Any, TypeVar
 import torch
 from PIL.Image import Image
 
-from core.image._call import Aborted, call_pipeline
-from core.image._queue import ExclusiveItem, JobItem, StopItem, WorkQueue
-from core.image.job import ImageJob
+from core.image._call import Aborted, AllCancelled, call_pipeline
+from core.image.job import ImageJob, batch_key
 from core.image.loader import LoadedModel
 from core.lora.adapters import AdapterSet
 from core.metrics import EngineMetrics
-from schemas.errors import EngineError, InternalError, InvalidRequestError, OutOfMemoryError
+from core.scheduling.gpu_queue import ExclusiveItem, JobItem, StopItem, WorkQueue
+from core.scheduling.placement import Placement, Priority
+from schemas.errors import (
+    EngineError,
+    InternalError,
+    InvalidRequestError,
+    OutOfMemoryError,
+    RequestCancelledError,
+)
 
 __all__ = ["GpuWorker", "ImageJob"]
 
@@ -40,6 +52,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 OomInjector = Callable[[list[ImageJob]], None]
 _STOPPED = "the GPU worker is stopped"
+_ANY_OWNER = Placement()  # interactive, the shared owner, no deadline (frozen: safe to share)
 
 
 class GpuWorker:
@@ -78,7 +91,7 @@ class GpuWorker:
             on_switch=metrics.lora_switch_seconds.observe if metrics else None,
             on_evict=metrics.lora_evictions.inc if metrics else None,
         )
-        self._queue = WorkQueue()
+        self._queue = WorkQueue(batch_key)
         self._abort = threading.Event()
         self._lock = threading.Lock()
         self._closed = False
@@ -124,34 +137,54 @@ class GpuWorker:
                 logger.error("GPU worker thread still busy after abort; leaving it")
                 self._fail_queued()
 
-    def submit(self, job: ImageJob) -> Future[Image]:
-        """Queue ``job``; the future resolves to its image or an :class:`EngineError`
-        (:class:`OutOfMemoryError`, a LoRA load error, :class:`InternalError`). Raises
-        :class:`InvalidRequestError` for sizes or steps the pipeline would silently
-        change, :class:`InternalError` once stopped."""
-        _check_job(job)
-        future: Future[Image] = Future()
-        self._put(JobItem(job, future))
-        return future
+    def depth(self) -> dict[Priority, int]:
+        """Items queued and not started, per priority (for metrics and admission)."""
+        return self._queue.depth()
 
-    async def generate(self, job: ImageJob) -> Image:
+    def submit(self, job: ImageJob, placement: Placement = _ANY_OWNER) -> Future[Image]:
+        """Queue ``job`` where ``placement`` puts it; the future resolves to its image or
+        an :class:`EngineError` (:class:`OutOfMemoryError`, a LoRA load error,
+        :class:`RequestExpiredError` when not started by the deadline,
+        :class:`InternalError`). Raises :class:`InvalidRequestError` for sizes or steps the
+        pipeline would silently change, :class:`InternalError` once stopped."""
+        return self._submit(job, placement).future
+
+    async def generate(self, job: ImageJob, placement: Placement = _ANY_OWNER) -> Image:
         """The image for ``job`` (see :meth:`submit`). Cancelling the caller drops the job
-        if it has not started yet."""
-        return await asyncio.wrap_future(self.submit(job))
+        if it has not started yet; if it runs, its result is discarded, and the pipeline
+        call stops at its next step when no job in it is still wanted."""
+        item = self._submit(job, placement)
+        try:
+            return await asyncio.wrap_future(item.future)
+        except asyncio.CancelledError:
+            if not item.future.cancel():  # already running: tell the step callback
+                item.cancelled.set()
+            raise
 
-    def submit_exclusive(self, fn: Callable[[Any], T]) -> Future[T]:
-        """Queue ``fn(pipeline)`` to run in the worker thread between jobs."""
+    def submit_exclusive(self, fn: Callable[[Any], T],
+                         placement: Placement = _ANY_OWNER) -> Future[T]:
+        """Queue ``fn(pipeline)`` to run in the worker thread between jobs, where
+        ``placement`` puts it (a training names itself as owner, so that it takes turns
+        with conversations); past the deadline it fails with :class:`RequestExpiredError`
+        instead."""
         future: Future[T] = Future()
-        self._put(ExclusiveItem(fn, future))
+        self._put(ExclusiveItem(fn, future, placement))
         return future
 
-    async def run_exclusive(self, fn: Callable[[Any], T]) -> T:
+    async def run_exclusive(self, fn: Callable[[Any], T],
+                            placement: Placement = _ANY_OWNER) -> T:
         """Run ``fn(pipeline)`` in the worker thread between jobs and return its result;
         its exceptions are raised here (torch's out of memory as
         :class:`OutOfMemoryError`). ``fn`` must leave the pipeline's LoRA adapters as it
         found them (use its own adapter name and delete it); otherwise the worker unloads
         all adapters afterwards."""
-        return await asyncio.wrap_future(self.submit_exclusive(fn))
+        return await asyncio.wrap_future(self.submit_exclusive(fn, placement))
+
+    def _submit(self, job: ImageJob, placement: Placement) -> JobItem:
+        _check_job(job)
+        item = JobItem(job, Future(), placement)
+        self._put(item)
+        return item
 
     def _put(self, item: JobItem | ExclusiveItem) -> None:
         with self._lock:
@@ -178,26 +211,35 @@ class GpuWorker:
         live = [item for item in items if item.future.set_running_or_notify_cancel()]
         if not live:
             return
-        jobs = [item.job for item in live]
+        for item in live:
+            _report_start(item.placement)
         try:
-            results = self._generate(jobs)
+            results = self._generate(live)
         except Exception as exc:  # noqa: BLE001 - every failure must reach the callers
-            results = list(_copies(_translate(exc), len(jobs)))
+            results = list(_copies(_translate(exc), len(live)))
         for item, result in zip(live, results):
+            if item.future.done():  # defensive: a running future is ours alone to resolve
+                continue
             if isinstance(result, BaseException):
                 item.future.set_exception(result)
             else:
                 item.future.set_result(result)
 
-    def _generate(self, jobs: list[ImageJob]) -> list[Image | EngineError]:
+    def _generate(self, items: list[JobItem]) -> list[Image | EngineError]:
+        """One image or error per item; :class:`AllCancelled` and others from the batched
+        call pass through (they concern every item alike)."""
         try:
-            return list(self._attempt(jobs))
+            return list(self._attempt(items))
         except torch.OutOfMemoryError as exc:
-            self._recover(exc, jobs)
+            self._recover(exc, [item.job for item in items])
         results: list[Image | EngineError] = []
-        for job in jobs:  # once more, each alone
+        for item in items:  # once more, each alone
+            job = item.job
+            if item.cancelled.is_set():
+                results.append(_translate(AllCancelled("withdrawn before its retry")))
+                continue
             try:
-                results.append(self._attempt([job])[0])
+                results.append(self._attempt([item])[0])
             except torch.OutOfMemoryError as exc:
                 self._recover(exc, [job])
                 error = OutOfMemoryError(
@@ -210,7 +252,8 @@ class GpuWorker:
                 results.append(_translate(exc))
         return results
 
-    def _attempt(self, jobs: list[ImageJob]) -> list[Image]:
+    def _attempt(self, items: list[JobItem]) -> list[Image]:
+        jobs = [item.job for item in items]
         first = jobs[0]
         self._adapters.activate(first.lora)
         self._set_tiling(max(first.width, first.height) > self._tiling_threshold)
@@ -220,7 +263,8 @@ class GpuWorker:
         if self._metrics is not None:
             self._metrics.image_batch_size.observe(len(jobs))
         images = call_pipeline(self._model.pipeline, jobs,
-                               max_sequence_length=self._max_sequence_length, abort=self._abort)
+                               max_sequence_length=self._max_sequence_length, abort=self._abort,
+                               cancelled=[item.cancelled for item in items])
         if self._metrics is not None:
             self._metrics.image_batch_seconds.observe(time.perf_counter() - started)
         return images
@@ -244,6 +288,7 @@ class GpuWorker:
     def _run_exclusive(self, item: ExclusiveItem) -> None:
         if not item.future.set_running_or_notify_cancel():
             return
+        _report_start(item.placement)
         try:
             result = item.fn(self._model.pipeline)
         except torch.OutOfMemoryError as exc:
@@ -274,11 +319,20 @@ def _translate(exc: BaseException) -> EngineError:
     if isinstance(exc, EngineError):
         return exc
     if isinstance(exc, Aborted):
-        error = InternalError(f"{_STOPPED}: generation was cut short")
+        error: EngineError = InternalError(f"{_STOPPED}: generation was cut short")
+    elif isinstance(exc, AllCancelled):
+        error = RequestCancelledError(f"cancelled by its caller: {exc}")
     else:
         error = InternalError(f"image generation failed: {type(exc).__name__}: {exc}")
     error.__cause__ = exc
     return error
+
+
+def _report_start(placement: Placement) -> None:
+    try:
+        placement.started()
+    except Exception:  # a metrics problem must not kill the worker thread
+        logger.exception("placement start callback failed")
 
 
 def _copies(error: EngineError, count: int) -> list[EngineError]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from core.image.worker import GpuWorker
+from core.scheduling.placement import Placement
 from core.training.checkpoint import TrainingFolder
 from core.training.encode import TrainingCache, encode_training_data
 from core.training.estimate import StepTimes
@@ -93,7 +94,7 @@ class TrainingRunner:
             def chunk(pipeline: Any, plan: ChunkPlan = plan) -> ChunkResult:
                 return run_chunk(pipeline, cache, plan, on_step=progress.step, stop=stop)
 
-            result = await self._exclusive(chunk, stop)
+            result = await self._exclusive(chunk, spec, stop)
             state = result.state
             await asyncio.to_thread(folder.save_checkpoint, state)
             await asyncio.to_thread(self._note, spec, folder, result, probes)
@@ -113,16 +114,19 @@ class TrainingRunner:
         cache = await self._exclusive(
             lambda pipeline: encode_training_data(
                 pipeline, pixels, spec.caption, max_sequence_length=self._max_sequence_length),
-            stop)
+            spec, stop)
         await asyncio.to_thread(folder.write_cache, cache)
         return cache
 
-    async def _exclusive(self, fn: Callable[[Any], T], stop: threading.Event) -> T:
-        """``fn`` in the worker thread. If this task is cancelled meanwhile (the service
+    async def _exclusive(self, fn: Callable[[Any], T], spec: TrainingSpec,
+                         stop: threading.Event) -> T:
+        """``fn`` in the worker thread, the training taking turns with conversations as its
+        own owner (so it yields to them between chunks). If this task is cancelled meanwhile (the service
         stops trainings through ``stop`` instead, which checkpoints), a call not yet started
         is dropped and a running one is told to stop and awaited, so the pipeline is
         restored before this returns; its steps since the last checkpoint are lost."""
-        future = self._worker.submit_exclusive(fn)
+        future = self._worker.submit_exclusive(
+            fn, Placement(owner=f"training:{spec.training_id}"))
         try:
             return await asyncio.shield(asyncio.wrap_future(future))
         except asyncio.CancelledError:

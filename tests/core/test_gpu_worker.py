@@ -1,11 +1,13 @@
 """The GPU worker on the tiny development model (CPU): determinism, batching, LoRA
-switching, progress, out-of-memory recovery, exclusive calls, stop."""
+switching, progress, out-of-memory recovery, exclusive calls, placement (priority, start,
+deadline), cancellation of a running job, stop."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +22,14 @@ from core.image import GpuWorker, ImageJob, LoadedModel, build_dev_model, load_p
 from core.image.devmodel import make_dev_lora
 from core.lora import LoraInfo, LoraLoadError, LoraRegistry
 from core.metrics import EngineMetrics
-from schemas.errors import ErrorCode, InternalError, InvalidRequestError, OutOfMemoryError
+from core.scheduling import Placement, Priority
+from schemas.errors import (
+    ErrorCode,
+    InternalError,
+    InvalidRequestError,
+    OutOfMemoryError,
+    RequestExpiredError,
+)
 
 WAIT = 30.0  # seconds; a generous bound for any future, never a sleep
 
@@ -330,6 +339,115 @@ async def test_negative_prompt_acts_with_true_cfg(worker: GpuWorker) -> None:
     guided = pixels(await worker.generate(negative))
     assert not np.array_equal(plain, guided)
     assert np.array_equal(pixels(await worker.generate(negative)), guided)
+
+
+async def test_cancelling_a_running_generate_stops_it_at_its_next_step(
+    worker: GpuWorker,
+) -> None:
+    at_step_1, cancelled = threading.Event(), threading.Event()
+    steps: list[int] = []
+
+    def progress(step: int, _total: int) -> None:
+        steps.append(step)
+        if step == 1:
+            at_step_1.set()
+            cancelled.wait(WAIT)  # hold the worker until the cancellation has landed
+
+    task = asyncio.ensure_future(worker.generate(job(steps=20, progress=progress)))
+    assert await asyncio.to_thread(at_step_1.wait, WAIT)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    steps_when_cancelled = len(steps)
+    cancelled.set()
+    assert (await worker.generate(job(seed=2))).size == (64, 64)  # the worker goes on
+    assert len(steps) - steps_when_cancelled <= 1  # stopped within one step, not at 20
+
+
+async def test_a_job_cancelled_in_a_running_batch_leaves_the_others_alone(
+    make_worker: MakeWorker,
+) -> None:
+    worker = make_worker(batch_window_ms=5000, max_batch_size=2)
+    at_step_1, cancelled = threading.Event(), threading.Event()
+    steps: list[int] = []
+
+    def progress(step: int, _total: int) -> None:
+        steps.append(step)
+        if step == 1:
+            at_step_1.set()
+            cancelled.wait(WAIT)
+
+    gate = Gate(worker)
+    task = asyncio.ensure_future(worker.generate(job(seed=1, progress=progress)))
+    await asyncio.sleep(0)  # let the task queue its job (a yield, not a wait)
+    kept = worker.submit(job(seed=2))
+    gate.open()
+    assert await asyncio.to_thread(at_step_1.wait, WAIT)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    cancelled.set()
+    assert (await asyncio.wrap_future(kept)).size == (64, 64)
+    assert steps == [1]  # the withdrawn job's progress stopped; its image was discarded
+
+
+async def test_placement_start_is_reported_once_per_job_in_the_worker_thread(
+    make_worker: MakeWorker,
+) -> None:
+    started: list[tuple[str, str]] = []
+
+    def placement(name: str) -> Placement:
+        return Placement(owner=name, on_start=lambda: started.append(
+            (name, threading.current_thread().name)))
+
+    def oom_when_batched(jobs: list[ImageJob]) -> None:
+        if len(jobs) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    worker = make_worker(batch_window_ms=5000, max_batch_size=3, oom_injector=oom_when_batched)
+    gate = Gate(worker)
+    futures = [worker.submit(job(seed=seed), placement(f"job{seed}")) for seed in range(3)]
+    exclusive = worker.submit_exclusive(lambda _pipeline: started.append(("fn", "")),
+                                        placement("call"))
+    gate.open()
+    for future in futures:
+        future.result(WAIT)  # batched, out of memory, retried alone: still started once
+    exclusive.result(WAIT)
+    assert sorted(started) == sorted([(f"job{seed}", "gpu-worker") for seed in range(3)]
+                                     + [("call", "gpu-worker"), ("fn", "")])
+    assert started.index(("call", "gpu-worker")) < started.index(("fn", ""))
+
+
+async def test_a_job_past_its_deadline_never_reaches_the_pipeline(
+    make_worker: MakeWorker,
+) -> None:
+    calls: list[int] = []
+    worker = make_worker(oom_injector=lambda jobs: calls.append(len(jobs)))
+    late = Placement(deadline=time.time() - 1, on_start=lambda: calls.append(-1))
+    with pytest.raises(RequestExpiredError) as caught:
+        await worker.generate(job(), late)
+    assert caught.value.code == ErrorCode.EXPIRED
+    assert calls == []
+    await worker.generate(job(), Placement(deadline=time.time() + 3600))
+    assert calls == [1]
+
+
+async def test_interactive_jobs_go_before_background_ones_queued_earlier(
+    make_worker: MakeWorker, metrics: EngineMetrics
+) -> None:
+    worker = make_worker()  # no window: the batch is what is queued when it is taken
+    order: list[str] = []
+    gate = Gate(worker)
+    background = worker.submit(job(seed=1, progress=lambda s, t: order.append(f"bg{s}")),
+                               Placement(priority=Priority.BACKGROUND, owner="replay"))
+    interactive = worker.submit(job(seed=2, progress=lambda s, t: order.append(f"it{s}")),
+                                Placement(owner="chat"))
+    assert worker.depth() == {Priority.INTERACTIVE: 1, Priority.BACKGROUND: 1}
+    gate.open()
+    background.result(WAIT)
+    interactive.result(WAIT)
+    assert order == ["it1", "it2", "it3", "it4", "bg1", "bg2", "bg3", "bg4"]
+    assert sample(metrics, "engine_image_batch_size_count") == 2  # compatible, not batched
 
 
 async def test_stop_finishes_queued_jobs_then_refuses_new_ones(make_worker: MakeWorker) -> None:

@@ -64,6 +64,7 @@ CONTRACT_TOPICS = {
     "generation.requested.image",
     "generation.requested.voice",
     "generation.requested.lora",
+    "generation.control",
     "generation.completed",
     "generation.failed",
     "generation.progress",
@@ -305,7 +306,7 @@ def test_engine_service(
     assert engine.get("stop_signal", "SIGTERM") == "SIGTERM"
 
 
-def test_topic_service_creates_the_six_contract_topics(
+def test_topic_service_creates_the_contract_topics(
     config: dict[str, Any], project: Path, tmp_path: Path
 ) -> None:
     service = config["services"][TOPIC_SERVICE]

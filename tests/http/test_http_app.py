@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry
 from core.health import EngineHealth
 from core.metrics import EngineMetrics
 from core.outputs import OutputStore
+from core.scheduling import build_scheduling
+from core.settings import load_settings
 from core.voice import EspeakSynthesizer, LocalVoiceBackend, VoiceService
 from http_files import AppServices, create_app
 from schemas.codec import EventCodec
@@ -32,10 +34,12 @@ def health() -> EngineHealth:
 
 @pytest.fixture
 async def client(store: OutputStore, health: EngineHealth) -> AsyncIterator[TestClient]:
+    metrics = EngineMetrics(CollectorRegistry())
     services = AppServices(
-        health=health, metrics=EngineMetrics(CollectorRegistry()), store=store,
+        health=health, metrics=metrics, store=store,
         codec=EventCodec(),
         voice=VoiceService(LocalVoiceBackend(EspeakSynthesizer()), store, "21m00Tcm4TlvDq8ikWAM"),
+        scheduling=build_scheduling(load_settings(), metrics),
     )
     async with TestClient(TestServer(create_app(services), host="127.0.0.1")) as c:
         yield c

@@ -19,6 +19,7 @@ from consumers.routes import Route
 from consumers.runtime import ConsumeLoop, DeliveryConfig, ResultTopics
 from core.health import EngineHealth
 from core.metrics import EngineMetrics
+from core.scheduling import Scheduling, build_scheduling
 from core.settings import Settings, load_settings
 from schemas.codec import EventCodec
 from tests.support.kafka_client import PersonaPeer
@@ -80,7 +81,8 @@ class LoopHarness:
         self.loop: ConsumeLoop | None = None
         self._task: Any = None
 
-    async def start(self, routes: list[tuple[str, str, Any, Any]], **config: Any) -> ConsumeLoop:
+    async def start(self, routes: list[tuple[str, str, Any, Any]],
+                    scheduling: Scheduling | None = None, **config: Any) -> ConsumeLoop:
         import asyncio
 
         s = self.settings
@@ -102,6 +104,7 @@ class LoopHarness:
             config=DeliveryConfig(**config),
             retry=RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.02),
             metrics=self.metrics, health=self.health,
+            scheduling=scheduling or build_scheduling(s, self.metrics),
         )
         self._task = asyncio.create_task(self.loop.run())
         return self.loop

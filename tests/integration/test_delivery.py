@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
+from consumers.flow import FlowLimits
 from consumers.routes import HandlerContext
+from core.scheduling import build_scheduling
 from schemas.errors import UpstreamUnavailableError
 from schemas.events import GenerationCompleted, VoiceRequested
 from tests.support.kafka_client import PersonaPeer
@@ -74,7 +76,7 @@ async def test_transient_errors_retry_then_fail_retryable(harness: Any, peer: Pe
     assert retries == 1 + 2
 
 
-async def test_in_flight_work_is_bounded_by_pausing(harness: Any, peer: PersonaPeer) -> None:
+async def test_work_taken_in_is_bounded_per_kind(harness: Any, peer: PersonaPeer) -> None:
     gate = asyncio.Event()
     running = 0
     peak = 0
@@ -89,19 +91,45 @@ async def test_in_flight_work_is_bounded_by_pausing(harness: Any, peer: PersonaP
         running -= 1
         return completed(event)
 
-    loop = await harness.start([("voice", "voice", VoiceRequested, handler)], max_in_flight=2)
+    settings = harness.settings.model_copy(update={"max_in_flight_voice": 2})
+    await harness.start([("voice", "voice", VoiceRequested, handler)],
+                        scheduling=build_scheduling(settings, harness.metrics))
     requests = [request(f"conv-{i}", f"r{i}") for i in range(6)]
     for r in requests:
         await peer.publish("voice", r)
     for _ in range(2):
         await asyncio.wait_for(started.get(), timeout=10)
-    assert loop.in_flight == 2
-    assert harness.consumer.paused()  # fetching stopped while the bound is reached
-    assert started.empty()
+    assert running == 2  # the others wait for a slot
     gate.set()
     answers = await peer.answers_for([r["request_id"] for r in requests])
     assert all(a.kind == "completed" for a in answers.values())
     assert peak <= 2
+
+
+async def test_records_held_in_memory_are_bounded_by_pausing(harness: Any,
+                                                             peer: PersonaPeer) -> None:
+    gate = asyncio.Event()
+    started = asyncio.Queue[str]()
+
+    async def handler(event: VoiceRequested, context: HandlerContext) -> GenerationCompleted:
+        await started.put(event.text)
+        await gate.wait()
+        return completed(event)
+
+    loop = await harness.start([("voice", "voice", VoiceRequested, handler)],
+                               flow=FlowLimits(max_records=3))
+    requests = [request("conv-flood", f"r{i}") for i in range(8)]
+    for r in requests:
+        await peer.publish("voice", r)
+    await asyncio.wait_for(started.get(), timeout=10)
+    assert harness.consumer is not None
+    await harness.health.wait_until(lambda h: h.paused_kinds == ["voice"], timeout=10)
+    assert harness.consumer.paused()
+    assert loop.in_flight <= 3 + 2  # the bound, and what one fetch may overshoot it by
+    gate.set()
+    answers = await peer.answers_for([r["request_id"] for r in requests])
+    assert [answers[r["request_id"]].offset for r in requests] == sorted(
+        answers[r["request_id"]].offset for r in requests)  # one conversation: in order
 
 
 async def test_graceful_stop_finishes_in_flight_and_commits(harness: Any,

@@ -59,7 +59,7 @@ def image_request(**fields: Any) -> dict[str, Any]:
 async def answer(peer: PersonaPeer, request: dict[str, Any], **publish: Any) -> Answer:
     """Publishes ``request`` and returns its newest answer (replays reuse request ids)."""
     def mine(a: Answer) -> bool:
-        return a.kind != "progress" and a.event.get("request_id") == request["request_id"]
+        return a.kind in ("completed", "failed") and a.event.get("request_id") == request["request_id"]
 
     before = sum(1 for a in peer.answers if mine(a))
     await peer.publish("image", request, **publish)
@@ -68,13 +68,13 @@ async def answer(peer: PersonaPeer, request: dict[str, Any], **publish: Any) -> 
 
 async def png(engine: Engine, url: str) -> Image.Image:
     assert engine.addresses is not None
-    async with aiohttp.ClientSession() as session:
-        async with session.get(engine.addresses.http_url + url) as response:
-            assert response.status == 200
-            assert response.headers["Content-Type"] == "image/png"
-            image = Image.open(io.BytesIO(await response.read()))
-            image.load()
-            return image
+    async with aiohttp.ClientSession() as session, \
+            session.get(engine.addresses.http_url + url) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "image/png"
+        image = Image.open(io.BytesIO(await response.read()))
+        image.load()
+        return image
 
 
 def pixels(image: Image.Image) -> np.ndarray[Any, Any]:

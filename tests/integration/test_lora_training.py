@@ -108,7 +108,8 @@ def image_request(**fields: Any) -> dict[str, Any]:
 def of(request: dict[str, Any], kind: str | None = None) -> Callable[[Answer], bool]:
     def match(answer: Answer) -> bool:
         return (answer.event.get("request_id") == request["request_id"]
-                and (kind is None and answer.kind != "progress" or answer.kind == kind))
+                and (answer.kind == kind if kind is not None
+                     else answer.kind in ("completed", "failed")))
     return match
 
 

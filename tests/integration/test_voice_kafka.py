@@ -25,9 +25,9 @@ def voice_request(text: str = "Hello, I'm Sarah! How can I help you today?", **e
 
 
 async def fetch(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, Any]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(url, headers=headers) as response:
-            return response.status, await response.read(), response.headers
+    async with aiohttp.ClientSession() as session, \
+            session.get(url, headers=headers) as response:
+        return response.status, await response.read(), response.headers
 
 
 @pytest.mark.parametrize("encoding", ["json", "avro"])

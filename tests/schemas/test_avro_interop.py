@@ -17,6 +17,7 @@ from schemas import (
     Event,
     EventCodec,
     GenerationCompleted,
+    GenerationControl,
     ImageRequested,
     InlineImage,
     LoraTrainingRequested,
@@ -90,7 +91,7 @@ def _minimal(model: type[Event]) -> Event:
         "request_id": "r", "conversation_id": "c", "prompt": "p", "text": "t",
         "character_id": "s", "trigger_word": "w", "kind": "image", "error_code": "INTERNAL",
         "message": "m", "retryable": False, "attempts": 1, "source_topic": "t",
-        "source_partition": 0, "source_offset": 0, "step": 1, "total": 2,
+        "source_partition": 0, "source_offset": 0, "step": 1, "total": 2, "action": "cancel",
     }  # fmt: skip
     return model.model_validate({k: v for k, v in required.items() if k in model.model_fields})
 
@@ -100,7 +101,9 @@ FULL: list[Event] = [
         request_id="r", conversation_id="c", prompt="p ☀", width=64, height=128, seed=2**62,
         guidance_scale=3.5, optimize_prompt=False, created_at="2024-01-01T00:00:00Z",
     ),
-    VoiceRequested(request_id="r", conversation_id="c", text="hi", stability=0.25),
+    VoiceRequested(request_id="r", conversation_id="c", text="hi", stability=0.25,
+                   priority="background", deadline="2024-01-01T00:00:05Z"),
+    GenerationControl(action="cancel", request_id="r", conversation_id="c"),
     LoraTrainingRequested(
         request_id="r", character_id="s", trigger_word="w", image_urls=["u1", "u2"],
         images=[InlineImage(filename="a.png", data=b"\x00\xff" * 40)], learning_rate=1e-4,
@@ -135,7 +138,7 @@ def _without(name: str, *dropped: str) -> dict[str, Any]:
 
 def test_older_writer_schema_reads_with_current_defaults() -> None:
     # An earlier VoiceRequested, before model_id and inject_emotion were added.
-    old = _without("VoiceRequested", "model_id", "inject_emotion")
+    old = _without("VoiceRequested", "model_id", "inject_emotion", "priority", "deadline")
     apache = _apache(old)
     record = {"request_id": "r", "conversation_id": "c", "character_id": None, "text": "hi",
               "voice_id": "v", "stability": 0.5, "similarity_boost": None, "style": None,
@@ -151,6 +154,19 @@ def test_older_writer_schema_reads_with_current_defaults() -> None:
     assert raw["inject_emotion"] is True and raw["model_id"] is None
     event = codec.decode(value, None, VoiceRequested)
     assert event.voice_id == "v" and event.inject_emotion is True
+
+
+@pytest.mark.parametrize("name", ["ImageRequested", "VoiceRequested"])
+def test_requests_of_producers_before_priority_and_deadline_still_read(name: str) -> None:
+    # schemas/avro/history/*.v1.avsc: what producers wrote before the scheduling fields
+    old_text = (AVRO_DIR / "history" / f"{name}.v1.avsc").read_text("utf-8")
+    apache = _apache(old_text)
+    record = {f["name"]: f.get("default") for f in json.loads(old_text)["fields"]}
+    required = {"request_id": "r", "conversation_id": "c", "prompt": "p", "text": "t"}
+    record.update({k: v for k, v in required.items() if k in record})
+    value = b"\xc3\x01" + apache.fingerprint() + _apache_write(apache, record)
+    event = EventCodec().decode(value, "avro/binary", getattr(schemas, name))
+    assert event.priority is None and event.deadline is None  # type: ignore[attr-defined]
 
 
 def test_older_completed_event_without_provenance_fields() -> None:

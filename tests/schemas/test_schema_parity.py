@@ -15,6 +15,7 @@ from schemas import (
     NAMESPACE,
     Event,
     GenerationCompleted,
+    GenerationControl,
     GenerationFailed,
     GenerationProgress,
     ImageRequested,
@@ -31,6 +32,7 @@ MODELS: list[type[Event]] = [
     GenerationCompleted,
     GenerationFailed,
     GenerationProgress,
+    GenerationControl,
 ]
 
 

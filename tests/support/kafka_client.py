@@ -7,17 +7,23 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas.codec import EventCodec
-from schemas.events import ImageRequested, LoraTrainingRequested, VoiceRequested
+from schemas.events import (
+    GenerationControl,
+    ImageRequested,
+    LoraTrainingRequested,
+    VoiceRequested,
+)
 
 __all__ = ["Answer", "PersonaPeer"]
 
 _MODELS: dict[str, Any] = {
     "image": ImageRequested, "voice": VoiceRequested, "lora": LoraTrainingRequested,
+    "control": GenerationControl,
 }
 
 
@@ -33,9 +39,8 @@ class Answer:
 
     @property
     def kind(self) -> str:
-        return "completed" if self.topic.endswith("generation.completed") else (
-            "failed" if self.topic.endswith("generation.failed") else "progress"
-        )
+        """completed, failed, progress, or control (a cancel someone published)."""
+        return self.topic.rsplit(".", 1)[-1]
 
 
 class PersonaPeer:
@@ -50,13 +55,13 @@ class PersonaPeer:
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
         self._consumer = AIOKafkaConsumer(
             f"{prefix}generation.completed", f"{prefix}generation.failed",
-            f"{prefix}generation.progress",
+            f"{prefix}generation.progress", f"{prefix}generation.control",
             bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
             enable_auto_commit=False, fetch_max_wait_ms=10,
         )
         self._reader: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> PersonaPeer:
+    async def __aenter__(self) -> Self:
         await self._producer.start()
         await self._consumer.start()
         self._reader = asyncio.create_task(self._read())
@@ -89,8 +94,9 @@ class PersonaPeer:
         encoding: str = "json",
         content_type_header: bool = True,
     ) -> tuple[int, int]:
-        """Publishes one request; returns (partition, offset)."""
-        topic = f"{self.prefix}generation.requested.{kind}"
+        """Publishes one request (``kind`` image, voice, lora) or a ``control`` record;
+        returns (partition, offset)."""
+        topic = f"{self.prefix}generation.{'control' if kind == 'control' else 'requested.' + kind}"
         headers: list[tuple[str, bytes]] = []
         if isinstance(payload, bytes):
             value = payload
@@ -130,7 +136,7 @@ class PersonaPeer:
             first: dict[str, Answer] = {}
             for a in self.answers:
                 rid = a.event.get("request_id")
-                if a.kind != "progress" and rid in wanted and rid not in first:
+                if a.kind in ("completed", "failed") and rid in wanted and rid not in first:
                     first[rid] = a
             return first
 

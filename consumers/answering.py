@@ -1,0 +1,191 @@
+"""One record → the event that answers it: decode, schedule, handle, retry.
+
+- Undecodable and invalid records are answered ``UNDECODABLE`` / ``INVALID_REQUEST`` at once.
+- A valid request is registered as pending (cancels and deadlines act on it), waits for its
+  conversation's turn and a slot of its kind (:class:`~core.scheduling.Admission`), then
+  its handler runs; transient errors are retried with capped, jittered backoff.
+- A cancel answers it ``CANCELLED`` wherever it is; a deadline passed before its work
+  started answers it ``EXPIRED`` (:func:`~core.scheduling.supervise`).
+
+Handlers see events, never records; a handler's :class:`asyncio.CancelledError` (the
+engine stopping) passes through, so the record stays unanswered and uncommitted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import ConsumerRecord
+
+from consumers.failures import failed_event
+from consumers.keyed import Turn
+from consumers.publisher import EventPublisher
+from consumers.retry import RetryExhausted, RetryPolicy, call_with_retries
+from consumers.routes import HandlerContext, Route
+from core.metrics import EngineMetrics
+from core.scheduling import Scheduling, effective_priority, supervise
+from schemas.codec import EventCodec
+from schemas.errors import (
+    EngineError,
+    InvalidRequestError,
+    RequestCancelledError,
+    RequestExpiredError,
+    UndecodableError,
+)
+from schemas.events import Event, GenerationCompleted, GenerationProgress, parse_instant
+
+__all__ = ["Answer", "RecordAnswerer", "ResultTopics"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResultTopics:
+    completed: str
+    failed: str
+    progress: str
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What to publish for a record: the topic, the event and its request id."""
+
+    topic: str
+    event: Event
+    request_id: str | None
+
+
+class RecordAnswerer:
+    def __init__(self, codec: EventCodec, publisher: EventPublisher, results: ResultTopics,
+                 scheduling: Scheduling, *, retry: RetryPolicy, metrics: EngineMetrics,
+                 sleep: Callable[[float], Awaitable[None]]) -> None:
+        self._codec = codec
+        self._publisher = publisher
+        self._results = results
+        self._scheduling = scheduling
+        self._retry = retry
+        self._metrics = metrics
+        self._sleep = sleep
+
+    async def answer(self, record: ConsumerRecord[bytes, bytes], route: Route, turn: Turn,
+                     *, admitted: Callable[[], None] = lambda: None) -> Answer:
+        """Always an answer; raises only ``CancelledError`` (the engine stopping).
+        ``admitted()`` is called once the request has its turn and a slot: from then on
+        real work may begin."""
+        where = f"topic={record.topic} partition={record.partition} offset={record.offset}"
+        raw: dict[str, Any] = {}
+        try:
+            schema_name, raw = self._codec.decode_raw(record.value, _content_type(record))
+            event = self._codec.validate(route.model, raw, schema_name)
+        except (UndecodableError, InvalidRequestError) as exc:
+            logger.warning("%s request_id=%s rejected: %s %s", where,
+                           _str_or_none(raw.get("request_id")), exc.code, exc)
+            return self._failed(record, route, exc, 1, raw)
+
+        request_id: str = event.request_id  # type: ignore[attr-defined]
+        where = f"{where} request_id={request_id}"
+        logger.debug("%s %s request received", where, route.kind)
+        try:
+            pending = self._register(record, route, event, raw)
+        except InvalidRequestError as exc:  # a deadline that is no instant
+            logger.warning("%s rejected: %s %s", where, exc.code, exc)
+            return self._failed(record, route, exc, 1, raw)
+        attempts = 0
+
+        async def progress(step: int, total: int, loss: float | None) -> None:
+            await self._publisher.publish(self._results.progress, GenerationProgress(
+                request_id=request_id, conversation_id=pending.conversation_id,
+                kind=route.kind, step=step, total=total, loss=loss,
+            ), record.key, request_id)
+
+        async def attempt() -> GenerationCompleted:
+            nonlocal attempts
+            attempts += 1
+            return await route.handler(event, HandlerContext(
+                attempt=attempts, progress=progress, placement=pending.placement()))
+
+        def on_retry(error: EngineError, attempt_no: int, wait: float) -> None:
+            self._metrics.retries.labels(route.kind, error.code).inc()
+            logger.info("%s attempt %d failed with %s (%s); retrying in %.2fs",
+                        where, attempt_no, error.code, error, wait)
+
+        async def scheduled() -> GenerationCompleted:
+            await turn.wait()
+            async with self._scheduling.admission.slot(route.kind, pending.conversation_id,
+                                                       pending.priority):
+                admitted()
+                if route.kind != "image":  # an image starts when the GPU takes it
+                    pending.mark_started()
+                completed, _ = await call_with_retries(
+                    attempt, self._retry, sleep=self._sleep, on_retry=on_retry)
+                return completed
+
+        try:
+            completed = await supervise(pending, scheduled())
+        except (RequestCancelledError, RequestExpiredError) as exc:
+            self._count_stopped(route, exc)
+            logger.info("%s %s: %s", where, exc.code, exc)
+            return self._failed(record, route, exc, attempts, raw)
+        except RetryExhausted as exc:
+            self._count_stopped(route, exc.error)
+            log = logger.error if exc.error.code == "INTERNAL" else logger.warning
+            log("%s failed after %d attempt(s): %s %s", where, exc.attempts, exc.error.code,
+                exc.error, exc_info=exc.error.code == "INTERNAL")
+            return self._failed(record, route, exc.error, exc.attempts, raw)
+        finally:
+            self._scheduling.pending.remove(pending)
+        logger.info("%s %s completed", where, route.kind)
+        return Answer(self._results.completed, completed, request_id)
+
+    def _register(self, record: ConsumerRecord[bytes, bytes], route: Route, event: Any,
+                  raw: dict[str, Any]) -> Any:
+        published = record.timestamp / 1000 if record.timestamp and record.timestamp > 0 \
+            else time.time()
+        created = _instant(getattr(event, "created_at", None), "created_at", strict=False)
+        deadline = _instant(getattr(event, "deadline", None), "deadline", strict=True)
+        priority = effective_priority(
+            getattr(event, "priority", None), published_at=published, created_at=created,
+            replay_age=self._scheduling.replay_age)
+        conversation = getattr(event, "conversation_id", None) or (
+            record.key.decode("utf-8", "replace") if record.key else "")
+        return self._scheduling.pending.add(
+            event.request_id, conversation, route.kind, priority, deadline=deadline,
+            published_at=published)
+
+    def _count_stopped(self, route: Route, error: EngineError) -> None:
+        if isinstance(error, RequestCancelledError):
+            self._metrics.cancelled.labels(route.kind).inc()
+        elif isinstance(error, RequestExpiredError):
+            self._metrics.expired.labels(route.kind).inc()
+
+    def _failed(self, record: ConsumerRecord[bytes, bytes], route: Route, error: EngineError,
+                attempts: int, raw: dict[str, Any]) -> Answer:
+        return Answer(self._results.failed,
+                      failed_event(record, route.kind, error, attempts, raw),
+                      _str_or_none(raw.get("request_id")))
+
+
+def _instant(value: str | None, field: str, *, strict: bool) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_instant(value).timestamp()
+    except (ValueError, OverflowError):
+        if strict:
+            raise InvalidRequestError(f"{field}: not a valid date-time", field=field) from None
+        return None
+
+
+def _content_type(record: ConsumerRecord[bytes, bytes]) -> str | None:
+    for name, value in record.headers or ():
+        if name.lower() == "content-type" and value is not None:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None

@@ -1,0 +1,108 @@
+"""``generation.control``: cancels that every engine instance acts on.
+
+Unlike the request topics, the control topic is read by every instance in full (no
+consumer group: each instance assigns itself every partition), since the request a cancel
+names may be held by any of them. Reading starts ``lookback`` seconds back, so a cancel
+published shortly before an instance started (or before a rebalance handed it the request)
+still applies. Nothing is committed: a control record only changes what is in memory.
+
+A malformed control record is logged and skipped: there is no request to answer for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from core.scheduling import PendingRequests
+from schemas.codec import EventCodec
+from schemas.errors import InvalidRequestError, UndecodableError
+from schemas.events import GenerationControl
+
+__all__ = ["ControlReader"]
+
+logger = logging.getLogger(__name__)
+
+
+class ControlReader:
+    """Applies every control record of ``topic`` to ``pending``."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, topic: str, codec: EventCodec,
+                 pending: PendingRequests, *, lookback: float) -> None:
+        self._consumer = consumer
+        self._topic = topic
+        self._codec = codec
+        self._pending = pending
+        self._lookback = lookback
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        """Applies control records until cancelled; a broker error starts the reading
+        over (after a capped backoff) rather than ending it. The consumer is started and
+        stopped by the caller."""
+        failures = 0
+        while True:
+            try:
+                await self._read()
+            except KafkaError as exc:
+                failures += 1
+                wait = min(30.0, 0.5 * 2**failures)
+                logger.warning("control topic %s: %s: %s; reading again in %.1fs",
+                               self._topic, type(exc).__name__, exc, wait)
+                await asyncio.sleep(wait)
+
+    async def _read(self) -> None:
+        """Assigns every partition, seeks ``lookback`` back, then applies records."""
+        partitions = await self._partitions()
+        self._consumer.assign(partitions)
+        since = int((time.time() - self._lookback) * 1000)
+        try:
+            found = await self._consumer.offsets_for_times({tp: since for tp in partitions})
+        except KafkaError as exc:  # a broker without timestamp lookups: only new cancels
+            logger.warning("control topic %s: no lookup by time (%s); reading new records "
+                           "only", self._topic, exc)
+            found = {}
+        ends = await self._consumer.end_offsets(partitions)
+        for tp in partitions:
+            offset = found.get(tp)
+            self._consumer.seek(tp, offset.offset if offset is not None else ends[tp])
+        self.ready.set()
+        logger.info("reading cancels from %s (%d partitions)", self._topic, len(partitions))
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=1000)
+            for records in batches.values():
+                for record in records:
+                    self._apply(record.value, record.headers, record.timestamp,
+                                f"partition={record.partition} offset={record.offset}")
+
+    async def _partitions(self) -> list[TopicPartition]:
+        while True:
+            await self._consumer.topics()  # refreshes metadata
+            parts = self._consumer.partitions_for_topic(self._topic)
+            if parts:
+                return [TopicPartition(self._topic, p) for p in sorted(parts)]
+            logger.warning("control topic %s not found yet; waiting for it", self._topic)
+            await asyncio.sleep(2.0)
+
+    def _apply(self, value: bytes | None, headers: object, timestamp: int, where: str) -> None:
+        content_type = None
+        for name, header in headers or ():  # type: ignore[attr-defined]
+            if name.lower() == "content-type" and header is not None:
+                content_type = header
+        try:
+            control = self._codec.decode(value, content_type, GenerationControl)
+        except (UndecodableError, InvalidRequestError) as exc:
+            logger.warning("topic=%s %s control record skipped: %s %s", self._topic, where,
+                           exc.code, exc)
+            return
+        issued = timestamp / 1000 if timestamp and timestamp > 0 else time.time()
+        if issued < time.time() - self._lookback:
+            return  # older than what is remembered (a broker's coarse time lookup)
+        cancelled = self._pending.cancel(control.conversation_id, control.request_id, issued)
+        logger.info("topic=%s %s request_id=%s cancel for conversation %s: %d pending "
+                    "request(s) cancelled here", self._topic, where, control.request_id,
+                    control.conversation_id, len(cancelled))

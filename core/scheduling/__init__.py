@@ -1,0 +1,31 @@
+"""Scheduling: who goes next, for Kafka and HTTP alike.
+
+- :mod:`~core.scheduling.placement`: a request's priority (interactive, background; old
+  records count as replays), owner (its conversation) and deadline;
+- :mod:`~core.scheduling.admission`: slots of work per kind and per conversation;
+- :mod:`~core.scheduling.pending`: requests between arrival and answer, and the cancels
+  that act on them (also those that arrive first);
+- :mod:`~core.scheduling.supervise`: one request run under its cancel mark and deadline;
+- :mod:`~core.scheduling.gpu_queue`: the GPU worker's queue (interactive before background,
+  round robin across conversations, batching within those rules);
+- :mod:`~core.scheduling.factory`: the parts one engine shares, from settings.
+"""
+
+from core.scheduling.admission import Admission
+from core.scheduling.factory import KINDS, Scheduling, build_scheduling
+from core.scheduling.pending import PendingRequest, PendingRequests
+from core.scheduling.placement import Placement, Priority, effective_priority
+from core.scheduling.supervise import supervise
+
+__all__ = [
+    "KINDS",
+    "Admission",
+    "PendingRequest",
+    "PendingRequests",
+    "Placement",
+    "Priority",
+    "Scheduling",
+    "build_scheduling",
+    "effective_priority",
+    "supervise",
+]

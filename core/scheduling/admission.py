@@ -1,0 +1,162 @@
+"""Admission: how much work of each kind the engine takes in at once.
+
+Each kind (image, voice, lora) has its own budget, so a full image budget holds back
+images only. Within a kind:
+
+- one owner (a conversation) holds at most ``per_owner`` slots, so others keep moving;
+- background work holds at most ``background_share`` of the budget, so an interactive
+  request always finds room without waiting for background work to drain;
+- waiters are served interactive first, then owners in turn (round robin), each owner's
+  waiters in the order they came.
+
+Kafka work waits for a slot (:meth:`Admission.acquire`); HTTP asks once
+(:meth:`Admission.try_acquire`) and answers 503 when there is none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from core.scheduling.placement import Priority
+
+__all__ = ["Admission"]
+
+
+@dataclass
+class _Kind:
+    budget: int
+    background_limit: int
+    used: int = 0
+    used_background: int = 0
+    by_owner: dict[str, int] = field(default_factory=dict)
+    # priority → owner → that owner's waiters, owners in serving order
+    waiting: dict[Priority, OrderedDict[str, deque[asyncio.Future[None]]]] = field(
+        default_factory=lambda: {p: OrderedDict() for p in Priority})
+
+
+class Admission:
+    """Slots of work per kind; not thread-safe (the event loop's)."""
+
+    def __init__(self, budgets: Mapping[str, int], *, per_owner: int,
+                 background_share: float = 0.5) -> None:
+        if per_owner < 1:
+            raise ValueError(f"MAX_IN_FLIGHT_PER_CONVERSATION must be >= 1, got {per_owner}")
+        if not 0 < background_share <= 1:
+            raise ValueError(f"background_share must be in (0, 1], got {background_share}")
+        self._per_owner = per_owner
+        self._kinds: dict[str, _Kind] = {}
+        for kind, budget in budgets.items():
+            if budget < 1:
+                raise ValueError(f"MAX_IN_FLIGHT_{kind.upper()} must be >= 1, got {budget}")
+            self._kinds[kind] = _Kind(budget, max(1, int(budget * background_share)))
+
+    def in_use(self, kind: str) -> int:
+        return self._kinds[kind].used
+
+    def waiting(self, kind: str) -> int:
+        return sum(len(q) for owners in self._kinds[kind].waiting.values()
+                   for q in owners.values())
+
+    def try_acquire(self, kind: str, owner: str, priority: Priority) -> bool:
+        """Takes a slot now if one is free for ``owner`` at ``priority`` and nobody of the
+        same or a higher priority is waiting for one; False otherwise."""
+        state = self._kinds[kind]
+        queued_before = any(state.waiting[p] for p in Priority if p.rank <= priority.rank)
+        if queued_before or not self._fits(state, owner, priority):
+            return False
+        self._take(state, owner, priority)
+        return True
+
+    async def acquire(self, kind: str, owner: str, priority: Priority) -> None:
+        """Waits for a slot (see the module's rules). Cancellation-safe: a cancelled waiter
+        holds nothing."""
+        if self.try_acquire(kind, owner, priority):
+            return
+        state = self._kinds[kind]
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        state.waiting[priority].setdefault(owner, deque()).append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release(kind, owner, priority)  # granted as it was cancelled
+            else:
+                self._forget(state, priority, owner, waiter)
+            raise
+
+    def release(self, kind: str, owner: str, priority: Priority) -> None:
+        """Gives a slot back and hands free slots to waiters."""
+        state = self._kinds[kind]
+        state.used -= 1
+        if priority is Priority.BACKGROUND:
+            state.used_background -= 1
+        left = state.by_owner[owner] - 1
+        if left:
+            state.by_owner[owner] = left
+        else:
+            del state.by_owner[owner]
+        self._grant(state)
+
+    @asynccontextmanager
+    async def slot(self, kind: str, owner: str, priority: Priority) -> AsyncIterator[None]:
+        """``async with admission.slot(...)``: :meth:`acquire`, then :meth:`release`."""
+        await self.acquire(kind, owner, priority)
+        try:
+            yield
+        finally:
+            self.release(kind, owner, priority)
+
+    # --- inside ---
+
+    def _fits(self, state: _Kind, owner: str, priority: Priority) -> bool:
+        if state.used >= state.budget or state.by_owner.get(owner, 0) >= self._per_owner:
+            return False
+        return priority is Priority.INTERACTIVE or state.used_background < state.background_limit
+
+    def _take(self, state: _Kind, owner: str, priority: Priority) -> None:
+        state.used += 1
+        if priority is Priority.BACKGROUND:
+            state.used_background += 1
+        state.by_owner[owner] = state.by_owner.get(owner, 0) + 1
+
+    def _grant(self, state: _Kind) -> None:
+        # One slot at a time, always from the top: interactive first, then the owner that
+        # waited longest since it was last served (served owners move to the end).
+        while state.used < state.budget and self._grant_one(state):
+            pass
+
+    def _grant_one(self, state: _Kind) -> bool:
+        for priority in sorted(Priority, key=lambda p: p.rank):
+            owners = state.waiting[priority]
+            for owner in list(owners):
+                queue = owners[owner]
+                while queue and queue[0].done():  # waiters cancelled meanwhile
+                    queue.popleft()
+                if not queue:
+                    del owners[owner]
+                    continue
+                if not self._fits(state, owner, priority):
+                    continue  # this owner (or background) is at its share; others may go
+                self._take(state, owner, priority)
+                queue.popleft().set_result(None)
+                owners.move_to_end(owner)
+                if not queue:
+                    del owners[owner]
+                return True
+        return False
+
+    @staticmethod
+    def _forget(state: _Kind, priority: Priority, owner: str,
+                waiter: asyncio.Future[None]) -> None:
+        queue = state.waiting[priority].get(owner)
+        if queue is not None:
+            try:
+                queue.remove(waiter)
+            except ValueError:
+                pass
+            if not queue:
+                state.waiting[priority].pop(owner, None)

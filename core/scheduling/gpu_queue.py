@@ -1,0 +1,259 @@
+"""The GPU worker's queue: interactive before background, owners in turn, batches within.
+
+Items are jobs, exclusive calls (LoRA training chunks), or the stop mark. Each priority
+keeps a FIFO per owner (``placement.owner``, a conversation) and the owners' turn order: the
+owner after the one served last goes next, and a new owner joins at the end of the turn.
+So one owner's ten jobs do not hold back another owner's one, and a training, whose chunks
+form their own owner, yields between chunks.
+
+:meth:`WorkQueue.take` picks the next item of the highest priority queued. An exclusive
+call comes alone. A job leads a batch: compatible jobs of the same priority join it, in turn
+order across owners, waiting up to the batch window for more. If higher-priority work
+arrives during that wait, the selection starts over (nothing was removed yet, so the
+gathered jobs keep their places), so a background batch never delays interactive work by
+more than the call already running.
+
+Items whose future is cancelled are dropped; items past their deadline when they would be
+taken are answered :class:`~schemas.errors.RequestExpiredError` and never returned.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from core.scheduling.placement import Placement, Priority
+from schemas.errors import RequestExpiredError
+
+if TYPE_CHECKING:  # the image package imports this one: no import back at run time
+    from core.image.job import ImageJob
+
+__all__ = ["BatchKeyFn", "ExclusiveItem", "Item", "JobItem", "StopItem", "Work", "WorkQueue"]
+
+BatchKeyFn = Callable[["ImageJob"], Hashable]
+"""Jobs with equal keys can share one pipeline call (:func:`core.image.job.batch_key`)."""
+
+
+@dataclass(eq=False)
+class JobItem:
+    """A job and its future. ``cancelled`` is set when its caller withdraws it while it
+    runs (a queued one is dropped through ``future.cancel()`` instead)."""
+
+    job: ImageJob
+    future: Future[Any]
+    placement: Placement = field(default_factory=Placement)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class ExclusiveItem:
+    """``fn(pipeline)`` to run alone in the worker thread, between jobs."""
+
+    fn: Callable[[Any], Any]
+    future: Future[Any]
+    placement: Placement = field(default_factory=Placement)
+
+
+@dataclass(eq=False)
+class StopItem:
+    """The stop mark: taken once nothing else is queued."""
+
+
+Item = JobItem | ExclusiveItem | StopItem
+Work = ExclusiveItem | StopItem | list[JobItem]
+_Queued = JobItem | ExclusiveItem
+_EXPIRED = "not started by its deadline"
+
+
+class WorkQueue:
+    """Thread-safe; any thread puts, the worker thread takes. ``batch_key`` says which
+    jobs may share a pipeline call."""
+
+    def __init__(self, batch_key: BatchKeyFn) -> None:
+        self._key = batch_key
+        self._lanes = {priority: _Lane() for priority in sorted(Priority, key=_rank)}
+        self._stop: StopItem | None = None
+        self._changed = threading.Condition()
+
+    def put(self, item: Item) -> None:
+        with self._changed:
+            if isinstance(item, StopItem):
+                self._stop = item
+            else:
+                self._lanes[item.placement.priority].add(item)
+            self._changed.notify_all()
+
+    def depth(self) -> dict[Priority, int]:
+        """Items queued and not started, per priority (withdrawn ones not counted)."""
+        with self._changed:
+            return {priority: sum(not item.future.done() for item in lane)
+                    for priority, lane in self._lanes.items()}
+
+    def drain(self) -> list[Item]:
+        """Remove and return everything queued, the stop mark included."""
+        with self._changed:
+            items: list[Item] = []
+            for lane in self._lanes.values():
+                items.extend(lane)
+                lane.clear()
+            if self._stop is not None:
+                items.append(self._stop)
+                self._stop = None
+            return items
+
+    def take(self, max_batch: int, window_s: float) -> Work:
+        """Block for the next work: an exclusive call; a batch of up to ``max_batch``
+        compatible jobs of one priority, gathered until the batch is full or its lead job
+        has waited ``window_s`` seconds since it was queued (a job that already waited
+        behind other work does not wait again, nor does any once stop is queued); or the
+        stop mark, once nothing else is queued."""
+        while True:
+            expired: list[_Queued] = []
+            with self._changed:
+                work = self._select(max_batch, window_s, expired)
+            for item in expired:  # outside the lock: futures run their callbacks here
+                if item.future.set_running_or_notify_cancel():
+                    item.future.set_exception(RequestExpiredError(_EXPIRED))
+            if work is not None:
+                return work
+
+    def _select(self, max_batch: int, window_s: float, expired: list[_Queued]) -> Work | None:
+        """Under the lock: the work to return, or ``None`` once ``expired`` has items to
+        answer first."""
+        while True:
+            lane = next((lane for lane in self._lanes.values() if lane), None)
+            if lane is None:
+                if self._stop is not None:
+                    return self._stop
+                self._changed.wait()
+                continue
+            picked = self._pick(lane, max_batch, expired)
+            if expired:
+                return None
+            if not picked:
+                continue  # the lane held only withdrawn items: look again
+            lead = picked[0]
+            if isinstance(lead, ExclusiveItem):
+                lane.commit(picked)
+                return lead
+            remaining = lead.queued_at + window_s - time.monotonic()
+            if len(picked) >= max_batch or remaining <= 0 or self._stop is not None:
+                lane.commit(picked)
+                return [item for item in picked if isinstance(item, JobItem)]
+            self._changed.wait(remaining)  # then pick again: new work may change the choice
+
+    def _pick(self, lane: _Lane, max_batch: int, expired: list[_Queued]) -> list[_Queued]:
+        """The lead item and, for a job, its batch in turn order, without removing them;
+        withdrawn and expired items met on the way are removed (expired ones into
+        ``expired``)."""
+        dead: list[_Queued] = []
+        judged: set[_Queued] = set()  # each item is judged (and answered) once
+
+        def live(item: _Queued) -> bool:
+            if item in judged:
+                return False
+            if item.future.done():
+                dead.append(item)
+            elif item.placement.expired():
+                expired.append(item)
+            else:
+                return True
+            judged.add(item)
+            return False
+
+        picked: list[_Queued] = []
+        turns = list(lane.turns)
+        for index, owner in enumerate(turns):
+            lead = next((item for item in lane.fifos[owner] if live(item)), None)
+            if lead is not None:
+                picked.append(lead)
+                turns = turns[index + 1:] + turns[:index + 1]  # the lead's owner comes last
+                break
+        if picked and isinstance(picked[0], JobItem):
+            self._gather(lane, picked, turns, max_batch, live)
+        lane.remove(dead + expired)
+        return picked
+
+    def _gather(self, lane: _Lane, picked: list[_Queued], turns: list[str], max_batch: int,
+                live: Callable[[_Queued], bool]) -> None:
+        """Adds compatible jobs to ``picked``, one per owner per round, owners in turn."""
+        lead = picked[0]
+        assert isinstance(lead, JobItem)
+        key = self._key(lead.job)
+        candidates = {
+            owner: self._compatible(lane.fifos[owner], key,
+                                    after=lead if owner == lead.placement.owner else None)
+            for owner in turns
+        }
+        while len(picked) < max_batch and turns:
+            for owner in list(turns):
+                item = next((item for item in candidates[owner] if live(item)), None)
+                if item is None:
+                    turns.remove(owner)
+                    continue
+                picked.append(item)
+                if len(picked) >= max_batch:
+                    return
+
+    def _compatible(self, fifo: list[_Queued], key: Hashable,
+                    after: JobItem | None) -> Iterator[JobItem]:
+        """The jobs of ``fifo`` (from ``after`` on) with batch key ``key``, in order."""
+        start = fifo.index(after) + 1 if after is not None else 0
+        for item in fifo[start:]:
+            if isinstance(item, JobItem) and self._key(item.job) == key:
+                yield item
+
+
+class _Lane:
+    """One priority's items: a FIFO per owner, and the owners with items in turn order."""
+
+    def __init__(self) -> None:
+        self.fifos: dict[str, list[_Queued]] = {}
+        self.turns: list[str] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.turns)
+
+    def __iter__(self) -> Iterator[_Queued]:
+        for owner in self.turns:
+            yield from self.fifos[owner]
+
+    def add(self, item: _Queued) -> None:
+        owner = item.placement.owner
+        if owner not in self.fifos:
+            self.fifos[owner] = []
+            self.turns.append(owner)
+        self.fifos[owner].append(item)
+
+    def commit(self, picked: list[_Queued]) -> None:
+        """Removes ``picked`` (in service order); the owners served move to the end of the
+        turn, behind those not served, the one served last at the very end (so the owner
+        after it in the turn goes next)."""
+        self.remove(picked)
+        last_served = {item.placement.owner: index for index, item in enumerate(picked)}
+        served = sorted(last_served, key=last_served.__getitem__)
+        self.turns = ([owner for owner in self.turns if owner not in served]
+                      + [owner for owner in served if owner in self.fifos])
+
+    def remove(self, items: list[_Queued]) -> None:
+        gone = set(items)
+        for owner in {item.placement.owner for item in items}:
+            kept = [item for item in self.fifos[owner] if item not in gone]
+            if kept:
+                self.fifos[owner] = kept
+            else:
+                del self.fifos[owner]
+                self.turns.remove(owner)
+
+    def clear(self) -> None:
+        self.fifos.clear()
+        self.turns.clear()
+
+
+def _rank(priority: Priority) -> int:
+    return priority.rank

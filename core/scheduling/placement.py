@@ -1,0 +1,65 @@
+"""How one request is placed in the engine's queues: its priority, its owner (the unit of
+round robin, a conversation) and its deadline.
+
+Interactive work (a live chat) always goes before background work (an explicit
+``priority: background``, or a record old enough to be a replay); within a priority, owners
+take turns. A request not started by its deadline is answered ``EXPIRED`` without work.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+__all__ = ["Placement", "Priority", "effective_priority"]
+
+
+class Priority(StrEnum):
+    """Scheduling class; the wire values of the events' ``priority`` field."""
+
+    INTERACTIVE = "interactive"
+    BACKGROUND = "background"
+
+    @property
+    def rank(self) -> int:
+        """0 is served first."""
+        return 0 if self is Priority.INTERACTIVE else 1
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a request stands in line.
+
+    ``deadline`` is wall-clock epoch seconds (``time.time()``), or ``None``.
+    ``on_start`` is called once, from whichever thread starts the work, when the request
+    leaves its queue for real work (the queue-wait metric); it must be quick and
+    thread-safe.
+    """
+
+    priority: Priority = Priority.INTERACTIVE
+    owner: str = ""
+    deadline: float | None = None
+    on_start: Callable[[], None] | None = None
+
+    def expired(self, now: float | None = None) -> bool:
+        """True when the deadline has passed."""
+        return self.deadline is not None and (time.time() if now is None else now) >= self.deadline
+
+    def started(self) -> None:
+        """Reports the start (see ``on_start``); safe to call when none is set."""
+        if self.on_start is not None:
+            self.on_start()
+
+
+def effective_priority(explicit: str | None, *, published_at: float, created_at: float | None,
+                       replay_age: float, now: float | None = None) -> Priority:
+    """The request's own ``priority`` when it says one; otherwise background when it was
+    published (or created) more than ``replay_age`` seconds ago, a replay of old records,
+    and interactive when it is live. Times are epoch seconds."""
+    if explicit is not None:
+        return Priority(explicit)
+    born = published_at if created_at is None else min(published_at, created_at)
+    current = time.time() if now is None else now
+    return Priority.BACKGROUND if current - born > replay_age else Priority.INTERACTIVE

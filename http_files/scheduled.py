@@ -1,0 +1,71 @@
+"""HTTP requests under the same admission and scheduling as Kafka work.
+
+A POST takes a slot of its kind at once or answers 503 with ``Retry-After`` (it never
+queues without bound); it is then a pending request like a Kafka one: ``DELETE
+/requests/{id}`` and a passed ``deadline`` stop it, and a client that goes away cancels it
+(the app runs with handler cancellation, so its handler task is cancelled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from core.scheduling import PendingRequest, Priority, supervise
+from http_files.errors import unprocessable
+from http_files.services import AppServices
+from schemas.errors import RequestCancelledError, RequestExpiredError
+from schemas.events import parse_instant
+
+__all__ = ["run_scheduled"]
+
+T = TypeVar("T")
+
+_RETRY_AFTER_SECONDS = 2
+
+
+async def run_scheduled(services: AppServices, kind: str, event: Any,
+                        work: Callable[[PendingRequest], Coroutine[Any, Any, T]]) -> T:
+    """``work(pending)`` in a slot of ``kind``. Raises a 503 when the kind is full, a 422
+    for a deadline that is no date-time, and :class:`RequestCancelledError` /
+    :class:`RequestExpiredError` (counted) when stopped."""
+    scheduling = services.scheduling
+    priority = Priority(event.priority) if getattr(event, "priority", None) else (
+        Priority.INTERACTIVE)
+    deadline = _deadline(getattr(event, "deadline", None))
+    owner = event.conversation_id
+    if not scheduling.admission.try_acquire(kind, owner, priority):
+        services.metrics.http_rejected.labels(kind).inc()
+        raise web.HTTPServiceUnavailable(
+            text=json.dumps({"error_code": "UPSTREAM_UNAVAILABLE", "retryable": True,
+                             "message": f"the engine is at its limit for {kind} requests; "
+                                        f"retry after {_RETRY_AFTER_SECONDS} s"}),
+            content_type="application/json",
+            headers={"Retry-After": str(_RETRY_AFTER_SECONDS)})
+    pending = scheduling.pending.add(event.request_id, owner, kind, priority,
+                                     deadline=deadline, published_at=time.time())
+    try:
+        return await supervise(pending, work(pending))
+    except (RequestCancelledError, asyncio.CancelledError):  # the latter: client gone
+        services.metrics.cancelled.labels(kind).inc()
+        raise
+    except RequestExpiredError:
+        services.metrics.expired.labels(kind).inc()
+        raise
+    finally:
+        scheduling.pending.remove(pending)
+        scheduling.admission.release(kind, owner, priority)
+
+
+def _deadline(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_instant(value).timestamp()
+    except (ValueError, OverflowError):
+        raise unprocessable([{"field": "deadline", "message": "not a valid date-time"}]) from None
