@@ -109,7 +109,9 @@ async def run(bootstrap: str, workdir: Path, args: argparse.Namespace) -> None:
                       for i in range(args.images)]
             for request in replay:
                 await peer.publish("image", request)
-            await peer.wait_for(lambda a: a.kind == "progress", timeout=120)
+            replay_ids = {r["request_id"] for r in replay}
+            await peer.wait_for(lambda a: a.kind == "progress"
+                                and a.event["request_id"] in replay_ids, timeout=120)
             live = image("live", args)
             published = time.perf_counter()
             await peer.publish("image", live)
