@@ -3,7 +3,9 @@
 - Undecodable and invalid records are answered ``UNDECODABLE`` / ``INVALID_REQUEST`` at once.
 - A valid request is registered as pending (cancels and deadlines act on it), waits for its
   conversation's turn and a slot of its kind (:class:`~core.scheduling.Admission`), then
-  its handler runs; transient errors are retried with capped, jittered backoff.
+  its handler runs; transient errors are retried with capped, jittered backoff, within
+  the request's one :class:`~core.retry_budget.RetryBudget` (shared with the handler's own
+  upstream retries; the failed event's ``attempts`` is its count).
 - A cancel answers it ``CANCELLED`` wherever it is; a deadline passed before its work
   started answers it ``EXPIRED`` (:func:`~core.scheduling.supervise`).
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiokafka import ConsumerRecord
@@ -27,6 +29,7 @@ from consumers.publisher import EventPublisher
 from consumers.retry import RetryExhausted, RetryPolicy, call_with_retries
 from consumers.routes import HandlerContext, Route
 from core.metrics import EngineMetrics
+from core.retry_budget import RetryBudget
 from core.scheduling import Scheduling, effective_priority, supervise
 from schemas.codec import EventCodec
 from schemas.errors import (
@@ -94,7 +97,12 @@ class RecordAnswerer:
         except InvalidRequestError as exc:  # a deadline that is no instant
             logger.warning("%s rejected: %s %s", where, exc.code, exc)
             return self._failed(record, route, exc, 1, raw)
-        attempts = 0
+        runs = 0
+        budget = RetryBudget(self._retry)  # every retry of this request draws on it
+        # a record dropped by a revoke or a stop comes again: running GPU work finishes into
+        # the result cache for that delivery, unless the request was cancelled
+        placement = replace(pending.placement(),
+                            keep_when_abandoned=lambda: not pending.cancelled.is_set())
 
         async def progress(step: int, total: int, loss: float | None) -> None:
             await self._publisher.publish(self._results.progress, GenerationProgress(
@@ -103,15 +111,15 @@ class RecordAnswerer:
             ), record.key, request_id)
 
         async def attempt() -> GenerationCompleted:
-            nonlocal attempts
-            attempts += 1
+            nonlocal runs
+            runs += 1
             return await route.handler(event, HandlerContext(
-                attempt=attempts, progress=progress, placement=pending.placement()))
+                attempt=runs, progress=progress, placement=placement, budget=budget))
 
-        def on_retry(error: EngineError, attempt_no: int, wait: float) -> None:
+        def on_retry(error: EngineError, run: int, wait: float) -> None:
             self._metrics.retries.labels(route.kind, error.code).inc()
-            logger.info("%s attempt %d failed with %s (%s); retrying in %.2fs",
-                        where, attempt_no, error.code, error, wait)
+            logger.info("%s run %d failed with %s (%s) after %d attempt(s); retrying in %.2fs",
+                        where, run, error.code, error, budget.attempts, wait)
 
         async def scheduled() -> GenerationCompleted:
             await turn.wait()
@@ -121,7 +129,7 @@ class RecordAnswerer:
                 if route.kind != "image":  # an image starts when the GPU takes it
                     pending.mark_started()
                 completed, _ = await call_with_retries(
-                    attempt, self._retry, sleep=self._sleep, on_retry=on_retry)
+                    attempt, budget, sleep=self._sleep, on_retry=on_retry)
                 return completed
 
         try:
@@ -129,7 +137,7 @@ class RecordAnswerer:
         except (RequestCancelledError, RequestExpiredError) as exc:
             self._count_stopped(route, exc)
             logger.info("%s %s: %s", where, exc.code, exc)
-            return self._failed(record, route, exc, attempts, raw)
+            return self._failed(record, route, exc, budget.attempts, raw)
         except RetryExhausted as exc:
             self._count_stopped(route, exc.error)
             log = logger.error if exc.error.code == "INTERNAL" else logger.warning

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from consumers.control import ControlReader
@@ -40,6 +41,7 @@ from core.settings import Settings
 from core.training import TrainingService, build_training_service
 from core.voice import build_voice_service
 from http_files import AppServices, create_app
+from http_files.uploads import upload_limits
 from schemas.codec import EventCodec
 from schemas.events import (
     GenerationControl,
@@ -51,7 +53,10 @@ from schemas.events import (
 
 __all__ = ["Engine", "EngineAddresses"]
 
-_CLIENT_STOP_TIMEOUT = 15.0
+# After SHUTDOWN_GRACE_SECONDS (the drain), what stopping may still take at most: leaving
+# the group, flushing, checkpointing trainings, the GPU worker, HTTP. With the broker gone
+# each of these would otherwise wait for ever; the orchestrator's kill comes after it.
+_STOP_MARGIN = 10.0
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +120,10 @@ class Engine:
             health=self.health, metrics=self.metrics, store=self.store,
             codec=self.codec, voice=self.voice, scheduling=self.scheduling,
         )
-        app = create_app(services)
+        app = create_app(services, upload_limits(settings))
         # handler_cancellation: a client that goes away cancels its own queued request
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                     handler_cancellation=True)
+                                     handler_cancellation=True, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._http_host, settings.service_port)
         await site.start()
@@ -136,7 +141,8 @@ class Engine:
             services.training = self.training
             self.health.image_model = ImageModelInfo(
                 name=self.image.model.name, loaded=True,
-                development_model=self.image.model.development_model)
+                development_model=self.image.model.development_model,
+                dtype=self._worker.model.dtype_name)
 
         idempotent = await resolve_idempotence(settings, self._bootstrap)
         producer = self._producer = build_producer(settings, self._bootstrap, idempotent=idempotent)
@@ -177,6 +183,7 @@ class Engine:
             config=DeliveryConfig(
                 flow=FlowLimits(settings.max_buffered_records, settings.max_buffered_bytes),
                 shutdown_grace=settings.shutdown_grace_seconds,
+                rebalance_grace=settings.rebalance_grace_seconds,
             ),
             retry=RetryPolicy(
                 max_attempts=settings.retry_max_attempts,
@@ -225,8 +232,16 @@ class Engine:
         waiter.cancel()
 
     async def stop(self) -> None:
-        """Drains in-flight work, commits, leaves the group, closes HTTP."""
+        """Drains in-flight work, commits, leaves the group, closes HTTP; all of it within
+        SHUTDOWN_GRACE_SECONDS plus a few seconds, even with the broker gone (what is not
+        published then stays uncommitted, and is redelivered)."""
         self.request_stop()
+        clock = asyncio.get_running_loop().time
+        deadline = clock() + self._settings.shutdown_grace_seconds + _STOP_MARGIN
+
+        def left(cap: float) -> float:
+            return max(0.1, min(cap, deadline - clock()))
+
         if self._tasks:
             loop_task, *others = self._tasks
             try:
@@ -244,14 +259,25 @@ class Engine:
             if client is None:
                 continue
             try:
-                await asyncio.wait_for(client.stop(), timeout=_CLIENT_STOP_TIMEOUT)
-            except TimeoutError:
-                logger.warning("could not %s within %.0fs; stopping anyway", what,
-                               _CLIENT_STOP_TIMEOUT)
+                await asyncio.wait_for(client.stop(), timeout=left(3.0))
+            except (TimeoutError, KafkaError) as exc:
+                logger.warning("could not %s in time (%s); stopping anyway", what,
+                               type(exc).__name__)
+            except asyncio.CancelledError:
+                # aiokafka's fetcher re-raises the cancellation of its own pending fetches
+                # when the broker is gone; only a cancellation of this stop goes on up
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+                logger.warning("could not %s cleanly; stopping anyway", what)
         if self.training is not None:
-            await self.training.close()
+            try:  # trainings checkpoint at their next step
+                await asyncio.wait_for(self.training.close(), timeout=left(30.0))
+            except TimeoutError:
+                logger.warning("trainings did not checkpoint in time; they resume from "
+                               "their last checkpoint")
         if self._worker is not None:
-            await asyncio.to_thread(self._worker.stop)
+            await asyncio.to_thread(self._worker.stop, left(30.0) / 2)
         if self._runner is not None:
             await self._runner.cleanup()
         await self.http.aclose()

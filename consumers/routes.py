@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from core.backoff import Backoff
+from core.retry_budget import RetryBudget
 from core.scheduling import Placement
 from schemas.events import Event, EventKind, GenerationCompleted
 
@@ -25,12 +27,15 @@ async def _no_progress(step: int, total: int, loss: float | None) -> None:
 
 @dataclass(frozen=True)
 class HandlerContext:
-    """What a handler may know of its delivery besides the event: the attempt, where to
-    report progress, and where the request stands in line (for the GPU queue)."""
+    """What a handler may know of its delivery besides the event: the run (1 for the
+    first), where to report progress, where the request stands in line (for the GPU
+    queue), and the request's retry budget, shared with the consume loop's own retries:
+    a handler whose work retries upstream calls hands it down (and reports each call)."""
 
     attempt: int = 1
     progress: ProgressReporter = _no_progress
     placement: Placement = field(default_factory=Placement)
+    budget: RetryBudget = field(default_factory=lambda: RetryBudget(Backoff()))
 
 
 class Handler(Protocol):

@@ -42,6 +42,9 @@ __all__ = ["ConsumeLoop", "DeliveryConfig", "ResultTopics"]
 
 logger = logging.getLogger(__name__)
 
+_FINAL_COMMIT_TIMEOUT = 5.0
+_CANCEL_TIMEOUT = 5.0  # for cancelled work to unwind (it never waits on the broker)
+
 
 @dataclass(frozen=True)
 class DeliveryConfig:
@@ -140,7 +143,7 @@ class ConsumeLoop:
             await asyncio.gather(committer, stop_wait, return_exceptions=True)
             try:  # bounded: with the broker gone, aiokafka would retry the commit forever
                 await asyncio.wait_for(self._committer.commit(self._committer.owned),
-                                       timeout=max(1.0, self._config.shutdown_grace))
+                                       timeout=_FINAL_COMMIT_TIMEOUT)
             except TimeoutError:
                 logger.warning("final commit timed out: uncommitted records will be "
                                "redelivered (at-least-once)")
@@ -161,14 +164,23 @@ class ConsumeLoop:
             _, pending = await asyncio.wait(begun, timeout=grace)
         for task in pending:
             task.cancel()
-        await asyncio.gather(*waiting, *pending, return_exceptions=True)
-        return len(waiting) + len(pending)
+        stopped = [*waiting, *pending]
+        if stopped:
+            _, stuck = await asyncio.wait(stopped, timeout=_CANCEL_TIMEOUT)
+            if stuck:
+                logger.warning("%d cancelled request(s) did not unwind in %.0fs", len(stuck),
+                               _CANCEL_TIMEOUT)
+        return len(stopped)
 
     def drop(self, partitions: Iterable[TopicPartition]) -> None:
         for tp in partitions:
             for work in self._work.pop(tp, {}).values():
                 if work.task is not None and not work.task.done():
                     work.task.cancel()  # its own cleanup gives back what it held
+            try:  # another member owns its lag now: summed over instances, count it once
+                self._metrics.lag.remove(tp.topic, str(tp.partition))
+            except KeyError:
+                pass
 
     # -------------------------------------------------------------- records
     def _dispatch(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:

@@ -25,9 +25,12 @@ class GpuInfo:
 
 @dataclass(frozen=True)
 class ImageModelInfo:
+    """``dtype``: what the model computes in (``bfloat16``, ``float32``), once loaded."""
+
     name: str | None = None
     loaded: bool = False
     development_model: bool = False
+    dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ class EngineHealth:
                 "name": self.image_model.name,
                 "loaded": self.image_model.loaded,
                 "development_model": self.image_model.development_model,
+                "dtype": self.image_model.dtype,
             },
             "kafka": {
                 "enabled": self.kafka_enabled,

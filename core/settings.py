@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.net.policy import AllowedHosts
+
 __all__ = ["ConfigurationError", "Settings", "load_settings"]
 
 _SECRET_FIELDS = {"elevenlabs_api_key"}
@@ -52,6 +54,7 @@ class Settings(BaseSettings):
     lora_cache_size: int = Field(4, ge=1, le=64)
     compile_transformer: bool = False
     progress_interval: float = Field(0.5, ge=0.0)
+    result_cache_max_entries: int = Field(100_000, ge=1)
     dev_model_dir: Path = Path(".cache/dev-flux")
 
     # --- LoRA ---
@@ -65,7 +68,11 @@ class Settings(BaseSettings):
     lora_checkpoint_every: int = Field(20, ge=1)
     lora_max_image_bytes: int = Field(20 * 2**20, ge=1024)
     lora_max_image_pixels: int = Field(40_000_000, ge=4096)
+    lora_max_upload_bytes: int = Field(256 * 2**20, ge=2**20,
+                                       description="one POST /train-lora body")
+    max_concurrent_uploads: int = Field(2, ge=1, le=64)
     lora_fetch_timeout: float = Field(30.0, gt=0)
+    lora_fetch_allowed_hosts: str = Field("", description="internal hosts URLs may name")
     lora_training_only: bool = False
 
     # --- files ---
@@ -117,10 +124,12 @@ class Settings(BaseSettings):
                                       description="older records count as background")
     cancel_memory_seconds: float = Field(600.0, ge=0,
                                          description="how long a cancel is remembered")
-    retry_max_attempts: int = Field(4, ge=1, le=20)
+    retry_max_attempts: int = Field(6, ge=1, le=20,
+                                    description="upstream attempts per request, all layers")
     retry_base_delay: float = Field(0.5, ge=0.0)
     retry_max_delay: float = Field(30.0, ge=0.0)
     shutdown_grace_seconds: float = Field(30.0, ge=0.0)
+    rebalance_grace_seconds: float = Field(5.0, ge=0.0)
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod
@@ -131,6 +140,12 @@ class Settings(BaseSettings):
             host, sep, port = part.strip().rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise ValueError("a list host:port,host:port")
+        return value.strip()
+
+    @field_validator("lora_fetch_allowed_hosts")
+    @classmethod
+    def _allowed_hosts(cls, value: str) -> str:
+        AllowedHosts.parse(value)  # raises ValueError naming the bad entry
         return value.strip()
 
     @field_validator("public_base_url")

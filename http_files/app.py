@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 from aiohttp import web
 
 from http_files.health import health
@@ -11,19 +14,25 @@ from http_files.outputs import get_output
 from http_files.requests import cancel_request
 from http_files.services import SERVICES, AppServices
 from http_files.train import get_training, train_lora
+from http_files.uploads import UPLOADS, UploadLimits, Uploads
+from http_files.validation import JSON_BODY_LIMIT
 from http_files.voice import generate_voice
 
 __all__ = ["create_app"]
 
-_MAX_BODY = 1 * 2**20  # JSON requests. /train-lora streams its multipart body part by part
-# with its own limits (MAX_LORA_IMAGES x LORA_MAX_IMAGE_BYTES), which this one does not bind
 
-
-def create_app(services: AppServices) -> web.Application:
+def create_app(services: AppServices, uploads: UploadLimits | None = None) -> web.Application:
     """Builds the HTTP app: ``/health``, ``/outputs/{filename}``, ``/metrics`` and the
-    original API's POST endpoints, all backed by ``services``."""
-    app = web.Application(client_max_size=_MAX_BODY)
+    original API's POST endpoints, all backed by ``services``; ``/train-lora`` uploads are
+    received under ``uploads`` (``upload_limits(settings)``; the defaults when None).
+
+    JSON bodies may have JSON_BODY_LIMIT bytes (the app's ``client_max_size``);
+    ``/train-lora`` streams its multipart body with its own limits, which that one does
+    not bind."""
+    app = web.Application(client_max_size=JSON_BODY_LIMIT)
     app[SERVICES] = services
+    app[UPLOADS] = Uploads(uploads or UploadLimits())
+    app.cleanup_ctx.append(_uploads_cleared)
     app.router.add_get("/health", health)
     app.router.add_get("/outputs/{filename}", get_output)
     app.router.add_get("/metrics", metrics)
@@ -33,3 +42,9 @@ def create_app(services: AppServices) -> web.Application:
     app.router.add_get("/train-lora/{training_id}", get_training)
     app.router.add_delete("/requests/{request_id}", cancel_request)
     return app
+
+
+async def _uploads_cleared(app: web.Application) -> AsyncIterator[None]:
+    """Before serving: make the uploads folder, emptied of what a crashed process left."""
+    await asyncio.to_thread(app[UPLOADS].prepare)
+    yield

@@ -2,6 +2,8 @@
 
 Request errors (INVALID_REQUEST, UNKNOWN_LORA) are 422s in the original API's FastAPI
 shape, naming the field: ``{"detail": [{"loc": ["body", field], "msg", "type"}], ...}``.
+A body that cannot be read at all (malformed, nested too deeply, too large, of the wrong
+content type) is a 4xx in the same shape (:func:`unreadable_body`), never a 5xx.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from aiohttp import web
 
 from schemas.errors import EngineError, ErrorCode, InvalidRequestError
 
-__all__ = ["error_response", "unprocessable"]
+__all__ = ["error_response", "unprocessable", "unreadable_body"]
 
 _STATUS = {
     ErrorCode.UNDECODABLE: 400,
@@ -46,6 +48,27 @@ def unprocessable(errors: list[dict[str, str]], kind: str = "value_error",
     """A 422 to raise, naming each field in ``errors`` (``[{"field", "message"}]``)."""
     return web.HTTPUnprocessableEntity(
         text=json.dumps(_detail(errors, kind, code)), content_type="application/json")
+
+
+_BODY_ERRORS: dict[int, type[web.HTTPClientError]] = {
+    400: web.HTTPBadRequest,
+    408: web.HTTPRequestTimeout,
+    415: web.HTTPUnsupportedMediaType,
+    422: web.HTTPUnprocessableEntity,
+}
+
+
+def unreadable_body(status: int, message: str, kind: str, *, loc: tuple[str, ...] = ("body",),
+                    code: ErrorCode = ErrorCode.INVALID_REQUEST) -> web.HTTPException:
+    """A 4xx to raise for a body that cannot be read (``status`` 400, 408, 413, 415, 422),
+    naming the problem in ``message``; ``loc`` is where it is (``["body"]``, or
+    ``["header", "content-type"]``)."""
+    text = json.dumps({"detail": [{"loc": list(loc), "msg": message, "type": kind}],
+                       "error_code": str(code)})
+    if status == 413:
+        return web.HTTPRequestEntityTooLarge(max_size=0, actual_size=0, text=text,
+                                             content_type="application/json")
+    return _BODY_ERRORS[status](text=text, content_type="application/json")
 
 
 def error_response(error: EngineError) -> web.Response:

@@ -10,13 +10,14 @@ __all__ = ["VoiceHandler"]
 
 
 class VoiceHandler:
-    """Calls the same core entry as ``POST /generate/voice``."""
+    """Calls the same core entry as ``POST /generate/voice``, spending the request's retry
+    budget (the consume loop's) on upstream retries."""
 
     def __init__(self, service: VoiceService) -> None:
         self._service = service
 
     async def __call__(self, event: VoiceRequested, context: HandlerContext) -> GenerationCompleted:
-        result = await self._service.generate(event)
+        result = await self._service.generate(event, budget=context.budget)
         return GenerationCompleted(
             request_id=event.request_id,
             conversation_id=event.conversation_id,

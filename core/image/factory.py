@@ -63,7 +63,8 @@ async def build_image_service(
                              await asyncio.to_thread(model_fingerprint, model_path))
     service = ImageService(
         worker, LoraRegistry(settings.lora_output_dir), store, PromptOptimizer(llm),
-        ResultCache(settings.output_dir / ".results"),
+        ResultCache(settings.output_dir / ".results",
+                    max_entries=settings.result_cache_max_entries),
         ImageLimits(
             max_image_size=settings.max_image_size,
             max_inference_steps=settings.max_inference_steps,

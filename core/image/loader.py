@@ -1,10 +1,10 @@
 """Load a FLUX pipeline from a local folder, once, at start-up.
 
 :func:`load_pipeline` checks the folder first (one :class:`ModelLoadError` listing all that
-is missing), never touches the network, picks the dtype (bf16 on CUDA, fp16 with
-USE_FP16, fp32 on CPU), and applies the memory mode, the attention backend and, when asked,
-compilation with a LoRA hotswap slot. The tiny development model is recognised by its
-marker file.
+is missing), never touches the network, picks the dtype (:func:`choose_precision`: bf16 on
+CUDA, also when USE_FP16 asks for fp16, which FLUX cannot run in; fp32 on CPU), and
+applies the memory mode, the attention backend and, when asked, compilation with a LoRA
+hotswap slot. The tiny development model is recognised by its marker file.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ from core.image._fresh_thread import run_in_fresh_thread
 from core.image._layout import missing_parts
 from core.image.devmodel import read_dev_marker
 
-__all__ = ["LoadedModel", "ModelLoadError", "load_pipeline", "resolve_device"]
+__all__ = [
+    "LoadedModel", "ModelLoadError", "Precision", "choose_precision", "load_pipeline",
+    "resolve_device",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +50,8 @@ class ModelLoadError(Exception):
 class LoadedModel:
     """A pipeline ready for the GPU worker. ``device`` is where it computes (``cuda:0``,
     ``cpu``); ``hotswap_slot`` names the adapter slot of a compiled transformer (None:
-    adapters are loaded into an LRU set)."""
+    adapters are loaded into an LRU set); ``precision_note`` says why ``dtype`` is not what
+    USE_FP16 asked for (None: it is)."""
 
     pipeline: Any
     name: str
@@ -57,6 +61,39 @@ class LoadedModel:
     memory_mode: str = "none"
     compiled: bool = False
     hotswap_slot: str | None = None
+    precision_note: str | None = None
+
+    @property
+    def dtype_name(self) -> str:
+        """``bfloat16``, ``float32`` … (for ``/health``)."""
+        return str(self.dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The dtype every component of the pipeline runs in, and ``note``: why it is not
+    what was asked for (None when it is)."""
+
+    dtype: torch.dtype
+    note: str | None = None
+
+
+def choose_precision(device: str, use_fp16: bool) -> Precision:
+    """FLUX's dtype on ``device`` (resolved: ``cpu``, ``cuda``, ``cuda:N``).
+
+    - CUDA: bfloat16, FLUX's native dtype. With USE_FP16 too: the FLUX transformer's
+      and T5's activations exceed float16's range (65504), so in fp16 they overflow to
+      inf/NaN and every image comes out black. One dtype for all components, because
+      FluxPipeline hands tensors between them without casting.
+    - Anything else (the CPU): float32; USE_FP16 does not apply there.
+    """
+    if device.startswith("cuda"):
+        note = ("USE_FP16=true ignored: FLUX's transformer and T5 overflow in float16 "
+                "(black images); running in bfloat16") if use_fp16 else None
+        return Precision(torch.bfloat16, note)
+    note = (f"USE_FP16=true ignored on {device}: half precision applies to CUDA only; "
+            "running in float32") if use_fp16 else None
+    return Precision(torch.float32, note)
 
 
 def resolve_device(device: str) -> str:
@@ -96,7 +133,10 @@ def load_pipeline(
         raise ModelLoadError(f"DEVICE={device!r} but torch sees no CUDA device", path=path,
                              setting="DEVICE")
     _check_memory_mode(memory_mode, is_cuda, path)
-    dtype = (torch.float16 if use_fp16 else torch.bfloat16) if is_cuda else torch.float32
+    precision = choose_precision(resolved, use_fp16)
+    if precision.note is not None:
+        logger.warning("%s", precision.note)
+    dtype = precision.dtype
     marker = read_dev_marker(path)
 
     def prepare() -> tuple[Any, str | None]:
@@ -119,6 +159,7 @@ def load_pipeline(
     return LoadedModel(
         pipeline=pipeline, name=name, development_model=marker is not None, device=resolved,
         dtype=dtype, memory_mode=memory_mode, compiled=slot is not None, hotswap_slot=slot,
+        precision_note=precision.note,
     )
 
 

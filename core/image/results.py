@@ -3,7 +3,9 @@
 A result is keyed by a fingerprint of the request's content (prompt, sizes, steps,
 guidance, seed, negative prompt, LoRA id, optimization flag), the model and the LoRA file.
 The entry keeps the prompt actually used, so that after the file was cleaned up a replay
-regenerates the very same image (the LLM is not asked again).
+regenerates the very same image (the LLM is not asked again). Entries are small (≈ 300
+bytes) but would otherwise only grow: at most ``max_entries`` are kept, the least recently
+used leaving first (a hit refreshes an entry's time).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,15 +45,24 @@ def fingerprint(params: ImageParams, model_fingerprint: str, lora_hash: str | No
 
 
 class ResultCache:
-    """One small JSON file per fingerprint, written atomically."""
+    """One small JSON file per fingerprint, written atomically; thread-safe."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, max_entries: int = 100_000) -> None:
+        if max_entries < 1:
+            raise ValueError(f"RESULT_CACHE_MAX_ENTRIES must be >= 1, got {max_entries}")
         self._directory = directory
+        self._max = max_entries
+        self._prune_every = max(1, min(1000, max_entries // 10))
+        self._puts = 0
+        self._lock = threading.Lock()
         directory.mkdir(parents=True, exist_ok=True)
 
     def get(self, key: str) -> CachedResult | None:
+        path = self._directory / f"{key}.json"
         try:
-            return CachedResult(**json.loads((self._directory / f"{key}.json").read_text()))
+            entry = CachedResult(**json.loads(path.read_text()))
+            os.utime(path)  # recently used: the last to leave
+            return entry
         except (OSError, ValueError, TypeError):
             return None
 
@@ -59,3 +71,31 @@ class ResultCache:
         with os.fdopen(fd, "w") as handle:
             json.dump(asdict(result), handle)
         os.replace(temp, self._directory / f"{key}.json")
+        with self._lock:
+            self._puts += 1
+            due = self._puts % self._prune_every == 0
+        if due:
+            self.prune()
+
+    def prune(self) -> int:
+        """Removes the least recently used entries beyond ``max_entries``; returns how
+        many."""
+        with self._lock:
+            entries = []
+            with os.scandir(self._directory) as found:
+                for entry in found:
+                    if entry.name.endswith(".json") and not entry.name.startswith("."):
+                        try:
+                            entries.append((entry.stat().st_mtime, entry.path))
+                        except OSError:
+                            continue
+            excess = len(entries) - self._max
+            if excess <= 0:
+                return 0
+            entries.sort()
+            for _, path in entries[:excess]:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            return excess

@@ -23,6 +23,7 @@ from core.image.worker import GpuWorker
 from core.lora.registry import LoraInfo, LoraRegistry
 from core.outputs import OutputStore
 from core.scheduling import Placement
+from core.scheduling.gpu_queue import JobItem
 from schemas.events import ImageRequested
 
 __all__ = ["ImageResult", "ImageService", "ModelIdentity"]
@@ -78,6 +79,7 @@ class ImageService:
         self.model = model
         self._true_cfg_scale = true_cfg_scale
         self._progress_interval = progress_interval
+        self._making: dict[str, _Making] = {}  # fingerprint → the image being made
 
     def check(self, request: ImageRequested) -> tuple[ImageParams, LoraInfo | None]:
         """Validates a request without generating: raises ``InvalidRequestError`` or
@@ -91,10 +93,13 @@ class ImageService:
         """Makes (or finds) the image for ``request``, queued on the GPU as ``placement``
         says (interactive, its own owner, when absent).
 
-        Raises ``InvalidRequestError`` (a field), ``UnknownLoraError``, ``OutOfMemoryError``,
-        ``RequestExpiredError`` (its deadline passed in the GPU queue) or ``InternalError``;
-        never a partial file. Cancelling the caller drops the job, or stops it at its next
-        step when it runs.
+        The same image asked for while it is being made (a redelivery after a revoke, a
+        duplicate) joins the making instead of computing it twice. Raises
+        ``InvalidRequestError`` (a field), ``UnknownLoraError``, ``OutOfMemoryError``,
+        ``RequestExpiredError`` (its deadline passed in the GPU queue) or
+        ``InternalError``; never a partial file. Cancelling the caller drops a queued job;
+        a running one is stopped at its next step, unless ``placement.keep_when_abandoned``
+        says the request will come again: then it finishes into the result cache.
         """
         params, lora = self.check(request)
         key = fingerprint(params, self.model.fingerprint, lora.fingerprint if lora else None)
@@ -102,28 +107,82 @@ class ImageService:
         if remembered is not None and self._store.exists(remembered.filename):
             logger.debug("request_id=%s answered from the result cache", request.request_id)
             return self._result(remembered)
+        placement = placement or Placement(owner=request.conversation_id)
+        making = self._making.get(key)
+        if making is not None:
+            logger.info("request_id=%s joins the same image being made", request.request_id)
+            return self._result(await self._wait(making, placement))
         if remembered is not None:
             prompt = remembered.prompt  # regenerate exactly what was made before
         else:
             optimized = await self._optimizer.optimize(
                 params.prompt, lora.trigger_word if lora else None, params.optimize_prompt)
             prompt = optimized.prompt
-        on_step, finish_progress = self._bridge(progress)
+            making = self._making.get(key)  # made meanwhile by a twin?
+            if making is not None:
+                return self._result(await self._wait(making, placement))
+        bridge = self._bridge(progress)
         job = ImageJob(
             prompt=prompt, negative_prompt=params.negative_prompt, width=params.width,
             height=params.height, steps=params.steps, guidance=params.guidance,
             true_cfg_scale=self._true_cfg_scale if params.negative_prompt else 1.0,
             seed=params.seed, lora=lora,
-            progress=on_step,
+            progress=bridge.on_step,
         )
+        making = _Making(self._worker.enqueue(job, placement))
+        making.task = asyncio.create_task(
+            self._make(making, key, params, prompt, lora, request.request_id))
+        self._making[key] = making
+        making.task.add_done_callback(lambda _: self._forget(key, making))
         try:
-            image = await self._worker.generate(
-                job, placement or Placement(owner=request.conversation_id))
-        finally:
-            await finish_progress()
-        entry = await asyncio.to_thread(self._keep, key, image, params, prompt, lora,
-                                        request.request_id)
+            entry = await self._wait(making, placement)
+        except asyncio.CancelledError:
+            bridge.abandon()
+            raise
+        except Exception:
+            await bridge.finish()
+            raise
+        await bridge.finish()
         return self._result(entry)
+
+    async def _make(self, making: _Making, key: str, params: ImageParams, prompt: str,
+                    lora: LoraInfo | None, request_id: str) -> CachedResult:
+        """The GPU job, then its PNG and result-cache entry; owned by the service, so that
+        it can outlive the callers that asked for it."""
+        try:
+            image = await asyncio.wrap_future(making.item.future)
+        except asyncio.CancelledError:
+            making.item.withdraw()
+            raise
+        return await asyncio.to_thread(self._keep, key, image, params, prompt, lora,
+                                       request_id)
+
+    async def _wait(self, making: _Making, placement: Placement) -> CachedResult:
+        """One caller's wait for ``making``; the last caller to leave decides whether the
+        work goes on (see :meth:`generate`)."""
+        assert making.task is not None
+        making.waiters += 1
+        try:
+            return await asyncio.shield(making.task)
+        except asyncio.CancelledError:
+            if making.waiters == 1 and not making.task.done():
+                keep = placement.keep_when_abandoned
+                if making.item.future.running() and keep is not None and keep():
+                    logger.info("an abandoned image keeps running: it lands in the result "
+                                "cache for the request's next delivery")
+                else:
+                    making.task.cancel()
+            raise
+        finally:
+            making.waiters -= 1
+
+    def _forget(self, key: str, making: _Making) -> None:
+        if self._making.get(key) is making:
+            del self._making[key]
+        task = making.task
+        if task is not None and not task.cancelled() and task.exception() is not None \
+                and making.waiters == 0:
+            logger.warning("an abandoned image failed: %s", task.exception())
 
     def _keep(self, key: str, image: Image.Image, params: ImageParams, prompt: str,
               lora: LoraInfo | None, request_id: str) -> CachedResult:
@@ -151,40 +210,63 @@ class ImageService:
             development_model=self.model.development_model,
         )
 
-    def _bridge(self, progress: Progress | None
-                ) -> tuple[Callable[[int, int], None] | None, Callable[[], Awaitable[None]]]:
+    def _bridge(self, progress: Progress | None) -> _ProgressBridge:
         """Worker-thread step callbacks → throttled progress coroutines on this loop, in
-        order (one task drains them). ``finish()`` waits until all were published, so the
-        completed event always comes after the last progress event."""
-        if progress is None:
-            async def nothing() -> None:
-                return None
-            return None, nothing
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
-        last = [0.0]
+        order (one task drains them)."""
+        return _ProgressBridge(progress, self._progress_interval)
 
-        async def drain() -> None:
-            while (item := await queue.get()) is not None:
-                try:
-                    await progress(*item)
-                except Exception:  # progress is best effort; the result is what counts
-                    logger.warning("progress event not published", exc_info=True)
 
-        task = loop.create_task(drain())
+class _ProgressBridge:
+    """``on_step`` (worker thread) → ``progress`` (this loop), throttled, in order.
+    ``finish()`` waits until all were published, so the completed event always comes
+    after the last progress event; ``abandon()`` stops publishing at once (the caller is
+    gone: nothing may wait on a broker that may be gone too)."""
 
-        def on_step(step: int, total: int) -> None:
-            now = time.monotonic()
-            if step < total and now - last[0] < self._progress_interval:
-                return
-            last[0] = now
-            loop.call_soon_threadsafe(queue.put_nowait, (step, total))
+    def __init__(self, progress: Progress | None, interval: float) -> None:
+        self._progress = progress
+        self._interval = interval
+        self._last = 0.0
+        self._queue: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._drain()) if progress is not None else None
 
-        async def finish() -> None:
-            queue.put_nowait(None)
-            await task
+    @property
+    def on_step(self) -> Callable[[int, int], None] | None:
+        return self._on_step if self._progress is not None else None
 
-        return on_step, finish
+    def _on_step(self, step: int, total: int) -> None:
+        now = time.monotonic()
+        if step < total and now - self._last < self._interval:
+            return
+        self._last = now
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (step, total))
+
+    async def _drain(self) -> None:
+        assert self._progress is not None
+        while (item := await self._queue.get()) is not None:
+            try:
+                await self._progress(*item)
+            except Exception:  # progress is best effort; the result is what counts
+                logger.warning("progress event not published", exc_info=True)
+
+    async def finish(self) -> None:
+        if self._task is not None:
+            self._queue.put_nowait(None)
+            await self._task
+
+    def abandon(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+@dataclass(eq=False)
+class _Making:
+    """An image being made: its GPU job, the task that makes and keeps it, and how many
+    callers wait for it."""
+
+    item: JobItem
+    task: asyncio.Task[CachedResult] | None = None
+    waiters: int = 0
 
 
 def _now() -> str:

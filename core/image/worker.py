@@ -11,8 +11,12 @@ A job whose caller goes away is dropped if queued; if it runs, the call stops at
 step once every job in it is withdrawn (:class:`RequestCancelledError`).
 
 Out of memory: the memory is freed and every job of the failed call is retried once,
-alone; a job that fails alone too gets :class:`OutOfMemoryError` (retryable) and the
-worker goes on serving.
+alone; a job that fails alone too gets :class:`GpuOutOfMemoryError` and the worker goes on
+serving. So a job that cannot fit costs two GPU attempts (batched then alone, or alone
+twice), never more: the error is ``retryable`` for operators, but marked
+:class:`~core.retry_budget.RetriesSpent` so that the consume loop does not run it again.
+Torch's error is kept only as text: its traceback holds the failed call's frames, and
+through them its tensors, so it is cut before the memory is freed and never stored.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from core.image.job import ImageJob, batch_key
 from core.image.loader import LoadedModel
 from core.lora.adapters import AdapterSet
 from core.metrics import EngineMetrics
+from core.retry_budget import RetriesSpent
 from core.scheduling.gpu_queue import ExclusiveItem, JobItem, StopItem, WorkQueue
 from core.scheduling.placement import Placement, Priority
 from schemas.errors import (
@@ -45,7 +50,7 @@ from schemas.errors import (
     RequestCancelledError,
 )
 
-__all__ = ["GpuWorker", "ImageJob"]
+__all__ = ["GpuOutOfMemoryError", "GpuWorker", "ImageJob"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +58,17 @@ T = TypeVar("T")
 OomInjector = Callable[[list[ImageJob]], None]
 _STOPPED = "the GPU worker is stopped"
 _ANY_OWNER = Placement()  # interactive, the shared owner, no deadline (frozen: safe to share)
+_GPU_ATTEMPTS = 2  # a job's attempts before it is out of memory for good
+
+
+class GpuOutOfMemoryError(OutOfMemoryError, RetriesSpent):
+    """``OUT_OF_MEMORY`` after the worker's own second attempt at a job: ``retryable`` (a
+    quieter GPU may fit it) but not retried here or by the consume loop; ``attempts`` is
+    the GPU attempts it cost. It carries torch's message, never torch's error."""
+
+    def __init__(self, message: str, *, attempts: int = _GPU_ATTEMPTS) -> None:
+        super().__init__(message)
+        self.attempts = attempts
 
 
 class GpuWorker:
@@ -149,6 +165,11 @@ class GpuWorker:
         pipeline would silently change, :class:`InternalError` once stopped."""
         return self._submit(job, placement).future
 
+    def enqueue(self, job: ImageJob, placement: Placement = _ANY_OWNER) -> JobItem:
+        """Like :meth:`submit`, returning the queued item: its ``future``, and
+        ``withdraw()`` for a caller that decides itself what happens to abandoned work."""
+        return self._submit(job, placement)
+
     async def generate(self, job: ImageJob, placement: Placement = _ANY_OWNER) -> Image:
         """The image for ``job`` (see :meth:`submit`). Cancelling the caller drops the job
         if it has not started yet; if it runs, its result is discarded, and the pipeline
@@ -157,8 +178,7 @@ class GpuWorker:
         try:
             return await asyncio.wrap_future(item.future)
         except asyncio.CancelledError:
-            if not item.future.cancel():  # already running: tell the step callback
-                item.cancelled.set()
+            item.withdraw()
             raise
 
     def submit_exclusive(self, fn: Callable[[Any], T],
@@ -231,26 +251,27 @@ class GpuWorker:
         try:
             return list(self._attempt(items))
         except torch.OutOfMemoryError as exc:
-            self._recover(exc, [item.job for item in items])
-        results: list[Image | EngineError] = []
-        for item in items:  # once more, each alone
-            job = item.job
-            if item.cancelled.is_set():
-                results.append(_translate(AllCancelled("withdrawn before its retry")))
-                continue
-            try:
-                results.append(self._attempt([item])[0])
-            except torch.OutOfMemoryError as exc:
-                self._recover(exc, [job])
-                error = OutOfMemoryError(
-                    f"out of GPU memory for a {job.width}x{job.height} image with "
-                    f"{job.steps} steps, even alone"
-                )
-                error.__cause__ = exc
-                results.append(error)
-            except Exception as exc:  # noqa: BLE001 - reported to that job's caller
-                results.append(_translate(exc))
-        return results
+            text = _oom_text(exc)
+        # out of the except block: torch's error and the failed call's frames are gone
+        self._recover(text, [item.job for item in items])
+        return [self._alone(item) for item in items]  # once more, each alone
+
+    def _alone(self, item: JobItem) -> Image | EngineError:
+        """The second and last attempt at ``item``'s job, alone."""
+        job = item.job
+        if item.cancelled.is_set():
+            return _translate(AllCancelled("withdrawn before its retry"))
+        try:
+            return self._attempt([item])[0]
+        except torch.OutOfMemoryError as exc:
+            text = _oom_text(exc)
+        except Exception as exc:  # noqa: BLE001 - reported to that job's caller
+            return _translate(exc)
+        self._recover(text, [job])
+        return GpuOutOfMemoryError(
+            f"out of GPU memory for a {job.width}x{job.height} image with {job.steps} steps, "
+            f"even alone ({_GPU_ATTEMPTS} attempts): {text}"
+        )
 
     def _attempt(self, items: list[JobItem]) -> list[Image]:
         jobs = [item.job for item in items]
@@ -278,9 +299,9 @@ class GpuWorker:
                 vae.disable_tiling()
             self._tiling = on
 
-    def _recover(self, exc: BaseException, jobs: list[ImageJob]) -> None:
+    def _recover(self, text: str, jobs: list[ImageJob]) -> None:
         logger.warning("out of GPU memory with a batch of %d (%dx%d, %d steps): %s",
-                       len(jobs), jobs[0].width, jobs[0].height, jobs[0].steps, exc)
+                       len(jobs), jobs[0].width, jobs[0].height, jobs[0].steps, text)
         if self._metrics is not None:
             self._metrics.image_oom.inc()
         _free_memory(self._model.pipeline)
@@ -289,13 +310,11 @@ class GpuWorker:
         if not item.future.set_running_or_notify_cancel():
             return
         _report_start(item.placement)
+        text: str | None = None
         try:
             result = item.fn(self._model.pipeline)
         except torch.OutOfMemoryError as exc:
-            _free_memory(self._model.pipeline)
-            error = OutOfMemoryError(f"out of GPU memory in an exclusive call: {exc}")
-            error.__cause__ = exc
-            item.future.set_exception(error)
+            text = _oom_text(exc)
         except BaseException as exc:  # noqa: BLE001 - raised again in the caller
             item.future.set_exception(exc)
         else:
@@ -303,6 +322,10 @@ class GpuWorker:
         finally:
             self._tiling = None  # foreign code may have changed it
             self._adapters.resync()
+        if text is not None:  # freed once the failed call's frames are gone
+            _free_memory(self._model.pipeline)
+            item.future.set_exception(
+                OutOfMemoryError(f"out of GPU memory in an exclusive call: {text}"))
 
     def _fail_queued(self) -> None:
         for item in self._queue.drain():
@@ -326,6 +349,15 @@ def _translate(exc: BaseException) -> EngineError:
         error = InternalError(f"image generation failed: {type(exc).__name__}: {exc}")
     error.__cause__ = exc
     return error
+
+
+def _oom_text(exc: BaseException) -> str:
+    """Torch's out-of-memory message; the error lets go of its traceback (the failed
+    call's frames and, through them, its tensors) and of its chained errors."""
+    text = str(exc) or type(exc).__name__
+    exc.__traceback__ = None
+    exc.__cause__ = exc.__context__ = None
+    return text
 
 
 def _report_start(placement: Placement) -> None:

@@ -49,6 +49,12 @@ class JobItem:
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.monotonic)
 
+    def withdraw(self) -> None:
+        """Nobody wants the result: drop the job if queued, else mark it so that its
+        pipeline call stops at the next step once no job in it is wanted."""
+        if not self.future.cancel():
+            self.cancelled.set()
+
 
 @dataclass(eq=False)
 class ExclusiveItem:

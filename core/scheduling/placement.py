@@ -35,13 +35,16 @@ class Placement:
     ``deadline`` is wall-clock epoch seconds (``time.time()``), or ``None``.
     ``on_start`` is called once, from whichever thread starts the work, when the request
     leaves its queue for real work (the queue-wait metric); it must be quick and
-    thread-safe.
+    thread-safe. ``keep_when_abandoned`` is asked when the caller goes away while the work
+    runs: True (a revoke or a stop: the request will come again) lets the work finish into
+    the result cache; False or absent (a cancel, an HTTP client gone) stops it.
     """
 
     priority: Priority = Priority.INTERACTIVE
     owner: str = ""
     deadline: float | None = None
     on_start: Callable[[], None] | None = None
+    keep_when_abandoned: Callable[[], bool] | None = None
 
     def expired(self, now: float | None = None) -> bool:
         """True when the deadline has passed."""

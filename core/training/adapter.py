@@ -1,7 +1,9 @@
 """The training adapter, attached to the shared pipeline's transformer for one chunk.
 
 The pipeline belongs to the GPU worker and serves image requests between training chunks,
-so a chunk must leave it exactly as it found it. :func:`attached_adapter` adds the LoRA
+so a chunk must leave it exactly as it found it. The adapter's weights are float32 whatever
+the transformer's dtype (bfloat16 on CUDA): AdamW's small updates would vanish in bf16's
+8-bit mantissa; the forward casts them under autocast. :func:`attached_adapter` adds the LoRA
 under its own adapter name, makes it the only trainable thing, and on the way out
 (success or error) removes it and restores what it changed:
 
@@ -67,8 +69,8 @@ def attached_adapter(
     gradient_checkpointing: bool,
 ) -> Iterator[list[torch.nn.Parameter]]:
     """Attach LoRA adapter ``name`` (rank 16, alpha 16, on to_k/to_q/to_v/to_out.0) to
-    ``transformer`` in train mode and yield its parameters, sorted by name, as the only
-    ones requiring grad. ``weights`` (a peft state dict without adapter names, from
+    ``transformer`` in train mode and yield its parameters (float32), sorted by name, as
+    the only ones requiring grad. ``weights`` (a peft state dict without adapter names, from
     :func:`adapter_weights`) are loaded into it; None initialises it from ``init_seed``
     (the global RNG is left as it was). On exit the transformer is restored (see the
     module docstring). Raises ``ValueError`` when ``name`` is already attached."""
@@ -82,6 +84,9 @@ def attached_adapter(
             warnings.filterwarnings("ignore", _MULTIPLE_ADAPTERS_WARNING, UserWarning)
             torch.manual_seed(init_seed)
             transformer.add_adapter(lora_config(), adapter_name=name)
+        params = _adapter_parameters(transformer, name)
+        for param in params:  # before loading: a checkpoint's fp32 weights stay exact
+            param.data = param.data.to(torch.float32)
         if weights is not None:
             result: Any = set_peft_model_state_dict(transformer, weights, adapter_name=name)
             if result.unexpected_keys:
@@ -90,7 +95,6 @@ def attached_adapter(
         if not before.enabled:
             transformer.enable_lora()
         transformer.set_adapter(name)
-        params = _adapter_parameters(transformer, name)
         for param in transformer.parameters():
             param.requires_grad_(False)
         for param in params:

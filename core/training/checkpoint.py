@@ -13,7 +13,9 @@ Every file is written under a temporary name, fsynced and renamed; a checkpoint 
 folder built under a temporary name and renamed, so any ``step-*`` folder is complete
 and the highest one is the latest (older ones are removed after a new one is in place).
 A crash at any moment leaves either the previous checkpoint or the new one. A folder
-without ``spec.json`` holds no training (it is removed when found).
+without ``spec.json`` holds no training (it is removed when found). An uploaded image is
+hard-linked into ``images/`` when it lies on the same filesystem, else copied, never read
+into memory whole.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,9 +63,39 @@ class TrainingFolder:
         folder = self.path / "images"
         folder.mkdir(parents=True, exist_ok=True)
         for index, image in enumerate(images):
-            _write_bytes(folder / f"{index:02d}.{image.suffix}", image.data)
+            target = folder / f"{index:02d}.{image.suffix}"
+            if image.path is not None:
+                _write_with(target, lambda path, source=image.path: _link_or_copy(source, path))
+            else:
+                _write_bytes(target, image.data)
         _write_bytes(self.path / "spec.json", spec.to_json().encode())
         _fsync_dir(self.path)
+
+    def touch(self) -> None:
+        """Mark the folder active now (see :meth:`last_active`); nothing when it is gone."""
+        try:
+            os.utime(self.path)
+        except FileNotFoundError:
+            pass
+
+    def last_active(self) -> float:
+        """When the folder last changed (epoch seconds): the newest modification time of
+        the folder, its files and its checkpoints folder; 0.0 when it is gone."""
+        newest = 0.0
+        for path in (self.path, self._checkpoints):
+            try:
+                newest = max(newest, path.stat().st_mtime)
+                with os.scandir(path) as entries:
+                    for entry in entries:
+                        newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return newest
+
+    def idle_seconds(self) -> float:
+        """Seconds since :meth:`last_active` (infinite when the folder is gone)."""
+        last = self.last_active()
+        return time.time() - last if last else float("inf")
 
     def read_spec(self) -> TrainingSpec | None:
         """The spec, or None when there is none or it is unreadable."""
@@ -179,22 +212,27 @@ class TrainingStore:
     def folder(self, training_id: str) -> TrainingFolder:
         return TrainingFolder(self.root / training_id)
 
-    def specs(self) -> list[TrainingSpec]:
-        """The specs of every training folder, sorted by id; folders without a readable
-        spec (inputs never completed) are removed."""
+    def training_ids(self) -> list[str]:
+        """The names of every training folder, sorted. Blocking."""
         if not self.root.is_dir():
             return []
-        found: list[TrainingSpec] = []
-        for path in sorted(self.root.iterdir()):
-            if not path.is_dir():
-                continue
-            spec = TrainingFolder(path).read_spec()
-            if spec is None or spec.training_id != path.name:
-                logger.warning("removing %s: no complete training inputs", path)
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                found.append(spec)
-        return found
+        return sorted(path.name for path in self.root.iterdir()
+                      if path.is_dir() and not path.name.startswith("."))
+
+    def complete_spec(self, training_id: str) -> TrainingSpec | None:
+        """The spec of folder ``training_id`` when its inputs are complete (a readable spec
+        of that very id), else None. Blocking."""
+        spec = self.folder(training_id).read_spec()
+        return spec if spec is not None and spec.training_id == training_id else None
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``source``'s content at ``target``: a hard link when both share a filesystem (no
+    copy at all), else a streamed copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _write_bytes(target: Path, data: bytes) -> None:

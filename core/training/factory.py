@@ -8,6 +8,7 @@ import httpx
 from core.image.service import ImageService
 from core.image.worker import GpuWorker
 from core.lora.registry import LoraRegistry
+from core.net import AllowedHosts
 from core.settings import Settings
 from core.training.checkpoint import TrainingStore
 from core.training.estimate import StepTimes
@@ -42,7 +43,8 @@ def build_training_service(settings: Settings, worker: GpuWorker, images: ImageS
     return TrainingService(
         TrainingRunner(worker, times, checkpoint_every=settings.lora_checkpoint_every,
                        max_sequence_length=settings.flux_max_sequence_length),
-        Intake(training_limits(settings), http, settings.lora_fetch_timeout),
+        Intake(training_limits(settings), http, settings.lora_fetch_timeout,
+               fetch_allowed_hosts=AllowedHosts.parse(settings.lora_fetch_allowed_hosts)),
         TrainingStore(root), LoraRegistry(settings.lora_output_dir), images, times,
         base_model=model.name, lora_dtype=model.dtype,
         progress_interval=settings.progress_interval,

@@ -1,4 +1,4 @@
-"""Training images checked in memory, before anything is written.
+"""Training images checked before anything is written into a training's folder.
 
 An image is accepted when its bytes (not its name) are PNG, JPEG or WebP by their magic
 numbers and Pillow agrees, it is at most LORA_MAX_IMAGE_BYTES, its header's dimensions are
@@ -7,6 +7,10 @@ its header, and Pillow's own bomb guard is turned into the same refusal), and it
 completely (truncated or corrupt data is refused). Each refusal is an
 :class:`~schemas.errors.InvalidRequestError` whose ``field`` names the image
 (``images.3``, ``image_urls.0``) and whose message says why.
+
+Images in memory (inline, fetched) are checked from their bytes (:func:`check_image`);
+uploaded ones from their file (:func:`check_image_file`), so that a checked upload keeps
+only its path, not its bytes.
 """
 
 from __future__ import annotations
@@ -15,27 +19,33 @@ import hashlib
 import io
 import struct
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
 from core.training.spec import TrainingLimits
 from schemas.errors import InvalidRequestError
 
-__all__ = ["CheckedImage", "check_count", "check_image", "sniff_format"]
+__all__ = ["CheckedImage", "check_count", "check_image", "check_image_file", "sniff_format"]
 
 _WEBP_TAG = b"WEBP"
+_HASH_CHUNK = 2**20
 
 
 @dataclass(frozen=True)
 class CheckedImage:
-    """Bytes that are a valid image: ``format`` is ``PNG``, ``JPEG`` or ``WEBP``."""
+    """A valid image: ``format`` is ``PNG``, ``JPEG`` or ``WEBP``. Its content is ``data``,
+    or, when ``path`` is set (an uploaded file), that file's (``data`` then empty)."""
 
     data: bytes
     format: str
     width: int
     height: int
     sha256: str
+    path: Path | None = None
 
     @property
     def suffix(self) -> str:
@@ -69,22 +79,50 @@ def check_count(count: int, limits: TrainingLimits, field: str = "images") -> No
 def check_image(data: bytes, field: str, limits: TrainingLimits) -> CheckedImage:
     """``data`` as a :class:`CheckedImage`; raises :class:`InvalidRequestError` naming
     ``field`` and the reason. CPU-bound (it decodes): call it off the event loop."""
-    if not data:
+    kind = _check_head(len(data), data[:12], field, limits)
+    width, height = _decode(lambda: io.BytesIO(data), kind, field, limits)
+    return CheckedImage(data, kind, width, height, hashlib.sha256(data).hexdigest())
+
+
+def check_image_file(path: Path, field: str, limits: TrainingLimits) -> CheckedImage:
+    """The image in file ``path`` as a :class:`CheckedImage` that refers to the file
+    (its bytes are not kept); raises like :func:`check_image`, and ``OSError`` when the
+    file cannot be read. Blocking and CPU-bound: call it off the event loop."""
+    with path.open("rb") as handle:
+        size = path.stat().st_size
+        kind = _check_head(size, handle.read(12), field, limits)
+    width, height = _decode(lambda: path.open("rb"), kind, field, limits)
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return CheckedImage(b"", kind, width, height, digest.hexdigest(), path=path)
+
+
+def _check_head(size: int, head: bytes, field: str, limits: TrainingLimits) -> str:
+    """The format by the magic numbers, after the size check."""
+    if not size:
         raise _refusal(field, "the file is empty")
-    if len(data) > limits.max_image_bytes:
-        raise _refusal(field, f"{len(data)} bytes is more than LORA_MAX_IMAGE_BYTES="
+    if size > limits.max_image_bytes:
+        raise _refusal(field, f"{size} bytes is more than LORA_MAX_IMAGE_BYTES="
                      f"{limits.max_image_bytes}")
-    kind = sniff_format(data)
+    kind = sniff_format(head)
     if kind is None:
         raise _refusal(field, "the content is not a PNG, JPEG or WebP image")
+    return kind
+
+
+def _decode(open_data: Callable[[], BinaryIO], kind: str, field: str,
+            limits: TrainingLimits) -> tuple[int, int]:
+    """Width and height, after checking them from the header and decoding it all."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=[kind]) as header:  # reads the header
-                width, height = header.size
+            with open_data() as data, Image.open(data, formats=[kind]) as header:
+                width, height = header.size  # from the header alone
                 _check_dimensions(width, height, field, limits)
                 header.verify()
-            with Image.open(io.BytesIO(data), formats=[kind]) as image:
+            with open_data() as data, Image.open(data, formats=[kind]) as image:
                 image.load()  # decodes all of it: truncated or corrupt data fails here
     except InvalidRequestError:
         raise
@@ -93,7 +131,7 @@ def check_image(data: bytes, field: str, limits: TrainingLimits) -> CheckedImage
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
             struct.error, IndexError) as exc:
         raise _refusal(field, f"not a valid {kind} image: {exc}") from exc
-    return CheckedImage(data, kind, width, height, hashlib.sha256(data).hexdigest())
+    return width, height
 
 
 def _refusal(field: str, reason: str) -> InvalidRequestError:

@@ -1,8 +1,11 @@
-"""A training request → a :class:`TrainingSpec` and its checked images, in memory.
+"""A training request → a :class:`TrainingSpec` and its checked images (in memory, or
+uploaded files referred to by path).
 
 Everything is checked before anything is written: the character id, trigger word and
-hyperparameters, the image count (URLs and inline images together, before any download),
-then each image (fetched when it is a URL). The first problem raises
+hyperparameters, the image count (URLs, inline images and uploads together, before any
+download),
+then each image (fetched when it is a URL, read from its file when it was uploaded),
+decoding at most two at a time (a decode may take 100+ MB). The first problem raises
 :class:`~schemas.errors.InvalidRequestError` naming its field (``images.3``,
 ``image_urls.0``, ``trigger_word``…); a fetch that may succeed later raises
 :class:`~schemas.errors.UpstreamUnavailableError`.
@@ -11,14 +14,16 @@ then each image (fetched when it is a URL). The first problem raises
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 
+from core.net import AllowedHosts
 from core.training.fetch import fetch_image
-from core.training.images import CheckedImage, check_count, check_image
+from core.training.images import CheckedImage, check_count, check_image, check_image_file
 from core.training.spec import (
     Origin,
     TrainingLimits,
@@ -33,6 +38,10 @@ from schemas.events import LoraTrainingRequested
 
 __all__ = ["Intake", "spec_identity"]
 
+T = TypeVar("T")
+
+_DECODE_CONCURRENCY = 2
+
 
 def spec_identity(request: LoraTrainingRequested) -> str:
     """The training id of ``request`` after checking its character id and trigger word
@@ -45,26 +54,35 @@ def spec_identity(request: LoraTrainingRequested) -> str:
 @dataclass(frozen=True)
 class Intake:
     """Checks requests against ``limits``, fetching URLs with ``http`` (the engine's shared
-    client) at most ``fetch_concurrency`` at a time within ``fetch_timeout`` seconds each."""
+    client) at most ``fetch_concurrency`` at a time within ``fetch_timeout`` seconds each,
+    from public addresses and ``fetch_allowed_hosts`` only."""
 
     limits: TrainingLimits
     http: httpx.AsyncClient
     fetch_timeout: float
     fetch_concurrency: int = 4
+    fetch_allowed_hosts: AllowedHosts = field(default_factory=AllowedHosts)
+    _decoding: asyncio.Semaphore = field(
+        default_factory=lambda: asyncio.Semaphore(_DECODE_CONCURRENCY), init=False,
+        repr=False, compare=False)
 
-    async def take(self, request: LoraTrainingRequested, origin: Origin
-                   ) -> tuple[TrainingSpec, list[CheckedImage]]:
-        """The spec and the images of ``request``; raises as the module docstring says."""
+    async def take(self, request: LoraTrainingRequested, origin: Origin,
+                   files: Sequence[Path] = ()) -> tuple[TrainingSpec, list[CheckedImage]]:
+        """The spec and the images of ``request``, ``files`` (uploaded images, named
+        ``images.{n}`` after the inline ones) included; raises as the module docstring
+        says."""
         training_id = spec_identity(request)
         steps, rate, resolution = check_hyperparameters(
             request.steps, request.learning_rate, request.resolution, self.limits)
-        check_count(len(request.image_urls) + len(request.images), self.limits)
-        inline = [asyncio.to_thread(check_image, image.data, f"images.{i}", self.limits)
+        check_count(len(request.image_urls) + len(request.images) + len(files), self.limits)
+        inline = [self._check(check_image, image.data, f"images.{i}")
                   for i, image in enumerate(request.images)]
+        uploaded = [self._check(check_image_file, path, f"images.{len(request.images) + i}")
+                    for i, path in enumerate(files)]
         gate = asyncio.Semaphore(self.fetch_concurrency)
         fetched = [self._fetch(url, f"image_urls.{i}", gate)
                    for i, url in enumerate(request.image_urls)]
-        images = list(await _all_or_first_error([*fetched, *inline]))
+        images = list(await _all_or_first_error([*fetched, *inline, *uploaded]))
         spec = TrainingSpec(
             training_id=training_id, request_id=request.request_id,
             conversation_id=request.conversation_id, character_id=request.character_id,
@@ -79,8 +97,16 @@ class Intake:
         async with gate:
             data = await fetch_image(self.http, url, field=field,
                                      max_bytes=self.limits.max_image_bytes,
-                                     timeout=self.fetch_timeout)
-        return await asyncio.to_thread(check_image, data, field, self.limits)
+                                     timeout=self.fetch_timeout,
+                                     allowed_hosts=self.fetch_allowed_hosts)
+        return await self._check(check_image, data, field)
+
+    async def _check(self, check: Callable[[T, str, TrainingLimits], CheckedImage], source: T,
+                     field: str) -> CheckedImage:
+        """``check(source, field, limits)`` in a thread, at most _DECODE_CONCURRENCY at once
+        (across requests)."""
+        async with self._decoding:
+            return await asyncio.to_thread(check, source, field, self.limits)
 
 
 async def _all_or_first_error(

@@ -11,6 +11,14 @@ result (:meth:`TrainingService.train`); HTTP starts it in the background
 (:meth:`TrainingService.submit`) and polls :meth:`TrainingService.status`. At start-up
 :meth:`TrainingService.resume_pending` resumes HTTP-started trainings left unfinished by a
 crash (Kafka ones resume when their request is redelivered).
+
+Nothing grows without bound: a per-training lock lives only while someone holds or waits
+for it; statuses of trainings not running here expire (:class:`StatusBoard`); a training
+folder nobody works on for ``orphan_ttl`` seconds (default :data:`ORPHAN_TTL_SECONDS`, a
+day) is removed: at start-up (with the folders of incomplete inputs and of registered
+trainings) and then at most every ``orphan_ttl / 4`` seconds when a request comes. Such a
+folder belongs to a request that went to another instance or was abandoned; a younger one
+may still resume (HTTP ones at start-up, Kafka ones when redelivered) and is kept.
 """
 
 from __future__ import annotations
@@ -19,7 +27,11 @@ import asyncio
 import logging
 import re
 import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -36,9 +48,11 @@ from core.training.status import StatusBoard, TrainingStatus
 from schemas.errors import EngineError, InternalError
 from schemas.events import ImageRequested, LoraTrainingRequested, utc_now_iso
 
-__all__ = ["TrainingOutcome", "TrainingService"]
+__all__ = ["ORPHAN_TTL_SECONDS", "TrainingOutcome", "TrainingService"]
 
 _TRAINING_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+ORPHAN_TTL_SECONDS = 24 * 3600.0
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +80,46 @@ class _Run:
     task: asyncio.Task[TrainingOutcome] | None = None
 
 
+class _KeyedLocks:
+    """One :class:`asyncio.Lock` per key, kept only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._users: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    def busy(self, key: str) -> bool:
+        """Whether ``key`` is held or waited for."""
+        return key in self._users
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        self._users[key] = self._users.get(key, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._users[key] -= 1
+            if not self._users[key]:
+                del self._users[key], self._locks[key]
+
+
 class TrainingService:
     """Trainings of this engine; see the module docstring. ``lora_dtype`` is the dtype of
-    the saved LoRA weights (the model's: bf16 on CUDA, fp32 on a CPU)."""
+    the saved LoRA weights (the model's: bf16 on CUDA, fp32 on a CPU); ``orphan_ttl`` the
+    seconds after which an idle training folder is removed."""
 
     def __init__(
         self, runner: TrainingRunner, intake: Intake, store: TrainingStore,
         registry: LoraRegistry, images: ImageService, times: StepTimes, *,
         base_model: str, lora_dtype: torch.dtype, progress_interval: float,
+        orphan_ttl: float = ORPHAN_TTL_SECONDS,
     ) -> None:
+        if orphan_ttl <= 0:
+            raise ValueError(f"orphan_ttl must be > 0, got {orphan_ttl}")
         self._runner = runner
         self._intake = intake
         self._store = store
@@ -84,11 +129,14 @@ class TrainingService:
         self._base_model = base_model
         self._lora_dtype = lora_dtype
         self._interval = progress_interval
-        self._board = StatusBoard()
+        self._orphan_ttl = orphan_ttl
         self._runs: dict[str, _Run] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._board = StatusBoard(keep=lambda training_id: training_id in self._runs)
+        self._locks = _KeyedLocks()
         self._gpu = asyncio.Semaphore(1)
         self._stopping = False
+        self._swept_at = time.monotonic()
+        self._sweeping: asyncio.Task[list[str]] | None = None
 
     @property
     def limits(self) -> TrainingLimits:
@@ -123,11 +171,14 @@ class TrainingService:
             if progress is not None:
                 begun.progress.remove(progress)
 
-    async def submit(self, request: LoraTrainingRequested) -> TrainingStatus:
+    async def submit(self, request: LoraTrainingRequested, files: Sequence[Path] = ()
+                     ) -> TrainingStatus:
         """Check ``request`` and start its training in the background (or find it running
-        or registered); return its status. Raises like :meth:`train` before anything
-        starts."""
-        begun = await self._begin(request, "http")
+        or registered); return its status. ``files`` are uploaded images (``images.{n}``
+        after the inline ones), checked from their files and linked or copied into the
+        training's folder before this returns (the caller may remove them then). Raises
+        like :meth:`train` before anything starts."""
+        begun = await self._begin(request, "http", files)
         training_id = begun.training_id if isinstance(begun, TrainingOutcome) else (
             begun.spec.training_id)
         status = await self.status(training_id)
@@ -161,21 +212,73 @@ class TrainingService:
         return await self.status(training_id)
 
     async def resume_pending(self) -> list[str]:
-        """At start-up: resume HTTP-started trainings found on disk (ids returned), drop
-        folders of trainings already registered, list Kafka ones as queued."""
+        """At start-up: resume HTTP-started trainings found on disk (ids returned), list
+        Kafka ones as queued; remove the folders of incomplete inputs, of trainings already
+        registered and of orphans (idle for ``orphan_ttl``)."""
         resumed: list[str] = []
-        for spec in await asyncio.to_thread(self._store.specs):
-            folder = self._store.folder(spec.training_id)
-            if await asyncio.to_thread(find_registered, self._registry, spec.training_id):
-                await asyncio.to_thread(folder.remove)
-            elif spec.origin == "http":
-                logger.info("request_id=%s resuming training %s left by a previous run",
-                            spec.request_id, spec.training_id)
-                self._start(spec, await asyncio.to_thread(folder.latest_step))
-                resumed.append(spec.training_id)
-            else:
-                self._queued(spec, await asyncio.to_thread(folder.latest_step))
+        self._swept_at = time.monotonic()
+        for training_id in await asyncio.to_thread(self._store.training_ids):
+            if training_id in self._runs or self._locks.busy(training_id):
+                continue  # a request is at it already
+            async with self._locks.hold(training_id):
+                spec = await self._resumable(training_id)
+                if spec is None:
+                    continue
+                done = await asyncio.to_thread(self._store.folder(training_id).latest_step)
+                if spec.origin == "http":
+                    logger.info("request_id=%s resuming training %s left by a previous run",
+                                spec.request_id, training_id)
+                    self._start(spec, done)
+                    resumed.append(training_id)
+                else:
+                    self._queued(spec, done)
         return resumed
+
+    async def remove_orphans(self) -> list[str]:
+        """Remove the folders of trainings not running here and idle for ``orphan_ttl``
+        seconds (ids returned); a folder a request is working on is left alone."""
+        self._swept_at = time.monotonic()
+        removed: list[str] = []
+        for training_id in await asyncio.to_thread(self._store.training_ids):
+            if training_id in self._runs or self._locks.busy(training_id):
+                continue
+            async with self._locks.hold(training_id):
+                folder = self._store.folder(training_id)
+                if await asyncio.to_thread(folder.idle_seconds) > self._orphan_ttl:
+                    await self._remove(training_id, "an orphan: idle for more than "
+                                       f"{self._orphan_ttl:g} s")
+                    removed.append(training_id)
+        return removed
+
+    async def _resumable(self, training_id: str) -> TrainingSpec | None:
+        """The spec of a folder found at start-up, or None after removing the folder
+        (incomplete, registered or orphaned). Called holding the training's lock."""
+        folder = self._store.folder(training_id)
+        spec = await asyncio.to_thread(self._store.complete_spec, training_id)
+        if spec is None:
+            await self._remove(training_id, "no complete training inputs")
+        elif await asyncio.to_thread(find_registered, self._registry, training_id):
+            await self._remove(training_id, "registered already")
+        elif await asyncio.to_thread(folder.idle_seconds) > self._orphan_ttl:
+            await self._remove(training_id, "an orphan: idle for more than "
+                               f"{self._orphan_ttl:g} s")
+        else:
+            return spec
+        return None
+
+    async def _remove(self, training_id: str, why: str) -> None:
+        logger.info("removing training folder %s: %s", training_id, why)
+        await asyncio.to_thread(self._store.folder(training_id).remove)
+        self._board.forget(training_id)
+
+    def _sweep_when_due(self) -> None:
+        """Start :meth:`remove_orphans` in the background every ``orphan_ttl / 4`` s."""
+        due = time.monotonic() - self._swept_at > self._orphan_ttl / 4
+        if due and (self._sweeping is None or self._sweeping.done()):
+            self._swept_at = time.monotonic()
+            self._sweeping = asyncio.create_task(self.remove_orphans(),
+                                                 name="training-orphans")
+            self._sweeping.add_done_callback(_log_sweep)
 
     def request_stop(self) -> None:
         """Stop every training at its next step (checkpointed) and take no new ones."""
@@ -187,7 +290,8 @@ class TrainingService:
         """:meth:`request_stop`, then wait until every training has checkpointed."""
         self.request_stop()
         tasks = [run.task for run in list(self._runs.values()) if run.task is not None]
-        await asyncio.gather(*tasks, return_exceptions=True)
+        sweeping = [self._sweeping] if self._sweeping is not None else []
+        await asyncio.gather(*tasks, *sweeping, return_exceptions=True)
 
     def estimate_minutes(self, spec: TrainingSpec, done: int = 0) -> int:
         """Minutes the rest of ``spec`` should take, from measured step times."""
@@ -195,13 +299,13 @@ class TrainingService:
                                             spec.batch_size)
 
     # ------------------------------------------------------------- starting
-    async def _begin(self, request: LoraTrainingRequested, origin: Origin
-                     ) -> _Run | TrainingOutcome:
+    async def _begin(self, request: LoraTrainingRequested, origin: Origin,
+                     files: Sequence[Path] = ()) -> _Run | TrainingOutcome:
         if self._stopping:
             raise TrainingInterrupted("the engine is stopping")
         training_id = spec_identity(request)
-        lock = self._locks.setdefault(training_id, asyncio.Lock())
-        async with lock:
+        self._sweep_when_due()
+        async with self._locks.hold(training_id):
             running = self._runs.get(training_id)
             if running is not None:
                 return running
@@ -218,12 +322,12 @@ class TrainingService:
                 logger.info("request_id=%s training %s found on disk", request.request_id,
                             training_id)
             else:
-                spec = await self._take_in(request, origin, folder)
+                spec = await self._take_in(request, origin, folder, files)
             return self._start(spec, await asyncio.to_thread(folder.latest_step))
 
     async def _take_in(self, request: LoraTrainingRequested, origin: Origin,
-                       folder: TrainingFolder) -> TrainingSpec:
-        spec, images = await self._intake.take(request, origin)  # raises before writing
+                       folder: TrainingFolder, files: Sequence[Path]) -> TrainingSpec:
+        spec, images = await self._intake.take(request, origin, files)  # raises before writing
         try:
             await asyncio.to_thread(folder.remove)  # another request's leftovers, if any
             await asyncio.to_thread(folder.write_inputs, spec, images)
@@ -243,9 +347,9 @@ class TrainingService:
                                estimated_time_minutes=self.estimate_minutes(spec, step))
 
         run = _Run(spec, ProgressFanout(spec.steps, self._interval, report), threading.Event())
+        self._runs[training_id] = run  # first: a running training's status is kept
         self._queued(spec, done)
         run.task = asyncio.create_task(self._execute(run), name=f"training-{training_id}")
-        self._runs[training_id] = run
         run.task.add_done_callback(lambda task: self._ended(run, task))
         return run
 
@@ -253,9 +357,6 @@ class TrainingService:
         training_id = run.spec.training_id
         if self._runs.get(training_id) is run:
             del self._runs[training_id]
-        lock = self._locks.get(training_id)
-        if lock is not None and not lock.locked():
-            del self._locks[training_id]
         if not task.cancelled():
             task.exception()  # retrieved: HTTP runs have nobody awaiting them
 
@@ -265,6 +366,7 @@ class TrainingService:
         folder = self._store.folder(spec.training_id)
         try:
             async with self._gpu:
+                await asyncio.to_thread(folder.touch)  # active: no orphan
                 self._board.update(spec.training_id, state="training")
                 result = await self._runner.run(spec, folder, run.progress, run.stop)
                 return await self._finish(spec, folder, result)
@@ -281,6 +383,7 @@ class TrainingService:
             await self._failed(spec, folder, error)
             raise error from exc
         finally:
+            await asyncio.to_thread(folder.touch)  # idle from now: the orphan clock starts
             await run.progress.aclose()  # progress events precede the result
 
     async def _failed(self, spec: TrainingSpec, folder: TrainingFolder,
@@ -363,6 +466,11 @@ def _outcome(info: LoraInfo, conversation_id: str | None, *, replayed: bool
         character_id=str(training.get("character_id", "")),
         trigger_word=info.trigger_word or "", lora_id=info.lora_id,
         validation_image_url=training.get("validation_image_url"), replayed=replayed)
+
+
+def _log_sweep(task: asyncio.Task[list[str]]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("removing orphaned training folders failed", exc_info=task.exception())
 
 
 def _fmt(value: float | None) -> str:

@@ -8,8 +8,10 @@ new state as CPU tensors; the pipeline is restored before it returns. Everything
 of the saved state, so an interrupted training that resumes ends with the same weights as
 one that never stopped.
 
-On CUDA the forward runs under bf16 autocast with gradient checkpointing; on a CPU both
-are off (fp32, the tiny model). A compiled transformer is trained through its plain
+The trainable LoRA weights, their gradients and AdamW's state are float32 whatever the
+transformer's dtype (:func:`~core.training.adapter.attached_adapter`). On CUDA (a bf16
+transformer) the forward runs under bf16 autocast with gradient checkpointing; on a CPU
+both are off (fp32, the tiny model). A compiled transformer is trained through its plain
 ``forward`` (compiling the backward of a model whose adapters come and go would recompile
 every chunk).
 """

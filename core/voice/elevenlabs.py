@@ -8,13 +8,17 @@ and the JSON body of ElevenLabs' OpenAPI document (``text``, ``model_id``,
   ``asyncio.Semaphore``), so the account's concurrency limit is rarely hit; a request
   waiting out a backoff does not hold a slot.
 - **Faults** (:mod:`core.voice.elevenlabs_faults`): 429, 5xx and connection errors
-  (including a connection dropped in the middle of the audio) are retried here, at most
-  ``retry.max_attempts`` requests with capped exponential backoff and jitter honouring
-  ``Retry-After``, waiting through the injected ``sleep``; then
-  ``ElevenLabsUnavailableError`` (retryable). A read timeout is ``ElevenLabsTimeoutError``
-  at once (retryable, but a hang costs a whole timeout, so only the caller's outer retries
-  try again). 400/401/404/422 are permanent; quota exhaustion is ``QUOTA_EXCEEDED``.
-  Every error carries ``attempts``.
+  (including a connection dropped in the middle of the audio) are retried here, as long as
+  the request's :class:`~core.retry_budget.RetryBudget` grants it (capped exponential
+  backoff and jitter honouring ``Retry-After``, waiting through the injected ``sleep``);
+  then ``ElevenLabsUnavailableError`` (retryable). Each HTTP request is reported to the
+  budget, so the consume loop's retries and these share one bound. A read timeout is
+  ``ElevenLabsTimeoutError`` at once (retryable, but a hang costs a whole timeout, so only
+  the caller's outer retries try again). 400/401/404/422 are permanent; quota exhaustion is
+  ``QUOTA_EXCEEDED``. Every error carries ``attempts`` (the request's so far).
+- **Budget:** :meth:`ElevenLabsBackend.with_budget` gives a view of the backend that
+  spends a request's budget; a call without one gets a budget of its own from
+  ``retry`` (the RETRY_* settings).
 - **Long text:** split at sentence boundaries within the model's limit
   (:mod:`core.voice.models`, :mod:`core.voice.chunking`); the parts are requested
   concurrently, each with its neighbours as ``previous_text``/``next_text``, and joined
@@ -25,6 +29,7 @@ and the JSON body of ElevenLabs' OpenAPI document (``text``, ``model_id``,
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,10 +40,11 @@ from urllib.parse import quote
 import httpx
 from pydantic import SecretStr
 
+from core.backoff import Backoff
+from core.retry_budget import RetryBudget
 from core.voice.backend import VoiceSettings
 from core.voice.chunking import context, split_text
 from core.voice.elevenlabs_faults import (
-    BackoffPolicy,
     ElevenLabsError,
     ElevenLabsTimeoutError,
     ElevenLabsUnavailableError,
@@ -72,9 +78,10 @@ class ElevenLabsBackend:
     ``client`` is shared and owned by the caller (who closes it); ``api_url`` is the API
     base including ``/v1`` (ELEVENLABS_API_URL); ``default_model_id`` is used when a request
     names no model; ``timeout`` applies to each HTTP request (its read part is what turns a
-    hang into ``TIMEOUT``); ``retry`` and ``sleep`` govern retries (see the module
-    docstring). Raises ``ValueError`` naming the argument for an empty key, a URL that is
-    not http(s), an output format other than ``mp3_*``, or ``max_concurrency`` < 1.
+    hang into ``TIMEOUT``); ``retry`` is the policy of calls made without a budget and
+    ``sleep`` how retries wait (see the module docstring). Raises ``ValueError`` naming
+    the argument for an empty key, a URL that is not http(s), an output format other than
+    ``mp3_*``, or ``max_concurrency`` < 1.
     """
 
     def __init__(
@@ -87,7 +94,7 @@ class ElevenLabsBackend:
         output_format: str = "mp3_44100_128",
         max_concurrency: int = 4,
         timeout: httpx.Timeout | None = None,
-        retry: BackoffPolicy | None = None,
+        retry: Backoff | None = None,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         if not api_key.get_secret_value().strip():
@@ -107,8 +114,9 @@ class ElevenLabsBackend:
         self._output_format = output_format
         self._slots = asyncio.Semaphore(max_concurrency)
         self._timeout = timeout if timeout is not None else httpx.Timeout(30.0, connect=5.0)
-        self._retry = retry if retry is not None else BackoffPolicy()
+        self._retry = retry if retry is not None else Backoff()
         self._sleep = sleep
+        self._budget: RetryBudget | None = None
 
     def __repr__(self) -> str:
         return f"ElevenLabsBackend({self._api_url!r}, model={self._default_model_id!r})"
@@ -124,12 +132,20 @@ class ElevenLabsBackend:
     def performs_audio_tags(self, model_id: str | None) -> bool:
         return model_facts(model_id or self._default_model_id).performs_audio_tags
 
+    def with_budget(self, budget: RetryBudget) -> ElevenLabsBackend:
+        """This backend (same client, same concurrency slots) spending ``budget`` on every
+        request and retry of its calls: one request's view."""
+        view = copy.copy(self)
+        view._budget = budget
+        return view
+
     async def synthesize_to(self, path: Path, text: str, settings: VoiceSettings) -> None:
         """Speak ``text`` into an MP3 at ``path`` (see the module docstring).
 
         Raises an :class:`~core.voice.elevenlabs_faults.ElevenLabsError` subclass for an
         upstream failure and :class:`InternalError` when the parts cannot be joined.
         """
+        budget = self._budget if self._budget is not None else RetryBudget(self._retry)
         model_id = settings.model_id or self._default_model_id
         chunks = split_text(text, model_facts(model_id).chunk_chars)
         if not chunks:
@@ -143,9 +159,10 @@ class ElevenLabsBackend:
             for i, chunk in enumerate(chunks)
         ]
         if len(bodies) == 1:
-            audio = await self._convert(settings.voice_id, bodies[0])
+            audio = await self._convert(settings.voice_id, bodies[0], budget)
         else:
-            parts = await _all_or_nothing([self._convert(settings.voice_id, b) for b in bodies])
+            parts = await _all_or_nothing(
+                [self._convert(settings.voice_id, b, budget) for b in bodies])
             audio = await asyncio.to_thread(join_mp3, parts)
         await asyncio.to_thread(path.write_bytes, audio)
 
@@ -204,15 +221,15 @@ class ElevenLabsBackend:
             body["next_text"] = following
         return body
 
-    async def _convert(self, voice_id: str, body: dict[str, Any]) -> bytes:
+    async def _convert(self, voice_id: str, body: dict[str, Any], budget: RetryBudget
+                       ) -> bytes:
         """The audio for one request body, retried as the module docstring says."""
         url = f"{self._api_url}/text-to-speech/{quote(voice_id, safe='')}"
         params = {"output_format": self._output_format}
-        attempt = 0
         while True:
-            attempt += 1
             error: ElevenLabsError
             async with self._slots:
+                budget.attempt()
                 try:
                     response = await self._client.post(
                         url, params=params, json=body, headers=self._headers("audio/mpeg"),
@@ -221,11 +238,12 @@ class ElevenLabsBackend:
                 except httpx.ReadTimeout as exc:
                     raise ElevenLabsTimeoutError(
                         f"ElevenLabs sent no audio within {self._timeout.read}s",
-                        attempts=attempt,
+                        attempts=budget.attempts,
                     ) from exc
                 except httpx.RequestError as exc:  # connect, write, pool, dropped body
                     error = ElevenLabsUnavailableError(
-                        f"ElevenLabs unreachable: {type(exc).__name__}", attempts=attempt
+                        f"ElevenLabs unreachable: {type(exc).__name__}",
+                        attempts=budget.attempts,
                     )
                     error.__cause__ = exc
                 else:
@@ -234,21 +252,18 @@ class ElevenLabsBackend:
                     if response.status_code == 200:
                         error = ElevenLabsUnavailableError(
                             "ElevenLabs answered 200 without audio", http_status=200,
-                            attempts=attempt,
+                            attempts=budget.attempts,
                         )
                     else:
                         error = error_for_response(
                             response.status_code, response.content, response.headers,
-                            attempts=attempt, secret=self._key.get_secret_value(),
+                            attempts=budget.attempts, secret=self._key.get_secret_value(),
                         )
-            wait = (
-                self._retry.delay(attempt, getattr(error, "retry_after", None))
-                if error.retryable else None
-            )
+            wait = budget.retry(error)
             if wait is None:
                 raise error
-            logger.warning("%s (attempt %d of %d); retrying in %.2fs",
-                           error.message, attempt, self._retry.max_attempts, wait)
+            logger.warning("%s (attempt %d, at most %d for one request); retrying in %.2fs",
+                           error.message, budget.attempts, budget.max_attempts, wait)
             await self._sleep(wait)
 
 

@@ -1,4 +1,4 @@
-"""How ElevenLabs failures become engine errors, and how long to wait before a retry.
+"""How ElevenLabs failures become engine errors.
 
     ElevenLabsError (http_status, upstream_status, attempts)
      ├── ElevenLabsUnavailableError  UPSTREAM_UNAVAILABLE  429, 5xx, connection errors (retried)
@@ -8,7 +8,8 @@
 
 Each is also the matching :mod:`schemas.errors` class, so callers that know only the
 hierarchy (the consume loop, the HTTP layer) see the right code and ``retryable``.
-``attempts`` says how many HTTP requests the backend made for the failing call;
+``attempts`` says how many upstream attempts the request had made when it failed (its
+:class:`~core.retry_budget.RetryBudget`'s count; 1 for a lone call);
 ``upstream_status`` is ElevenLabs' machine name (``quota_exceeded``,
 ``too_many_concurrent_requests``, ``system_busy``, ``invalid_api_key`` ...), when it sent one.
 
@@ -24,7 +25,6 @@ import email.utils
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from core.backoff import Backoff
@@ -173,22 +173,6 @@ def error_for_response(
                                    **context)
 
 
-@dataclass(frozen=True)
-class BackoffPolicy(Backoff):
-    """Retries of one ElevenLabs request: at most ``max_attempts`` requests, waiting a
-    uniformly jittered ``min(max_delay, base_delay * 2**(attempt-1))`` between them, or
-    ``Retry-After`` when upstream asks for longer. A ``Retry-After`` beyond ``max_delay``
-    is not waited out inside one request: the error goes up at once, carrying it."""
-
-    max_attempts: int = 3
-    max_delay: float = 8.0
-
-    def delay(self, attempt: int, retry_after: float | None) -> float | None:
-        """Seconds to wait after failed attempt ``attempt`` (1-based), or ``None`` to give
-        up now (attempts spent, or upstream asks for a longer wait than ``max_delay``)."""
-        if attempt >= self.max_attempts:
-            return None
-        if retry_after is not None and retry_after > self.max_delay:
-            return None
-        wait = self.jittered(attempt)
-        return wait if retry_after is None else max(wait, retry_after)
+BackoffPolicy = Backoff
+"""The policy of the budgets the backend makes for calls that bring none (RETRY_* settings
+through :func:`~core.voice.factory.build_voice_service`)."""

@@ -7,6 +7,7 @@ import logging
 
 import httpx
 
+from core.backoff import Backoff
 from core.llm import ChatClient
 from core.outputs import OutputStore
 from core.settings import ConfigurationError, Settings
@@ -43,7 +44,9 @@ def build_voice_service(
     - Profiles: read from VOICE_PROFILES_PATH when set.
 
     ``http`` is the engine's shared client (the caller closes it); ``sleep`` is how the
-    ElevenLabs backend waits between retries (tests pass a recorder).
+    ElevenLabs backend waits between retries (tests pass a recorder). Its retries follow
+    RETRY_MAX_ATTEMPTS, RETRY_BASE_DELAY and RETRY_MAX_DELAY, the consume loop's policy:
+    a Kafka request brings the loop's budget, an HTTP one gets its own.
 
     Raises :class:`ConfigurationError` (one line) when ElevenLabs is selected with an empty
     key or no key, or the profiles file is unreadable or invalid; ``ValueError`` when
@@ -83,6 +86,9 @@ def build_voice_service(
             max_concurrency=settings.elevenlabs_max_concurrency,
             timeout=httpx.Timeout(settings.elevenlabs_timeout,
                                   connect=min(5.0, settings.elevenlabs_timeout)),
+            retry=Backoff(max_attempts=settings.retry_max_attempts,
+                          base_delay=settings.retry_base_delay,
+                          max_delay=settings.retry_max_delay),
             sleep=sleep,
         )
         backend, quota = elevenlabs, QuotaMonitor(elevenlabs)

@@ -3,7 +3,9 @@
 The Kafka consumer and the HTTP endpoint both call :meth:`VoiceService.generate`, so the
 two paths cannot drift apart. The service resolves the voice (request, then the character's
 profile, then the defaults), injects emotion the way the model can perform it, and has the
-backend write the file.
+backend write the file. A backend that retries upstream calls spends the request's
+:class:`~core.retry_budget.RetryBudget` when the caller brings one (the consume loop does,
+so that its retries and the backend's share one bound).
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from core.outputs import OutputStore
+from core.retry_budget import RetryBudget
 from core.voice.backend import VoiceBackend, VoiceSettings
 from core.voice.emotion import EmotionInjector, shift_settings
 from core.voice.emotion_rules import RulesEmotionInjector
@@ -29,6 +32,13 @@ __all__ = ["VoiceJob", "VoiceRequestLike", "VoiceResult", "VoiceService"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TEXT_CHARS = 10_000
+
+
+@runtime_checkable
+class _SpendsBudget(Protocol):
+    """A backend that retries upstream calls (ElevenLabs) and can spend a given budget."""
+
+    def with_budget(self, budget: RetryBudget) -> VoiceBackend: ...
 
 
 class VoiceRequestLike(Protocol):
@@ -126,8 +136,12 @@ class VoiceService:
         """The provider's quota monitor (ElevenLabs), ``None`` for the local voice."""
         return self._quota
 
-    async def generate(self, request: VoiceRequestLike) -> VoiceResult:
+    async def generate(self, request: VoiceRequestLike, *, budget: RetryBudget | None = None
+                       ) -> VoiceResult:
         """Speak ``request.text`` into a new MP3 output and describe it.
+
+        ``budget`` is the request's retry budget: the backend's upstream calls and retries
+        are counted and bounded by it (``None``: the backend's own, one per call).
 
         Tags such as ``[warmly]`` reach the backend only if it performs them for the
         requested model; for other models emotion shifts the voice settings a request did
@@ -158,9 +172,13 @@ class VoiceService:
 
         duration = 0.0
 
+        backend = self._backend
+        if budget is not None and isinstance(backend, _SpendsBudget):
+            backend = backend.with_budget(budget)
+
         async def write(path: Path) -> None:
             nonlocal duration
-            await self._backend.synthesize_to(path, spoken, settings)
+            await backend.synthesize_to(path, spoken, settings)
             # from the file itself, not from the samples: a header read, ~0.1 ms
             duration = audio_duration(path)
 

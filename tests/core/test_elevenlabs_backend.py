@@ -1,6 +1,7 @@
 """The ElevenLabs backend against a faithful local ElevenLabs (tests/support/elevenlabs_server):
-request bodies, every fault with its code and number of attempts, Retry-After, concurrency,
-long text in chunks joined into one MP3, and the key kept out of logs and errors."""
+request bodies, every fault with its code and number of attempts, Retry-After, the request's
+retry budget, concurrency, long text in chunks joined into one MP3, and the key kept out of
+logs and errors."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 from pydantic import SecretStr
 
 from core.outputs import OutputStore
+from core.retry_budget import RetryBudget
 from core.voice import (
     BackoffPolicy,
     ElevenLabsBackend,
@@ -116,16 +118,16 @@ async def test_output_format_and_default_model_come_from_the_backend(
     assert path is not None and mp3_info(path).sample_rate == 22050
 
 
-# --- faults: code, attempts, waits ---
+# --- faults: code, attempts, waits (the default budget: 6 attempts per request) ---
 
 FAULTS = [
     # script, expected code, upstream status, attempts, waits
-    ([Fault("too_many_concurrent_requests")] * 3, ErrorCode.UPSTREAM_UNAVAILABLE,
-     "too_many_concurrent_requests", 3, 2),
-    ([Fault("system_busy")] * 3, ErrorCode.UPSTREAM_UNAVAILABLE, "system_busy", 3, 2),
-    ([Fault("server_error")] * 3, ErrorCode.UPSTREAM_UNAVAILABLE, None, 3, 2),
-    ([Fault("server_error_detail")] * 3, ErrorCode.UPSTREAM_UNAVAILABLE, "internal_error", 3, 2),
-    ([Fault("drop")] * 3, ErrorCode.UPSTREAM_UNAVAILABLE, None, 3, 2),
+    ([Fault("too_many_concurrent_requests")] * 6, ErrorCode.UPSTREAM_UNAVAILABLE,
+     "too_many_concurrent_requests", 6, 5),
+    ([Fault("system_busy")] * 6, ErrorCode.UPSTREAM_UNAVAILABLE, "system_busy", 6, 5),
+    ([Fault("server_error")] * 6, ErrorCode.UPSTREAM_UNAVAILABLE, None, 6, 5),
+    ([Fault("server_error_detail")] * 6, ErrorCode.UPSTREAM_UNAVAILABLE, "internal_error", 6, 5),
+    ([Fault("drop")] * 6, ErrorCode.UPSTREAM_UNAVAILABLE, None, 6, 5),
     ([Fault("quota_exceeded")], ErrorCode.QUOTA_EXCEEDED, "quota_exceeded", 1, 0),
 ]
 
@@ -175,10 +177,10 @@ async def test_retry_after_is_waited_and_the_retry_succeeds_with_one_file(
 async def test_retry_after_on_the_last_attempt_is_reported(
     service: VoiceService, server: ElevenLabsServer, sleep: RecordingSleep
 ) -> None:
-    server.faults = [Fault("too_many_concurrent_requests", retry_after=1)] * 3
+    server.faults = [Fault("too_many_concurrent_requests", retry_after=1)] * 6
     with pytest.raises(ElevenLabsError) as caught:
         await service.generate(VoiceJob("Hi."))
-    assert sleep.calls == [1.0, 1.0]
+    assert len(sleep.calls) == 5 and all(wait >= 1.0 for wait in sleep.calls)
     assert getattr(caught.value, "retry_after", None) == 1.0
 
 
@@ -201,6 +203,49 @@ async def test_unreachable_upstream_is_retried_then_unavailable(
         await VoiceService(backend, store, RACHEL).generate(VoiceJob("Hi."))
     assert caught.value.code == ErrorCode.UPSTREAM_UNAVAILABLE
     assert caught.value.attempts == 2 and len(sleep.calls) == 1
+
+
+# --- one retry budget per request ---
+
+
+async def test_an_upstream_answering_500_always_gets_at_most_the_budget(
+    service: VoiceService, server: ElevenLabsServer, sleep: RecordingSleep
+) -> None:
+    server.faults = [Fault("server_error")] * 50
+    request = RetryBudget(BackoffPolicy(max_attempts=6, rng=random.Random(3)))
+    with pytest.raises(ElevenLabsError) as caught:
+        await service.generate(VoiceJob("Anyone?"), budget=request)
+    assert len(server.tts_requests()) == 6 == caught.value.attempts == request.attempts
+    assert len(sleep.calls) == 5 and request.retries_left == 0
+    # the same request tried again (say, by the consume loop) has no retry left: one call
+    with pytest.raises(ElevenLabsError) as again:
+        await service.generate(VoiceJob("Anyone?"), budget=request)
+    assert len(server.tts_requests()) == 7 == again.value.attempts
+    assert len(sleep.calls) == 5
+
+
+async def test_a_success_after_two_failures_uses_three_calls(
+    service: VoiceService, server: ElevenLabsServer, sleep: RecordingSleep, store: OutputStore
+) -> None:
+    server.faults = [Fault("server_error"), Fault("server_error_detail")]
+    request = RetryBudget(BackoffPolicy())
+    result = await service.generate(VoiceJob("Third time lucky."), budget=request)
+    assert [r.status for r in server.tts_requests()] == [500, 500, 200]
+    assert request.attempts == 3 and len(sleep.calls) == 2
+    assert files(store) == [result.filename]
+
+
+async def test_a_text_in_parts_shares_one_budget(
+    service: VoiceService, server: ElevenLabsServer, store: OutputStore
+) -> None:
+    server.faults = [Fault("server_error")] * 50
+    request = RetryBudget(BackoffPolicy(max_attempts=4))
+    with pytest.raises(ElevenLabsError):
+        await service.generate(VoiceJob(long_text(70), model_id="eleven_v3",
+                                        inject_emotion=False), budget=request)
+    # three parts: their first calls, then at most 3 retries among them all
+    assert 3 < len(server.tts_requests()) <= 3 + 3
+    assert request.retries_left == 0 and files(store) == []
 
 
 @pytest.mark.parametrize(
@@ -342,7 +387,7 @@ async def test_the_key_never_appears_in_logs_errors_or_repr(
         server.faults = [Fault("system_busy", retry_after=1), Fault("server_error")]
         await service.generate(VoiceJob("Hello!"))
         errors: list[BaseException] = []
-        for script in ([Fault("quota_exceeded")], [Fault("drop")] * 3):
+        for script in ([Fault("quota_exceeded")], [Fault("drop")] * 6):
             server.faults = list(script)
             try:
                 await service.generate(VoiceJob("Hello!"))

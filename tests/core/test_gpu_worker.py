@@ -5,9 +5,11 @@ deadline), cancellation of a running job, stop."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from core.image import GpuWorker, ImageJob, LoadedModel, build_dev_model, load_pipeline
 from core.image.devmodel import make_dev_lora
+from core.image.worker import GpuOutOfMemoryError
 from core.lora import LoraInfo, LoraLoadError, LoraRegistry
 from core.metrics import EngineMetrics
 from core.scheduling import Placement, Priority
@@ -290,8 +293,63 @@ async def test_out_of_memory_alone_too_fails_and_the_worker_goes_on(
     with pytest.raises(OutOfMemoryError) as caught:
         await worker.generate(job(prompt="huge"))
     assert caught.value.code == ErrorCode.OUT_OF_MEMORY and caught.value.retryable
-    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
+    assert "CUDA out of memory (injected)" in caught.value.message  # torch's text only
+    assert caught.value.__cause__ is None
     assert (await worker.generate(job())).size == (64, 64)
+
+
+class NeverFits:
+    """An ``oom_injector`` for jobs whose prompt says "huge": like a real failed call, each
+    attempt allocates a tensor (held only by its frame) before torch runs out of memory.
+    Records every call's batch size and a weak reference to each tensor."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.tensors: list[weakref.ref[torch.Tensor]] = []
+
+    def __call__(self, jobs: list[ImageJob]) -> None:
+        if not any("huge" in item.prompt for item in jobs):
+            return
+        self.calls.append(len(jobs))
+        latents = torch.zeros(len(jobs), 4096)
+        self.tensors.append(weakref.ref(latents))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+
+    def alive(self) -> int:
+        gc.collect()
+        return sum(ref() is not None for ref in self.tensors)
+
+
+async def test_a_job_that_never_fits_costs_two_attempts_and_its_error_holds_no_tensor(
+    make_worker: MakeWorker,
+) -> None:
+    never = NeverFits()
+    worker = make_worker(oom_injector=never)
+    with pytest.raises(GpuOutOfMemoryError) as caught:
+        await worker.generate(job(prompt="a huge panorama"))
+    error = caught.value  # held, as the consume loop holds it while it answers
+    assert never.calls == [1, 1] and error.attempts == 2
+    assert error.code == ErrorCode.OUT_OF_MEMORY and error.retryable
+    assert "Tried to allocate 20.00 GiB" in error.message
+    assert error.__cause__ is None and error.__context__ is None
+    assert never.alive() == 0 and len(never.tensors) == 2
+    assert (await worker.generate(job())).size == (64, 64)  # the next request runs normally
+    assert never.calls == [1, 1]
+
+
+async def test_a_batch_that_never_fits_gives_each_job_two_attempts_in_all(
+    make_worker: MakeWorker, metrics: EngineMetrics
+) -> None:
+    never = NeverFits()
+    worker = make_worker(batch_window_ms=5000, max_batch_size=3, oom_injector=never)
+    gate = Gate(worker)
+    futures = [worker.submit(job(seed=seed, prompt="huge")) for seed in range(3)]
+    gate.open()
+    errors = [future.exception(WAIT) for future in futures]
+    assert never.calls == [3, 1, 1, 1]  # the batch, then each alone: two attempts per job
+    assert all(isinstance(e, GpuOutOfMemoryError) and e.attempts == 2 for e in errors)
+    assert sample(metrics, "engine_image_oom_total") == 4
+    assert never.alive() == 0
 
 
 async def test_run_exclusive_runs_in_the_worker_thread_between_jobs(

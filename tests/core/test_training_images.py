@@ -1,5 +1,6 @@
 """Training inputs checked before anything is written: image content (not names), size,
-pixels (decompression bombs by their header), decoding, count, ids and trigger words.
+pixels (decompression bombs by their header), decoding, count, ids and trigger words; the
+same checks from bytes in memory and from an uploaded file.
 
 ``photos()`` and ``bomb_png()`` are also used by the training tests elsewhere."""
 
@@ -8,11 +9,18 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
 
-from core.training.images import check_count, check_image, sniff_format
+from core.training.images import (
+    CheckedImage,
+    check_count,
+    check_image,
+    check_image_file,
+    sniff_format,
+)
 from core.training.spec import (
     TrainingLimits,
     check_character_id,
@@ -93,12 +101,35 @@ def test_png_jpeg_and_webp_are_accepted_by_their_content(index: int) -> None:
     ids=["text", "empty", "truncated", "garbage-after-magic", "bomb", "pixels", "bytes",
          "small"],
 )
-def test_bad_images_are_refused_naming_the_image_and_the_reason(data: bytes, reason: str
-                                                                 ) -> None:
+@pytest.mark.parametrize("from_file", [False, True], ids=["bytes", "file"])
+def test_bad_images_are_refused_naming_the_image_and_the_reason(
+    data: bytes, reason: str, from_file: bool, tmp_path: Path
+) -> None:
     with pytest.raises(InvalidRequestError) as caught:
-        check_image(data, "images.3", LIMITS)
+        checked(data, "images.3", tmp_path if from_file else None)
     assert caught.value.field == "images.3"
     assert caught.value.message.startswith("images.3: ") and reason in caught.value.message
+
+
+def checked(data: bytes, field: str, folder: Path | None) -> CheckedImage:
+    """``data`` checked in memory, or (with ``folder``) from a file written there."""
+    if folder is None:
+        return check_image(data, field, LIMITS)
+    path = folder / "upload"
+    path.write_bytes(data)
+    return check_image_file(path, field, LIMITS)
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_an_uploaded_file_is_checked_like_its_bytes_and_not_kept_in_memory(
+    index: int, tmp_path: Path
+) -> None:
+    data = photos(3)[index]
+    from_bytes = check_image(data, "images.0", LIMITS)
+    from_file = checked(data, "images.0", tmp_path)
+    assert from_file.path == tmp_path / "upload" and from_file.data == b""
+    assert (from_file.format, from_file.width, from_file.height, from_file.sha256) == (
+        from_bytes.format, from_bytes.width, from_bytes.height, from_bytes.sha256)
 
 
 def test_the_count_must_be_within_min_and_max_images() -> None:

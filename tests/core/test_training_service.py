@@ -1,10 +1,13 @@
 """The training service on the tiny model: a LoRA that learned (a fixed probe's loss goes
 down), registered and usable at once; replays; stop and resume from the checkpoint;
-image requests between chunks; HTTP-started trainings picked up after a restart."""
+image requests between chunks; HTTP-started trainings picked up after a restart; locks,
+statuses and folders that do not pile up."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,9 +31,14 @@ from core.metrics import EngineMetrics
 from core.outputs import OutputStore
 from core.settings import Settings, load_settings
 from core.training import TrainingService, build_training_service
+from core.training.checkpoint import TrainingFolder
 from core.training.encode import encode_training_data
+from core.training.images import check_image
 from core.training.pixels import to_pixels
+from core.training.spec import Origin, TrainingLimits, TrainingSpec, training_id_for
+from core.training.status import State, StatusBoard, TrainingStatus
 from core.training.trainer import probe_loss
+from schemas.errors import InvalidRequestError
 from schemas.events import ImageRequested, InlineImage, LoraTrainingRequested
 from tests.core.test_training_images import photos
 
@@ -230,3 +238,96 @@ async def test_an_http_training_left_unfinished_is_resumed_at_start_up(core: Cor
     done = await asyncio.wait_for(restarted.wait(status.training_id), WAIT)
     assert done is not None and done.state == "completed" and done.lora_id == "mia_v1"
     assert done.request_id == asked.request_id
+
+
+# ------------------------------------------------------------ state that does not grow
+DAY = 24 * 3600.0
+
+
+def leave_folder(core: Core, request_id: str, origin: Origin, *, age: float = 0.0,
+                 complete: bool = True) -> Path:
+    """A training folder as an earlier run (or another instance's request) left it,
+    last changed ``age`` seconds ago; without ``spec.json`` unless ``complete``."""
+    limits = TrainingLimits()
+    images = [check_image(d, f"images.{i}", limits) for i, d in enumerate(photos(5))]
+    spec = TrainingSpec(training_id_for("mia", request_id), request_id, None, "mia", "zqx",
+                        "a photo of zqx", 4, 1e-3, 64, 1, origin,
+                        tuple(image.sha256 for image in images))
+    folder = TrainingFolder(core.settings.temp_dir / "training" / spec.training_id)
+    folder.write_inputs(spec, images)
+    if not complete:
+        (folder.path / "spec.json").unlink()
+    aged(folder.path, age)
+    return folder.path
+
+
+def aged(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    for item in [*path.rglob("*"), path]:
+        os.utime(item, (then, then))
+
+
+def test_statuses_of_trainings_not_running_expire_and_are_bounded() -> None:
+    now = [0.0]
+    running = {"run"}
+    board = StatusBoard(lambda training_id: training_id in running, ttl=100.0,
+                        max_entries=3, clock=lambda: now[0])
+
+    def status(training_id: str, state: State = "completed") -> TrainingStatus:
+        return TrainingStatus(training_id, "r", "mia", "zqx", state, 1, 1)
+
+    board.put(status("run", "training"))
+    board.put(status("a"))
+    now[0] = 50.0
+    board.put(status("b", "failed"))
+    assert board.get("a") is not None and board.get("run") is not None
+    now[0] = 120.0  # "a" and "run" untouched for 120 s, "b" for 70 s
+    assert board.get("a") is None and board.get("b") is not None
+    assert board.get("run") is not None, "a running training's status is never dropped"
+    for name in ("c", "d", "e"):
+        board.put(status(name))  # beyond 3 entries: the least recently touched go first
+    assert [n for n in ("run", "b", "c", "d", "e") if board.get(n)] == ["run", "d", "e"]
+    assert len(board) == 3
+
+
+async def test_locks_do_not_outlive_their_requests(core: Core) -> None:
+    training = core.training(lora_train_steps=4)
+    outcome = await training.train(asked := request())
+    await training.train(asked)  # a replay
+    with pytest.raises(InvalidRequestError):
+        await training.train(request(images=[InlineImage(filename="x", data=b"text")] * 5))
+    assert len(training._locks) == 0  # what would grow with every request
+    assert (await training.status(outcome.training_id)) is not None
+
+
+async def test_orphaned_folders_are_removed_at_start_up_and_young_ones_resume(core: Core
+                                                                             ) -> None:
+    old_kafka = leave_folder(core, "old-kafka", "kafka", age=2 * DAY)
+    old_http = leave_folder(core, "old-http", "http", age=2 * DAY)
+    young_kafka = leave_folder(core, "young-kafka", "kafka", age=DAY / 2)
+    young_http = leave_folder(core, "young-http", "http", age=DAY / 2)
+    incomplete = leave_folder(core, "cut-short", "kafka", complete=False)
+
+    training = core.training()
+    assert await training.resume_pending() == [young_http.name]
+    assert not old_kafka.exists() and not old_http.exists() and not incomplete.exists()
+    assert young_kafka.exists()  # its request may still be redelivered here
+    queued = await training.status(young_kafka.name)
+    assert queued is not None and queued.state == "queued"
+    assert await training.status(old_kafka.name) is None
+    done = await asyncio.wait_for(training.wait(young_http.name), WAIT)
+    assert done is not None and done.state == "completed"
+
+
+async def test_idle_folders_are_removed_later_but_never_a_running_trainings(core: Core
+                                                                            ) -> None:
+    training = core.training(lora_train_steps=400, lora_checkpoint_every=10)
+    await training.resume_pending()
+    started = await training.submit(request())
+    running = core.settings.temp_dir / "training" / started.training_id
+    aged(running, 2 * DAY)
+    orphan = leave_folder(core, "moved-away", "kafka", age=2 * DAY)
+    young = leave_folder(core, "retried-soon", "kafka", age=60)
+    assert await training.remove_orphans() == [orphan.name]
+    assert running.exists() and young.exists() and not orphan.exists()
+    await training.close()

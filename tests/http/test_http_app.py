@@ -19,6 +19,7 @@ from core.scheduling import build_scheduling
 from core.settings import load_settings
 from core.voice import EspeakSynthesizer, LocalVoiceBackend, VoiceService
 from http_files import AppServices, create_app
+from http_files.uploads import UploadLimits
 from schemas.codec import EventCodec
 
 
@@ -33,7 +34,8 @@ def health() -> EngineHealth:
 
 
 @pytest.fixture
-async def client(store: OutputStore, health: EngineHealth) -> AsyncIterator[TestClient]:
+async def client(store: OutputStore, health: EngineHealth, tmp_path: Path
+                 ) -> AsyncIterator[TestClient]:
     metrics = EngineMetrics(CollectorRegistry())
     services = AppServices(
         health=health, metrics=metrics, store=store,
@@ -41,7 +43,8 @@ async def client(store: OutputStore, health: EngineHealth) -> AsyncIterator[Test
         voice=VoiceService(LocalVoiceBackend(EspeakSynthesizer()), store, "21m00Tcm4TlvDq8ikWAM"),
         scheduling=build_scheduling(load_settings(), metrics),
     )
-    async with TestClient(TestServer(create_app(services), host="127.0.0.1")) as c:
+    app = create_app(services, UploadLimits(tmp_path / "temp" / "uploads"))
+    async with TestClient(TestServer(app, host="127.0.0.1")) as c:
         yield c
 
 

@@ -42,6 +42,7 @@ def trained(settings: Settings, dev_model_dir: Path, tmp_path: Path) -> Settings
         "lora_learning_rate": 1e-3, "lora_checkpoint_every": 20, "progress_interval": 0.05,
         "default_inference_steps": 4, "flux_max_sequence_length": 32, "batch_window_ms": 0,
         "lora_max_image_bytes": MAX_IMAGE_BYTES,
+        "lora_fetch_allowed_hosts": "127.0.0.1",  # the local image server below
     })
 
 

@@ -1,0 +1,213 @@
+"""One URL from a request → its body, without reaching the engine's own network (SSRF).
+
+Each hop (the URL, then every redirect, at most ``max_redirects``) is checked the same way:
+``http``/``https`` only; the host is resolved once and refused when any address is not
+public (:func:`~core.net.policy.is_public_address`) unless the host is in the
+:class:`~core.net.policy.AllowedHosts`; the request then goes to that checked address,
+never to the name again: ``http`` asks the IP with the original ``Host`` header, ``https``
+also passes the name as ``sni_hostname`` so TLS verifies the certificate against the name.
+
+Errors name the request's field and a generic reason only, never a resolved address, a
+port or the exception text (those go to the log):
+
+- not a URL, not http(s), an address not allowed, too many redirects, 4xx, too large →
+  :class:`InvalidRequestError` (the request is wrong; a retry cannot help);
+- 429, 5xx, a name that does not resolve, connection errors, timeouts →
+  :class:`UpstreamUnavailableError` (retryable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import ip_address
+
+import httpx
+
+from core.net.policy import AllowedHosts, IPAddress, is_public_address
+from core.net.resolve import Resolver, resolve_host
+from schemas.errors import InvalidRequestError, UpstreamUnavailableError
+
+__all__ = ["FetchLimits", "SafeFetcher"]
+
+_log = logging.getLogger(__name__)
+
+_CHUNK = 64 * 1024
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_HOST_NAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?$")  # as httpx gives it: IDNA, lower
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    """What one fetch may take: ``max_bytes`` of body (a larger ``Content-Length`` is
+    refused before reading, a longer body is cut off), ``timeout`` seconds in all,
+    redirects included, and ``max_redirects`` redirects. ``max_bytes_setting`` and
+    ``timeout_setting`` name where the limits come from, for the messages."""
+
+    max_bytes: int
+    timeout: float
+    max_redirects: int = 3
+    max_bytes_setting: str = "the size limit"
+    timeout_setting: str = "the time limit"
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {self.max_bytes}")
+        if not self.timeout > 0:
+            raise ValueError(f"timeout must be > 0, got {self.timeout}")
+        if self.max_redirects < 0:
+            raise ValueError(f"max_redirects must be >= 0, got {self.max_redirects}")
+
+
+class SafeFetcher:
+    """Fetches URLs with ``client`` (the engine's shared one: only its transport, default
+    headers and pool are used) within ``limits``, reaching only public addresses and
+    ``allowed_hosts``; ``resolver`` turns a host into addresses (the system's by
+    default)."""
+
+    def __init__(self, client: httpx.AsyncClient, limits: FetchLimits, *,
+                 allowed_hosts: AllowedHosts | None = None,
+                 resolver: Resolver = resolve_host) -> None:
+        self._client = client
+        self._limits = limits
+        self._allowed = allowed_hosts if allowed_hosts is not None else AllowedHosts()
+        self._resolve = resolver
+
+    async def fetch(self, url: str, *, field: str) -> bytes:
+        """The body at ``url``; errors name ``field`` and are raised as the module
+        docstring says. Nothing is written."""
+        target = _checked_url(_parse(url, field), field)
+        limits = self._limits
+        try:
+            async with asyncio.timeout(limits.timeout):
+                return await self._follow(target, field)
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            _log.info("%s: fetching from %s timed out", field, target.host)
+            raise UpstreamUnavailableError(
+                f"{field}: the image server did not answer within {limits.timeout_setting}"
+                f" ({limits.timeout:g} s)") from exc
+        except (httpx.HTTPError, OSError) as exc:
+            _log.warning("%s: fetching from %s failed: %r", field, target.host, exc)
+            raise UpstreamUnavailableError(
+                f"{field}: the image server could not be reached") from exc
+
+    async def _follow(self, target: httpx.URL, field: str) -> bytes:
+        for _ in range(self._limits.max_redirects + 1):
+            addresses = await self._destination(target, field)
+            outcome = await self._get(target, addresses, field)
+            if isinstance(outcome, bytes):
+                return outcome
+            target = outcome
+        raise InvalidRequestError(
+            f"{field}: more than {self._limits.max_redirects} redirects", field=field)
+
+    async def _destination(self, target: httpx.URL, field: str) -> Sequence[IPAddress]:
+        """The checked addresses of ``target``'s host, to connect to in this order."""
+        host = target.host
+        try:
+            addresses: Sequence[IPAddress] = [ip_address(host)]
+        except ValueError:
+            addresses = await self._resolve(host, target.port or _DEFAULT_PORTS[target.scheme])
+            if not addresses:
+                raise OSError(f"{host!r} resolved to no address") from None
+        if self._allowed.allows(host):
+            return addresses
+        if not all(is_public_address(address) for address in addresses):
+            _log.info("%s: refused %s, which resolves to %s", field, host,
+                      ", ".join(map(str, addresses)))
+            raise InvalidRequestError(f"{field}: the address is not allowed", field=field)
+        return addresses
+
+    async def _get(self, target: httpx.URL, addresses: Sequence[IPAddress], field: str
+                   ) -> bytes | httpx.URL:
+        """The body, or the URL a redirect points to; tries the addresses in order until
+        one connects."""
+        failure: httpx.ConnectError | None = None
+        for address in addresses:
+            try:
+                response = await self._client.send(self._request(target, address),
+                                                   stream=True, follow_redirects=False)
+            except httpx.ConnectError as exc:
+                failure = exc
+                continue
+            try:
+                return await self._read(response, target, field)
+            finally:
+                await response.aclose()
+        assert failure is not None  # addresses is never empty
+        raise failure
+
+    def _request(self, target: httpx.URL, address: IPAddress) -> httpx.Request:
+        headers = httpx.Headers(self._client.headers)
+        headers["Host"] = target.netloc.decode("ascii")
+        extensions: dict[str, object] = {"timeout": httpx.Timeout(self._limits.timeout).as_dict()}
+        if target.scheme == "https":
+            extensions["sni_hostname"] = target.host
+            # The pool keys connections by the IP alone: a kept-alive TLS connection
+            # verified for one name must not carry a request for another name.
+            headers["Connection"] = "close"
+        # Built by hand, not client.build_request: no cookies of the shared client go out.
+        return httpx.Request("GET", target.copy_with(host=str(address), fragment=None),
+                             headers=headers, extensions=extensions)
+
+    async def _read(self, response: httpx.Response, target: httpx.URL, field: str
+                    ) -> bytes | httpx.URL:
+        status = response.status_code
+        if status in _REDIRECTS and "location" in response.headers:
+            return _redirected(target, response.headers["location"], field)
+        if status == 429 or status >= 500:
+            raise UpstreamUnavailableError(
+                f"{field}: the image server is unavailable (HTTP {status})")
+        if not 200 <= status < 300:
+            raise InvalidRequestError(
+                f"{field}: the image server answered an error (HTTP {status})", field=field)
+        limits = self._limits
+        too_large = (f"{field}: the image is larger than {limits.max_bytes_setting} "
+                     f"({limits.max_bytes} bytes)")
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limits.max_bytes:
+            raise InvalidRequestError(too_large, field=field)
+        body = bytearray()
+        async for chunk in response.aiter_bytes(_CHUNK):
+            body.extend(chunk)
+            if len(body) > limits.max_bytes:
+                raise InvalidRequestError(too_large, field=field)
+        return bytes(body)
+
+
+def _parse(url: str, field: str) -> httpx.URL:
+    try:
+        return httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise InvalidRequestError(f"{field}: not a valid URL", field=field) from exc
+
+
+def _checked_url(url: httpx.URL, field: str) -> httpx.URL:
+    if url.scheme not in _DEFAULT_PORTS:
+        raise InvalidRequestError(f"{field}: only http and https URLs are fetched",
+                                  field=field)
+    if not (_HOST_NAME.fullmatch(url.host) or _is_ip(url.host)):
+        raise InvalidRequestError(f"{field}: not a valid URL", field=field)
+    return url
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _redirected(target: httpx.URL, location: str, field: str) -> httpx.URL:
+    """Where a redirect from ``target`` leads (relative to the name, not the IP)."""
+    try:
+        url = target.join(location)
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        raise InvalidRequestError(f"{field}: the image server redirected to an invalid URL",
+                                  field=field) from exc
+    return _checked_url(url, field)
