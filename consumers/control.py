@@ -39,6 +39,7 @@ class ControlReader:
         self._pending = pending
         self._lookback = lookback
         self.ready = asyncio.Event()
+        """Set once the cancels of the last ``lookback`` seconds were applied."""
 
     async def run(self) -> None:
         """Applies control records until cancelled; a broker error starts the reading
@@ -70,14 +71,22 @@ class ControlReader:
         for tp in partitions:
             offset = found.get(tp)
             self._consumer.seek(tp, offset.offset if offset is not None else ends[tp])
-        self.ready.set()
         logger.info("reading cancels from %s (%d partitions)", self._topic, len(partitions))
         while True:
-            batches = await self._consumer.getmany(timeout_ms=1000)
+            if not self.ready.is_set() and await self._caught_up(ends):
+                self.ready.set()  # the recent cancels are known: requests may be taken in
+            batches = await self._consumer.getmany(timeout_ms=200 if not self.ready.is_set()
+                                                   else 1000)
             for records in batches.values():
                 for record in records:
                     self._apply(record.value, record.headers, record.timestamp,
                                 f"partition={record.partition} offset={record.offset}")
+
+    async def _caught_up(self, ends: dict[TopicPartition, int]) -> bool:
+        for tp, end in ends.items():
+            if await self._consumer.position(tp) < end:
+                return False
+        return True
 
     async def _partitions(self) -> list[TopicPartition]:
         while True:

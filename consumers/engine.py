@@ -57,6 +57,7 @@ __all__ = ["Engine", "EngineAddresses"]
 # the group, flushing, checkpointing trainings, the GPU worker, HTTP. With the broker gone
 # each of these would otherwise wait for ever; the orchestrator's kill comes after it.
 _STOP_MARGIN = 10.0
+_CONTROL_CATCH_UP = 10.0  # seconds start-up waits for the recent cancels
 
 logger = logging.getLogger(__name__)
 
@@ -196,8 +197,14 @@ class Engine:
         )
         reader = ControlReader(control, control_topic, codec,
                                self.scheduling.pending, lookback=settings.cancel_memory_seconds)
+        reading = asyncio.create_task(reader.run(), name="control-reader")
+        try:  # recent cancels first, so that a redelivered request they name is not redone
+            await asyncio.wait_for(reader.ready.wait(), timeout=_CONTROL_CATCH_UP)
+        except TimeoutError:
+            logger.warning("recent cancels not read within %.0fs; taking requests in anyway",
+                           _CONTROL_CATCH_UP)
         self._tasks.append(asyncio.create_task(self._loop.run(), name="consume-loop"))
-        self._tasks.append(asyncio.create_task(reader.run(), name="control-reader"))
+        self._tasks.append(reading)
         self._tasks.append(asyncio.create_task(self._watch_broker(), name="broker-watch"))
         if self.voice.quota is not None:
             self._tasks.append(asyncio.create_task(
@@ -207,6 +214,8 @@ class Engine:
                 self.store.run_cleanup(min(60.0, settings.cleanup_delay / 4),
                                        self._stop_requested),
                 name="cleanup"))
+        for task in self._tasks[1:]:
+            task.add_done_callback(self._background_ended)
         if self.training is not None:
             await self.training.resume_pending()
         self.health.started = True
@@ -281,6 +290,15 @@ class Engine:
         if self._runner is not None:
             await self._runner.cleanup()
         await self.http.aclose()
+
+    def _background_ended(self, task: asyncio.Task[None]) -> None:
+        """A background task that ends before the stop is a fault to see, not to lose."""
+        if task.cancelled() or self._stop_requested.is_set():
+            return
+        error = task.exception()
+        if error is not None:
+            logger.error("background task %s failed: %r", task.get_name(), error,
+                         exc_info=error)
 
     async def _watch_broker(self) -> None:
         """Keeps ``/health`` honest about the broker: a metadata request every interval."""

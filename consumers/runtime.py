@@ -62,6 +62,7 @@ class _Work:
     size: int
     task: asyncio.Task[None] | None = None
     admitted: bool = False  # past its turn and a slot: real work may have begun
+    unanswerable: bool = False  # not even a failed event could be published
 
 
 class ConsumeLoop:
@@ -196,7 +197,7 @@ class ConsumeLoop:
         self._metrics.in_flight.labels(route.kind).inc()
         turn = self._turns.join((tp, record.key))  # in fetch order: the key's order
         work.task = asyncio.get_running_loop().create_task(self._process(work, turn))
-        work.task.add_done_callback(lambda _: self._let_go(work))
+        work.task.add_done_callback(lambda _: self._let_go(work, turn))
 
     async def _process(self, work: _Work, turn: Turn) -> None:
         started = time.perf_counter()
@@ -221,13 +222,14 @@ class ConsumeLoop:
         except Exception:
             # Not even a failed event could be published: leave the record uncommitted and
             # stop, so it is redelivered (to this instance restarted, or another one)
-            # instead of pinning its partition silently.
+            # instead of pinning its partition silently. Its turn is kept: nothing of its
+            # conversation may be answered before it (the stop cancels those waiting).
             logger.critical("%s cannot be answered; stopping this consumer", where,
                             exc_info=True)
+            work.unanswerable = True
             self.request_stop()
             return
-        finally:
-            turn.leave()  # after publishing: the next of this conversation answers after
+        turn.leave()  # after publishing: the next of this conversation answers after
         if isinstance(event, GenerationFailed):
             self._metrics.failed.labels(route.kind, event.error_code).inc()
         else:
@@ -238,8 +240,11 @@ class ConsumeLoop:
             tracker.finished(record.offset)
             self._committer.want()
 
-    def _let_go(self, work: _Work) -> None:
-        """The record's task ended (answered, dropped or cancelled): free what it held."""
+    def _let_go(self, work: _Work, turn: Turn) -> None:
+        """The record's task ended (answered, dropped, cancelled, even before its first
+        step): free what it held."""
+        if not work.unanswerable:
+            turn.leave()  # idempotent
         works = self._work.get(work.tp)
         if works is not None and works.get(work.record.offset) is work:
             del works[work.record.offset]

@@ -9,6 +9,7 @@ record names one.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiohttp import web
@@ -20,6 +21,8 @@ __all__ = ["cancel_request"]
 
 logger = logging.getLogger(__name__)
 
+_BROADCAST_TIMEOUT = 3.0
+
 
 async def cancel_request(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
@@ -27,6 +30,8 @@ async def cancel_request(request: web.Request) -> web.Response:
     if not request_id.strip() or len(request_id) > 200:
         raise unprocessable([{"field": "request_id", "message": "must be 1 to 200 characters"}])
     named = request.query.get("conversation_id") or None
+    if named is not None and len(named) > 200:
+        raise unprocessable([{"field": "conversation_id", "message": "at most 200 characters"}])
     held = services.scheduling.pending.find(request_id)
     conversations = {p.conversation_id for p in held if named in (None, p.conversation_id)}
     if named is not None:
@@ -41,8 +46,14 @@ async def cancel_request(request: web.Request) -> web.Response:
         cancelled += len(services.scheduling.pending.cancel(conversation, request_id))
     broadcast = services.broadcast_cancel is not None
     if services.broadcast_cancel is not None:
-        for conversation in sorted(conversations):
-            await services.broadcast_cancel(conversation, request_id)
+        try:  # bounded: with the broker gone, publishing would retry for ever
+            async with asyncio.timeout(_BROADCAST_TIMEOUT):
+                for conversation in sorted(conversations):
+                    await services.broadcast_cancel(conversation, request_id)
+        except TimeoutError:
+            logger.warning("request_id=%s cancel not broadcast within %.0fs", request_id,
+                           _BROADCAST_TIMEOUT)
+            broadcast = False
     logger.info("request_id=%s cancel by HTTP: %d cancelled here, broadcast=%s",
                 request_id, cancelled, broadcast)
     return web.json_response(

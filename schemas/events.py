@@ -191,7 +191,8 @@ class GenerationControl(Event):
 
     action: Literal["cancel"]
     request_id: Annotated[str, Field(max_length=200)] | None = None
-    conversation_id: NonBlank
+    # bounded: every instance remembers recent cancels (CANCEL_MEMORY_SECONDS)
+    conversation_id: Annotated[NonBlank, Field(max_length=200)]
     created_at: IsoDateTime | None = None
 
 

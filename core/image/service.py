@@ -108,7 +108,7 @@ class ImageService:
             logger.debug("request_id=%s answered from the result cache", request.request_id)
             return self._result(remembered)
         placement = placement or Placement(owner=request.conversation_id)
-        making = self._making.get(key)
+        making = self._live_making(key)
         if making is not None:
             logger.info("request_id=%s joins the same image being made", request.request_id)
             return self._result(await self._wait(making, placement))
@@ -118,7 +118,7 @@ class ImageService:
             optimized = await self._optimizer.optimize(
                 params.prompt, lora.trigger_word if lora else None, params.optimize_prompt)
             prompt = optimized.prompt
-            making = self._making.get(key)  # made meanwhile by a twin?
+            making = self._live_making(key)  # made meanwhile by a twin?
             if making is not None:
                 return self._result(await self._wait(making, placement))
         bridge = self._bridge(progress)
@@ -129,11 +129,11 @@ class ImageService:
             seed=params.seed, lora=lora,
             progress=bridge.on_step,
         )
-        making = _Making(self._worker.enqueue(job, placement))
+        making = _Making(key, self._worker.enqueue(job, placement))
         making.task = asyncio.create_task(
             self._make(making, key, params, prompt, lora, request.request_id))
         self._making[key] = making
-        making.task.add_done_callback(lambda _: self._forget(key, making))
+        making.task.add_done_callback(lambda _: self._ended(making))
         try:
             entry = await self._wait(making, placement)
         except asyncio.CancelledError:
@@ -161,6 +161,8 @@ class ImageService:
         """One caller's wait for ``making``; the last caller to leave decides whether the
         work goes on (see :meth:`generate`)."""
         assert making.task is not None
+        if making.item.future.running() or making.item.future.done():
+            placement.started()  # joined work that already runs
         making.waiters += 1
         try:
             return await asyncio.shield(making.task)
@@ -171,14 +173,25 @@ class ImageService:
                     logger.info("an abandoned image keeps running: it lands in the result "
                                 "cache for the request's next delivery")
                 else:
+                    self._forget(making)  # no twin may join work that is being stopped
                     making.task.cancel()
             raise
         finally:
             making.waiters -= 1
 
-    def _forget(self, key: str, making: _Making) -> None:
-        if self._making.get(key) is making:
-            del self._making[key]
+    def _live_making(self, key: str) -> _Making | None:
+        making = self._making.get(key)
+        if making is None or making.task is None or making.task.done() \
+                or making.task.cancelling():
+            return None
+        return making
+
+    def _forget(self, making: _Making) -> None:
+        if self._making.get(making.key) is making:
+            del self._making[making.key]
+
+    def _ended(self, making: _Making) -> None:
+        self._forget(making)
         task = making.task
         if task is not None and not task.cancelled() and task.exception() is not None \
                 and making.waiters == 0:
@@ -264,6 +277,7 @@ class _Making:
     """An image being made: its GPU job, the task that makes and keeps it, and how many
     callers wait for it."""
 
+    key: str
     item: JobItem
     task: asyncio.Task[CachedResult] | None = None
     waiters: int = 0

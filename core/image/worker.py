@@ -220,10 +220,19 @@ class GpuWorker:
             work = self._queue.take(self._max_batch, self._window_s)
             if isinstance(work, StopItem):
                 break
-            if isinstance(work, ExclusiveItem):
-                self._run_exclusive(work)
-            else:
-                self._run_batch(work)
+            try:
+                if isinstance(work, ExclusiveItem):
+                    self._run_exclusive(work)
+                else:
+                    self._run_batch(work)
+            except Exception as exc:
+                # (a failed adapter resync, freeing memory): its callers get the error, the
+                # worker goes on serving the others
+                logger.exception("GPU worker: an item failed outside its own handling")
+                items = [work] if isinstance(work, ExclusiveItem) else work
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(_translate(exc))
         self._fail_queued()
         logger.info("GPU worker stopped")
 

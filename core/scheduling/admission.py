@@ -63,10 +63,13 @@ class Admission:
 
     def try_acquire(self, kind: str, owner: str, priority: Priority) -> bool:
         """Takes a slot now if one is free for ``owner`` at ``priority`` and nobody of the
-        same or a higher priority is waiting for one; False otherwise."""
+        same or a higher priority who could take it is waiting; False otherwise (a waiter
+        held back by its own conversation's share does not hold others back)."""
         state = self._kinds[kind]
-        queued_before = any(state.waiting[p] for p in Priority if p.rank <= priority.rank)
-        if queued_before or not self._fits(state, owner, priority):
+        if not self._fits(state, owner, priority):
+            return False
+        self._grant(state)  # waiters first, when they can go
+        if not self._fits(state, owner, priority):
             return False
         self._take(state, owner, priority)
         return True
@@ -86,6 +89,7 @@ class Admission:
                 self.release(kind, owner, priority)  # granted as it was cancelled
             else:
                 self._forget(state, priority, owner, waiter)
+                self._grant(state)
             raise
 
     def release(self, kind: str, owner: str, priority: Priority) -> None:

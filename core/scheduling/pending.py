@@ -162,7 +162,8 @@ class PendingRequests:
         ``conversation_id`` (``None``: whichever). Without: every request of the
         conversation published up to ``issued_at`` (epoch seconds, default now)."""
         now = self._clock()
-        issued = issued_at if issued_at is not None else now
+        # a producer's clock ahead of ours must not cancel what comes later, nor pin memory
+        issued = min(issued_at, now) if issued_at is not None else now
         if request_id is not None:
             self._cancelled_ids[request_id] = (conversation_id or "", issued + self._remember)
             self._cancelled_ids.move_to_end(request_id)

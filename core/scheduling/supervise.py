@@ -26,16 +26,24 @@ async def supervise(request: PendingRequest, work: Coroutine[Any, Any, T], *,
     """``await work``, unless ``request`` is cancelled first (raises
     :class:`RequestCancelledError`) or its deadline passes before it started (raises
     :class:`RequestExpiredError`); ``work`` is then cancelled and awaited, so whatever it
-    held is released before this returns. Cancelling the caller cancels ``work`` too."""
-    if request.cancelled.is_set() or _expired(request, clock):
+    held is released before this returns. A cancel wins over a result that arrives at the
+    same moment (a cancelled request is never completed). Cancelling the caller cancels
+    ``work`` too; otherwise only ``work``'s own result or error comes out."""
+    if request.cancelled.is_set() or (_expired(request, clock) and not request.started):
         work.close()
-        raise _stopped(request, clock)
+        raise _stopped(request)
     task = asyncio.ensure_future(work)
-    watchers: list[asyncio.Future[Any]] = [asyncio.ensure_future(request.cancelled.wait())]
-    if request.deadline is not None:
-        watchers.append(asyncio.ensure_future(_expiry(request, clock)))
+    cancelled = asyncio.ensure_future(request.cancelled.wait())
+    expiry = (asyncio.ensure_future(_expiry(request, clock))
+              if request.deadline is not None else None)
+    watchers = [w for w in (cancelled, expiry) if w is not None]
+    stopped: Exception | None = None
     try:
-        await asyncio.wait([task, *watchers], return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait([task, *watchers], return_when=asyncio.FIRST_COMPLETED)
+        if cancelled in done or request.cancelled.is_set():
+            stopped = RequestCancelledError(f"request {request.request_id} was cancelled")
+        elif task not in done:  # the expiry watcher: deadline passed, work not started
+            stopped = _stopped(request)
     finally:
         for watcher in watchers:
             watcher.cancel()
@@ -43,18 +51,18 @@ async def supervise(request: PendingRequest, work: Coroutine[Any, Any, T], *,
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-    if not task.cancelled() and task.exception() is None and not request.cancelled.is_set():
-        return task.result()
-    if request.cancelled.is_set() or (_expired(request, clock) and not request.started):
-        raise _stopped(request, clock)
-    return task.result()  # its own error (or cancellation) passes through
+    if stopped is not None:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: the stop is the answer
+        raise stopped
+    return task.result()
 
 
 def _expired(request: PendingRequest, clock: Callable[[], float]) -> bool:
     return request.deadline is not None and clock() >= request.deadline
 
 
-def _stopped(request: PendingRequest, clock: Callable[[], float]) -> Exception:
+def _stopped(request: PendingRequest) -> Exception:
     if request.cancelled.is_set():
         return RequestCancelledError(f"request {request.request_id} was cancelled")
     return RequestExpiredError(f"request {request.request_id} was not started by its deadline")
@@ -63,6 +71,7 @@ def _stopped(request: PendingRequest, clock: Callable[[], float]) -> Exception:
 async def _expiry(request: PendingRequest, clock: Callable[[], float]) -> None:
     """Ends when the deadline passed with the work not started; else never."""
     assert request.deadline is not None
-    await asyncio.sleep(max(0.0, request.deadline - clock()))
+    while (left := request.deadline - clock()) > 0:  # the wall clock may step meanwhile
+        await asyncio.sleep(left)
     if request.started:
         await asyncio.Event().wait()  # started in time: the deadline no longer applies

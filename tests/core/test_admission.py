@@ -73,3 +73,15 @@ def test_settings_are_checked() -> None:
         Admission({"image": 0}, per_owner=1)
     with pytest.raises(ValueError, match="MAX_IN_FLIGHT_PER_CONVERSATION"):
         Admission({"image": 1}, per_owner=0)
+
+
+async def test_a_conversation_at_its_share_does_not_hold_back_others() -> None:
+    admission = Admission({"image": 4}, per_owner=1)
+    assert admission.try_acquire("image", "a", I)
+    blocked = asyncio.create_task(admission.acquire("image", "a", I))  # a's second one
+    await asyncio.sleep(0)
+    assert not blocked.done()
+    assert admission.try_acquire("image", "b", I)  # 3 of 4 slots free: b goes
+    await asyncio.wait_for(admission.acquire("image", "c", I), timeout=1)
+    admission.release("image", "a", I)
+    await asyncio.wait_for(blocked, timeout=1)

@@ -122,3 +122,40 @@ async def test_supervise_expires_work_not_started_by_its_deadline() -> None:
     request = pending.add("r3", "c", "voice", I, deadline=time.time() + 0.1)
     assert await asyncio.wait_for(supervise(request, work("started", start=True)),
                                   timeout=2) == "started"  # started in time: it finishes
+
+
+async def test_a_start_racing_the_deadline_still_gets_an_answer() -> None:
+    pending = PendingRequests()
+    request = pending.add("r", "c", "image", I, deadline=time.time() + 0.05)
+
+    async def work() -> str:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            request.mark_started()  # the GPU took it just as the deadline passed
+        return "never"
+
+    with pytest.raises(RequestExpiredError):  # an answer, never a bare cancellation
+        await asyncio.wait_for(supervise(request, work()), timeout=2)
+
+
+async def test_a_cancel_wins_over_a_result_arriving_with_it() -> None:
+    pending = PendingRequests()
+    request = pending.add("r", "c", "voice", I)
+
+    async def work() -> str:
+        pending.cancel("c", "r")  # the cancel lands as the work finishes
+        return "done"
+
+    with pytest.raises(RequestCancelledError):
+        await supervise(request, work())
+
+
+def test_a_cancel_from_a_clock_ahead_applies_from_now() -> None:
+    now = [1000.0]
+    pending = PendingRequests(remember_seconds=60, clock=lambda: now[0])
+    pending.cancel("conv", None, issued_at=5000.0)  # a producer's clock far ahead
+    assert pending.add("a", "conv", "voice", I, published_at=999.0).cancelled.is_set()
+    assert not pending.add("b", "conv", "voice", I, published_at=1001.0).cancelled.is_set()
+    now[0] += 61
+    assert not pending.add("c", "conv", "voice", I, published_at=900.0).cancelled.is_set()
