@@ -90,7 +90,11 @@ class ControlReader:
 
     async def _partitions(self) -> list[TopicPartition]:
         while True:
-            await self._consumer.topics()  # refreshes metadata
+            # `topics()` does not fill the consumer's metadata cache, and a consumer without
+            # a subscription tracks no topic: a broker that answers an empty metadata
+            # request with no topics (Kafka does) would leave the cache empty for minutes.
+            # Track the topic and wait for that metadata update.
+            await self._consumer._client.add_topic(self._topic)
             parts = self._consumer.partitions_for_topic(self._topic)
             if parts:
                 return [TopicPartition(self._topic, p) for p in sorted(parts)]

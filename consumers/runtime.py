@@ -103,6 +103,8 @@ class ConsumeLoop:
         self._work: dict[TopicPartition, dict[int, _Work]] = {}
         self._turns = KeyedTurns()
         self._stopping = asyncio.Event()
+        self._fetch: asyncio.Task[dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]] \
+            | None = None  # the last fetch, until its records are dispatched
 
     # ----------------------------------------------------------------- public
     def request_stop(self) -> None:
@@ -125,16 +127,14 @@ class ConsumeLoop:
         stop_wait = asyncio.create_task(self._stopping.wait())
         try:
             while not self._stopping.is_set():
-                fetch = asyncio.create_task(self._consumer.getmany(
+                fetch = self._fetch = asyncio.create_task(self._consumer.getmany(
                     timeout_ms=self._config.fetch_timeout_ms, max_records=self._flow.room()))
                 await asyncio.wait({fetch, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
                 if not fetch.done():
                     fetch.cancel()
                     await asyncio.gather(fetch, return_exceptions=True)
                     break
-                for tp, records in fetch.result().items():
-                    for record in records:
-                        self._dispatch(tp, record)
+                self._dispatch_fetched(fetch)
                 self._apply_flow()
                 self._update_lag()
         finally:
@@ -154,6 +154,14 @@ class ConsumeLoop:
         """Lets the work of ``partitions`` that has begun finish within ``grace`` seconds,
         and cancels at once the records still waiting for their turn or a slot (they stay
         uncommitted: redelivered). Returns how many were left unfinished (cancelled)."""
+        fetch = self._fetch
+        if fetch is not None and fetch.done() and not fetch.cancelled() \
+                and fetch.exception() is None:
+            # records fetched before this revoke but not dispatched yet belong to it: they
+            # must be dispatched (then cancelled) before the partitions are let go, or
+            # they would be dispatched after the next assignment, ahead of the records
+            # it fetches again from the committed offsets: out of order
+            self._dispatch_fetched(fetch)
         works = [w for tp in partitions for w in self._work.get(tp, {}).values()
                  if w.task is not None and not w.task.done()]
         waiting = [w.task for w in works if not w.admitted and w.task is not None]
@@ -184,6 +192,16 @@ class ConsumeLoop:
                 pass
 
     # -------------------------------------------------------------- records
+    def _dispatch_fetched(self, fetch: asyncio.Task[
+            dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]]) -> None:
+        """Dispatches a finished fetch's records, once."""
+        if fetch is not self._fetch:
+            return  # dispatched already
+        self._fetch = None
+        for tp, records in fetch.result().items():
+            for record in records:
+                self._dispatch(tp, record)
+
     def _dispatch(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
         tracker = self._committer.tracker(tp)
         route = self._routes.get(tp.topic)
@@ -256,7 +274,7 @@ class ConsumeLoop:
     def _apply_flow(self) -> None:
         self._flow.apply(self._committer.owned)
 
-    def _restate_flow(self) -> None:
+    def _restate_flow(self) -> None:  # after an assignment
         self._flow.apply(self._committer.owned, restate=True)
 
     async def _drain(self, grace: float) -> None:

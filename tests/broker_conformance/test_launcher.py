@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,11 @@ from consumers.broker import (
     KNOWN_BROKERS,
     BrokerError,
     BrokerStartError,
+    RdkafkaMockBroker,
     TansuBroker,
     launch_broker,
 )
-from consumers.broker._probe import api_versions
+from consumers.broker._probe import ProbeError, api_versions
 
 
 def test_unknown_kind_names_the_allowed_ones() -> None:
@@ -69,3 +71,52 @@ async def test_lifecycle_from_inside_a_running_event_loop(kind: str) -> None:
         assert 3 in await asyncio.to_thread(api_versions, host, int(port))  # Metadata
     assert not broker.running
     broker.stop()  # idempotent
+
+
+@pytest.mark.kafka
+def test_rdkafka_mock_injects_outages_errors_and_delays() -> None:
+    # A raw ApiVersions exchange shows each fault without a client's own retries.
+    with RdkafkaMockBroker() as broker:
+        host, _, port_text = broker.bootstrap_servers.partition(":")
+        port = int(port_text)
+
+        broker.push_errors("ApiVersions", [7, 0, 35])  # REQUEST_TIMED_OUT, ok, UNSUPPORTED
+        assert broker.errors_left("ApiVersions") == 3
+        with pytest.raises(ProbeError, match="error code 7"):
+            api_versions(host, port)
+        assert api_versions(host, port)  # the 0: answered normally
+        with pytest.raises(ProbeError, match="error code 35"):
+            api_versions(host, port)
+        assert broker.errors_left(18) == 0 and api_versions(host, port)
+
+        broker.push_errors("ApiVersions", [0], rtt_ms=300)
+        started = time.monotonic()
+        api_versions(host, port)
+        assert time.monotonic() - started >= 0.29
+        broker.set_rtt(200)  # every answer
+        started = time.monotonic()
+        api_versions(host, port)
+        assert time.monotonic() - started >= 0.19
+        broker.set_rtt(0)
+
+        broker.push_errors("DescribeGroups", [15] * 40)  # more than one C call's worth
+        broker.push_errors(15, [16])
+        assert broker.errors_left("DescribeGroups") == 41
+
+        broker.set_down()
+        with pytest.raises(ProbeError, match="refused"):
+            api_versions(host, port)
+        broker.set_down()  # already down: no-op
+        broker.set_up()
+        assert api_versions(host, port)  # same port again
+
+        with pytest.raises(ValueError, match="unknown Kafka API 'Nope'"):
+            broker.push_errors("Nope", [6])
+        with pytest.raises(ValueError, match="at least one"):
+            broker.push_errors("Produce", [])
+        with pytest.raises(ValueError, match="rtt_ms"):
+            broker.push_errors("Produce", [6], rtt_ms=-1)
+        with pytest.raises(ValueError, match="rtt_ms"):
+            broker.set_rtt(-5)
+    with pytest.raises(BrokerError, match="not running"):
+        broker.set_down()
