@@ -8,7 +8,9 @@ The engine runs as a `multimodal-engine serve` subprocess on the tiny developmen
    conversations) queued on the GPU; the ratio to the baseline;
 3. an interactive image published behind ``--images`` background ones: how long until it
    starts (its first progress event), in seconds and in background images started
-   meanwhile, against the duration of one GPU call measured in the same run.
+   meanwhile, against the duration of one GPU call measured in the same run;
+4. quiet conversations' voice latency beside one conversation flooding ``--flood`` voice
+   requests, against the baseline of 1.
 
 Each backlog is withdrawn afterwards with ``generation.control`` cancels.
 
@@ -126,6 +128,14 @@ async def run(bootstrap: str, workdir: Path, args: argparse.Namespace) -> None:
                 live["request_id"]]
             call = done.received_at - live_start.received_at  # one GPU call, measured here
             await withdraw(peer, replay)
+
+            flood = [voice("flood") for _ in range(args.flood)]
+            for request in flood:
+                await peer.publish("voice", request)
+            flood_ids = {r["request_id"] for r in flood}
+            await peer.wait_for(lambda a: a.event.get("request_id") in flood_ids, timeout=120)
+            quiet = await voice_latencies(peer, args.samples // 3, "quiet")
+            await peer.answers_for(list(flood_ids), timeout=600)
     finally:
         engine.send_signal(signal.SIGTERM)
         await engine.wait(timeout=120)
@@ -134,11 +144,13 @@ async def run(bootstrap: str, workdir: Path, args: argparse.Namespace) -> None:
     print(f"tiny dev model on {os.cpu_count()} cores, images {args.size}x{args.size} "
           f"{args.steps} steps, MAX_BATCH_SIZE={args.batch}, {args.images} queued")
     print(f"{'voice latency':34}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}")
-    for name, values in (("alone (baseline)", alone), (f"{args.images} images queued", busy)):
+    for name, values in (("alone (baseline)", alone), (f"{args.images} images queued", busy),
+                         (f"quiet, beside a {args.flood} flood", quiet)):
         print(f"{name:34}{pct(values, .5) * ms:10.1f}{pct(values, .99) * ms:10.1f}"
               f"{max(values) * ms:10.1f}")
     print(f"ratio p50 {pct(busy, .5) / pct(alone, .5):.2f}, p99 "
-          f"{pct(busy, .99) / pct(alone, .99):.2f} (queued / alone)")
+          f"{pct(busy, .99) / pct(alone, .99):.2f} (queued / alone); quiet beside the flood "
+          f"p50 {pct(quiet, .5) / pct(alone, .5):.2f}, p99 {pct(quiet, .99) / pct(alone, .99):.2f}")
     print(f"interactive image behind {args.images} background: starts after {wait:.2f} s, "
           f"{meanwhile} background image(s) started meanwhile; one GPU call {call:.2f} s "
           f"(wait / call {wait / call:.2f}); mean voice alone "
@@ -152,6 +164,8 @@ async def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=1, help="MAX_BATCH_SIZE of the engine")
     parser.add_argument("--samples", type=int, default=40)
+    parser.add_argument("--flood", type=int, default=150, help="voice requests of one "
+                        "conversation")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         broker = None

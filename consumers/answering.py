@@ -74,11 +74,9 @@ class RecordAnswerer:
         self._metrics = metrics
         self._sleep = sleep
 
-    async def answer(self, record: ConsumerRecord[bytes, bytes], route: Route, turn: Turn,
-                     *, admitted: Callable[[], None] = lambda: None) -> Answer:
-        """Always an answer; raises only ``CancelledError`` (the engine stopping).
-        ``admitted()`` is called once the request has its turn and a slot: from then on
-        real work may begin."""
+    async def answer(self, record: ConsumerRecord[bytes, bytes], route: Route,
+                     turn: Turn) -> Answer:
+        """Always an answer; raises only ``CancelledError`` (the engine stopping)."""
         where = f"topic={record.topic} partition={record.partition} offset={record.offset}"
         raw: dict[str, Any] = {}
         try:
@@ -125,7 +123,6 @@ class RecordAnswerer:
             await turn.wait()
             async with self._scheduling.admission.slot(route.kind, pending.conversation_id,
                                                        pending.priority):
-                admitted()
                 if route.kind != "image":  # an image starts when the GPU takes it
                     pending.mark_started()
                 completed, _ = await call_with_retries(

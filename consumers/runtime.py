@@ -61,7 +61,6 @@ class _Work:
     route: Route
     size: int
     task: asyncio.Task[None] | None = None
-    admitted: bool = False  # past its turn and a slot: real work may have begun
     unanswerable: bool = False  # not even a failed event could be published
 
 
@@ -151,9 +150,11 @@ class ConsumeLoop:
 
     # ------------------------------------------- the work of partitions (rebalance)
     async def settle(self, partitions: Iterable[TopicPartition], grace: float) -> int:
-        """Lets the work of ``partitions`` that has begun finish within ``grace`` seconds,
-        and cancels at once the records still waiting for their turn or a slot (they stay
-        uncommitted: redelivered). Returns how many were left unfinished (cancelled)."""
+        """Lets the work of ``partitions`` finish within ``grace`` seconds, then cancels
+        what is left (uncommitted: redelivered). Records waiting for their turn or a slot
+        get the grace too: a record cancelled while later ones of its partition are
+        answered would hold the commit back, and those answered ones would be redone.
+        Returns how many were left unfinished (cancelled)."""
         fetch = self._fetch
         if fetch is not None and fetch.done() and not fetch.cancelled() \
                 and fetch.exception() is None:
@@ -162,18 +163,13 @@ class ConsumeLoop:
             # they would be dispatched after the next assignment, ahead of the records
             # it fetches again from the committed offsets: out of order
             self._dispatch_fetched(fetch)
-        works = [w for tp in partitions for w in self._work.get(tp, {}).values()
+        tasks = [w.task for tp in partitions for w in self._work.get(tp, {}).values()
                  if w.task is not None and not w.task.done()]
-        waiting = [w.task for w in works if not w.admitted and w.task is not None]
-        begun = [w.task for w in works if w.admitted and w.task is not None]
-        for task in waiting:
+        stopped: set[asyncio.Task[None]] = set()
+        if tasks:
+            _, stopped = await asyncio.wait(tasks, timeout=grace)
+        for task in stopped:
             task.cancel()
-        pending: set[asyncio.Task[None]] = set()
-        if begun:
-            _, pending = await asyncio.wait(begun, timeout=grace)
-        for task in pending:
-            task.cancel()
-        stopped = [*waiting, *pending]
         if stopped:
             _, stuck = await asyncio.wait(stopped, timeout=_CANCEL_TIMEOUT)
             if stuck:
@@ -222,8 +218,7 @@ class ConsumeLoop:
         record, route = work.record, work.route
         where = f"topic={record.topic} partition={record.partition} offset={record.offset}"
         try:
-            answer = await self._answerer.answer(
-                record, route, turn, admitted=lambda: setattr(work, "admitted", True))
+            answer = await self._answerer.answer(record, route, turn)
             topic, event = answer.topic, answer.event
             try:
                 await self._publisher.publish(topic, event, record.key, answer.request_id)
@@ -280,8 +275,7 @@ class ConsumeLoop:
     async def _drain(self, grace: float) -> None:
         if not self.in_flight:
             return
-        logger.info("stopping: finishing the %d request(s) at work within %.1fs",
-                    sum(w.admitted for ws in self._work.values() for w in ws.values()), grace)
+        logger.info("stopping: finishing %d request(s) within %.1fs", self.in_flight, grace)
         left = await self.settle(list(self._work), grace)
         if left:
             logger.warning("stopping: %d request(s) not finished, left uncommitted", left)
