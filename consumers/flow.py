@@ -53,9 +53,6 @@ class FlowControl:
         self._limits = limits
         self._held = {kind: _Held() for kind in set(kinds.values())}
 
-    def held(self, kind: str) -> int:
-        return self._held[kind].records
-
     def took(self, kind: str, size: int) -> None:
         held = self._held[kind]
         held.records += 1

@@ -12,13 +12,12 @@
 """
 
 from core.scheduling.admission import Admission
-from core.scheduling.factory import KINDS, Scheduling, build_scheduling
+from core.scheduling.factory import Scheduling, build_scheduling
 from core.scheduling.pending import PendingRequest, PendingRequests
 from core.scheduling.placement import Placement, Priority, effective_priority
 from core.scheduling.supervise import supervise
 
 __all__ = [
-    "KINDS",
     "Admission",
     "PendingRequest",
     "PendingRequests",

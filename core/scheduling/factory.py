@@ -10,9 +10,7 @@ from core.scheduling.pending import PendingRequests
 from core.scheduling.placement import Priority
 from core.settings import Settings
 
-__all__ = ["KINDS", "Scheduling", "build_scheduling"]
-
-KINDS = ("image", "voice", "lora")
+__all__ = ["Scheduling", "build_scheduling"]
 
 
 @dataclass(frozen=True)

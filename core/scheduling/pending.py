@@ -122,9 +122,6 @@ class PendingRequests:
                 self._count_locked(request.kind, request.priority, -1)
         self._notify()
 
-    def __len__(self) -> int:
-        return sum(len(same) for same in self._by_request.values())
-
     async def wait_until(self, predicate: Callable[[PendingRequests], bool],
                          timeout: float) -> None:
         """Waits until ``predicate(self)`` holds, re-checked at every arrival and answer
