@@ -13,6 +13,7 @@ import asyncio
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from core.settings import Settings
 __all__ = ["UPLOADS", "UploadLimits", "Uploads", "UploadsFull", "upload_limits"]
 
 logger = logging.getLogger(__name__)
+
+_ORPHAN_AGE = 3600.0  # seconds untouched before a start-up takes an upload for orphaned
 
 
 @dataclass(frozen=True)
@@ -101,14 +104,18 @@ class Uploads:
                 self._idle.set()
 
     def prepare(self) -> int:
-        """Make the uploads folder and remove every upload folder in it (those a crashed
-        process left); call it before serving. Returns how many were removed. Blocking.
+        """Make the uploads folder and remove the upload folders a crashed process left
+        (untouched for ``_ORPHAN_AGE`` seconds: another instance sharing TEMP_DIR may be
+        receiving into the fresh ones); call it before serving. Returns how many were
+        removed. Blocking.
         A folder that cannot be made is logged, not raised: the engine serves its other
         endpoints, and each upload then fails with a 500 saying why."""
         directory = self.limits.directory
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            found = [path for path in directory.iterdir() if path.name.startswith("upload-")]
+            now = time.time()
+            found = [path for path in directory.iterdir() if path.name.startswith("upload-")
+                     and now - _last_touched(path) > _ORPHAN_AGE]
         except OSError as exc:
             logger.warning("uploads folder %s is not usable: %s", directory, exc)
             return 0
@@ -117,6 +124,17 @@ class Uploads:
         if found:
             logger.info("removed %d unfinished uploads from %s", len(found), directory)
         return len(found)
+
+
+def _last_touched(folder: Path) -> float:
+    """The newest modification time of ``folder`` and the files in it."""
+    try:
+        times = [folder.stat().st_mtime]
+        for entry in folder.iterdir():
+            times.append(entry.stat().st_mtime)
+    except OSError:  # going away meanwhile (its owner finished): not an orphan
+        return time.time()
+    return max(times)
 
 
 UPLOADS: web.AppKey[Uploads] = web.AppKey("uploads", Uploads)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -192,3 +194,19 @@ async def test_a_60_mb_json_body_is_413_with_memory_flat(serve: Serve) -> None:
           f"{memory['peak'] / 2**20:.0f} MiB, growth {growth / 2**20:.1f} MiB")
     assert response.status == 413 and "too large" in answer["detail"][0]["msg"]
     assert growth < 50 * 2**20
+
+
+def test_start_up_removes_only_uploads_left_long_ago(tmp_path: Path) -> None:
+    from http_files.uploads import UploadLimits, Uploads
+
+    directory = tmp_path / "uploads"
+    old, fresh = directory / "upload-old", directory / "upload-fresh"
+    for folder in (old, fresh):
+        folder.mkdir(parents=True)
+        (folder / "images.0").write_bytes(b"x")
+    long_ago = time.time() - 2 * 3600
+    for path in (old, old / "images.0"):
+        os.utime(path, (long_ago, long_ago))
+    assert Uploads(UploadLimits(directory)).prepare() == 1
+    assert not old.exists()
+    assert fresh.exists()  # another instance sharing TEMP_DIR may be receiving into it
