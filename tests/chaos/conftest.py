@@ -19,8 +19,9 @@ from prometheus_client import CollectorRegistry
 from consumers.broker import RdkafkaMockBroker
 from consumers.engine import Engine
 from consumers.topics import CONTRACT_TOPICS
-from core.settings import Settings, load_settings
+from core.settings import Settings
 from tests.support.kafka_client import PersonaPeer
+from tests.support.settings import engine_settings
 
 #: Partitions of every topic; the engine owns all of them once :func:`engine` returns.
 PARTITIONS = 3
@@ -53,20 +54,8 @@ def settings(tmp_path: Path, mock_broker: RdkafkaMockBroker, topic_prefix: str,
     retry delays, so that recovery after a fault takes about a second."""
     monkeypatch.chdir(tmp_path)  # no stray .env
     mock_broker.create_topics([f"{topic_prefix}{t}" for t in CONTRACT_TOPICS], PARTITIONS)
-    return load_settings(
-        kafka_bootstrap_servers=mock_broker.bootstrap_servers,
-        kafka_topic_prefix=topic_prefix,
-        kafka_group_id=f"{topic_prefix}group",
-        kafka_session_timeout_ms=SESSION_MS,
-        kafka_heartbeat_interval_ms=200,
-        kafka_fetch_max_wait_ms=10,
-        output_dir=tmp_path / "outputs",
-        service_port=0,
-        voice_backend="local",
-        retry_base_delay=0.01,
-        retry_max_delay=0.05,
-        shutdown_grace_seconds=5,
-    )
+    return engine_settings(tmp_path, mock_broker.bootstrap_servers, topic_prefix,
+                         kafka_session_timeout_ms=SESSION_MS, shutdown_grace_seconds=5)
 
 
 @pytest.fixture

@@ -20,9 +20,10 @@ from consumers.runtime import ConsumeLoop, DeliveryConfig, ResultTopics
 from core.health import EngineHealth
 from core.metrics import EngineMetrics
 from core.scheduling import Scheduling, build_scheduling
-from core.settings import Settings, load_settings
+from core.settings import Settings
 from schemas.codec import EventCodec
 from tests.support.kafka_client import PersonaPeer
+from tests.support.settings import engine_settings
 
 pytestmark = pytest.mark.kafka
 
@@ -34,20 +35,7 @@ async def settings(
 ) -> Settings:
     monkeypatch.chdir(tmp_path)  # no stray .env
     await make_topics(partitions=3)
-    return load_settings(
-        kafka_bootstrap_servers=broker_bootstrap,
-        kafka_topic_prefix=topic_prefix,
-        kafka_group_id=f"{topic_prefix}group",
-        kafka_session_timeout_ms=2000,
-        kafka_heartbeat_interval_ms=200,
-        kafka_fetch_max_wait_ms=10,
-        output_dir=tmp_path / "outputs",
-        service_port=0,
-        voice_backend="local",
-        retry_base_delay=0.01,
-        retry_max_delay=0.05,
-        shutdown_grace_seconds=10,
-    )
+    return engine_settings(tmp_path, broker_bootstrap, topic_prefix)
 
 
 @pytest.fixture
