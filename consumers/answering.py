@@ -26,11 +26,12 @@ from aiokafka import ConsumerRecord
 from consumers.failures import failed_event
 from consumers.keyed import Turn
 from consumers.publisher import EventPublisher
+from consumers.records import content_type, text_or_none
 from consumers.retry import RetryExhausted, RetryPolicy, call_with_retries
 from consumers.routes import HandlerContext, Route
 from core.metrics import EngineMetrics
 from core.retry_budget import RetryBudget
-from core.scheduling import Scheduling, effective_priority, supervise
+from core.scheduling import Scheduling, deadline_of, effective_priority, supervise
 from schemas.codec import EventCodec
 from schemas.errors import (
     EngineError,
@@ -80,11 +81,11 @@ class RecordAnswerer:
         where = f"topic={record.topic} partition={record.partition} offset={record.offset}"
         raw: dict[str, Any] = {}
         try:
-            schema_name, raw = self._codec.decode_raw(record.value, _content_type(record))
+            schema_name, raw = self._codec.decode_raw(record.value, content_type(record.headers))
             event = self._codec.validate(route.model, raw, schema_name)
         except (UndecodableError, InvalidRequestError) as exc:
             logger.warning("%s request_id=%s rejected: %s %s", where,
-                           _str_or_none(raw.get("request_id")), exc.code, exc)
+                           text_or_none(raw.get("request_id")), exc.code, exc)
             return self._failed(record, route, exc, 1, raw)
 
         request_id: str = event.request_id  # type: ignore[attr-defined]
@@ -150,8 +151,8 @@ class RecordAnswerer:
                   raw: dict[str, Any]) -> Any:
         published = record.timestamp / 1000 if record.timestamp and record.timestamp > 0 \
             else time.time()
-        created = _instant(getattr(event, "created_at", None), "created_at", strict=False)
-        deadline = _instant(getattr(event, "deadline", None), "deadline", strict=True)
+        created = _instant(getattr(event, "created_at", None))
+        deadline = deadline_of(getattr(event, "deadline", None))
         priority = effective_priority(
             getattr(event, "priority", None), published_at=published, created_at=created,
             replay_age=self._scheduling.replay_age)
@@ -171,26 +172,14 @@ class RecordAnswerer:
                 attempts: int, raw: dict[str, Any]) -> Answer:
         return Answer(self._results.failed,
                       failed_event(record, route.kind, error, attempts, raw),
-                      _str_or_none(raw.get("request_id")))
+                      text_or_none(raw.get("request_id")))
 
 
-def _instant(value: str | None, field: str, *, strict: bool) -> float | None:
+def _instant(value: str | None) -> float | None:
+    """``created_at`` as epoch seconds; only a hint (replay age), so unusable means none."""
     if value is None:
         return None
     try:
         return parse_instant(value).timestamp()
     except (ValueError, OverflowError):
-        if strict:
-            raise InvalidRequestError(f"{field}: not a valid date-time", field=field) from None
         return None
-
-
-def _content_type(record: ConsumerRecord[bytes, bytes]) -> str | None:
-    for name, value in record.headers or ():
-        if name.lower() == "content-type" and value is not None:
-            return str(value.decode("latin-1"))
-    return None
-
-
-def _str_or_none(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None

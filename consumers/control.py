@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from consumers.records import content_type
 from core.scheduling import PendingRequests
 from schemas.codec import EventCodec
 from schemas.errors import InvalidRequestError, UndecodableError
@@ -101,13 +103,10 @@ class ControlReader:
             logger.warning("control topic %s not found yet; waiting for it", self._topic)
             await asyncio.sleep(2.0)
 
-    def _apply(self, value: bytes | None, headers: object, timestamp: int, where: str) -> None:
-        content_type = None
-        for name, header in headers or ():  # type: ignore[attr-defined]
-            if name.lower() == "content-type" and header is not None:
-                content_type = header
+    def _apply(self, value: bytes | None, headers: Iterable[tuple[str, bytes | None]] | None,
+               timestamp: int, where: str) -> None:
         try:
-            control = self._codec.decode(value, content_type, GenerationControl)
+            control = self._codec.decode(value, content_type(headers), GenerationControl)
         except (UndecodableError, InvalidRequestError) as exc:
             logger.warning("topic=%s %s control record skipped: %s %s", self._topic, where,
                            exc.code, exc)

@@ -7,6 +7,7 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 
+from consumers.records import text_or_none
 from schemas.errors import EngineError
 from schemas.events import EventKind, GenerationFailed
 
@@ -17,11 +18,11 @@ def failed_event(record: ConsumerRecord[bytes, bytes], kind: EventKind, error: E
                  attempts: int, raw: Mapping[str, Any]) -> GenerationFailed:
     """The failed event answering ``record``. Identity comes from what could be decoded
     (``raw``); without a conversation id, the record's key stands for it."""
-    conversation = _str_or_none(raw.get("conversation_id"))
+    conversation = text_or_none(raw.get("conversation_id"))
     if conversation is None and record.key is not None:
         conversation = record.key.decode("utf-8", "replace")
     return GenerationFailed(
-        request_id=_str_or_none(raw.get("request_id")),
+        request_id=text_or_none(raw.get("request_id")),
         conversation_id=conversation,
         kind=kind,
         error_code=str(error.code),
@@ -33,6 +34,3 @@ def failed_event(record: ConsumerRecord[bytes, bytes], kind: EventKind, error: E
         source_offset=record.offset,
     )
 
-
-def _str_or_none(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None

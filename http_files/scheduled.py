@@ -16,11 +16,9 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from core.scheduling import PendingRequest, Priority, supervise
-from http_files.errors import unprocessable
+from core.scheduling import PendingRequest, Priority, deadline_of, supervise
 from http_files.services import AppServices
 from schemas.errors import RequestCancelledError, RequestExpiredError
-from schemas.events import parse_instant
 
 __all__ = ["run_scheduled"]
 
@@ -31,13 +29,14 @@ _RETRY_AFTER_SECONDS = 2
 
 async def run_scheduled(services: AppServices, kind: str, event: Any,
                         work: Callable[[PendingRequest], Coroutine[Any, Any, T]]) -> T:
-    """``work(pending)`` in a slot of ``kind``. Raises a 503 when the kind is full, a 422
-    for a deadline that is no date-time, and :class:`RequestCancelledError` /
-    :class:`RequestExpiredError` (counted) when stopped."""
+    """``work(pending)`` in a slot of ``kind``. Raises a 503 when the kind is full,
+    :class:`InvalidRequestError` for a deadline that is no date-time (a 422), and
+    :class:`RequestCancelledError` / :class:`RequestExpiredError` (counted) when
+    stopped."""
     scheduling = services.scheduling
     priority = Priority(event.priority) if getattr(event, "priority", None) else (
         Priority.INTERACTIVE)
-    deadline = _deadline(getattr(event, "deadline", None))
+    deadline = deadline_of(getattr(event, "deadline", None))
     owner = event.conversation_id
     if not scheduling.admission.try_acquire(kind, owner, priority):
         services.metrics.http_rejected.labels(kind).inc()
@@ -61,11 +60,3 @@ async def run_scheduled(services: AppServices, kind: str, event: Any,
         scheduling.pending.remove(pending)
         scheduling.admission.release(kind, owner, priority)
 
-
-def _deadline(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return parse_instant(value).timestamp()
-    except (ValueError, OverflowError):
-        raise unprocessable([{"field": "deadline", "message": "not a valid date-time"}]) from None

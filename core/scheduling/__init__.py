@@ -14,7 +14,7 @@
 from core.scheduling.admission import Admission
 from core.scheduling.factory import Scheduling, build_scheduling
 from core.scheduling.pending import PendingRequest, PendingRequests
-from core.scheduling.placement import Placement, Priority, effective_priority
+from core.scheduling.placement import Placement, Priority, deadline_of, effective_priority
 from core.scheduling.supervise import supervise
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "Priority",
     "Scheduling",
     "build_scheduling",
+    "deadline_of",
     "effective_priority",
     "supervise",
 ]

@@ -13,7 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-__all__ = ["Placement", "Priority", "effective_priority"]
+from schemas.errors import InvalidRequestError
+from schemas.events import parse_instant
+
+__all__ = ["Placement", "Priority", "deadline_of", "effective_priority"]
 
 
 class Priority(StrEnum):
@@ -66,3 +69,15 @@ def effective_priority(explicit: str | None, *, published_at: float, created_at:
     born = published_at if created_at is None else min(published_at, created_at)
     current = time.time() if now is None else now
     return Priority.BACKGROUND if current - born > replay_age else Priority.INTERACTIVE
+
+
+def deadline_of(value: str | None) -> float | None:
+    """A request's ``deadline`` (ISO-8601; no offset means UTC) as epoch seconds, or
+    ``None``. Raises :class:`InvalidRequestError` naming ``deadline`` for a value that is
+    no instant."""
+    if value is None:
+        return None
+    try:
+        return parse_instant(value).timestamp()
+    except (ValueError, OverflowError):
+        raise InvalidRequestError("deadline: not a valid date-time", field="deadline") from None
