@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench docs clean
 
 # Creates or refreshes .venv with everything. torch is pinned first so that the local CPU
 # build (or, on a GPU host, the CUDA build you installed) satisfies the project's range.
@@ -28,6 +28,10 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/voice_kafka.py
+
+# docs/asyncapi.yaml and docs/openapi.json from the code (the tests fail until they match)
+docs: install
+	$(BIN)/multimodal-engine docs docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache

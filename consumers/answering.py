@@ -15,6 +15,7 @@ engine stopping) passes through, so the record stays unanswered and uncommitted.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,7 @@ from consumers.routes import HandlerContext, Route
 from core.metrics import EngineMetrics
 from core.retry_budget import RetryBudget
 from core.scheduling import Scheduling, deadline_of, effective_priority, supervise
+from core.telemetry import ContextSpans, Spans, current_trace, log_context
 from schemas.codec import EventCodec
 from schemas.errors import (
     EngineError,
@@ -66,7 +68,7 @@ class Answer:
 class RecordAnswerer:
     def __init__(self, codec: EventCodec, publisher: EventPublisher, results: ResultTopics,
                  scheduling: Scheduling, *, retry: RetryPolicy, metrics: EngineMetrics,
-                 sleep: Callable[[float], Awaitable[None]]) -> None:
+                 sleep: Callable[[float], Awaitable[None]], spans: Spans | None = None) -> None:
         self._codec = codec
         self._publisher = publisher
         self._results = results
@@ -74,6 +76,7 @@ class RecordAnswerer:
         self._retry = retry
         self._metrics = metrics
         self._sleep = sleep
+        self._spans = spans or ContextSpans()
 
     async def answer(self, record: ConsumerRecord[bytes, bytes], route: Route,
                      turn: Turn) -> Answer:
@@ -84,36 +87,59 @@ class RecordAnswerer:
             schema_name, raw = self._codec.decode_raw(record.value, content_type(record.headers))
             event = self._codec.validate(route.model, raw, schema_name)
         except (UndecodableError, InvalidRequestError) as exc:
-            logger.warning("%s request_id=%s rejected: %s %s", where,
-                           text_or_none(raw.get("request_id")), exc.code, exc)
+            with log_context(request_id=text_or_none(raw.get("request_id")),
+                             conversation_id=text_or_none(raw.get("conversation_id"))):
+                logger.warning("%s request_id=%s rejected: %s %s", where,
+                               text_or_none(raw.get("request_id")), exc.code, exc,
+                               extra={"error_code": str(exc.code)})
             return self._failed(record, route, exc, 1, raw)
 
         request_id: str = event.request_id  # type: ignore[attr-defined]
-        where = f"{where} request_id={request_id}"
+        with log_context(request_id=request_id,
+                         conversation_id=getattr(event, "conversation_id", None)):
+            return await self._answer_valid(record, route, turn, event, raw,
+                                            f"{where} request_id={request_id}")
+
+    async def _answer_valid(self, record: ConsumerRecord[bytes, bytes], route: Route,
+                            turn: Turn, event: Any, raw: dict[str, Any], where: str) -> Answer:
+        request_id: str = event.request_id
         logger.debug("%s %s request received", where, route.kind)
         try:
             pending = self._register(record, route, event, raw)
         except InvalidRequestError as exc:  # a deadline that is no instant
-            logger.warning("%s rejected: %s %s", where, exc.code, exc)
+            logger.warning("%s rejected: %s %s", where, exc.code, exc,
+                           extra={"error_code": str(exc.code)})
             return self._failed(record, route, exc, 1, raw)
         runs = 0
         budget = RetryBudget(self._retry)  # every retry of this request draws on it
+        request_trace = current_trace.get()  # the consume span's; progress hangs off it
+        work_started: list[float] = []  # set once, maybe from the GPU worker's thread
+
+        def started() -> None:
+            if not work_started:
+                work_started.append(time.perf_counter())
+            pending.mark_started()
+
         # a record dropped by a revoke or a stop comes again: running GPU work finishes into
         # the result cache for that delivery, unless the request was cancelled
-        placement = replace(pending.placement(),
+        placement = replace(pending.placement(), on_start=started,
                             keep_when_abandoned=lambda: not pending.cancelled.is_set())
 
         async def progress(step: int, total: int, loss: float | None) -> None:
-            await self._publisher.publish(self._results.progress, GenerationProgress(
-                request_id=request_id, conversation_id=pending.conversation_id,
-                kind=route.kind, step=step, total=total, loss=loss,
-            ), record.key, request_id)
+            topic = self._results.progress
+            with self._spans.span(f"{topic} publish", request_trace, "producer") as trace:
+                await self._publisher.publish(topic, GenerationProgress(
+                    request_id=request_id, conversation_id=pending.conversation_id,
+                    kind=route.kind, step=step, total=total, loss=loss,
+                ), record.key, request_id, trace=trace)
 
         async def attempt() -> GenerationCompleted:
             nonlocal runs
             runs += 1
-            return await route.handler(event, HandlerContext(
-                attempt=runs, progress=progress, placement=placement, budget=budget))
+            with self._spans.span(f"{route.kind} work", current_trace.get(), "internal",
+                                  {"engine.request_id": request_id, "engine.attempt": runs}):
+                return await route.handler(event, HandlerContext(
+                    attempt=runs, progress=progress, placement=placement, budget=budget))
 
         def on_retry(error: EngineError, run: int, wait: float) -> None:
             self._metrics.retries.labels(route.kind, error.code).inc()
@@ -125,25 +151,33 @@ class RecordAnswerer:
             async with self._scheduling.admission.slot(route.kind, pending.conversation_id,
                                                        pending.priority):
                 if route.kind != "image":  # an image starts when the GPU takes it
-                    pending.mark_started()
+                    started()
                 completed, _ = await call_with_retries(
                     attempt, budget, sleep=self._sleep, on_retry=on_retry)
                 return completed
 
+        stopping = False
         try:
             completed = await supervise(pending, scheduled())
         except (RequestCancelledError, RequestExpiredError) as exc:
             self._count_stopped(route, exc)
-            logger.info("%s %s: %s", where, exc.code, exc)
+            logger.info("%s %s: %s", where, exc.code, exc, extra={"error_code": str(exc.code)})
             return self._failed(record, route, exc, budget.attempts, raw)
         except RetryExhausted as exc:
             self._count_stopped(route, exc.error)
             log = logger.error if exc.error.code == "INTERNAL" else logger.warning
             log("%s failed after %d attempt(s): %s %s", where, exc.attempts, exc.error.code,
-                exc.error, exc_info=exc.error.code == "INTERNAL")
+                exc.error, exc_info=exc.error.code == "INTERNAL",
+                extra={"error_code": str(exc.error.code)})
             return self._failed(record, route, exc.error, exc.attempts, raw)
+        except asyncio.CancelledError:
+            stopping = True  # the engine stopping: its work time is no measurement
+            raise
         finally:
             self._scheduling.pending.remove(pending)
+            if work_started and not stopping:
+                self._metrics.processing.labels(route.kind).observe(
+                    time.perf_counter() - work_started[0])
         logger.info("%s %s completed", where, route.kind)
         return Answer(self._results.completed, completed, request_id)
 

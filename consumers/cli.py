@@ -1,4 +1,4 @@
-"""The ``multimodal-engine`` command: serve | dev | send voice … | send image …"""
+"""The ``multimodal-engine`` command: serve | dev | send voice … | send image … | docs"""
 
 from __future__ import annotations
 
@@ -40,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     dev_model.add_argument("path", type=Path)
     dev_model.add_argument("--seed", type=int, default=0)
+    docs = commands.add_parser(
+        "docs", help="write docs/asyncapi.yaml and docs/openapi.json from the code",
+        description="Generate the AsyncAPI document of the topics and the OpenAPI document "
+                    "of the HTTP API from the code and write them into FOLDER (default "
+                    "docs). The tests fail while the checked-in files differ from these.",
+    )
+    docs.add_argument("folder", type=Path, nargs="?", default=Path("docs"), metavar="FOLDER")
     send = commands.add_parser(
         "send", help="publish one request and wait for its answer",
         description="Publish one request, wait for its generation.completed or "
@@ -78,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.command == "docs":  # from the code alone: no settings, no .env
+        from consumers.apidocs import write_documents
+
+        for path in write_documents(args.folder):
+            print(path)
+        return
     from core.settings import ConfigurationError, load_settings
 
     try:
@@ -85,10 +98,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigurationError as exc:
         print(f"multimodal-engine: {exc}", file=sys.stderr)
         sys.exit(2)
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from core.telemetry import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format, secrets=[
+        key.get_secret_value() for key in (settings.elevenlabs_api_key,) if key is not None])
     _quiet_model_libraries()
     if args.command == "dev-model":
         from core.image.devmodel import build_dev_model
@@ -98,8 +111,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "send":
         logging.getLogger("aiokafka").setLevel(logging.WARNING)  # keep the reply readable
         sys.exit(asyncio.run(_send(args, settings)))
+    from diffusers.utils import logging as diffusers_logging
+
     from consumers.serve import StartupError, run_dev, run_serve
 
+    # "Loading pipeline components" bars: no env variable turns them off, and a JSON log
+    # pipeline reads every line of the output
+    diffusers_logging.disable_progress_bar()
     try:
         asyncio.run(run_serve(settings) if args.command == "serve" else run_dev(settings))
     except (StartupError, ConfigurationError) as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import httpx
@@ -34,10 +35,12 @@ from core.health import EngineHealth, ImageModelInfo, probe_gpu
 from core.image.factory import build_image_service
 from core.image.service import ImageService
 from core.image.worker import GpuWorker
-from core.metrics import EngineMetrics
+from core.metrics import EngineMetrics, VoiceQuotaFigures
 from core.outputs import OutputStore
 from core.scheduling import build_scheduling
 from core.settings import Settings
+from core.telemetry import ObservedClient, UpstreamNames, build_spans
+from core.telemetry.gpu import cuda_memory
 from core.training import TrainingService, build_training_service
 from core.voice import build_voice_service
 from http_files import AppServices, create_app
@@ -96,12 +99,16 @@ class Engine:
             public_base_url=settings.public_base_url,
             cleanup_delay=settings.cleanup_delay if settings.auto_cleanup else None,
         )
-        self.http = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
+        self.http = _observed_client(settings, self.metrics)
         self.voice = build_voice_service(settings, self.store, self.http)
         self.scheduling = build_scheduling(settings, self.metrics)
         self.health = EngineHealth(voice_backend=self.voice.backend.name,
                                    queues=self.scheduling.pending.depths)
+        self.spans = build_spans(settings.otel_exporter_otlp_endpoint, settings.service_name)
+        self.metrics.set_build(version=_version(), model="none", development_model=False,
+                               device="none")
+        self.metrics.watch_gpu(lambda: cuda_memory(self._device()))
+        self.metrics.watch_voice_quota(self._quota_figures)
         self._stop_requested = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
@@ -144,6 +151,9 @@ class Engine:
                 name=self.image.model.name, loaded=True,
                 development_model=self.image.model.development_model,
                 dtype=self._worker.model.dtype_name)
+            self.metrics.set_build(version=_version(), model=self.image.model.name,
+                                   development_model=self.image.model.development_model,
+                                   device=self._device())
 
         idempotent = await resolve_idempotence(settings, self._bootstrap)
         producer = self._producer = build_producer(settings, self._bootstrap, idempotent=idempotent)
@@ -194,6 +204,7 @@ class Engine:
             metrics=self.metrics,
             health=self.health,
             scheduling=self.scheduling,
+            spans=self.spans,
         )
         reader = ControlReader(control, control_topic, codec,
                                self.scheduling.pending, lookback=settings.cancel_memory_seconds)
@@ -290,6 +301,20 @@ class Engine:
         if self._runner is not None:
             await self._runner.cleanup()
         await self.http.aclose()
+        try:  # what spans are pending go to the collector, bounded (it may be gone)
+            await asyncio.wait_for(asyncio.to_thread(self.spans.shutdown), timeout=left(5.0))
+        except TimeoutError:
+            logger.warning("spans not exported in time; dropping them")
+
+    def _device(self) -> str:
+        """Where the image model computes (``cuda:0``, ``cpu``), or ``none``."""
+        return self._worker.model.device if self._worker is not None else "none"
+
+    def _quota_figures(self) -> VoiceQuotaFigures | None:
+        quota = self.health.voice_quota
+        if quota is None or quota.used is None or quota.limit is None:
+            return None
+        return VoiceQuotaFigures(used=quota.used, limit=quota.limit)
 
     def _background_ended(self, task: asyncio.Task[None]) -> None:
         """A background task that ends before the stop is a fault to see, not to lose."""
@@ -316,3 +341,24 @@ class Engine:
                 await asyncio.wait_for(self._stop_requested.wait(), timeout=interval)
             except TimeoutError:
                 pass
+
+
+def _observed_client(settings: Settings, metrics: EngineMetrics) -> httpx.AsyncClient:
+    """The one shared HTTP client: timed per upstream, carrying the trace to ours."""
+    bases = [(settings.elevenlabs_api_url, "elevenlabs")]
+    if settings.persona_engine_url:
+        bases.append((settings.persona_engine_url, "persona_llm"))
+
+    def observe(upstream: str, outcome: str, seconds: float) -> None:
+        metrics.upstream_seconds.labels(upstream, outcome).observe(seconds)
+
+    return ObservedClient(
+        upstreams=UpstreamNames(bases, default="image_fetch"), observe=observe,
+        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
+
+
+def _version() -> str:
+    try:
+        return version("multimodal-engine")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"

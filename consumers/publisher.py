@@ -16,6 +16,7 @@ from typing import Literal
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
+from core.telemetry.trace import TraceContext
 from schemas.codec import EventCodec
 from schemas.events import Event
 
@@ -44,9 +45,11 @@ class EventPublisher:
         self._sleep = sleep
 
     async def publish(
-        self, topic: str, event: Event, key: bytes | None, request_id: str | None
+        self, topic: str, event: Event, key: bytes | None, request_id: str | None, *,
+        trace: TraceContext | None = None,
     ) -> None:
-        """Sends ``event`` to ``topic`` and returns once the broker acknowledged it.
+        """Sends ``event`` to ``topic`` and returns once the broker acknowledged it; with
+        ``trace``, the record carries its ``traceparent`` (and ``tracestate``) headers.
 
         Transient broker errors are retried until acknowledged (or cancelled); a
         permanent one (``retriable`` false: too large, not authorized, unknown topic) is
@@ -56,6 +59,8 @@ class EventPublisher:
             ("content-type", self._content_type),
             ("request_id", (request_id or "").encode()),
         ]
+        if trace is not None:
+            headers.extend((name, text.encode("ascii")) for name, text in trace.headers())
         attempt = 0
         while True:
             attempt += 1

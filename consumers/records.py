@@ -1,22 +1,36 @@
 """What a consumed record says of itself, read the same way everywhere: its content-type
-header, and the text fields of a value that may not have decoded."""
+header, its trace context, and the text fields of a value that may not have decoded."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["content_type", "text_or_none"]
+from core.telemetry.trace import TraceContext
+
+__all__ = ["content_type", "text_or_none", "trace_context"]
+
+Headers = Iterable[tuple[str, bytes | None]] | None
 
 
-def content_type(headers: Iterable[tuple[str, bytes | None]] | None) -> str | None:
+def content_type(headers: Headers) -> str | None:
     """The ``content-type`` header (name case ignored) as text, or ``None``."""
-    for name, value in headers or ():
-        if name.lower() == "content-type" and value is not None:
-            return value.decode("latin-1")
-    return None
+    return _header(headers, "content-type")
+
+
+def trace_context(headers: Headers) -> TraceContext | None:
+    """The W3C trace context of the ``traceparent`` and ``tracestate`` headers (names case
+    ignored, the first of each), or ``None`` when absent or malformed."""
+    return TraceContext.parse(_header(headers, "traceparent"), _header(headers, "tracestate"))
 
 
 def text_or_none(value: object) -> str | None:
     """``value`` when it is a non-empty string (a field of an undecodable record may be
     anything), else ``None``."""
     return value if isinstance(value, str) and value else None
+
+
+def _header(headers: Headers, wanted: str) -> str | None:
+    for name, value in headers or ():
+        if name.lower() == wanted and value is not None:
+            return value.decode("latin-1")
+    return None

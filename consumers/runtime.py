@@ -8,6 +8,8 @@ Delivery semantics (DESIGN.md), and where each lives:
 - memory bound per kind (a full kind pauses only its own partitions): :mod:`consumers.flow`;
 - commits after the answers were acknowledged: :mod:`consumers.committer`;
 - rebalances (short grace, commit what is done, drop the rest): :mod:`consumers.rebalance`;
+- a record's log fields and trace (its ``traceparent`` continued onto what it causes): set
+  here around its work (:mod:`core.telemetry`);
 - on stop: no more fetching, in-flight work finishes within the grace period, results are
   published and committed, then the caller leaves the group.
 """
@@ -29,14 +31,16 @@ from consumers.flow import FlowControl, FlowLimits
 from consumers.keyed import KeyedTurns, Turn
 from consumers.publisher import EventPublisher
 from consumers.rebalance import RebalanceHandler
+from consumers.records import trace_context
 from consumers.retry import RetryPolicy
 from consumers.routes import Route
 from core.health import EngineHealth
 from core.metrics import EngineMetrics
 from core.scheduling import Scheduling
+from core.telemetry import ContextSpans, Spans, current_trace, log_context
 from schemas.codec import EventCodec
 from schemas.errors import InternalError
-from schemas.events import GenerationFailed
+from schemas.events import Event, GenerationFailed
 
 __all__ = ["ConsumeLoop", "DeliveryConfig", "ResultTopics"]
 
@@ -80,6 +84,7 @@ class ConsumeLoop:
         metrics: EngineMetrics,
         health: EngineHealth,
         scheduling: Scheduling,
+        spans: Spans | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if not routes:
@@ -91,8 +96,9 @@ class ConsumeLoop:
         self._config = config
         self._metrics = metrics
         self._health = health
+        self._spans = spans or ContextSpans()
         self._answerer = RecordAnswerer(codec, publisher, results, scheduling, retry=retry,
-                                        metrics=metrics, sleep=sleep)
+                                        metrics=metrics, spans=self._spans, sleep=sleep)
         self._committer = Committer(consumer, sleep=sleep)
         self._flow = FlowControl(consumer, {r.topic: r.kind for r in routes}, config.flow,
                                  health)
@@ -214,6 +220,19 @@ class ConsumeLoop:
         work.task.add_done_callback(lambda _: self._let_go(work, turn))
 
     async def _process(self, work: _Work, turn: Turn) -> None:
+        record = work.record
+        # every line logged for this record, in this task and those it starts, says where
+        # it came from; its trace (if the producer sent one) goes on everything it causes
+        with log_context(topic=record.topic, partition=record.partition,
+                         offset=record.offset, kind=work.route.kind), \
+                self._spans.span(f"{record.topic} process", trace_context(record.headers),
+                                 "consumer", {"messaging.system": "kafka",
+                                              "messaging.destination.name": record.topic,
+                                              "messaging.kafka.partition": record.partition,
+                                              "messaging.kafka.offset": record.offset}):
+            await self._answer_and_publish(work, turn)
+
+    async def _answer_and_publish(self, work: _Work, turn: Turn) -> None:
         started = time.perf_counter()
         record, route = work.record, work.route
         where = f"topic={record.topic} partition={record.partition} offset={record.offset}"
@@ -221,7 +240,7 @@ class ConsumeLoop:
             answer = await self._answerer.answer(record, route, turn)
             topic, event = answer.topic, answer.event
             try:
-                await self._publisher.publish(topic, event, record.key, answer.request_id)
+                await self._publish(topic, event, record, answer.request_id)
             except Exception as exc:  # unencodable or refused by the broker: report that
                 logger.exception("%s request_id=%s result not publishable", where,
                                  answer.request_id)
@@ -231,7 +250,7 @@ class ConsumeLoop:
                     InternalError(f"result not publishable: {type(exc).__name__}"), 1,
                     {"request_id": answer.request_id,
                      "conversation_id": getattr(event, "conversation_id", None)})
-                await self._publisher.publish(topic, event, record.key, answer.request_id)
+                await self._publish(topic, event, record, answer.request_id)
         except Exception:
             # Not even a failed event could be published: leave the record uncommitted and
             # stop, so it is redelivered (to this instance restarted, or another one)
@@ -247,11 +266,18 @@ class ConsumeLoop:
             self._metrics.failed.labels(route.kind, event.error_code).inc()
         else:
             self._metrics.completed.labels(route.kind).inc()
-        self._metrics.processing.labels(route.kind).observe(time.perf_counter() - started)
+        self._metrics.request_duration.labels(route.kind).observe(time.perf_counter() - started)
         tracker = self._committer.tracker(work.tp)
         if tracker is not None and self._work.get(work.tp, {}).get(record.offset) is work:
             tracker.finished(record.offset)
             self._committer.want()
+
+    async def _publish(self, topic: str, event: Event,
+                       record: ConsumerRecord[bytes, bytes], request_id: str | None) -> None:
+        with self._spans.span(f"{topic} publish", current_trace.get(), "producer",
+                              {"messaging.system": "kafka",
+                               "messaging.destination.name": topic}) as trace:
+            await self._publisher.publish(topic, event, record.key, request_id, trace=trace)
 
     def _let_go(self, work: _Work, turn: Turn) -> None:
         """The record's task ended (answered, dropped, cancelled, even before its first

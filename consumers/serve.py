@@ -67,8 +67,9 @@ async def run_serve(settings: Settings) -> None:
     )
     engine = Engine(settings, bootstrap, model_path=settings.flux_model_path)
     addresses = await _start(engine, bootstrap)
-    print(f"engine serving: kafka={addresses.bootstrap_servers} http={addresses.http_url} "
-          f"voice={engine.voice.backend.name} model={_model_line(engine)}", flush=True)
+    _announce(settings, f"engine serving: kafka={addresses.bootstrap_servers} "
+                        f"http={addresses.http_url} voice={engine.voice.backend.name} "
+                        f"model={_model_line(engine)}")
     await _serve_until_signal(engine)
 
 
@@ -83,6 +84,15 @@ async def _start(engine: Engine, bootstrap: str) -> EngineAddresses:
     except ModelLoadError as exc:
         await engine.stop()
         raise StartupError(f"cannot load the image model: {exc}") from exc
+
+
+def _announce(settings: Settings, text: str) -> None:
+    """The start-up banner: printed for a person, or one log record when logs are JSON
+    (LOG_FORMAT=json: every line of the output parses)."""
+    if settings.log_format == "json":
+        logger.info("%s", text)
+    else:
+        print(text, flush=True)
 
 
 def _model_line(engine: Engine) -> str:
@@ -146,7 +156,8 @@ async def run_dev(settings: Settings) -> None:
         write_state(DevState(os.getpid(), bootstrap, addresses.http_url,
                              settings.kafka_topic_prefix))
         stack.callback(clear_state, os.getpid())
-        print(
+        _announce(
+            settings,
             "multimodal-engine dev is up\n"
             f"  broker      {bootstrap} ({broker_note}, {settings.kafka_topic_partitions} "
             "partitions per topic)\n"
@@ -162,7 +173,6 @@ async def run_dev(settings: Settings) -> None:
             "      multimodal-engine send image \"portrait in a cafe\" --lora sarah_v1 "
             "--width 256 --height 256 --steps 8\n"
             "(Ctrl-C stops)",
-            flush=True,
         )
         await _serve_until_signal(engine)
 

@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 _CONTENT_TYPES = {
     "png": "image/png",
+    "jpg": "image/jpeg",
+    "webp": "image/webp",
     "mp3": "audio/mpeg",
     "wav": "audio/wav",
     "safetensors": "application/octet-stream",

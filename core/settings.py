@@ -53,6 +53,14 @@ class Settings(BaseSettings):
     batch_window_ms: int = Field(20, ge=0, le=10000)
     lora_cache_size: int = Field(4, ge=1, le=64)
     compile_transformer: bool = False
+    # --- GPU speed (core/image/acceleration.py): what bench/gpu_check.py measures ---
+    quantization: Literal["none", "fp8"] = "none"
+    step_cache: Literal["none", "first_block", "taylorseer", "mag"] = "none"
+    step_cache_threshold: float | None = Field(
+        None, gt=0, le=1, description="first_block and mag: skip a step below this change "
+        "(their defaults 0.05 and 0.06 when unset)")
+    step_cache_interval: int = Field(5, ge=2, le=50,
+                                     description="taylorseer: one full step in this many")
     progress_interval: float = Field(0.5, ge=0.0)
     result_cache_max_entries: int = Field(100_000, ge=1)
     dev_model_dir: Path = Path(".cache/dev-flux")
@@ -74,6 +82,10 @@ class Settings(BaseSettings):
     lora_fetch_timeout: float = Field(30.0, gt=0)
     lora_fetch_allowed_hosts: str = Field("", description="internal hosts URLs may name")
     lora_training_only: bool = False
+
+    # --- image requests: stacked LoRAs (issue 11) ---
+    max_loras_per_request: int = Field(3, ge=1, le=16,
+                                       description="character_lora_id and loras, in all")
 
     # --- files ---
     output_dir: Path = Path("outputs")
@@ -130,6 +142,17 @@ class Settings(BaseSettings):
     retry_max_delay: float = Field(30.0, ge=0.0)
     shutdown_grace_seconds: float = Field(30.0, ge=0.0)
     rebalance_grace_seconds: float = Field(5.0, ge=0.0)
+
+    # --- operations: logs and tracing (core/telemetry) ---
+    log_format: Literal["text", "json"] = "text"
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None, pattern=r"^https?://",
+        description="OTLP/HTTP collector; spans are exported with the otel extra installed")
+
+    @field_validator("otel_exporter_otlp_endpoint", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod

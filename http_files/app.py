@@ -10,6 +10,7 @@ from aiohttp import web
 from http_files.health import health
 from http_files.image import generate_image
 from http_files.metrics import metrics
+from http_files.openapi import serve_openapi
 from http_files.outputs import get_output
 from http_files.requests import cancel_request
 from http_files.services import SERVICES, AppServices
@@ -41,6 +42,7 @@ def create_app(services: AppServices, uploads: UploadLimits | None = None) -> we
     app.router.add_post("/train-lora", train_lora)
     app.router.add_get("/train-lora/{training_id}", get_training)
     app.router.add_delete("/requests/{request_id}", cancel_request)
+    app.router.add_get("/openapi.json", serve_openapi())
     return app
 
 

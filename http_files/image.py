@@ -1,4 +1,8 @@
-"""POST /generate/image: the original API's request and response, on the image core."""
+"""POST /generate/image: the original API's request and response, on the image core.
+
+The JSON body is the ImageRequested event (``init_image`` as base64, within the 1 MiB
+JSON body limit: larger starting images go by ``init_image_url``); the response adds
+``images`` when the request made several (``num_images``)."""
 
 from __future__ import annotations
 
@@ -28,9 +32,13 @@ async def generate_image(request: web.Request) -> web.Response:
             lambda pending: image.generate(event, placement=pending.placement()))
     except EngineError as exc:
         return error_response(exc)
-    return web.json_response({
+    body: dict[str, object] = {
         "image_id": result.image_id, "filename": result.filename, "prompt": result.prompt,
         "width": result.width, "height": result.height, "url": result.url,
         "timestamp": result.timestamp, "seed": result.seed, "model": result.model,
         "development_model": result.development_model,
-    })
+    }
+    if result.images:  # num_images > 1: every image, the first included
+        body["images"] = [{"image_id": image.image_id, "filename": image.filename,
+                           "url": image.url, "seed": image.seed} for image in result.images]
+    return web.json_response(body)

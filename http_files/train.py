@@ -77,6 +77,8 @@ async def train_lora(request: web.Request) -> web.Response:
 
 
 async def get_training(request: web.Request) -> web.Response:
+    """The training's snapshot (:meth:`TrainingStatus.to_json`): its state under ``status``
+    as ``POST /train-lora`` answers it, and under ``state``; 404 when unknown."""
     services = request.app[SERVICES]
     if services.training is None:
         return _unavailable("no image model is loaded: LoRA training is not available")

@@ -24,13 +24,16 @@ __all__ = [
     "NAMESPACE",
     "Event",
     "EventKind",
+    "GeneratedImage",
     "GenerationCompleted",
     "GenerationControl",
     "GenerationFailed",
     "GenerationProgress",
+    "ImageFormat",
     "ImageRequested",
     "InlineImage",
     "LoraTrainingRequested",
+    "LoraWeight",
     "RequestPriority",
     "VoiceRequested",
     "parse_instant",
@@ -111,6 +114,27 @@ class Event(_Record):
     """Full name of the Avro schema this event is written with."""
 
 
+LoraScale = Annotated[float, Field(ge=0.0, le=2.0)]
+ImageFormat = Literal["png", "jpeg", "webp"]
+_MAX_LISTED_LORAS = 16  # a bound for any reader; MAX_LORAS_PER_REQUEST is checked by core
+
+
+class LoraWeight(_Record):
+    """One LoRA stacked on the character's: a registered id and its strength."""
+
+    lora_id: NonBlank
+    scale: LoraScale = 1.0
+
+
+class GeneratedImage(_Record):
+    """One image of a request that made several (``num_images``)."""
+
+    image_id: str
+    filename: str
+    url: str
+    seed: Seed
+
+
 class ImageRequested(Event):
     """The original ``/generate/image`` request plus identity."""
 
@@ -131,6 +155,16 @@ class ImageRequested(Event):
     created_at: IsoDateTime | None = None
     priority: RequestPriority | None = None
     deadline: IsoDateTime | None = None
+    # --- issue 11: stacked LoRAs, several images, formats, image-to-image ---
+    lora_scale: LoraScale | None = None
+    loras: Annotated[list[LoraWeight], Field(max_length=_MAX_LISTED_LORAS)] = Field(
+        default_factory=list)
+    num_images: Annotated[int, Field(ge=1, le=4)] | None = None
+    output_format: ImageFormat | None = None
+    output_quality: Annotated[int, Field(ge=1, le=100)] | None = None
+    init_image_url: Annotated[NonBlank, Field(max_length=2048)] | None = None
+    init_image: Annotated[WireBytes, Field(min_length=1)] | None = None
+    strength: Unit | None = None
 
 
 class VoiceRequested(Event):
@@ -151,6 +185,8 @@ class VoiceRequested(Event):
     created_at: IsoDateTime | None = None
     priority: RequestPriority | None = None
     deadline: IsoDateTime | None = None
+    # ElevenLabs' range ("integer between 0 and 4294967295"); absent: derived from request_id
+    seed: Annotated[int, Field(ge=0, le=4_294_967_295)] | None = None
 
 
 class InlineImage(_Record):
@@ -227,6 +263,8 @@ class GenerationCompleted(Event):
     # provenance
     model: str | None = None
     development_model: bool | None = None
+    # image, when the request made several (num_images): every image, the first included
+    images: list[GeneratedImage] | None = None
 
 
 class GenerationFailed(Event):

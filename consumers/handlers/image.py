@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from consumers.routes import HandlerContext
 from core.image.service import ImageService
-from schemas.events import GenerationCompleted, ImageRequested
+from schemas.events import GeneratedImage, GenerationCompleted, ImageRequested
 
 __all__ = ["ImageHandler"]
 
@@ -36,4 +36,7 @@ class ImageHandler:
             lora_id=event.character_lora_id,  # which character LoRA made it (operators)
             model=result.model,
             development_model=result.development_model,
+            images=[GeneratedImage(image_id=image.image_id, filename=image.filename,
+                                   url=image.url, seed=image.seed)
+                    for image in result.images] or None,  # only when it made several
         )

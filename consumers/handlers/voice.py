@@ -11,7 +11,8 @@ __all__ = ["VoiceHandler"]
 
 class VoiceHandler:
     """Calls the same core entry as ``POST /generate/voice``, spending the request's retry
-    budget (the consume loop's) on upstream retries."""
+    budget (the consume loop's) on upstream retries. A replayed record is answered from the
+    voice core's remembered results (no upstream call while the file exists)."""
 
     def __init__(self, service: VoiceService) -> None:
         self._service = service
@@ -30,4 +31,5 @@ class VoiceHandler:
             url=result.url,
             duration_seconds=result.duration_seconds,
             character_id=event.character_id,
+            seed=result.seed,
         )

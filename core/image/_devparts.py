@@ -95,10 +95,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {byte: chr(code) for byte, code in zip(visible, codes)}
 
 
-def make_clip(seed: int, hidden: int) -> tuple[Any, Any]:
-    """A byte-level BPE CLIP tokenizer (every byte, alone and word-final) and a text model
-    whose ``eos_token_id`` is the tokenizer's (the pooled output looks for it)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def clip_tokenizer() -> Any:
+    """A byte-level BPE CLIP tokenizer: every byte, alone and word-final."""
+    from transformers import CLIPTokenizer
 
     chars = list(_bytes_to_unicode().values())
     pieces = chars + [c + "</w>" for c in chars]
@@ -106,7 +105,16 @@ def make_clip(seed: int, hidden: int) -> tuple[Any, Any]:
     bos, eos = "<|startoftext|>", "<|endoftext|>"
     vocab[bos] = len(vocab)
     vocab[eos] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=_CLIP_MAX_LENGTH)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=_CLIP_MAX_LENGTH)
+
+
+def make_clip(seed: int, hidden: int) -> tuple[Any, Any]:
+    """:func:`clip_tokenizer` and a text model whose ``eos_token_id`` is the tokenizer's
+    (the pooled output looks for it)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = clip_tokenizer()
+    vocab = tokenizer.get_vocab()
     config = CLIPTextConfig(
         vocab_size=len(vocab),
         hidden_size=hidden,
@@ -124,19 +132,25 @@ def make_clip(seed: int, hidden: int) -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
-def make_t5(seed: int, d_model: int, max_length: int) -> tuple[Any, Any]:
+def t5_tokenizer(max_length: int) -> Any:
     """A Unigram T5 tokenizer made from a vocab list (printable ASCII pieces, alone and
-    word-initial) and a one-layer T5 encoder."""
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+    word-initial)."""
+    from transformers import T5Tokenizer
 
     specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     chars = [c for c in string.printable if not c.isspace()]
     pieces = [(c, -3.0) for c in chars] + [("▁" + c, -2.5) for c in chars]
-    vocab = specials + pieces
-    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+    return T5Tokenizer(vocab=specials + pieces, extra_ids=0, model_max_length=max_length)
+
+
+def make_t5(seed: int, d_model: int, max_length: int) -> tuple[Any, Any]:
+    """:func:`t5_tokenizer` and a one-layer T5 encoder."""
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = t5_tokenizer(max_length)
     config_class: Any = T5Config  # its stub lacks decoder_start_token_id
     config = config_class(
-        vocab_size=len(vocab),
+        vocab_size=len(tokenizer.get_vocab()),
         d_model=d_model,
         d_ff=37,
         d_kv=8,

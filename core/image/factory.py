@@ -8,6 +8,8 @@ from pathlib import Path
 
 import httpx
 
+from core.image.acceleration import Acceleration
+from core.image.init_image import InitImageLimits, InitImageLoader
 from core.image.loader import LoadedModel, load_pipeline
 from core.image.params import ImageLimits
 from core.image.prompts import PromptOptimizer
@@ -17,10 +19,11 @@ from core.image.worker import GpuWorker
 from core.llm import ChatClient
 from core.lora.registry import LoraRegistry
 from core.metrics import EngineMetrics
+from core.net import AllowedHosts
 from core.outputs import OutputStore
 from core.settings import Settings
 
-__all__ = ["build_image_service", "model_fingerprint"]
+__all__ = ["acceleration_of", "build_image_service", "init_image_limits", "model_fingerprint"]
 
 
 def model_fingerprint(path: Path) -> str:
@@ -38,6 +41,12 @@ def model_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
+def acceleration_of(settings: Settings) -> Acceleration:
+    return Acceleration(quantization=settings.quantization, step_cache=settings.step_cache,
+                        threshold=settings.step_cache_threshold,
+                        interval=settings.step_cache_interval)
+
+
 async def build_image_service(
     settings: Settings, model_path: Path, store: OutputStore, http: httpx.AsyncClient,
     metrics: EngineMetrics,
@@ -48,6 +57,7 @@ async def build_image_service(
         load_pipeline, model_path, device=settings.device, use_fp16=settings.use_fp16,
         memory_mode=settings.memory_mode, attention_backend=settings.attention_backend,
         compile_transformer=settings.compile_transformer,
+        acceleration=acceleration_of(settings),
     )
     worker = GpuWorker(
         model, max_batch_size=settings.max_batch_size, batch_window_ms=settings.batch_window_ms,
@@ -59,8 +69,10 @@ async def build_image_service(
     llm = (ChatClient(http, settings.persona_engine_url, settings.persona_engine_model,
                       settings.persona_engine_timeout)
            if settings.persona_engine_url else None)
+    # fp8 and step caches change pixels: a cached result of other settings is not a replay
+    fingerprint = await asyncio.to_thread(model_fingerprint, model_path)
     identity = ModelIdentity(model.name, model.development_model,
-                             await asyncio.to_thread(model_fingerprint, model_path))
+                             f"{fingerprint};{model.acceleration.key}")
     service = ImageService(
         worker, LoraRegistry(settings.lora_output_dir), store, PromptOptimizer(llm),
         ResultCache(settings.output_dir / ".results",
@@ -71,8 +83,20 @@ async def build_image_service(
             default_steps=settings.default_inference_steps,
             default_guidance=settings.default_guidance_scale,
             default_negative_prompt=settings.default_negative_prompt,
+            max_loras=settings.max_loras_per_request,
         ),
         identity, true_cfg_scale=settings.true_cfg_scale,
         progress_interval=settings.progress_interval,
+        init_images=InitImageLoader(http, init_image_limits(settings)),
     )
     return service, worker
+
+
+def init_image_limits(settings: Settings) -> InitImageLimits:
+    """Starting images follow the rules of LoRA training images (size, pixels, fetch)."""
+    return InitImageLimits(
+        max_bytes=settings.lora_max_image_bytes, max_pixels=settings.lora_max_image_pixels,
+        fetch_timeout=settings.lora_fetch_timeout,
+        allowed_hosts=AllowedHosts.parse(settings.lora_fetch_allowed_hosts),
+        max_side=settings.max_image_size,
+    )

@@ -3,8 +3,8 @@
 :func:`load_pipeline` checks the folder first (one :class:`ModelLoadError` listing all that
 is missing), never touches the network, picks the dtype (:func:`choose_precision`: bf16 on
 CUDA, also when USE_FP16 asks for fp16, which FLUX cannot run in; fp32 on CPU), and
-applies the memory mode, the attention backend and, when asked, compilation with a LoRA
-hotswap slot. The tiny development model is recognised by its marker file.
+applies the memory mode, the attention backend, the speed settings (fp8, a step cache:
+:mod:`core.image.acceleration`) and, when asked, compilation with a LoRA hotswap slot. The tiny development model is recognised by its marker file.
 """
 
 from __future__ import annotations
@@ -18,11 +18,19 @@ import torch
 
 from core.image._fresh_thread import run_in_fresh_thread
 from core.image._layout import missing_parts
+from core.image.acceleration import (
+    NO_ACCELERATION,
+    Acceleration,
+    AccelerationError,
+    StepCache,
+    apply_acceleration,
+    check_acceleration,
+)
 from core.image.devmodel import read_dev_marker
 
 __all__ = [
     "LoadedModel", "ModelLoadError", "Precision", "choose_precision", "load_pipeline",
-    "resolve_device",
+    "prepare_model", "resolve_device",
 ]
 
 logger = logging.getLogger(__name__)
@@ -34,7 +42,7 @@ HOTSWAP_RANK = 16  # the highest LoRA rank a compiled model can swap in
 class ModelLoadError(Exception):
     """The image model cannot be loaded. ``path`` is the model folder; ``missing`` lists
     what it lacks (empty for other causes); ``setting`` names the variable at fault, if
-    one is (MEMORY_MODE, ATTENTION_BACKEND, DEVICE)."""
+    one is (MEMORY_MODE, ATTENTION_BACKEND, DEVICE, QUANTIZATION, STEP_CACHE)."""
 
     def __init__(
         self, message: str, *, path: Path, missing: tuple[str, ...] = (),
@@ -62,6 +70,13 @@ class LoadedModel:
     compiled: bool = False
     hotswap_slot: str | None = None
     precision_note: str | None = None
+    acceleration: Acceleration = NO_ACCELERATION
+    step_cache: StepCache | None = None
+
+    def before_call(self, steps: int) -> None:
+        """Called by the GPU worker before each pipeline call of ``steps`` steps."""
+        if self.step_cache is not None:
+            self.step_cache.before_call(steps)
 
     @property
     def dtype_name(self) -> str:
@@ -111,13 +126,15 @@ def load_pipeline(
     memory_mode: str,
     attention_backend: str,
     compile_transformer: bool,
+    acceleration: Acceleration = NO_ACCELERATION,
 ) -> LoadedModel:
     """Load the ``FluxPipeline`` in ``path`` for ``device`` (``auto``, ``cpu``, ``cuda[:n]``).
 
     Raises :class:`ModelLoadError` when the folder is missing or incomplete (listing every
     missing part), when DEVICE names CUDA on a machine without it, when MEMORY_MODE asks
     for offloading without an accelerator, when ATTENTION_BACKEND is unknown or not
-    usable here, or when diffusers fails to load what is there.
+    usable here, when QUANTIZATION or STEP_CACHE ask for what this machine cannot run, or
+    when diffusers fails to load what is there.
     """
     path = Path(path)
     missing = missing_parts(path)
@@ -127,20 +144,40 @@ def load_pipeline(
             "(FLUX_MODEL_PATH must be a diffusers FluxPipeline folder)",
             path=path, missing=tuple(missing),
         )
-    resolved = resolve_device(device)
-    is_cuda = resolved.startswith("cuda")
-    if is_cuda and not torch.cuda.is_available():
-        raise ModelLoadError(f"DEVICE={device!r} but torch sees no CUDA device", path=path,
-                             setting="DEVICE")
-    _check_memory_mode(memory_mode, is_cuda, path)
+    resolved = _check_machine(device, memory_mode, compile_transformer, acceleration, path)
     precision = choose_precision(resolved, use_fp16)
     if precision.note is not None:
         logger.warning("%s", precision.note)
-    dtype = precision.dtype
     marker = read_dev_marker(path)
+    # torch work off the caller's thread: see core/image/_fresh_thread.py
+    pipeline = run_in_fresh_thread(lambda: _from_pretrained(path, precision.dtype))
+    return prepare_model(
+        pipeline, name=str(marker["name"]) if marker else path.name, path=path,
+        development_model=marker is not None, device=resolved, memory_mode=memory_mode,
+        attention_backend=attention_backend, compile_transformer=compile_transformer,
+        acceleration=acceleration, precision_note=precision.note,
+    )
 
-    def prepare() -> tuple[Any, str | None]:
-        pipeline = _from_pretrained(path, dtype)
+
+def prepare_model(
+    pipeline: Any,
+    *,
+    name: str,
+    path: Path,
+    development_model: bool,
+    device: str,
+    memory_mode: str = "none",
+    attention_backend: str = "native",
+    compile_transformer: bool = False,
+    acceleration: Acceleration = NO_ACCELERATION,
+    precision_note: str | None = None,
+) -> LoadedModel:
+    """Make a constructed ``FluxPipeline`` (already in its dtype) ready for the GPU worker:
+    what :func:`load_pipeline` does after reading the folder. ``bench/gpu_check.py`` uses
+    it for a full-size FLUX.1-dev with random weights built directly on the GPU."""
+    resolved = _check_machine(device, memory_mode, compile_transformer, acceleration, path)
+
+    def prepare() -> tuple[StepCache | None, str | None]:
         pipeline.set_progress_bar_config(disable=True)
         _set_attention_backend(pipeline, attention_backend, path)
         if memory_mode == "model_offload":
@@ -149,18 +186,34 @@ def load_pipeline(
             pipeline.enable_sequential_cpu_offload(device=resolved)
         else:
             pipeline.to(resolved)
-        return pipeline, (_compile(pipeline) if compile_transformer else None)
+        step_cache = apply_acceleration(pipeline, acceleration)
+        return step_cache, (_compile(pipeline) if compile_transformer else None)
 
-    # torch work off the caller's thread: see core/image/_fresh_thread.py
-    pipeline, slot = run_in_fresh_thread(prepare)
-    name = str(marker["name"]) if marker else path.name
-    logger.info("loaded image model %s from %s on %s (%s, memory mode %s%s)", name, path,
-                resolved, dtype, memory_mode, ", compiled" if slot else "")
+    step_cache, slot = run_in_fresh_thread(prepare)
+    dtype = pipeline.transformer.dtype
+    logger.info("loaded image model %s from %s on %s (%s, memory mode %s, %s%s)", name, path,
+                resolved, dtype, memory_mode, acceleration.key, ", compiled" if slot else "")
     return LoadedModel(
-        pipeline=pipeline, name=name, development_model=marker is not None, device=resolved,
+        pipeline=pipeline, name=name, development_model=development_model, device=resolved,
         dtype=dtype, memory_mode=memory_mode, compiled=slot is not None, hotswap_slot=slot,
-        precision_note=precision.note,
+        precision_note=precision_note, acceleration=acceleration, step_cache=step_cache,
     )
+
+
+def _check_machine(device: str, memory_mode: str, compile_transformer: bool,
+                   acceleration: Acceleration, path: Path) -> str:
+    """The resolved device, once the settings are known to be runnable on it."""
+    resolved = resolve_device(device)
+    is_cuda = resolved.startswith("cuda")
+    if is_cuda and not torch.cuda.is_available():
+        raise ModelLoadError(f"DEVICE={device!r} but torch sees no CUDA device", path=path,
+                             setting="DEVICE")
+    _check_memory_mode(memory_mode, is_cuda, path)
+    try:
+        check_acceleration(acceleration, device=resolved, compile_transformer=compile_transformer)
+    except AccelerationError as exc:
+        raise ModelLoadError(str(exc), path=path, setting=exc.setting) from None
+    return resolved
 
 
 def _check_memory_mode(memory_mode: str, is_cuda: bool, path: Path) -> None:

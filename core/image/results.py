@@ -1,7 +1,10 @@
 """Remembered image results: replays cost nothing twice.
 
 A result is keyed by a fingerprint of the request's content (prompt, sizes, steps,
-guidance, seed, negative prompt, LoRA id, optimization flag), the model and the LoRA file.
+guidance, seed, negative prompt, LoRA id, optimization flag, and where they differ from
+their defaults: LoRA scale, stacked LoRAs and their files, image count, format and
+quality, the starting image's sha256 and strength), the model and the LoRA file. Defaults
+add nothing, so requests that do not use the newer fields keep the keys they always had.
 The entry keeps the prompt actually used, so that after the file was cleaned up a replay
 regenerates the very same image (the LLM is not asked again). Entries are small (≈ 300
 bytes) but would otherwise only grow: at most ``max_entries`` are kept, the least recently
@@ -15,8 +18,9 @@ import json
 import os
 import tempfile
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from core.image.params import ImageParams
 
@@ -31,16 +35,32 @@ class CachedResult:
     width: int
     height: int
     seed: int
+    # every image of a request that made several: {"image_id", "filename", "seed"}
+    images: list[dict[str, Any]] = field(default_factory=list)
 
 
-def fingerprint(params: ImageParams, model_fingerprint: str, lora_hash: str | None) -> str:
-    content = {
+def fingerprint(params: ImageParams, model_fingerprint: str, lora_hash: str | None, *,
+                stacked_hashes: tuple[str, ...] = (), init_hash: str | None = None) -> str:
+    """The result cache's key; ``stacked_hashes`` are the files of ``params.loras`` and
+    ``init_hash`` the starting image's sha256, in that order."""
+    content: dict[str, Any] = {
         "prompt": params.prompt, "negative_prompt": params.negative_prompt,
         "width": params.width, "height": params.height, "steps": params.steps,
         "guidance": params.guidance, "seed": params.seed, "lora_id": params.lora_id,
         "optimize_prompt": params.optimize_prompt, "model": model_fingerprint,
         "lora_hash": lora_hash,
     }
+    if params.lora_scale != 1.0:
+        content["lora_scale"] = params.lora_scale
+    if params.loras:
+        content["loras"] = [[lora_id, scale, digest] for (lora_id, scale), digest
+                            in zip(params.loras, stacked_hashes, strict=True)]
+    if params.num_images != 1:
+        content["num_images"] = params.num_images
+    if params.output_format != "png":
+        content["output"] = [params.output_format, params.output_quality]
+    if init_hash is not None:
+        content["init_image"] = [init_hash, params.strength]
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 

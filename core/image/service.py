@@ -1,22 +1,27 @@
 """The one core entry for images, used by Kafka and HTTP alike.
 
-request → checked params → LoRA looked up (UNKNOWN_LORA before the queue) → remembered
-result? → prompt (LLM or rules, trigger word kept) → GPU worker → PNG with its parameters.
+request → checked params → LoRAs looked up (UNKNOWN_LORA before the queue) → starting
+image fetched and decoded (image-to-image) → remembered result? → prompt (LLM or rules,
+trigger word kept) → GPU worker (``num_images`` images in one call) → files (PNG, JPEG or
+WebP) with their parameters.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image
 
-from core.image.job import ImageJob
-from core.image.params import ImageLimits, ImageParams, resolve_params
-from core.image.png import write_png
+from core.image.files import SUFFIXES, write_image
+from core.image.init_image import InitImageLimits, InitImageLoader, decode_init_image
+from core.image.job import SEED_LIMIT, ActiveLora, ImageJob
+from core.image.params import ImageLimits, ImageParams, resolve_params, size_for_init
 from core.image.prompts import PromptOptimizer
 from core.image.results import CachedResult, ResultCache, fingerprint
 from core.image.worker import GpuWorker
@@ -24,13 +29,16 @@ from core.lora.registry import LoraInfo, LoraRegistry
 from core.outputs import OutputStore
 from core.scheduling import Placement
 from core.scheduling.gpu_queue import JobItem
+from schemas.errors import InvalidRequestError, UnknownLoraError
 from schemas.events import ImageRequested
 
-__all__ = ["ImageResult", "ImageService", "ModelIdentity"]
+__all__ = ["CheckedRequest", "ImageFile", "ImageResult", "ImageService", "ModelIdentity",
+           "UnknownStackedLoraError"]
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], Awaitable[None]]
+_DECODING_AT_ONCE = 2  # starting images decoded at once (each up to LORA_MAX_IMAGE_PIXELS)
 
 
 @dataclass(frozen=True)
@@ -40,9 +48,38 @@ class ModelIdentity:
     fingerprint: str
 
 
+class UnknownStackedLoraError(UnknownLoraError):
+    """``UNKNOWN_LORA`` for an id of ``loras``; ``field`` names it (``loras.1.lora_id``)."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class CheckedRequest:
+    """A request that passed every check that needs no download: its parameters, its
+    character LoRA (None without one) and the LoRAs stacked on it, with their scales."""
+
+    params: ImageParams
+    lora: LoraInfo | None
+    stacked: tuple[ActiveLora, ...]
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """One image of a request that made several."""
+
+    image_id: str
+    filename: str
+    url: str
+    seed: int
+
+
 @dataclass(frozen=True)
 class ImageResult:
-    """The original API's response fields, plus the seed and the model."""
+    """The original API's response fields (of the first image), plus the seed and the
+    model; ``images`` lists every image when the request made several (else empty)."""
 
     image_id: str
     filename: str
@@ -54,6 +91,7 @@ class ImageResult:
     timestamp: str
     model: str
     development_model: bool
+    images: tuple[ImageFile, ...] = ()
 
 
 class ImageService:
@@ -69,6 +107,7 @@ class ImageService:
         *,
         true_cfg_scale: float = 4.0,
         progress_interval: float = 0.5,
+        init_images: InitImageLoader | None = None,
     ) -> None:
         self._worker = worker
         self._loras = loras
@@ -80,13 +119,27 @@ class ImageService:
         self._true_cfg_scale = true_cfg_scale
         self._progress_interval = progress_interval
         self._making: dict[str, _Making] = {}  # fingerprint → the image being made
+        self._init_images = init_images or InitImageLoader(None, InitImageLimits())
+        self._decoding = asyncio.Semaphore(_DECODING_AT_ONCE)  # bounds decoded pixels held
 
-    def check(self, request: ImageRequested) -> tuple[ImageParams, LoraInfo | None]:
-        """Validates a request without generating: raises ``InvalidRequestError`` or
-        ``UnknownLoraError`` (so callers can reject before queueing)."""
+    def check(self, request: ImageRequested) -> CheckedRequest:
+        """Validates a request without generating or downloading anything: raises
+        ``InvalidRequestError`` (naming the field) or ``UnknownLoraError`` (so callers
+        can reject before queueing)."""
         params = resolve_params(request, self._limits)
         lora = self._loras.get(params.lora_id) if params.lora_id else None
-        return params, lora
+        stacked = tuple((self._stacked_lora(index, lora_id), scale)
+                        for index, (lora_id, scale) in enumerate(params.loras))
+        if self._worker.model.hotswap_slot is not None:
+            _check_compiled(params, lora, stacked)
+        return CheckedRequest(params, lora, stacked)
+
+    def _stacked_lora(self, index: int, lora_id: str) -> LoraInfo:
+        try:
+            return self._loras.get(lora_id)
+        except UnknownLoraError as exc:
+            raise UnknownStackedLoraError(f"loras.{index}.lora_id: {exc.message}",
+                                          f"loras.{index}.lora_id") from exc
 
     async def generate(self, request: ImageRequested, progress: Progress | None = None,
                        placement: Placement | None = None) -> ImageResult:
@@ -101,10 +154,17 @@ class ImageService:
         a running one is stopped at its next step, unless ``placement.keep_when_abandoned``
         says the request will come again: then it finishes into the result cache.
         """
-        params, lora = self.check(request)
-        key = fingerprint(params, self.model.fingerprint, lora.fingerprint if lora else None)
+        checked = self.check(request)
+        params, lora, stacked = checked.params, checked.lora, checked.stacked
+        init: Image.Image | None = None
+        init_hash: str | None = None
+        if params.image_to_image:
+            params, init, init_hash = await self._starting_image(params)
+        key = fingerprint(params, self.model.fingerprint, lora.fingerprint if lora else None,
+                          stacked_hashes=tuple(info.fingerprint for info, _ in stacked),
+                          init_hash=init_hash)
         remembered = self._results.get(key)
-        if remembered is not None and self._store.exists(remembered.filename):
+        if remembered is not None and all(map(self._store.exists, _filenames(remembered))):
             logger.debug("request_id=%s answered from the result cache", request.request_id)
             return self._result(remembered)
         placement = placement or Placement(owner=request.conversation_id)
@@ -115,8 +175,10 @@ class ImageService:
         if remembered is not None:
             prompt = remembered.prompt  # regenerate exactly what was made before
         else:
-            optimized = await self._optimizer.optimize(
-                params.prompt, lora.trigger_word if lora else None, params.optimize_prompt)
+            # a LoRA at scale 0 is left out, its trigger word too: the base model's image
+            trigger = lora.trigger_word if lora is not None and params.lora_scale > 0 else None
+            optimized = await self._optimizer.optimize(params.prompt, trigger,
+                                                       params.optimize_prompt)
             prompt = optimized.prompt
             making = self._live_making(key)  # made meanwhile by a twin?
             if making is not None:
@@ -126,12 +188,13 @@ class ImageService:
             prompt=prompt, negative_prompt=params.negative_prompt, width=params.width,
             height=params.height, steps=params.steps, guidance=params.guidance,
             true_cfg_scale=self._true_cfg_scale if params.negative_prompt else 1.0,
-            seed=params.seed, lora=lora,
+            seed=params.seed, lora=lora, lora_scale=params.lora_scale, extra_loras=stacked,
+            count=params.num_images, init_image=init, strength=params.strength,
             progress=bridge.on_step,
         )
         making = _Making(key, self._worker.enqueue(job, placement))
-        making.task = asyncio.create_task(
-            self._make(making, key, params, prompt, lora, request.request_id))
+        kept = _Kept(params, prompt, lora, stacked, init_hash, request.request_id)
+        making.task = asyncio.create_task(self._make(making, key, kept))
         self._making[key] = making
         making.task.add_done_callback(lambda _: self._ended(making))
         try:
@@ -145,17 +208,38 @@ class ImageService:
         await bridge.finish()
         return self._result(entry)
 
-    async def _make(self, making: _Making, key: str, params: ImageParams, prompt: str,
-                    lora: LoraInfo | None, request_id: str) -> CachedResult:
-        """The GPU job, then its PNG and result-cache entry; owned by the service, so that
-        it can outlive the callers that asked for it."""
+    async def _starting_image(self, params: ImageParams
+                              ) -> tuple[ImageParams, Image.Image, str]:
+        """The starting image's bytes (inline or fetched), decoded and brought to the
+        request's size (the image's own when none was given): the parameters with that
+        size, the image, and the sha256 of its bytes."""
+        if params.init_image is not None:
+            data, field = params.init_image, "init_image"
+        else:
+            assert params.init_image_url is not None
+            data, field = await self._init_images.fetch(params.init_image_url), "init_image_url"
+        async with self._decoding:
+            return await asyncio.to_thread(self._prepare_start, params, data, field)
+
+    def _prepare_start(self, params: ImageParams, data: bytes, field: str
+                       ) -> tuple[ImageParams, Image.Image, str]:
+        decoded = decode_init_image(data, field, self._init_images.limits)
+        params = size_for_init(params, decoded.image.size, self._limits)
+        image = decoded.image
+        if image.size != (params.width, params.height):
+            image = image.resize((params.width, params.height), Image.Resampling.LANCZOS)
+        return params, image, decoded.sha256
+
+    async def _make(self, making: _Making, key: str, kept: _Kept) -> CachedResult:
+        """The GPU job, then its files and result-cache entry; owned by the service, so
+        that it can outlive the callers that asked for it."""
         try:
-            image = await asyncio.wrap_future(making.item.future)
+            result = await asyncio.wrap_future(making.item.future)
         except asyncio.CancelledError:
             making.item.withdraw()
             raise
-        return await asyncio.to_thread(self._keep, key, image, params, prompt, lora,
-                                       request_id)
+        images = result if isinstance(result, list) else [result]
+        return await asyncio.to_thread(self._keep, key, images, kept)
 
     async def _wait(self, making: _Making, placement: Placement) -> CachedResult:
         """One caller's wait for ``making``; the last caller to leave decides whether the
@@ -197,30 +281,58 @@ class ImageService:
                 and making.waiters == 0:
             logger.warning("an abandoned image failed: %s", task.exception())
 
-    def _keep(self, key: str, image: Image.Image, params: ImageParams, prompt: str,
-              lora: LoraInfo | None, request_id: str) -> CachedResult:
-        """Writes the PNG and remembers it (file I/O: runs off the event loop)."""
-        parameters = {
-            "prompt": prompt, "negative_prompt": params.negative_prompt, "seed": params.seed,
-            "steps": params.steps, "guidance_scale": params.guidance,
-            "width": params.width, "height": params.height,
-            "lora": lora.lora_id if lora else None,
-            "trigger_word": lora.trigger_word if lora else None,
-            "model": self.model.name, "development_model": self.model.development_model,
-            "request_id": request_id,
-        }
-        stored = self._store.write_with(lambda path: write_png(path, image, parameters), "png")
-        entry = CachedResult(stored.file_id, stored.filename, prompt, params.width,
-                             params.height, params.seed)
+    def _keep(self, key: str, images: list[Image.Image], kept: _Kept) -> CachedResult:
+        """Writes the files and remembers them (file I/O: runs off the event loop)."""
+        params = kept.params
+        seeds = [(params.seed + index) % SEED_LIMIT for index in range(len(images))]
+        files = []
+        for index, (image, seed) in enumerate(zip(images, seeds, strict=True)):
+            parameters = self._parameters(kept, seed, index, len(images))
+            files.append(self._store.write_with(
+                functools.partial(_write, image=image, parameters=parameters,
+                                  output_format=params.output_format,
+                                  quality=params.output_quality),
+                SUFFIXES[params.output_format]))
+        listed = [{"image_id": stored.file_id, "filename": stored.filename, "seed": seed}
+                  for stored, seed in zip(files, seeds, strict=True)] if len(files) > 1 else []
+        entry = CachedResult(files[0].file_id, files[0].filename, kept.prompt, params.width,
+                             params.height, params.seed, listed)
         self._results.put(key, entry)
         return entry
 
+    def _parameters(self, kept: _Kept, seed: int, index: int, count: int
+                    ) -> dict[str, object]:
+        """What the file carries: the original fields, and the newer ones where they
+        differ from their defaults (a plain request's PNG is as it always was)."""
+        params, lora = kept.params, kept.lora
+        active = lora is not None and params.lora_scale > 0
+        return {
+            "prompt": kept.prompt, "negative_prompt": params.negative_prompt, "seed": seed,
+            "steps": params.steps, "guidance_scale": params.guidance,
+            "width": params.width, "height": params.height,
+            "lora": lora.lora_id if lora else None,
+            "trigger_word": lora.trigger_word if lora is not None and active else None,
+            "lora_scale": params.lora_scale if lora and params.lora_scale != 1.0 else None,
+            "loras": ",".join(f"{info.lora_id}:{scale:g}" for info, scale in kept.stacked)
+            or None,
+            "init_image_sha256": kept.init_hash,
+            "strength": params.strength if kept.init_hash is not None else None,
+            "image_index": index if count > 1 else None,
+            "num_images": count if count > 1 else None,
+            "model": self.model.name, "development_model": self.model.development_model,
+            "request_id": kept.request_id,
+        }
+
     def _result(self, entry: CachedResult) -> ImageResult:
+        images = tuple(
+            ImageFile(str(image["image_id"]), str(image["filename"]),
+                      self._store.url_for(str(image["filename"])), int(image["seed"]))
+            for image in entry.images)
         return ImageResult(
             image_id=entry.image_id, filename=entry.filename, prompt=entry.prompt,
             width=entry.width, height=entry.height, url=self._store.url_for(entry.filename),
             seed=entry.seed, timestamp=_now(), model=self.model.name,
-            development_model=self.model.development_model,
+            development_model=self.model.development_model, images=images,
         )
 
     def _bridge(self, progress: Progress | None) -> _ProgressBridge:
@@ -272,6 +384,18 @@ class _ProgressBridge:
             self._task.cancel()
 
 
+@dataclass(frozen=True)
+class _Kept:
+    """What the files of a made request are written with."""
+
+    params: ImageParams
+    prompt: str
+    lora: LoraInfo | None
+    stacked: tuple[ActiveLora, ...]
+    init_hash: str | None
+    request_id: str
+
+
 @dataclass(eq=False)
 class _Making:
     """An image being made: its GPU job, the task that makes and keeps it, and how many
@@ -281,6 +405,33 @@ class _Making:
     item: JobItem
     task: asyncio.Task[CachedResult] | None = None
     waiters: int = 0
+
+
+def _write(path: Path, *, image: Image.Image, parameters: dict[str, object],
+           output_format: str, quality: int) -> None:
+    write_image(path, image, parameters, output_format=output_format, quality=quality)
+
+
+def _filenames(entry: CachedResult) -> list[str]:
+    return [str(image["filename"]) for image in entry.images] or [entry.filename]
+
+
+def _check_compiled(params: ImageParams, lora: LoraInfo | None,
+                    stacked: tuple[ActiveLora, ...]) -> None:
+    """A compiled model swaps one LoRA into its slot at scale 1 (core/lora/adapters.py):
+    other scales or stacking would recompile it."""
+    active = [scale for scale in ([params.lora_scale] if lora else []) if scale > 0]
+    active += [scale for _, scale in stacked if scale > 0]
+    if len(active) > 1:
+        raise InvalidRequestError(
+            "loras: this engine runs a compiled model (COMPILE_TRANSFORMER=true), which "
+            "applies one LoRA per request; stacked LoRAs need COMPILE_TRANSFORMER=false",
+            field="loras")
+    if active and active[0] != 1.0:
+        field = "lora_scale" if lora is not None and params.lora_scale > 0 else "loras"
+        raise InvalidRequestError(
+            f"{field}: this engine runs a compiled model (COMPILE_TRANSFORMER=true), which "
+            "applies a LoRA at scale 1 or 0 only", field=field)
 
 
 def _now() -> str:

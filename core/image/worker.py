@@ -35,6 +35,7 @@ import torch
 from PIL.Image import Image
 
 from core.image._call import Aborted, AllCancelled, call_pipeline
+from core.image.img2img import ImageToImage
 from core.image.job import ImageJob, batch_key
 from core.image.loader import LoadedModel
 from core.lora.adapters import AdapterSet
@@ -106,8 +107,10 @@ class GpuWorker:
             hotswap_slot=model.hotswap_slot,
             on_switch=metrics.lora_switch_seconds.observe if metrics else None,
             on_evict=metrics.lora_evictions.inc if metrics else None,
+            on_load=metrics.lora_load_seconds.observe if metrics else None,
         )
-        self._queue = WorkQueue(batch_key)
+        self._queue = WorkQueue(batch_key, size=_images_of)
+        self._img2img = ImageToImage(model.pipeline)
         self._abort = threading.Event()
         self._lock = threading.Lock()
         self._closed = False
@@ -158,28 +161,41 @@ class GpuWorker:
         return self._queue.depth()
 
     def submit(self, job: ImageJob, placement: Placement = _ANY_OWNER) -> Future[Image]:
-        """Queue ``job`` where ``placement`` puts it; the future resolves to its image or
-        an :class:`EngineError` (:class:`OutOfMemoryError`, a LoRA load error,
+        """Queue ``job`` (of one image) where ``placement`` puts it; the future resolves to
+        its image or an :class:`EngineError` (:class:`OutOfMemoryError`, a LoRA load error,
         :class:`RequestExpiredError` when not started by the deadline,
         :class:`InternalError`). Raises :class:`InvalidRequestError` for sizes or steps the
-        pipeline would silently change, :class:`InternalError` once stopped."""
+        pipeline would silently change, :class:`InternalError` once stopped; ``ValueError``
+        for a job of several images (see :meth:`enqueue`)."""
+        _check_single(job)
         return self._submit(job, placement).future
 
     def enqueue(self, job: ImageJob, placement: Placement = _ANY_OWNER) -> JobItem:
-        """Like :meth:`submit`, returning the queued item: its ``future``, and
-        ``withdraw()`` for a caller that decides itself what happens to abandoned work."""
+        """Like :meth:`submit`, for a job of any ``count``, returning the queued item: its
+        ``future`` (resolving to the image, or to the list of ``count`` images when
+        ``count`` > 1), and ``withdraw()`` for a caller that decides itself what happens to
+        abandoned work."""
         return self._submit(job, placement)
 
     async def generate(self, job: ImageJob, placement: Placement = _ANY_OWNER) -> Image:
         """The image for ``job`` (see :meth:`submit`). Cancelling the caller drops the job
         if it has not started yet; if it runs, its result is discarded, and the pipeline
         call stops at its next step when no job in it is still wanted."""
+        _check_single(job)
+        images = await self.generate_all(job, placement)
+        return images[0]
+
+    async def generate_all(self, job: ImageJob, placement: Placement = _ANY_OWNER
+                           ) -> list[Image]:
+        """The ``count`` images of ``job``, made in one pipeline call (see
+        :meth:`generate`)."""
         item = self._submit(job, placement)
         try:
-            return await asyncio.wrap_future(item.future)
+            result = await asyncio.wrap_future(item.future)
         except asyncio.CancelledError:
             item.withdraw()
             raise
+        return result if isinstance(result, list) else [result]
 
     def submit_exclusive(self, fn: Callable[[Any], T],
                          placement: Placement = _ANY_OWNER) -> Future[T]:
@@ -251,12 +267,12 @@ class GpuWorker:
                 continue
             if isinstance(result, BaseException):
                 item.future.set_exception(result)
-            else:
-                item.future.set_result(result)
+            else:  # see enqueue(): one image alone, several as a list
+                item.future.set_result(result[0] if item.job.count == 1 else result)
 
-    def _generate(self, items: list[JobItem]) -> list[Image | EngineError]:
-        """One image or error per item; :class:`AllCancelled` and others from the batched
-        call pass through (they concern every item alike)."""
+    def _generate(self, items: list[JobItem]) -> list[list[Image] | EngineError]:
+        """The images or an error per item; :class:`AllCancelled` and others from the
+        batched call pass through (they concern every item alike)."""
         try:
             return list(self._attempt(items))
         except torch.OutOfMemoryError as exc:
@@ -265,7 +281,7 @@ class GpuWorker:
         self._recover(text, [item.job for item in items])
         return [self._alone(item) for item in items]  # once more, each alone
 
-    def _alone(self, item: JobItem) -> Image | EngineError:
+    def _alone(self, item: JobItem) -> list[Image] | EngineError:
         """The second and last attempt at ``item``'s job, alone."""
         job = item.job
         if item.cancelled.is_set():
@@ -278,25 +294,32 @@ class GpuWorker:
             return _translate(exc)
         self._recover(text, [job])
         return GpuOutOfMemoryError(
-            f"out of GPU memory for a {job.width}x{job.height} image with {job.steps} steps, "
-            f"even alone ({_GPU_ATTEMPTS} attempts): {text}"
+            f"out of GPU memory for {job.count} {job.width}x{job.height} image(s) with "
+            f"{job.steps} steps, even alone ({_GPU_ATTEMPTS} attempts): {text}"
         )
 
-    def _attempt(self, items: list[JobItem]) -> list[Image]:
+    def _attempt(self, items: list[JobItem]) -> list[list[Image]]:
         jobs = [item.job for item in items]
         first = jobs[0]
-        self._adapters.activate(first.lora)
+        self._adapters.activate_all(first.adapters)
         self._set_tiling(max(first.width, first.height) > self._tiling_threshold)
         if self._oom_injector is not None:
             self._oom_injector(jobs)
+        self._model.before_call(first.denoising_steps)  # a step cache starts afresh
         started = time.perf_counter()
         if self._metrics is not None:
-            self._metrics.image_batch_size.observe(len(jobs))
-        images = call_pipeline(self._model.pipeline, jobs,
+            self._metrics.image_batch_size.observe(sum(job.count for job in jobs))
+        image_to_image = first.init_image is not None
+        pipeline = self._img2img.pipeline if image_to_image else self._model.pipeline
+        images = call_pipeline(pipeline, jobs,
                                max_sequence_length=self._max_sequence_length, abort=self._abort,
                                cancelled=[item.cancelled for item in items])
         if self._metrics is not None:
             self._metrics.image_batch_seconds.observe(time.perf_counter() - started)
+        if image_to_image and self._model.memory_mode == "model_offload":
+            # the offload hooks belong to the text-to-image pipeline: let it put every
+            # model back on the CPU, as its own calls do at their end
+            self._model.pipeline.maybe_free_model_hooks()
         return images
 
     def _set_tiling(self, on: bool) -> None:
@@ -416,6 +439,15 @@ def _check_settings(
         )
 
 
+def _images_of(job: ImageJob) -> int:
+    return job.count
+
+
+def _check_single(job: ImageJob) -> None:
+    if job.count != 1:
+        raise ValueError(f"a job of {job.count} images: use enqueue() or generate_all()")
+
+
 def _check_job(job: ImageJob) -> None:
     # FluxPipeline silently rounds sizes down to multiples of 16: refuse instead
     for name, value in (("width", job.width), ("height", job.height)):
@@ -425,3 +457,13 @@ def _check_job(job: ImageJob) -> None:
     if job.steps < 1:
         raise InvalidRequestError(f"steps must be >= 1, got {job.steps}",
                                   field="num_inference_steps")
+    if job.count < 1:
+        raise InvalidRequestError(f"count must be >= 1, got {job.count}", field="num_images")
+    if job.init_image is not None:
+        if job.init_image.size != (job.width, job.height):
+            raise InvalidRequestError(
+                f"init image is {job.init_image.size[0]}x{job.init_image.size[1]}, the job "
+                f"{job.width}x{job.height}", field="init_image")
+        if job.denoising_steps < 1:  # the pipeline would raise deep inside
+            raise InvalidRequestError(
+                f"strength {job.strength} leaves none of {job.steps} steps", field="strength")

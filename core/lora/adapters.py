@@ -3,13 +3,16 @@
 Used only by the GPU worker's thread, between pipeline calls. Two modes:
 
 - **LRU set** (eager model): up to ``capacity`` peft adapters stay loaded; a request's
-  adapter is made the only active one (``set_adapters``); a request without a LoRA runs
+  adapters (its character LoRA and those stacked on it) are made the active ones with
+  their scales (``set_adapters(names, weights)``); a request without a LoRA runs
   with the adapters disabled (``disable_lora``), which is bit-identical to the base model
   and takes < 1 ms, where ``unload_lora_weights`` would force reloading the next time.
   The least recently used adapter is deleted when a new one does not fit.
 - **Hotswap slot** (compiled transformer): one adapter slot, prepared by
   :func:`prepare_hotswap_slot` before compilation; each LoRA is hot-swapped into it
-  (``load_lora_weights(..., hotswap=True)``), so switching never recompiles.
+  (``load_lora_weights(..., hotswap=True)``), so switching never recompiles. One slot
+  holds one LoRA at scale 1: stacking or scaling would recompile, so the image service
+  refuses such requests on a compiled model.
 
 A LoRA that fails to load raises :class:`LoraLoadError`: the request never silently runs
 on the base model.
@@ -21,7 +24,7 @@ import logging
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from core.lora.registry import LoraInfo, file_sha256
@@ -54,6 +57,7 @@ class AdapterSet:
 
     ``capacity`` bounds the loaded set (ignored with a hotswap slot, which holds one).
     ``on_switch(seconds)`` is told how long each change of the active adapter took;
+    ``on_load(seconds)`` how long each load of weights took (part of a switch);
     ``on_evict()`` when an adapter is dropped.
     """
 
@@ -65,6 +69,7 @@ class AdapterSet:
         hotswap_slot: str | None = None,
         on_switch: Callable[[float], None] | None = None,
         on_evict: Callable[[], None] | None = None,
+        on_load: Callable[[float], None] | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"LORA_CACHE_SIZE must be >= 1, got {capacity}")
@@ -73,10 +78,12 @@ class AdapterSet:
         self._slot = hotswap_slot
         self._on_switch = on_switch
         self._on_evict = on_evict
+        self._on_load = on_load
         self._loaded: OrderedDict[_Key, str] = OrderedDict()  # key -> adapter name
         self._slot_content: _Key | None = None  # what the hotswap slot holds
-        # the adapter the next call runs with: a key, None (base model) or _UNKNOWN
-        self._state: _Key | None | object = None
+        # the adapters the next call runs with: (key, scale) pairs ("()": the base model),
+        # or _UNKNOWN
+        self._state: tuple[tuple[_Key, float], ...] | object = ()
         self._counter = 0
         self._loaded_ids: tuple[str, ...] = ()
 
@@ -87,24 +94,34 @@ class AdapterSet:
         return list(self._loaded_ids)
 
     def activate(self, lora: LoraInfo | None) -> None:
-        """Make ``lora`` the only active adapter, loading it when needed; None runs the
-        base model exactly. Raises :class:`LoraLoadError` when it cannot be loaded (the
-        set is then left with its adapters disabled or intact, never half-switched)."""
-        wanted = None if lora is None else (lora.lora_id, lora.fingerprint)
+        """Make ``lora`` the only active adapter, at scale 1 (see :meth:`activate_all`);
+        None runs the base model exactly."""
+        self.activate_all(() if lora is None else ((lora, 1.0),))
+
+    def activate_all(self, adapters: Sequence[tuple[LoraInfo, float]]) -> None:
+        """Make ``adapters`` (LoRAs with their scales, each > 0) the active ones, combined
+        (``set_adapters(names, weights)``), loading those not loaded; none runs the base
+        model exactly. The adapters of one call are never evicted for each other: a call
+        that needs more than ``capacity`` holds them all until the next one. Raises
+        :class:`LoraLoadError` when one cannot be loaded, or with a hotswap slot for more
+        than one LoRA or a scale other than 1 (the set is then left with its adapters
+        disabled or intact, never half-switched)."""
+        wanted = tuple(((lora.lora_id, lora.fingerprint), float(scale))
+                       for lora, scale in adapters)
         if wanted == self._state:
-            if wanted is not None:
-                self._loaded.move_to_end(wanted)
+            for key, _ in wanted:
+                self._loaded.move_to_end(key)
             return
         started = time.perf_counter()
         self._state = _UNKNOWN
         try:
-            if lora is None:
+            if not adapters:
                 if self._loaded or self._slot is not None:
                     self._pipeline.disable_lora()
             elif self._slot is not None:
-                self._hotswap(lora)
+                self._hotswap(_one_at_full_scale(adapters))
             else:
-                self._switch(lora)
+                self._switch(adapters)
         finally:
             self._changed()
         self._state = wanted
@@ -128,7 +145,7 @@ class AdapterSet:
             self._pipeline.unload_lora_weights()
         self._loaded.clear()
         self._changed()
-        self._state = None
+        self._state = ()
 
     def _changed(self) -> None:
         self._loaded_ids = tuple(lora_id for lora_id, _ in self._loaded)
@@ -143,27 +160,33 @@ class AdapterSet:
         expected = {self._slot} if self._slot is not None else set(self._loaded.values())
         return self._present() == expected
 
-    def _switch(self, lora: LoraInfo) -> None:
-        key = (lora.lora_id, lora.fingerprint)
-        name = self._loaded.get(key)
-        if name is None:
-            while len(self._loaded) >= self._capacity:
-                self._evict()
-            name = self._load(lora)
-            self._loaded[key] = name
-        self._loaded.move_to_end(key)
+    def _switch(self, adapters: Sequence[tuple[LoraInfo, float]]) -> None:
+        keep = {(lora.lora_id, lora.fingerprint) for lora, _ in adapters}
+        names: list[str] = []
+        for lora, _ in adapters:
+            key = (lora.lora_id, lora.fingerprint)
+            name = self._loaded.get(key)
+            if name is None:
+                while len(self._loaded) >= self._capacity and self._evict(keep):
+                    pass
+                name = self._load(lora)
+                self._loaded[key] = name
+            self._loaded.move_to_end(key)
+            names.append(name)
         self._pipeline.enable_lora()
-        self._pipeline.set_adapters([name])
+        self._pipeline.set_adapters(names, [float(scale) for _, scale in adapters])
 
     def _load(self, lora: LoraInfo) -> str:
         _verify_file(lora)
         self._counter += 1
         name = f"lora_{self._counter}"  # ids may hold dots, which peft names may not
+        started = time.perf_counter()
         try:
             with warnings.catch_warnings():
                 # several adapters in one model is the point of the set
                 warnings.filterwarnings("ignore", _MULTIPLE_ADAPTERS_WARNING, UserWarning)
                 self._pipeline.load_lora_weights(str(lora.path), adapter_name=name)
+            self._loaded_in(time.perf_counter() - started)
         except Exception as exc:
             self._forget_partial(name)
             if _is_out_of_memory(exc):
@@ -174,12 +197,21 @@ class AdapterSet:
         logger.info("loaded LoRA %s as adapter %s", lora.lora_id, name)
         return name
 
-    def _evict(self) -> None:
-        key, name = self._loaded.popitem(last=False)
+    def _loaded_in(self, seconds: float) -> None:
+        if self._on_load is not None:
+            self._on_load(seconds)
+
+    def _evict(self, keep: set[_Key]) -> bool:
+        """Drops the least recently used adapter not in ``keep``; False when all are."""
+        key = next((key for key in self._loaded if key not in keep), None)
+        if key is None:
+            return False
+        name = self._loaded.pop(key)
         self._pipeline.delete_adapters([name])
         logger.info("evicted LoRA %s (adapter %s)", key[0], name)
         if self._on_evict is not None:
             self._on_evict()
+        return True
 
     def _forget_partial(self, name: str) -> None:
         try:
@@ -195,10 +227,12 @@ class AdapterSet:
         if key != self._slot_content:
             _verify_file(lora)
             self._slot_content = None  # unknown if the swap fails half-way
+            started = time.perf_counter()
             try:
                 self._pipeline.load_lora_weights(
                     str(lora.path), adapter_name=self._slot, hotswap=True
                 )
+                self._loaded_in(time.perf_counter() - started)
             except Exception as exc:
                 self._pipeline.disable_lora()
                 if _is_out_of_memory(exc):
@@ -212,6 +246,16 @@ class AdapterSet:
             self._slot_content = key
             self._loaded = OrderedDict([(key, str(self._slot))])
         self._pipeline.enable_lora()
+
+
+def _one_at_full_scale(adapters: Sequence[tuple[LoraInfo, float]]) -> LoraInfo:
+    """The one LoRA a hotswap slot can hold: scales and stacking would recompile."""
+    lora, scale = adapters[0]
+    if len(adapters) > 1 or scale != 1.0:
+        raise LoraLoadError(
+            f"a compiled model (COMPILE_TRANSFORMER=true) runs one LoRA at scale 1; asked "
+            f"for {len(adapters)} at {', '.join(f'{s:g}' for _, s in adapters)}", lora.lora_id)
+    return lora
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

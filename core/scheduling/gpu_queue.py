@@ -32,10 +32,14 @@ from schemas.errors import RequestExpiredError
 if TYPE_CHECKING:  # the image package imports this one: no import back at run time
     from core.image.job import ImageJob
 
-__all__ = ["BatchKeyFn", "ExclusiveItem", "Item", "JobItem", "StopItem", "Work", "WorkQueue"]
+__all__ = [
+    "BatchKeyFn", "ExclusiveItem", "Item", "JobItem", "SizeFn", "StopItem", "Work", "WorkQueue",
+]
 
 BatchKeyFn = Callable[["ImageJob"], Hashable]
 """Jobs with equal keys can share one pipeline call (:func:`core.image.job.batch_key`)."""
+SizeFn = Callable[["ImageJob"], int]
+"""How many images a job adds to a batch (its ``count``; 1 when not given)."""
 
 
 @dataclass(eq=False)
@@ -78,10 +82,13 @@ _EXPIRED = "not started by its deadline"
 
 class WorkQueue:
     """Thread-safe; any thread puts, the worker thread takes. ``batch_key`` says which
-    jobs may share a pipeline call."""
+    jobs may share a pipeline call; ``size`` how many images a job adds to it (a batch
+    holds at most ``max_batch`` images, but a job's own images always go together, so a
+    job larger than that runs alone)."""
 
-    def __init__(self, batch_key: BatchKeyFn) -> None:
+    def __init__(self, batch_key: BatchKeyFn, size: SizeFn | None = None) -> None:
         self._key = batch_key
+        self._size: SizeFn = size or (lambda _job: 1)
         self._lanes = {priority: _Lane() for priority in sorted(Priority, key=_rank)}
         self._stop: StopItem | None = None
         self._changed = threading.Condition()
@@ -148,7 +155,7 @@ class WorkQueue:
                 lane.commit(picked)
                 return lead
             remaining = lead.queued_at + window_s - time.monotonic()
-            if len(picked) >= max_batch or remaining <= 0 or self._stop is not None:
+            if self._images(picked) >= max_batch or remaining <= 0 or self._stop is not None:
                 lane.commit(picked)
                 return [item for item in picked if isinstance(item, JobItem)]
             self._changed.wait(remaining)  # then pick again: new work may change the choice
@@ -187,24 +194,31 @@ class WorkQueue:
 
     def _gather(self, lane: _Lane, picked: list[_Queued], turns: list[str], max_batch: int,
                 live: Callable[[_Queued], bool]) -> None:
-        """Adds compatible jobs to ``picked``, one per owner per round, owners in turn."""
+        """Adds compatible jobs to ``picked``, one per owner per round, owners in turn, while
+        their images fit in ``max_batch`` (an owner whose next job does not fit is done:
+        its jobs keep their order)."""
         lead = picked[0]
         assert isinstance(lead, JobItem)
         key = self._key(lead.job)
+        images = self._images(picked)
         candidates = {
             owner: self._compatible(lane.fifos[owner], key,
                                     after=lead if owner == lead.placement.owner else None)
             for owner in turns
         }
-        while len(picked) < max_batch and turns:
+        while images < max_batch and turns:
             for owner in list(turns):
                 item = next((item for item in candidates[owner] if live(item)), None)
-                if item is None:
+                if item is None or images + self._size(item.job) > max_batch:
                     turns.remove(owner)
                     continue
                 picked.append(item)
-                if len(picked) >= max_batch:
+                images += self._size(item.job)
+                if images >= max_batch:
                     return
+
+    def _images(self, picked: list[_Queued]) -> int:
+        return sum(self._size(item.job) for item in picked if isinstance(item, JobItem))
 
     def _compatible(self, fifo: list[_Queued], key: Hashable,
                     after: JobItem | None) -> Iterator[JobItem]:

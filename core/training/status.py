@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from schemas.events import utc_now_iso
@@ -31,7 +31,9 @@ MAX_STATUSES = 1000
 @dataclass(frozen=True)
 class TrainingStatus:
     """A snapshot. ``loss`` is the smoothed training loss; ``error_code``/``error`` are set
-    when failed; ``lora_id`` and ``validation_image_url`` when completed."""
+    when failed; ``lora_id`` and ``validation_image_url`` when completed. ``status`` is
+    always ``state`` (whatever is passed): the name ``POST /train-lora`` answers the state
+    under, so that ``GET /train-lora/{training_id}`` answers it under the same name."""
 
     training_id: str
     request_id: str
@@ -40,6 +42,7 @@ class TrainingStatus:
     state: State
     step: int
     total: int
+    status: State | None = field(default=None, kw_only=True)  # = state, see the docstring
     loss: float | None = None
     lora_id: str | None = None
     validation_image_url: str | None = None
@@ -48,6 +51,9 @@ class TrainingStatus:
     retryable: bool | None = None
     estimated_time_minutes: int | None = None
     updated_at: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", self.state)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

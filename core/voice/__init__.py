@@ -2,11 +2,12 @@
 
 :class:`VoiceService` is the one entry; backends (:class:`VoiceBackend`: ElevenLabs,
 local), emotion injectors (:class:`EmotionInjector`: rules, the Persona Engine's LLM),
-voice profiles and the quota monitor are injected into it; :func:`build_voice_service`
+voice profiles, the quota monitor and the remembered results are injected into it; :func:`build_voice_service`
 assembles them from settings.
 """
 
-from core.voice.backend import VoiceBackend, VoiceSettings
+from core.voice.backend import SEED_MAX, VoiceBackend, VoiceSettings
+from core.voice.dictionaries import MAX_DICTIONARIES, PronunciationDictionary
 from core.voice.elevenlabs import ElevenLabsBackend, Subscription
 from core.voice.elevenlabs_faults import (
     BackoffPolicy,
@@ -27,12 +28,15 @@ from core.voice.mp3 import audio_duration, write_mp3
 from core.voice.mp3join import join_mp3
 from core.voice.profiles import VoiceProfile, VoiceProfiles
 from core.voice.quota import QuotaMonitor
+from core.voice.results import RememberedVoice, VoiceResults, voice_fingerprint
 from core.voice.service import VoiceJob, VoiceRequestLike, VoiceResult, VoiceService
 from core.voice.tags import strip_audio_tags
 
 __all__ = [
     "EMOTIONS",
     "KNOWN_TAGS",
+    "MAX_DICTIONARIES",
+    "SEED_MAX",
     "BackoffPolicy",
     "ElevenLabsBackend",
     "ElevenLabsError",
@@ -47,7 +51,9 @@ __all__ = [
     "LLMEmotionInjector",
     "LocalVoiceBackend",
     "ModelFacts",
+    "PronunciationDictionary",
     "QuotaMonitor",
+    "RememberedVoice",
     "RulesEmotionInjector",
     "Subscription",
     "VoiceBackend",
@@ -56,6 +62,7 @@ __all__ = [
     "VoiceProfiles",
     "VoiceRequestLike",
     "VoiceResult",
+    "VoiceResults",
     "VoiceService",
     "VoiceSettings",
     "audio_duration",
@@ -63,5 +70,6 @@ __all__ = [
     "join_mp3",
     "model_facts",
     "strip_audio_tags",
+    "voice_fingerprint",
     "write_mp3",
 ]

@@ -7,7 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["VoiceBackend", "VoiceSettings"]
+from core.voice.dictionaries import PronunciationDictionary
+
+__all__ = ["SEED_MAX", "VoiceBackend", "VoiceSettings"]
+
+SEED_MAX = 4_294_967_295
+"""The largest seed ElevenLabs takes ("integer between 0 and 4294967295")."""
 
 
 @dataclass(frozen=True)
@@ -16,7 +21,12 @@ class VoiceSettings:
     and ``model_id`` name an ElevenLabs voice and model (``None``: the backend's default
     model); ``stability``, ``similarity_boost`` and ``style`` are within 0..1, ``speed``
     within 0.7..1.2 (1 is normal), ``use_speaker_boost`` a switch; ``None`` for the
-    engine's default."""
+    engine's default.
+
+    How it is to be spoken as well: ``seed`` (0..:data:`SEED_MAX`, ``None``: the engine
+    samples freely) asks for the same audio again, ``pronunciation_dictionaries`` (at most
+    3, the character's) fix how words are said. The local engine is deterministic and
+    ignores both."""
 
     voice_id: str
     model_id: str | None = None
@@ -25,6 +35,8 @@ class VoiceSettings:
     style: float | None = None
     speed: float | None = None
     use_speaker_boost: bool | None = None
+    seed: int | None = None
+    pronunciation_dictionaries: tuple[PronunciationDictionary, ...] = ()
 
 
 class VoiceBackend(Protocol):

@@ -2,7 +2,9 @@
 
 ``POST {api_url}/text-to-speech/{voice_id}?output_format=…`` with the ``xi-api-key`` header
 and the JSON body of ElevenLabs' OpenAPI document (``text``, ``model_id``,
-``voice_settings``, ``previous_text``/``next_text``); the answer is the MP3 itself.
+``voice_settings``, ``seed``, ``pronunciation_dictionary_locators``, and for long text
+``previous_request_ids`` or ``previous_text``/``next_text``); the answer is the MP3 itself,
+with the ``request-id`` header that names it for stitching.
 
 - **Concurrency:** at most ``max_concurrency`` requests are in flight (an
   ``asyncio.Semaphore``), so the account's concurrency limit is rarely hit; a request
@@ -20,9 +22,14 @@ and the JSON body of ElevenLabs' OpenAPI document (``text``, ``model_id``,
   spends a request's budget; a call without one gets a budget of its own from
   ``retry`` (the RETRY_* settings).
 - **Long text:** split at sentence boundaries within the model's limit
-  (:mod:`core.voice.models`, :mod:`core.voice.chunking`); the parts are requested
-  concurrently, each with its neighbours as ``previous_text``/``next_text``, and joined
-  into one MP3 (:func:`core.voice.mp3join.join_mp3`).
+  (:mod:`core.voice.models`, :mod:`core.voice.chunking`) and joined into one MP3
+  (:func:`core.voice.mp3join.join_mp3`). On models that take request stitching the parts
+  are requested one after the other, each with the ``request-id`` of up to
+  :data:`MAX_STITCHED` parts before it as ``previous_request_ids`` and the start of the
+  next part as ``next_text`` (a part whose answer had no ``request-id`` is followed by one
+  that gets ``previous_text`` instead). On the others (``eleven_v3``) they are requested
+  concurrently, each with its neighbours as ``previous_text``/``next_text``. Every part
+  carries the same ``seed`` and dictionaries.
 - **One file per call:** the file is written once, after every part's body arrived whole.
 """
 
@@ -34,7 +41,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -44,6 +51,7 @@ from core.backoff import Backoff
 from core.retry_budget import RetryBudget
 from core.voice.backend import VoiceSettings
 from core.voice.chunking import context, split_text
+from core.voice.dictionaries import locators
 from core.voice.elevenlabs_faults import (
     ElevenLabsError,
     ElevenLabsTimeoutError,
@@ -54,11 +62,15 @@ from core.voice.models import model_facts
 from core.voice.mp3join import join_mp3
 from schemas.errors import InternalError
 
-__all__ = ["ElevenLabsBackend", "Subscription"]
+__all__ = ["MAX_STITCHED", "ElevenLabsBackend", "Subscription"]
 
 logger = logging.getLogger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
+
+_T = TypeVar("_T")
+
+MAX_STITCHED = 3  # ElevenLabs: "A maximum of 3 request_ids can be send."
 
 
 @dataclass(frozen=True)
@@ -147,9 +159,40 @@ class ElevenLabsBackend:
         """
         budget = self._budget if self._budget is not None else RetryBudget(self._retry)
         model_id = settings.model_id or self._default_model_id
-        chunks = split_text(text, model_facts(model_id).chunk_chars)
+        facts = model_facts(model_id)
+        chunks = split_text(text, facts.chunk_chars)
         if not chunks:
             raise InternalError("nothing to speak")
+        if len(chunks) == 1:
+            audio, _ = await self._convert(
+                settings.voice_id, self._body(chunks[0], model_id, settings), budget)
+        else:
+            stitch = self._stitched if facts.stitching else self._with_context
+            parts = await stitch(chunks, model_id, settings, budget)
+            audio = await asyncio.to_thread(join_mp3, parts)
+        await asyncio.to_thread(path.write_bytes, audio)
+
+    async def _stitched(self, chunks: list[str], model_id: str, settings: VoiceSettings,
+                        budget: RetryBudget) -> list[bytes]:
+        """The parts one after the other, each stitched to the ones before it by their
+        ``request-id`` (see the module docstring)."""
+        parts: list[bytes] = []
+        ids: list[str] = []
+        for i, chunk in enumerate(chunks):
+            following = context(chunks[i + 1], before=False) if i + 1 < len(chunks) else None
+            body = self._body(chunk, model_id, settings, following=following)
+            if ids:
+                body["previous_request_ids"] = ids[-MAX_STITCHED:]
+            elif i > 0:  # the part before came without a request-id: its text instead
+                body["previous_text"] = context(chunks[i - 1], before=True)
+            audio, request_id = await self._convert(settings.voice_id, body, budget)
+            parts.append(audio)
+            ids = [*ids, request_id] if request_id else []
+        return parts
+
+    async def _with_context(self, chunks: list[str], model_id: str, settings: VoiceSettings,
+                            budget: RetryBudget) -> list[bytes]:
+        """The parts concurrently, each with its neighbours' text as context."""
         bodies = [
             self._body(
                 chunk, model_id, settings,
@@ -158,13 +201,9 @@ class ElevenLabsBackend:
             )
             for i, chunk in enumerate(chunks)
         ]
-        if len(bodies) == 1:
-            audio = await self._convert(settings.voice_id, bodies[0], budget)
-        else:
-            parts = await _all_or_nothing(
-                [self._convert(settings.voice_id, b, budget) for b in bodies])
-            audio = await asyncio.to_thread(join_mp3, parts)
-        await asyncio.to_thread(path.write_bytes, audio)
+        answers = await _all_or_nothing(
+            [self._convert(settings.voice_id, b, budget) for b in bodies])
+        return [audio for audio, _ in answers]
 
     async def subscription(self) -> Subscription:
         """The account's subscription (one request, no retries).
@@ -205,7 +244,7 @@ class ElevenLabsBackend:
     @staticmethod
     def _body(
         text: str, model_id: str, settings: VoiceSettings, *,
-        previous: str | None, following: str | None,
+        previous: str | None = None, following: str | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"text": text, "model_id": model_id}
         voice_settings = {
@@ -215,6 +254,11 @@ class ElevenLabsBackend:
         }
         if voice_settings:  # none given: the voice's own stored settings apply
             body["voice_settings"] = voice_settings
+        if settings.seed is not None:
+            body["seed"] = settings.seed
+        if settings.pronunciation_dictionaries:
+            body["pronunciation_dictionary_locators"] = locators(
+                settings.pronunciation_dictionaries)
         if previous:
             body["previous_text"] = previous
         if following:
@@ -222,8 +266,9 @@ class ElevenLabsBackend:
         return body
 
     async def _convert(self, voice_id: str, body: dict[str, Any], budget: RetryBudget
-                       ) -> bytes:
-        """The audio for one request body, retried as the module docstring says."""
+                       ) -> tuple[bytes, str | None]:
+        """The audio for one request body and its ``request-id`` (``None`` when upstream
+        sent none), retried as the module docstring says."""
         url = f"{self._api_url}/text-to-speech/{quote(voice_id, safe='')}"
         params = {"output_format": self._output_format}
         while True:
@@ -248,7 +293,7 @@ class ElevenLabsBackend:
                     error.__cause__ = exc
                 else:
                     if response.status_code == 200 and response.content:
-                        return response.content
+                        return response.content, response.headers.get("request-id") or None
                     if response.status_code == 200:
                         error = ElevenLabsUnavailableError(
                             "ElevenLabs answered 200 without audio", http_status=200,
@@ -267,7 +312,7 @@ class ElevenLabsBackend:
             await self._sleep(wait)
 
 
-async def _all_or_nothing(calls: list[Awaitable[bytes]]) -> list[bytes]:
+async def _all_or_nothing(calls: list[Awaitable[_T]]) -> list[_T]:
     """The results of ``calls`` run concurrently, in order; on the first failure the others
     are cancelled and that failure is raised."""
     tasks = [asyncio.ensure_future(call) for call in calls]

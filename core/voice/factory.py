@@ -10,6 +10,7 @@ import httpx
 from core.backoff import Backoff
 from core.llm import ChatClient
 from core.outputs import OutputStore
+from core.remembered import RememberedResults
 from core.settings import ConfigurationError, Settings
 from core.voice.backend import VoiceBackend
 from core.voice.elevenlabs import ElevenLabsBackend, Sleep
@@ -20,6 +21,7 @@ from core.voice.espeak import EspeakSynthesizer
 from core.voice.local import LocalVoiceBackend
 from core.voice.profiles import VoiceProfiles
 from core.voice.quota import QuotaMonitor
+from core.voice.results import VoiceResults
 from core.voice.service import VoiceService
 
 __all__ = ["build_voice_service"]
@@ -42,6 +44,7 @@ def build_voice_service(
     - Emotion: the Persona Engine's LLM (on ``http``) with the rules as fallback when
       PERSONA_ENGINE_URL is set, the rules alone otherwise.
     - Profiles: read from VOICE_PROFILES_PATH when set.
+    - Remembered results: ``{store}/.voice-results``, at most RESULT_CACHE_MAX_ENTRIES.
 
     ``http`` is the engine's shared client (the caller closes it); ``sleep`` is how the
     ElevenLabs backend waits between retries (tests pass a recorder). Its retries follow
@@ -94,8 +97,10 @@ def build_voice_service(
         backend, quota = elevenlabs, QuotaMonitor(elevenlabs)
     else:
         backend = LocalVoiceBackend(EspeakSynthesizer())
+    results = VoiceResults(RememberedResults(store.directory / ".voice-results",
+                                             max_entries=settings.result_cache_max_entries))
     return VoiceService(backend, store, settings.default_voice_id, injector,
-                        profiles=profiles, quota=quota)
+                        profiles=profiles, quota=quota, results=results)
 
 
 def _require(http: httpx.AsyncClient | None) -> httpx.AsyncClient:

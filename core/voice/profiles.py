@@ -6,8 +6,14 @@ The file (VOICE_PROFILES_PATH) maps ``character_id`` to a profile; every field i
       "sarah": {"voice_id": "EXAVITQu4vr4xnSDxMaL", "model_id": "eleven_v3",
                 "stability": 0.5, "similarity_boost": 0.8, "style": 0.2,
                 "use_speaker_boost": true, "speed": 1.0},
-      "max":   {"voice_id": "TX3LPaxmHKxFdv7VOQHJ"}
+      "max":   {"voice_id": "TX3LPaxmHKxFdv7VOQHJ",
+                "pronunciation_dictionaries": [{"id": "5xM3yVvZQKV0EfqQpLrJ",
+                                                "version_id": "Kx7bA0Gz2F9r4wYlQpTe"}]}
     }
+
+``pronunciation_dictionaries`` (at most 3, each ``{id, version_id}``, ``version_id``
+optional: the latest) are sent with every request of that character
+(:mod:`core.voice.dictionaries`).
 
 A request's own fields win over its character's profile, which wins over the defaults
 (DEFAULT_VOICE_ID, ELEVENLABS_MODEL_ID). A character without a profile just gets the
@@ -25,6 +31,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from core.settings import ConfigurationError
+from core.voice.dictionaries import MAX_DICTIONARIES, PronunciationDictionary
 
 __all__ = ["VoiceProfile", "VoiceProfiles"]
 
@@ -44,6 +51,8 @@ class VoiceProfile(BaseModel):
     style: _Unit | None = None
     use_speaker_boost: bool | None = None
     speed: Annotated[float, Field(ge=0.7, le=1.2)] | None = None
+    pronunciation_dictionaries: Annotated[
+        tuple[PronunciationDictionary, ...], Field(max_length=MAX_DICTIONARIES)] = ()
 
 
 _FILE = TypeAdapter(dict[_Id, VoiceProfile])
@@ -77,7 +86,7 @@ class VoiceProfiles:
             raise ConfigurationError(
                 f"{prefix} ({where}: {first['msg']}; expected an object of character_id to "
                 "{voice_id, model_id, stability, similarity_boost, style, use_speaker_boost, "
-                "speed})"
+                "speed, pronunciation_dictionaries: at most 3 of {id, version_id}})"
             ) from None
         return cls(profiles)
 

@@ -2,15 +2,20 @@
 
 The Kafka consumer and the HTTP endpoint both call :meth:`VoiceService.generate`, so the
 two paths cannot drift apart. The service resolves the voice (request, then the character's
-profile, then the defaults), injects emotion the way the model can perform it, and has the
-backend write the file. A backend that retries upstream calls spends the request's
+profile, then the defaults) and the seed (the request's, else one derived from its
+``request_id``), answers a request it has answered before from the remembered results while
+the file exists (:mod:`core.voice.results`), joins the same output being made
+(:mod:`core.voice.shared_work`), and otherwise injects emotion the way the model can
+perform it and has the backend write the file. A backend that retries upstream calls spends the request's
 :class:`~core.retry_budget.RetryBudget` when the caller brings one (the consume loop does,
 so that its retries and the backend's share one bound).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,12 +23,15 @@ from typing import Any, Protocol, runtime_checkable
 
 from core.outputs import OutputStore
 from core.retry_budget import RetryBudget
-from core.voice.backend import VoiceBackend, VoiceSettings
+from core.seeds import derive_seed
+from core.voice.backend import SEED_MAX, VoiceBackend, VoiceSettings
 from core.voice.emotion import EmotionInjector, shift_settings
 from core.voice.emotion_rules import RulesEmotionInjector
 from core.voice.mp3 import audio_duration
 from core.voice.profiles import VoiceProfiles
 from core.voice.quota import QuotaMonitor
+from core.voice.results import RememberedVoice, VoiceResults, voice_fingerprint
+from core.voice.shared_work import SharedWork
 from core.voice.tags import strip_audio_tags
 from schemas.errors import InternalError, InvalidRequestError
 
@@ -61,11 +69,17 @@ class VoiceRequestLike(Protocol):
     def inject_emotion(self) -> bool: ...
     @property
     def character_id(self) -> str | None: ...
+    @property
+    def seed(self) -> int | None: ...
+    @property
+    def request_id(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
 class VoiceJob:
-    """A plain voice request (the original API's body), for callers without an event."""
+    """A plain voice request (the original API's body), for callers without an event.
+    Without ``seed`` and ``request_id`` the upstream samples freely and nothing is
+    remembered."""
 
     text: str
     voice_id: str | None = None
@@ -75,12 +89,16 @@ class VoiceJob:
     model_id: str | None = None
     inject_emotion: bool = True
     character_id: str | None = None
+    seed: int | None = None
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)
 class VoiceResult:
     """The original ``/generate/voice`` response: ``text`` as requested, ``enhanced_text``
-    as spoken, ``duration_seconds`` read from the written file, ``timestamp`` ISO-8601 UTC."""
+    as spoken, ``duration_seconds`` read from the written file, ``timestamp`` ISO-8601 UTC
+    (when the file was made, or when a remembered result was answered); plus ``seed``, the
+    seed the audio was asked for with (``None``: none)."""
 
     audio_id: str
     filename: str
@@ -90,6 +108,7 @@ class VoiceResult:
     url: str
     duration_seconds: float
     timestamp: str
+    seed: int | None = None
 
 
 class VoiceService:
@@ -100,7 +119,8 @@ class VoiceService:
     makes text expressive when a request asks for emotion (default: the rules,
     :class:`~core.voice.emotion_rules.RulesEmotionInjector`); texts longer than
     ``max_text_chars`` are rejected. ``quota`` is the provider's quota monitor, when the
-    backend has an account. Raises ``ValueError`` for an empty ``default_voice_id`` or a
+    backend has an account. ``results`` remembers answered requests (none: every request
+    is made anew). Raises ``ValueError`` for an empty ``default_voice_id`` or a
     ``max_text_chars`` below 1.
     """
 
@@ -114,6 +134,7 @@ class VoiceService:
         *,
         profiles: VoiceProfiles | None = None,
         quota: QuotaMonitor | None = None,
+        results: VoiceResults | None = None,
     ) -> None:
         if not default_voice_id:
             raise ValueError("default_voice_id must not be empty")
@@ -126,6 +147,8 @@ class VoiceService:
         self._max_text_chars = max_text_chars
         self._profiles = profiles if profiles is not None else VoiceProfiles()
         self._quota = quota
+        self._results = results
+        self._making: SharedWork[tuple[RememberedVoice, float]] = SharedWork()
 
     @property
     def backend(self) -> VoiceBackend:
@@ -147,28 +170,55 @@ class VoiceService:
         requested model; for other models emotion shifts the voice settings a request did
         not set itself. ``enhanced_text`` is exactly what was sent to the backend.
 
+        The seed is ``request.seed``, else one derived from ``request.request_id`` (none
+        without either). A request with a seed that was answered before (same text, voice,
+        settings, model, backend and seed) is answered from the remembered result while its
+        file exists, with no backend call; once the file is gone the remembered text and
+        settings are spoken again. The same output asked for while it is being made is
+        waited for, not made twice.
+
         Raises :class:`InvalidRequestError` (before any work) for a text that is empty once
-        audio tags are removed, or too long, a voice setting outside 0..1, or a blank
-        ``voice_id``/``model_id``; the backend's :class:`~schemas.errors.EngineError` as
-        raised (ElevenLabs: the subclasses of
+        audio tags are removed, or too long, a voice setting outside 0..1, a seed outside
+        0..4294967295, or a blank ``voice_id``/``model_id``; the backend's
+        :class:`~schemas.errors.EngineError` as raised (ElevenLabs: the subclasses of
         :class:`~core.voice.elevenlabs_faults.ElevenLabsError`, carrying ``attempts``);
         :class:`InternalError` when the output cannot be written or read back. A failed
         request leaves no file.
         """
         settings, explicit = self._settings(request)
         plain = self._checked_text(request.text)
+        if settings.seed is None or self._results is None:
+            made = await self._make(request, plain, settings, explicit, budget)
+            return self._result(request.text, *made)
+        model = settings.model_id or getattr(self._backend, "default_model_id", None)
+        key = voice_fingerprint(request.text, request.inject_emotion, settings,
+                                self._backend.name, model)
+        remembered = self._results.get(key)
+        if remembered is not None and self._store.exists(remembered.filename):
+            logger.debug("voice answered from the remembered results: %s", remembered.filename)
+            return self._result(request.text, remembered, None)
+        if remembered is not None:
+            logger.info("voice output %s was cleaned up: speaking it again with seed %s",
+                        remembered.filename, settings.seed)
 
-        text = request.text
-        performs_tags = self._backend.performs_audio_tags(settings.model_id)
-        if request.inject_emotion:
-            expression = await self._injector.express(text, performs_tags)
-            text = expression.text
-            if not performs_tags:
-                settings = shift_settings(settings, expression.emotion, explicit)
-        spoken = text.strip() if performs_tags else strip_audio_tags(text)
-        if not strip_audio_tags(spoken):
-            logger.warning("emotion injection returned no speech; speaking the text as given")
-            spoken = plain
+        async def make() -> tuple[RememberedVoice, float]:
+            made = await self._make(request, plain, settings, explicit, budget, remembered)
+            await self._remember(key, made[0])
+            return made
+
+        return self._result(request.text, *await self._making.run(key, make))
+
+    async def _make(
+        self, request: VoiceRequestLike, plain: str, settings: VoiceSettings,
+        explicit: frozenset[str], budget: RetryBudget | None,
+        remembered: RememberedVoice | None = None,
+    ) -> tuple[RememberedVoice, float]:
+        """A new output for ``request`` and when it was made; ``remembered`` says what to
+        speak and how (a replay after cleanup), else emotion is injected now."""
+        if remembered is not None:
+            spoken, settings = remembered.spoken, remembered.settings
+        else:
+            spoken, settings = await self._expressed(request, plain, settings, explicit)
 
         duration = 0.0
 
@@ -187,15 +237,47 @@ class VoiceService:
         except OSError as exc:
             raise InternalError(f"cannot write the voice output: {exc}") from exc
         logger.debug("voice %s: %d chars, %.3f s", stored.filename, len(spoken), duration)
+        made = RememberedVoice(audio_id=stored.file_id, filename=stored.filename,
+                               spoken=spoken, duration_seconds=round(duration, 3),
+                               settings=settings)
+        return made, stored.created_at
+
+    async def _expressed(self, request: VoiceRequestLike, plain: str, settings: VoiceSettings,
+                         explicit: frozenset[str]) -> tuple[str, VoiceSettings]:
+        """The text to speak and the settings to speak it with, emotion injected as the
+        model can perform it."""
+        text = request.text
+        performs_tags = self._backend.performs_audio_tags(settings.model_id)
+        if request.inject_emotion:
+            expression = await self._injector.express(text, performs_tags)
+            text = expression.text
+            if not performs_tags:
+                settings = shift_settings(settings, expression.emotion, explicit)
+        spoken = text.strip() if performs_tags else strip_audio_tags(text)
+        if not strip_audio_tags(spoken):
+            logger.warning("emotion injection returned no speech; speaking the text as given")
+            spoken = plain
+        return spoken, settings
+
+    async def _remember(self, key: str, made: RememberedVoice) -> None:
+        assert self._results is not None
+        try:
+            await asyncio.to_thread(self._results.put, key, made)
+        except OSError as exc:  # the output is fine; only a replay will cost again
+            logger.warning("voice result not remembered: %s", exc)
+
+    def _result(self, text: str, made: RememberedVoice, created_at: float | None
+                ) -> VoiceResult:
         return VoiceResult(
-            audio_id=stored.file_id,
-            filename=stored.filename,
-            text=request.text,
-            enhanced_text=spoken,
-            voice_id=settings.voice_id,
-            url=stored.url,
-            duration_seconds=round(duration, 3),
-            timestamp=_iso_utc(stored.created_at),
+            audio_id=made.audio_id,
+            filename=made.filename,
+            text=text,
+            enhanced_text=made.spoken,
+            voice_id=made.settings.voice_id,
+            url=self._store.url_for(made.filename),
+            duration_seconds=made.duration_seconds,
+            timestamp=_iso_utc(time.time() if created_at is None else created_at),
+            seed=made.settings.seed,
         )
 
     def _settings(self, request: VoiceRequestLike) -> tuple[VoiceSettings, frozenset[str]]:
@@ -209,6 +291,12 @@ class VoiceService:
             value = getattr(request, field)
             if value is not None and not value.strip():
                 raise InvalidRequestError(f"{field} must not be blank", field=field)
+        seed = request.seed
+        if seed is not None and (isinstance(seed, bool) or not 0 <= seed <= SEED_MAX):
+            raise InvalidRequestError(f"seed must be within 0..{SEED_MAX}, got {seed}",
+                                      field="seed")
+        if seed is None and request.request_id:
+            seed = derive_seed(request.request_id, SEED_MAX)  # a replay asks for the same audio
         profile = self._profiles.get(getattr(request, "character_id", None))
 
         def pick(field: str) -> Any:
@@ -229,6 +317,8 @@ class VoiceService:
             style=pick("style"),
             speed=pick("speed"),
             use_speaker_boost=pick("use_speaker_boost"),
+            seed=seed,
+            pronunciation_dictionaries=profile.pronunciation_dictionaries if profile else (),
         )
         return settings, explicit
 

@@ -1,5 +1,8 @@
 """The whole HTTP app on a real server on 127.0.0.1, over the real cores on the tiny model:
-voice (local), image and LoRA training, with uploads under a temp dir of its own."""
+voice (local), image and LoRA training, with uploads under a temp dir of its own.
+
+Every request a test here sends through aiohttp's ``TestClient`` and every response it
+gets are checked against ``docs/openapi.json`` (:mod:`tests.support.openapi_check`)."""
 
 from __future__ import annotations
 
@@ -26,6 +29,12 @@ from core.voice import EspeakSynthesizer, LocalVoiceBackend, VoiceService
 from http_files import AppServices, create_app
 from http_files.uploads import UPLOADS, Uploads, upload_limits
 from schemas.codec import EventCodec
+from tests.support.openapi_check import check_client
+
+
+@pytest.fixture(autouse=True)
+def _checked_against_openapi(monkeypatch: pytest.MonkeyPatch) -> None:
+    check_client(monkeypatch)
 
 
 @dataclass

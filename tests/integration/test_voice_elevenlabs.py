@@ -88,7 +88,10 @@ async def test_kafka_and_http_give_the_same_result(
                                                          abs=0.05)
     sent = upstream.tts_requests()
     assert len(sent) == 2
-    assert sent[0].json == sent[1].json  # the very same upstream request from both paths
+    seeds = [r.json.pop("seed") for r in sent]  # each derived from its own request_id
+    assert (via_kafka.event["seed"], via_http["seed"]) == tuple(seeds)
+    assert seeds[0] != seeds[1]
+    assert sent[0].json == sent[1].json  # otherwise the very same upstream request
     assert sent[0].json["model_id"] == "eleven_multilingual_v2"
     assert "[" not in sent[0].json["text"]  # a non-v3 model never gets audio tags
 

@@ -9,10 +9,20 @@ Paths (under ``/v1``): ``POST /text-to-speech/{voice_id}`` (and ``…/stream``),
   ``invalid_api_key``, as ``{"detail": {"status", "message"}}``.
 - **Validation:** FastAPI's 422 ``{"detail": [{"type", "loc", "msg", "input"}]}`` for a body
   that is not JSON, a missing or non-string ``text``, voice settings out of range
-  (stability, similarity_boost, style 0..1; speed 0.7..1.2) or an unknown ``output_format``;
-  400 ``max_character_limit_exceeded`` for a text over the model's limit, 400
-  ``model_not_found``, 404 ``voice_not_found``; 401 ``quota_exceeded`` when the account's
-  characters run out (``character_limit``).
+  (stability, similarity_boost, style 0..1; speed 0.7..1.2), a ``seed`` that is not an
+  integer within 0..4294967295, ``pronunciation_dictionary_locators`` that are not a list
+  of at most 3 objects each with a string ``pronunciation_dictionary_id`` (and a string or
+  null ``version_id``), ``previous_request_ids``/``next_request_ids`` that are not lists of
+  at most 3 strings, ``previous_text``/``next_text`` that are not strings, or an unknown
+  ``output_format``; 400 ``max_character_limit_exceeded`` for a text over the model's
+  limit, 400 ``model_not_found``, 404 ``voice_not_found``; 401 ``quota_exceeded`` when the
+  account's characters run out (``character_limit``).
+- **Request stitching:** every audio answer carries a ``request-id`` header (unless
+  :attr:`ElevenLabsServer.send_request_ids` is false, as in zero retention mode). Stitching ids
+  sent to ``eleven_v3`` are refused with 400 ``unsupported_model`` (ElevenLabs documents
+  stitching as unavailable on v3 without documenting the error: this shape is this
+  server's choice), and ids this server never issued with 400 ``request_id_not_found``
+  (likewise its choice: it catches an engine that sends made-up ids).
 - **Concurrency:** beyond ``max_concurrency`` requests at once, 429
   ``too_many_concurrent_requests`` (with ``current-concurrent-requests`` and
   ``maximum-concurrent-requests`` headers).
@@ -24,8 +34,11 @@ Paths (under ``/v1``): ``POST /text-to-speech/{voice_id}`` (and ``…/stream``),
 - **Latency:** ``latency`` seconds before each answer, like generation time.
 - **Audio:** a deterministic MP3 (a tone whose pitch follows the text), ``seconds_per_char``
   seconds per character, at the sample rate of ``output_format``; cached per text.
-- **Log:** :attr:`ElevenLabsServer.received` lists every request (never the key itself);
-  each text-to-speech answer says how long the server took in a ``Server-Timing`` header.
+- **Log:** :attr:`ElevenLabsServer.received` lists every request (never the key itself)
+  with its JSON body (``seed``, ``pronunciation_dictionary_locators``, stitching fields as
+  sent) and the ``request-id`` answered; :attr:`ElevenLabsServer.tts_calls` counts the
+  text-to-speech requests that reached it. Each text-to-speech answer says how long the
+  server took in a ``Server-Timing`` header.
 
 Standalone, for trying the engine without a key::
 
@@ -76,6 +89,10 @@ _OUTPUT_FORMATS = {
     "pcm_48000", "ulaw_8000", "alaw_8000", "opus_48000_32", "opus_48000_64", "opus_48000_96",
     "opus_48000_128", "opus_48000_192",
 }
+_SEED_MAX = 4_294_967_295
+_MAX_LOCATORS = 3
+_MAX_STITCHED = 3
+_STITCHING_IDS = ("previous_request_ids", "next_request_ids")
 _SETTING_RANGES = {
     "stability": (0.0, 1.0), "similarity_boost": (0.0, 1.0), "style": (0.0, 1.0),
     "speed": (0.7, 1.2),
@@ -105,6 +122,8 @@ class Received:
     fault: str | None = None
     at: float = field(default_factory=time.monotonic)
     seconds: float | None = None  # how long the server took to answer
+    traceparent: str | None = None  # the W3C trace header the caller sent, if any
+    request_id: str | None = None  # the request-id header of an audio answer
 
 
 class RecordingSleep:
@@ -124,6 +143,71 @@ def _detail(status: int, code: str, message: str, **headers: str) -> web.Respons
 
 def _invalid(errors: list[dict[str, Any]]) -> web.Response:
     return web.json_response({"detail": errors}, status=422)
+
+
+def _seed_errors(seed: Any) -> list[dict[str, Any]]:
+    loc = ["body", "seed"]
+    if seed is None:
+        return []
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        return [{"type": "int_type", "loc": loc, "msg": "Input should be a valid integer",
+                 "input": seed}]
+    if not 0 <= seed <= _SEED_MAX:
+        return [{"type": "value_error", "loc": loc, "input": seed,
+                 "msg": f"Value error, seed must be an integer between 0 and {_SEED_MAX}"}]
+    return []
+
+
+def _too_long(loc: list[Any], value: list[Any], most: int) -> dict[str, Any]:
+    return {"type": "too_long", "loc": loc, "input": value,
+            "msg": f"List should have at most {most} items after validation, not {len(value)}",
+            "ctx": {"field_type": "List", "max_length": most, "actual_length": len(value)}}
+
+
+def _list_errors(name: str, value: Any, most: int) -> list[dict[str, Any]] | None:
+    """Errors of a nullable list field beyond its items; ``None``: check the items."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        return [{"type": "list_type", "loc": ["body", name], "msg": "Input should be a valid list",
+                 "input": value}]
+    if len(value) > most:
+        return [_too_long(["body", name], value, most)]
+    return None
+
+
+def _string_list_errors(name: str, value: Any, most: int) -> list[dict[str, Any]]:
+    errors = _list_errors(name, value, most)
+    if errors is not None:
+        return errors
+    return [{"type": "string_type", "loc": ["body", name, i], "msg": "Input should be a valid "
+             "string", "input": item} for i, item in enumerate(value) if not isinstance(item, str)]
+
+
+def _locator_errors(value: Any) -> list[dict[str, Any]]:
+    name = "pronunciation_dictionary_locators"
+    refused = _list_errors(name, value, _MAX_LOCATORS)
+    if refused is not None:
+        return refused
+    errors: list[dict[str, Any]] = []
+    for i, item in enumerate(value):
+        loc = ["body", name, i]
+        if not isinstance(item, dict):
+            errors.append({"type": "model_attributes_type", "loc": loc,
+                           "msg": "Input should be a valid dictionary", "input": item})
+            continue
+        if "pronunciation_dictionary_id" not in item:
+            errors.append({"type": "missing", "loc": [*loc, "pronunciation_dictionary_id"],
+                           "msg": "Field required", "input": item})
+        elif not isinstance(item["pronunciation_dictionary_id"], str):
+            errors.append({"type": "string_type", "loc": [*loc, "pronunciation_dictionary_id"],
+                           "msg": "Input should be a valid string",
+                           "input": item["pronunciation_dictionary_id"]})
+        version = item.get("version_id")
+        if version is not None and not isinstance(version, str):
+            errors.append({"type": "string_type", "loc": [*loc, "version_id"],
+                           "msg": "Input should be a valid string", "input": version})
+    return errors
 
 
 def _tone(text: str, seconds: float, rate: int) -> np.ndarray[Any, np.dtype[np.int16]]:
@@ -157,6 +241,9 @@ class ElevenLabsServer:
         self.tier = tier
         self.faults: list[Fault] = []
         self.received: list[Received] = []
+        self.tts_calls = 0
+        self.send_request_ids = True  # False: answers without the request-id header
+        self.issued: set[str] = set()  # request-ids answered, the ones stitching may name
         self.in_flight = 0
         self.peak_in_flight = 0
         self.url = ""
@@ -205,7 +292,8 @@ class ElevenLabsServer:
         given = request.headers.get("xi-api-key")
         key = "missing" if given is None else ("ok" if given == self.api_key else "wrong")
         entry = Received(request.method, request.path, dict(request.query), key,
-                         voice_id=request.match_info.get("voice_id"))
+                         voice_id=request.match_info.get("voice_id"),
+                         traceparent=request.headers.get("traceparent"))
         self.received.append(entry)
         if key == "missing":
             return entry, _detail(401, "needs_authorization", "Neither authorization header "
@@ -216,6 +304,7 @@ class ElevenLabsServer:
 
     async def _tts(self, request: web.Request) -> web.StreamResponse:
         entry, refusal = self._log(request)
+        self.tts_calls += 1
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
@@ -261,6 +350,15 @@ class ElevenLabsServer:
             return _detail(400, "max_character_limit_exceeded",
                            f"You are sending {len(text)} characters with a maximum of "
                            f"{MODELS[model_id]} for model {model_id}.")
+        stitched = [i for name in _STITCHING_IDS for i in body.get(name) or []]
+        if stitched and model_id.startswith("eleven_v3"):
+            return _detail(400, "unsupported_model", "Request stitching (previous_request_ids, "
+                           f"next_request_ids) is not available for {model_id}; use "
+                           "previous_text and next_text.")
+        unknown = [i for i in stitched if i not in self.issued]
+        if unknown:
+            return _detail(400, "request_id_not_found",
+                           f"No generation with request id {unknown[0]} was found.")
 
         fault = self.faults.pop(0) if self.faults else None
         if fault is not None:
@@ -276,9 +374,12 @@ class ElevenLabsServer:
         audio = await self._audio_for(text, rate)
         self.character_count += len(text)
         entry.audio_seconds = self.audio_seconds(text)
-        return web.Response(body=audio, content_type="audio/mpeg",
-                            headers={"character-cost": str(len(text)),
-                                     "request-id": f"req{len(self.received):06d}"})
+        headers = {"character-cost": str(len(text))}
+        if self.send_request_ids:
+            entry.request_id = f"req{len(self.received):06d}"
+            self.issued.add(entry.request_id)
+            headers["request-id"] = entry.request_id
+        return web.Response(body=audio, content_type="audio/mpeg", headers=headers)
 
     def _validate(self, body: Any, query: Any) -> web.Response | None:
         errors: list[dict[str, Any]] = []
@@ -312,6 +413,15 @@ class ElevenLabsServer:
         elif settings is not None:
             errors.append({"type": "model_attributes_type", "loc": ["body", "voice_settings"],
                            "msg": "Input should be a valid dictionary", "input": settings})
+        errors += _seed_errors(body.get("seed"))
+        errors += _locator_errors(body.get("pronunciation_dictionary_locators"))
+        for name in _STITCHING_IDS:
+            errors += _string_list_errors(name, body.get(name), _MAX_STITCHED)
+        for name in ("previous_text", "next_text"):
+            value = body.get(name)
+            if value is not None and not isinstance(value, str):
+                errors.append({"type": "string_type", "loc": ["body", name],
+                               "msg": "Input should be a valid string", "input": value})
         fmt = query.get("output_format")
         if fmt is not None and fmt not in _OUTPUT_FORMATS:
             errors.append({"type": "enum", "loc": ["query", "output_format"], "input": fmt,

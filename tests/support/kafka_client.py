@@ -18,6 +18,7 @@ from schemas.events import (
     LoraTrainingRequested,
     VoiceRequested,
 )
+from tests.support.asyncapi_check import EventChecker
 
 __all__ = ["Answer", "PersonaPeer"]
 
@@ -51,6 +52,10 @@ class PersonaPeer:
         self.prefix = prefix
         self.codec = EventCodec()
         self.answers: list[Answer] = []
+        # every record read is checked against docs/asyncapi.yaml; what does not fit is
+        # listed here and fails the test when the peer closes
+        self.checker = EventChecker(prefix)
+        self.violations: list[str] = []
         self._arrived = asyncio.Condition()
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
         self._consumer = AIOKafkaConsumer(
@@ -73,10 +78,17 @@ class PersonaPeer:
         await asyncio.gather(self._reader, return_exceptions=True)
         await self._consumer.stop()
         await self._producer.stop()
+        if self.violations and exc[0] is None:
+            raise AssertionError("records that do not fit docs/asyncapi.yaml:\n"
+                                 + "\n".join(self.violations[:5]))
 
     async def _read(self) -> None:
         async for record in self._consumer:
             headers = {k: v for k, v in record.headers or ()}
+            try:
+                self.checker.check(record.topic, record.key, headers, record.value)
+            except AssertionError as exc:
+                self.violations.append(str(exc))
             ctype = headers.get("content-type")
             _, raw = self.codec.decode_raw(record.value, ctype.decode() if ctype else None)
             answer = Answer(record.topic, record.partition, record.offset, record.key,
@@ -93,11 +105,13 @@ class PersonaPeer:
         key: str | None = None,
         encoding: str = "json",
         content_type_header: bool = True,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> tuple[int, int]:
-        """Publishes one request (``kind`` image, voice, lora) or a ``control`` record;
-        returns (partition, offset)."""
+        """Publishes one request (``kind`` image, voice, lora) or a ``control`` record,
+        with ``headers`` added to the usual ones (e.g. ``traceparent``); returns
+        (partition, offset)."""
         topic = f"{self.prefix}generation.{'control' if kind == 'control' else 'requested.' + kind}"
-        headers: list[tuple[str, bytes]] = []
+        record_headers: list[tuple[str, bytes]] = []
         if isinstance(payload, bytes):
             value = payload
         else:
@@ -107,12 +121,15 @@ class PersonaPeer:
             else:
                 value = json.dumps(payload).encode()
             if content_type_header:
-                headers.append(("content-type", self.codec.content_type(encoding).encode()))
-            headers.append(("request_id", str(payload.get("request_id", "")).encode()))
+                record_headers.append(
+                    ("content-type", self.codec.content_type(encoding).encode()))
+            record_headers.append(("request_id", str(payload.get("request_id", "")).encode()))
+        record_headers += headers or []
         if key is None and isinstance(payload, dict):
             key = str(payload.get("conversation_id", ""))
         meta = await self._producer.send_and_wait(
-            topic, value=value, key=key.encode() if key is not None else None, headers=headers
+            topic, value=value, key=key.encode() if key is not None else None,
+            headers=record_headers,
         )
         return meta.partition, meta.offset
 

@@ -1,0 +1,444 @@
+"""The engine's GPU speed and memory on the real FLUX.1-dev size, with no download.
+
+Builds FLUX.1-dev's architecture with random bf16 weights directly on the GPU
+(:mod:`core.image.random_flux`), then drives the engine's own GPU worker through it:
+
+- seconds per 1024² image at 28 steps with a rank-16 LoRA active, median of 3 after a
+  warm-up, and peak GPU memory, for: bf16 eager; each step cache at its default
+  (first_block, taylorseer, mag); bf16 compiled (with the LoRA hotswap slot); fp8 compiled
+  (when torchao is installed and the GPU has float8 tensor cores);
+- LoRA switch seconds between two loaded LoRAs (eager: the LRU set) and between two LoRAs
+  hot-swapped into a compiled transformer, with the number of recompilations it caused;
+- one LoRA training step (rank 16) at 512² and 1024²: seconds and peak memory.
+
+Prints one table and writes ``gpu-check.json``. Configurations run in order of interest
+within ``--budget`` seconds; one that would not fit, or that fails, is reported as such and
+the run goes on. ``--smoke`` runs the same code on the CPU with the development model's
+sizes, a small image and 4 steps (the test suite runs it, so the script cannot rot).
+
+Usage: python bench/gpu_check.py [--smoke] [--out gpu-check.json] [--budget 420]
+(``make gpu-check`` on a CUDA machine.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from core.image.acceleration import Acceleration
+from core.image.job import ImageJob
+from core.image.loader import LoadedModel, prepare_model
+from core.image.random_flux import ModelSize, build_random_flux, write_random_lora
+from core.image.worker import GpuWorker
+from core.lora.registry import LoraInfo, LoraRegistry
+from core.metrics import EngineMetrics
+from core.training.encode import encode_training_data
+from core.training.trainer import ChunkPlan, run_chunk
+
+_PROMPT = "sarah, a woman with red hair in a cafe, warm light, photograph"
+
+
+@dataclass(frozen=True)
+class Plan:
+    size: ModelSize
+    device: str
+    dtype: torch.dtype
+    image: int  # pixels per side
+    steps: int
+    warmup: int
+    reps: int
+    train_sizes: tuple[int, ...]
+    switch_image: int
+    budget: float
+
+
+@dataclass
+class Report:
+    plan: Plan
+    started: float = field(default_factory=time.perf_counter)
+    environment: dict[str, Any] = field(default_factory=dict)
+    images: list[dict[str, Any]] = field(default_factory=list)
+    switches: list[dict[str, Any]] = field(default_factory=list)
+    training: list[dict[str, Any]] = field(default_factory=list)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def fits(self, seconds: float) -> bool:
+        return self.elapsed() + seconds <= self.plan.budget
+
+    def as_json(self) -> dict[str, Any]:
+        plan = self.plan
+        return {
+            "environment": self.environment,
+            "plan": {"model": plan.size, "device": plan.device, "dtype": str(plan.dtype),
+                     "image": plan.image, "steps": plan.steps, "warmup": plan.warmup,
+                     "reps": plan.reps},
+            "images": self.images, "lora_switch": self.switches, "training": self.training,
+            "total_seconds": round(self.elapsed(), 1),
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU, development model sizes, small image, 4 steps")
+    parser.add_argument("--out", type=Path, default=Path("gpu-check.json"))
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole run (default 450; smoke 300)")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated configurations to leave out, e.g. fp8,mag")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.smoke:
+        plan = Plan("dev", "cpu", torch.float32, image=64, steps=4, warmup=1, reps=2,
+                    train_sizes=(64, 128), switch_image=64, budget=args.budget or 300)
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("gpu_check: no CUDA device here (use --smoke for the CPU check)")
+        plan = Plan("flux1-dev", "cuda", torch.bfloat16, image=1024, steps=28, warmup=1,
+                    reps=3, train_sizes=(512, 1024), switch_image=1024,
+                    budget=args.budget or 450)
+    report = Report(plan)
+    skip = {name.strip() for name in args.skip.split(",") if name.strip()}
+    try:
+        run(report, skip)
+    finally:
+        args.out.write_text(json.dumps(report.as_json(), indent=2) + "\n", encoding="utf-8")
+        print_tables(report)
+        print(f"\nwrote {args.out} ({report.elapsed():.0f} s)")
+
+
+def run(report: Report, skip: set[str]) -> None:
+    plan = report.plan
+    report.environment = environment(plan)
+    print(f"gpu_check: {report.environment}", flush=True)
+    started = time.perf_counter()
+    pipeline = build_random_flux(plan.size, device=plan.device, dtype=plan.dtype)
+    report.environment["build_seconds"] = round(time.perf_counter() - started, 1)
+    print(f"built random {plan.size} in {report.environment['build_seconds']} s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        loras = make_loras(pipeline.transformer, Path(tmp))
+        eager = model_of(pipeline, plan, Acceleration(), compiled=False)
+        measure_images(report, "bf16 eager" if plan.dtype == torch.bfloat16 else "eager",
+                       eager, loras[0])
+        if "switch" not in skip:
+            measure_switches(report, "eager (LRU set)", eager, loras)
+        for cache in ("taylorseer", "first_block", "mag"):
+            if cache in skip:
+                continue
+            model = model_of(pipeline, plan, Acceleration(step_cache=cache), compiled=False)
+            measure_images(report, f"step cache {cache}", model, loras[0])
+            pipeline.transformer.disable_cache()
+        if "compiled" not in skip:
+            _unload_loras(pipeline)  # the hotswap slot is prepared on a bare transformer
+            compiled = guarded(report, "compiled", lambda: model_of(
+                pipeline, plan, Acceleration(), compiled=True))
+            if compiled is not None:
+                measure_images(report, "compiled (hotswap slot)", compiled, loras[0])
+                if "switch" not in skip:
+                    measure_switches(report, "compiled hotswap", compiled, loras)
+        if "fp8" not in skip:
+            measure_fp8(report, pipeline, loras[0])
+        if "training" not in skip:  # last: a CUDA fault here leaves the figures above
+            if plan.device == "cuda":  # a fresh bf16 transformer: not fp8, not compiled
+                fresh = build_random_flux(plan.size, device=plan.device, dtype=plan.dtype)
+                pipeline.register_modules(transformer=fresh.transformer)
+                torch.backends.cuda.enable_cudnn_sdp(False)
+                report.environment["training_cudnn_sdp"] = False
+            _unload_loras(pipeline)
+            trainable = model_of(pipeline, plan, Acceleration(), compiled=False)
+            for size in plan.train_sizes:
+                measure_training(report, trainable, size)
+
+
+def environment(plan: Plan) -> dict[str, Any]:
+    import diffusers
+
+    found: dict[str, Any] = {
+        "python": platform.python_version(), "torch": torch.__version__,
+        "diffusers": diffusers.__version__, "device": plan.device,
+    }
+    try:
+        import torchao  # type: ignore[import-not-found,unused-ignore]
+
+        found["torchao"] = torchao.__version__
+    except ImportError:
+        found["torchao"] = None
+    if plan.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        found.update(gpu=props.name, memory_gib=round(props.total_memory / 2**30, 1),
+                     capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
+    return found
+
+
+def make_loras(transformer: Any, directory: Path) -> list[LoraInfo]:
+    registry = LoraRegistry(directory / "registry")
+    infos = []
+    for index, name in enumerate(("character", "outfit")):
+        weights = write_random_lora(transformer, directory / f"{name}.safetensors", rank=16,
+                                    seed=index)
+        infos.append(registry.register(name, weights, trigger_word=None, base_model=None))
+    return infos
+
+
+def model_of(pipeline: Any, plan: Plan, acceleration: Acceleration, *,
+             compiled: bool) -> LoadedModel:
+    """The loader's preparation (memory mode, attention backend, fp8, step cache,
+    compilation with the hotswap slot) on the pipeline built in memory."""
+    return prepare_model(pipeline, name=f"random {plan.size}", path=Path(plan.size),
+                         development_model=plan.size == "dev", device=plan.device,
+                         compile_transformer=compiled, acceleration=acceleration)
+
+
+def _unload_loras(pipeline: Any) -> None:
+    try:
+        if pipeline.get_list_adapters().get("transformer"):
+            pipeline.unload_lora_weights()
+    except ValueError:  # no adapters at all
+        pass
+
+
+@contextlib.contextmanager
+def running(model: LoadedModel) -> Iterator[tuple[GpuWorker, EngineMetrics]]:
+    """A GPU worker on ``model``; stopped after, with its LoRAs unloaded (the next
+    worker's adapter set starts empty), except a compiled model's hotswap slot."""
+    metrics = EngineMetrics(CollectorRegistry())
+    worker = GpuWorker(model, max_batch_size=1, batch_window_ms=0, lora_cache_size=4,
+                       vae_tiling_threshold=4096, max_sequence_length=512, metrics=metrics)
+    worker.start()
+    try:
+        yield worker, metrics
+    finally:
+        worker.stop()
+        if model.hotswap_slot is None:
+            _unload_loras(model.pipeline)
+
+
+def job(plan: Plan, lora: LoraInfo | None, *, seed: int, size: int | None = None,
+        steps: int | None = None) -> ImageJob:
+    side = size or plan.image
+    return ImageJob(prompt=_PROMPT, negative_prompt=None, width=side, height=side,
+                    steps=steps or plan.steps, guidance=3.5, true_cfg_scale=1.0, seed=seed,
+                    lora=lora)
+
+
+def guarded(report: Report, label: str, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - one configuration's failure is its result
+        print(f"{label}: FAILED: {exc}", flush=True)
+        traceback.print_exc()
+        report.images.append({"config": label, "error": f"{type(exc).__name__}: {exc}"})
+        return None
+
+
+def _reset_peak(plan: Plan) -> None:
+    gc.collect()
+    if plan.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(plan: Plan) -> float | None:
+    if plan.device != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
+def measure_images(report: Report, label: str, model: LoadedModel, lora: LoraInfo) -> None:
+    plan = report.plan
+    baseline = next((row["median_s"] for row in report.images if "median_s" in row), None)
+    estimate = (baseline or 0) * (plan.warmup + plan.reps)
+    if not report.fits(estimate):
+        report.images.append({"config": label, "skipped": "over the time budget"})
+        print(f"{label}: skipped (budget)", flush=True)
+        return
+    try:
+        _reset_peak(plan)
+        with running(model) as (worker, _):
+            row = _time_images(plan, label, worker, lora)
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        row = {"config": label, "error": f"{type(exc).__name__}: {exc}"}
+    report.images.append(row)
+    print(f"{label}: {row}", flush=True)
+
+
+def _time_images(plan: Plan, label: str, worker: GpuWorker, lora: LoraInfo) -> dict[str, Any]:
+    times: list[float] = []
+    first = None
+    for index in range(plan.warmup + plan.reps):
+        started = time.perf_counter()
+        done = worker.submit(job(plan, lora, seed=index)).result()
+        image = done[0] if isinstance(done, list) else done
+        if plan.device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        if index < plan.warmup:
+            first = seconds
+        else:
+            times.append(seconds)
+        if image.size != (plan.image, plan.image):
+            raise RuntimeError(f"image of {image.size}, asked {plan.image}²")
+    return {"config": label, "median_s": round(statistics.median(times), 3),
+            "times_s": [round(t, 3) for t in times], "warmup_s": round(first or 0, 1),
+            "peak_gib": _peak_gib(plan)}
+
+
+def measure_switches(report: Report, label: str, model: LoadedModel,
+                     loras: list[LoraInfo]) -> None:
+    """Small images alternating two LoRAs; the worker's own switch histogram."""
+    plan = report.plan
+    if not report.fits(30):
+        report.switches.append({"mode": label, "skipped": "over the time budget"})
+        return
+    try:
+        with running(model) as (worker, metrics):
+            for index, lora in enumerate(loras):  # load both (and compile this shape)
+                worker.submit(job(plan, lora, seed=index, size=plan.switch_image,
+                                  steps=2)).result()
+            before_sum, before_count = _histogram(metrics, "engine_lora_switch_seconds")
+            graphs_before = _compiled_graphs()
+            for index in range(6):
+                worker.submit(job(plan, loras[index % 2], seed=index, size=plan.switch_image,
+                                  steps=2)).result()
+            after_sum, after_count = _histogram(metrics, "engine_lora_switch_seconds")
+        count = after_count - before_count
+        row = {"mode": label, "switches": int(count),
+               "mean_ms": round(1000 * (after_sum - before_sum) / count, 2) if count else None,
+               "recompilations": _compiled_graphs() - graphs_before if model.compiled else None}
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        row = {"mode": label, "error": f"{type(exc).__name__}: {exc}"}
+    report.switches.append(row)
+    print(f"LoRA switch {label}: {row}", flush=True)
+
+
+def _histogram(metrics: EngineMetrics, name: str) -> tuple[float, float]:
+    total = count = 0.0
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == f"{name}_sum":
+                total += sample.value
+            elif sample.name == f"{name}_count":
+                count += sample.value
+    return total, count
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def measure_training(report: Report, model: LoadedModel, size: int) -> None:
+    """One rank-16 training step at ``size``² through the worker's exclusive slot (as
+    trainings run), after one warm-up step."""
+    plan = report.plan
+    if not report.fits(45):
+        report.training.append({"size": size, "skipped": "over the time budget"})
+        return
+    generator = torch.Generator().manual_seed(size)
+    pixels = torch.rand((2, 3, size, size), generator=generator) * 2 - 1
+    try:
+        with running(model) as (worker, _):
+            cache = worker.submit_exclusive(lambda pipe: encode_training_data(
+                pipe, pixels, "a photo of sarah", max_sequence_length=512)).result()
+            warm = worker.submit_exclusive(lambda pipe: run_chunk(pipe, cache, ChunkPlan(
+                "gpu_check", seed=1, end_step=1, learning_rate=1e-4, batch_size=1))).result()
+            _reset_peak(plan)
+            result = worker.submit_exclusive(lambda pipe: run_chunk(pipe, cache, ChunkPlan(
+                "gpu_check", seed=1, end_step=3, learning_rate=1e-4, batch_size=1,
+                state=warm.state))).result()
+        loss = result.state.loss
+        row = {"size": size, "seconds_per_step": round(result.seconds_per_step or 0, 3),
+               "peak_gib": _peak_gib(plan),
+               "finite_loss": loss is not None and math.isfinite(loss)}
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        row = {"size": size, "error": f"{type(exc).__name__}: {exc}"}
+    report.training.append(row)
+    print(f"training {size}²: {row}", flush=True)
+
+
+def measure_fp8(report: Report, pipeline: Any, lora: LoraInfo) -> None:
+    """fp8 on a fresh random transformer (quantization happens before adapters and
+    compilation), compiled with the hotswap slot, as QUANTIZATION=fp8 and
+    COMPILE_TRANSFORMER=true run in ``serve``."""
+    plan = report.plan
+    label = "fp8 compiled (hotswap slot)"
+    if report.environment.get("torchao") is None or plan.device != "cuda" \
+            or torch.cuda.get_device_capability() < (8, 9):
+        report.images.append({"config": label,
+                              "skipped": "needs CUDA compute capability 8.9+ and torchao"})
+        return
+    if not report.fits(150):
+        report.images.append({"config": label, "skipped": "over the time budget"})
+        return
+    fresh = build_random_flux(plan.size, device=plan.device, dtype=plan.dtype, seed=7)
+    pipeline.register_modules(transformer=fresh.transformer)  # no adapters, not compiled
+    del fresh
+    gc.collect()
+    torch.cuda.empty_cache()
+    model = guarded(report, label, lambda: model_of(
+        pipeline, plan, Acceleration(quantization="fp8"), compiled=True))
+    if model is not None:
+        measure_images(report, label, model, lora)
+
+
+def print_tables(report: Report) -> None:
+    plan = report.plan
+    env = report.environment
+    print(f"\n{env.get('gpu', plan.device)} · {plan.size} · {plan.image}² · {plan.steps} "
+          f"steps · median of {plan.reps} after {plan.warmup} warm-up")
+    baseline = next((row.get("median_s") for row in report.images if "median_s" in row), None)
+    print("\n| configuration | s/image | × vs first | warm-up s | peak GiB |")
+    print("|---|---|---|---|---|")
+    for row in report.images:
+        if "median_s" in row:
+            ratio = f"{baseline / row['median_s']:.2f}" if baseline else "-"
+            print(f"| {row['config']} | {row['median_s']:.3f} | {ratio} | {row['warmup_s']} "
+                  f"| {row['peak_gib'] if row['peak_gib'] is not None else '-'} |")
+        else:
+            print(f"| {row['config']} | {row.get('skipped') or row.get('error')} | | | |")
+    print("\n| LoRA switch | switches | mean ms | recompilations |")
+    print("|---|---|---|---|")
+    for row in report.switches:
+        if "mean_ms" in row:
+            print(f"| {row['mode']} | {row['switches']} | {row['mean_ms']} | "
+                  f"{row['recompilations'] if row['recompilations'] is not None else '-'} |")
+        else:
+            print(f"| {row['mode']} | {row.get('skipped') or row.get('error')} | | |")
+    print("\n| training step | s/step | peak GiB |")
+    print("|---|---|---|")
+    for row in report.training:
+        if "seconds_per_step" in row:
+            print(f"| {row['size']}² rank 16 | {row['seconds_per_step']} | "
+                  f"{row['peak_gib'] if row['peak_gib'] is not None else '-'} |")
+        else:
+            print(f"| {row['size']}² | {row.get('skipped') or row.get('error')} | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""What makes the transformer faster than plain bf16 eager: fp8 weights, step caches.
+
+Two settings, both measured by ``bench/gpu_check.py``:
+
+- ``QUANTIZATION=fp8``: torchao's dynamic float8 (weights and activations, per row) on
+  every linear layer of the transformer. Needs CUDA compute capability 8.9 or newer (Ada,
+  Hopper) and torchao. LoRA adapters stay in bf16 beside the fp8 base layers (peft's
+  torchao layers), so switching characters still loads nothing twice.
+- ``STEP_CACHE``: a diffusers cache hook that skips most of the transformer on steps whose
+  output changes little. ``taylorseer`` computes one step in ``STEP_CACHE_INTERVAL`` fully
+  and predicts the others by a Taylor series: its schedule is fixed, so the speed-up and the
+  pixels depend on the request only. ``first_block`` and ``mag`` decide from the step's
+  content (a threshold): the decision is taken over the whole batch, so with them a request
+  is never batched with another (:attr:`Acceleration.batch_dependent`), which would make its
+  pixels depend on its neighbours.
+
+:meth:`StepCache.before_call` resets the hooks' state before every pipeline call (a call
+cut short by a cancel leaves it half filled) and sizes MagCache's ratios to the call's
+step count, so the same request always gives the same pixels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = [
+    "NO_ACCELERATION", "Acceleration", "AccelerationError", "StepCache", "apply_acceleration",
+    "check_acceleration",
+]
+
+_FP8_CAPABILITY = (8, 9)  # Ada and Hopper: the first with float8 tensor cores
+_FIRST_BLOCK_THRESHOLD = 0.05  # diffusers' FirstBlockCacheConfig default
+_MAG_THRESHOLD = 0.06  # diffusers' MagCacheConfig default
+
+
+class AccelerationError(Exception):
+    """A combination of settings this machine cannot run; ``setting`` names the variable."""
+
+    def __init__(self, message: str, *, setting: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """The speed settings of one model. ``threshold`` applies to ``first_block`` and
+    ``mag`` (None: their defaults), ``interval`` to ``taylorseer``."""
+
+    quantization: str = "none"
+    step_cache: str = "none"
+    threshold: float | None = None
+    interval: int = 5
+
+    @property
+    def batch_dependent(self) -> bool:
+        """True when a step is skipped or not by the batch's content: such a request must
+        run alone to give the same pixels every time."""
+        return self.step_cache in ("first_block", "mag")
+
+    @property
+    def effective_threshold(self) -> float | None:
+        if self.step_cache == "first_block":
+            return self.threshold if self.threshold is not None else _FIRST_BLOCK_THRESHOLD
+        if self.step_cache == "mag":
+            return self.threshold if self.threshold is not None else _MAG_THRESHOLD
+        return None
+
+    @property
+    def key(self) -> str:
+        """What the result cache must tell apart: other settings, other pixels."""
+        cache = self.step_cache
+        if cache == "taylorseer":
+            cache = f"taylorseer/{self.interval}"
+        elif cache != "none":
+            cache = f"{cache}/{self.effective_threshold}"
+        return f"quantization={self.quantization};step_cache={cache}"
+
+    def describe(self) -> dict[str, Any]:
+        """For ``/health``."""
+        described: dict[str, Any] = {"quantization": self.quantization,
+                                     "step_cache": self.step_cache}
+        if self.step_cache == "taylorseer":
+            described["step_cache_interval"] = self.interval
+        elif self.step_cache != "none":
+            described["step_cache_threshold"] = self.effective_threshold
+        return described
+
+
+NO_ACCELERATION = Acceleration()
+
+
+def check_acceleration(acceleration: Acceleration, *, device: str,
+                       compile_transformer: bool) -> None:
+    """Raises :class:`AccelerationError` (one line, naming the setting) for what ``device``
+    (resolved: ``cpu``, ``cuda:N``) cannot run; before any weight is loaded."""
+    if acceleration.quantization == "fp8":
+        if not device.startswith("cuda"):
+            raise AccelerationError(
+                "QUANTIZATION=fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, "
+                f"Hopper); the model runs on {device}: use QUANTIZATION=none",
+                setting="QUANTIZATION")
+        capability = torch.cuda.get_device_capability(torch.device(device))
+        if capability < _FP8_CAPABILITY:
+            raise AccelerationError(
+                f"QUANTIZATION=fp8 needs compute capability 8.9 or newer; this GPU has "
+                f"{capability[0]}.{capability[1]}: use QUANTIZATION=none",
+                setting="QUANTIZATION")
+        if importlib.util.find_spec("torchao") is None:
+            raise AccelerationError(
+                "QUANTIZATION=fp8 needs torchao (pip install 'multimodal-engine[gpu]')",
+                setting="QUANTIZATION")
+    if acceleration.step_cache != "none" and compile_transformer:
+        # The cache hooks run Python control flow around every block, per step: the
+        # compiled graph breaks at each of them and the LoRA hotswap slot's guarantee of
+        # no recompilation no longer holds.
+        raise AccelerationError(
+            f"STEP_CACHE={acceleration.step_cache} and COMPILE_TRANSFORMER=true conflict "
+            "(the cache's per-block hooks break the compiled graph and its LoRA hotswap); "
+            "choose one", setting="STEP_CACHE")
+    if acceleration.step_cache == "mag" and acceleration.threshold is not None \
+            and acceleration.threshold > 0.5:
+        raise AccelerationError("STEP_CACHE_THRESHOLD above 0.5 makes MagCache skip almost "
+                                "every step", setting="STEP_CACHE_THRESHOLD")
+
+
+class StepCache:
+    """The step cache hooked on a transformer; :meth:`before_call` before every call."""
+
+    def __init__(self, transformer: Any, acceleration: Acceleration) -> None:
+        self._transformer = transformer
+        self._acceleration = acceleration
+        self._mag_steps: int | None = None
+        if acceleration.step_cache != "mag":  # MagCache is sized per call
+            transformer.enable_cache(_config(acceleration, steps=None))
+
+    def before_call(self, steps: int) -> None:
+        """Forget what the last call left in the hooks; size MagCache to ``steps``."""
+        if self._acceleration.step_cache == "mag" and steps != self._mag_steps:
+            if self._mag_steps is not None:
+                self._transformer.disable_cache()
+            self._transformer.enable_cache(_config(self._acceleration, steps=steps))
+            self._mag_steps = steps
+        self._transformer._reset_stateful_cache()
+
+
+def _config(acceleration: Acceleration, *, steps: int | None) -> Any:
+    import diffusers.hooks
+
+    hooks: Any = diffusers.hooks
+    threshold = acceleration.effective_threshold
+    if acceleration.step_cache == "first_block":
+        return hooks.FirstBlockCacheConfig(threshold=threshold)
+    if acceleration.step_cache == "taylorseer":
+        return hooks.TaylorSeerCacheConfig(cache_interval=acceleration.interval)
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+    # FLUX.1-dev's ratios, measured at 28 steps; diffusers interpolates them to ``steps``
+    return hooks.MagCacheConfig(threshold=threshold, num_inference_steps=steps,
+                                mag_ratios=FLUX_MAG_RATIOS)
+
+
+def apply_acceleration(pipeline: Any, acceleration: Acceleration) -> StepCache | None:
+    """Quantizes the transformer (before any LoRA is added: the adapters then wrap the fp8
+    layers) and hooks the step cache; returns the cache to call before each call."""
+    transformer = pipeline.transformer
+    if acceleration.quantization == "fp8":
+        from torchao.quantization import (  # type: ignore[import-not-found,unused-ignore]
+            Float8DynamicActivationFloat8WeightConfig,
+            PerRow,
+            quantize_,
+        )
+
+        quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    if acceleration.step_cache == "none":
+        return None
+    return StepCache(transformer, acceleration)
