@@ -10,13 +10,14 @@
 # >= 580 (CUDA 13.0).
 # Older driver (e.g. 550/570)? Build a CUDA 12 variant, both arguments together:
 #   --build-arg CUDA_BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu22.04 \
-#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+#   --build-arg TORCH_INDEX_URL=<PyTorch's wheel index for CUDA 12.8 (its "cu128" index)>
 ARG CUDA_BASE_IMAGE=nvidia/cuda:13.0.0-base-ubuntu22.04
 FROM ${CUDA_BASE_IMAGE}
 
 # The torch that `make install` pins locally (there the CPU build), here the CUDA build.
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=https://pypi.org/simple
+# empty: pip's own default index (or what PIP_INDEX_URL / pip.conf name)
+ARG TORCH_INDEX_URL=
 ARG APP_UID=1000
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -40,7 +41,7 @@ RUN apt-get update \
 
 # torch first, in its own layer (≈ 3 GB with its CUDA wheels): rebuilt only when the version
 # changes, and the project's `torch>=2.4` is then already satisfied.
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
 
 # The project with the `gpu` extra (xformers, whose current release needs torch >= 2.10).
 # Naming torch again keeps the resolver from replacing the build installed above.

@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench docs clean
+.PHONY: install run test lint bench docs gpu-check clean
 
 # Creates or refreshes .venv with everything. torch is pinned first so that the local CPU
 # build (or, on a GPU host, the CUDA build you installed) satisfies the project's range.
@@ -28,6 +28,11 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/voice_kafka.py
+
+# On a CUDA machine (with the CUDA torch build installed in .venv, and torchao for fp8):
+# FLUX.1-dev's size with random weights through the engine's GPU worker; writes gpu-check.json
+gpu-check: install
+	$(BIN)/python bench/gpu_check.py --out gpu-check.json
 
 # docs/asyncapi.yaml and docs/openapi.json from the code (the tests fail until they match)
 docs: install

@@ -163,8 +163,6 @@ def run(report: Report, skip: set[str]) -> None:
             if plan.device == "cuda":  # a fresh bf16 transformer: not fp8, not compiled
                 fresh = build_random_flux(plan.size, device=plan.device, dtype=plan.dtype)
                 pipeline.register_modules(transformer=fresh.transformer)
-                torch.backends.cuda.enable_cudnn_sdp(False)
-                report.environment["training_cudnn_sdp"] = False
             _unload_loras(pipeline)
             trainable = model_of(pipeline, plan, Acceleration(), compiled=False)
             for size in plan.train_sizes:

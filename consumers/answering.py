@@ -113,16 +113,10 @@ class RecordAnswerer:
         runs = 0
         budget = RetryBudget(self._retry)  # every retry of this request draws on it
         request_trace = current_trace.get()  # the consume span's; progress hangs off it
-        work_started: list[float] = []  # set once, maybe from the GPU worker's thread
-
-        def started() -> None:
-            if not work_started:
-                work_started.append(time.perf_counter())
-            pending.mark_started()
 
         # a record dropped by a revoke or a stop comes again: running GPU work finishes into
         # the result cache for that delivery, unless the request was cancelled
-        placement = replace(pending.placement(), on_start=started,
+        placement = replace(pending.placement(),
                             keep_when_abandoned=lambda: not pending.cancelled.is_set())
 
         async def progress(step: int, total: int, loss: float | None) -> None:
@@ -151,7 +145,7 @@ class RecordAnswerer:
             async with self._scheduling.admission.slot(route.kind, pending.conversation_id,
                                                        pending.priority):
                 if route.kind != "image":  # an image starts when the GPU takes it
-                    started()
+                    pending.mark_started()
                 completed, _ = await call_with_retries(
                     attempt, budget, sleep=self._sleep, on_retry=on_retry)
                 return completed
@@ -175,9 +169,9 @@ class RecordAnswerer:
             raise
         finally:
             self._scheduling.pending.remove(pending)
-            if work_started and not stopping:
+            if pending.started_at is not None and not stopping:  # work start → result
                 self._metrics.processing.labels(route.kind).observe(
-                    time.perf_counter() - work_started[0])
+                    time.monotonic() - pending.started_at)
         logger.info("%s %s completed", where, route.kind)
         return Answer(self._results.completed, completed, request_id)
 

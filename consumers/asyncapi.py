@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from importlib import metadata, resources
+from importlib import resources
 from typing import Any, Literal
 
 from consumers.asyncapi_examples import EXAMPLES
 from consumers.topics import CONTRACT_TOPICS
 from core.settings import Settings
+from core.version import engine_version
 from schemas.codec import AVRO_CONTENT_TYPE, JSON_CONTENT_TYPE, Encoding
 from schemas.events import (
     Event,
@@ -39,13 +40,15 @@ Action = Literal["receive", "send"]
 
 @dataclass(frozen=True)
 class _Channel:
-    """A contract topic: its event, what the engine does there, what its key is."""
+    """A contract topic: its event, what the engine does there, what its key is
+    (``key_utf8``: always UTF-8 text; else passed on byte for byte)."""
 
     address: str
     model: type[Event]
     actions: tuple[Action, ...]
     key: str
     summary: str
+    key_utf8: bool = True
 
     @property
     def inbound(self) -> bool:
@@ -67,8 +70,11 @@ _CHANNELS = (
              "the request's key (conversation_id; character_id for LoRA trainings)",
              "Results of every kind, flat: the fields of the other kinds are null."),
     _Channel("generation.failed", GenerationFailed, ("send",),
-             "the request's key as received (absent when the record had none)",
-             "Failed requests, and records that were no valid request (request_id null)."),
+             "the request record's key as received, byte for byte (absent when the record "
+             "had none): the conversation_id for records that follow the contract, and "
+             "whatever bytes a malformed record carried, so its answer lands beside it",
+             "Failed requests, and records that were no valid request (request_id null).",
+             key_utf8=False),
     _Channel("generation.progress", GenerationProgress, ("send",), "the request's key",
              "Progress of long work (LoRA training): step of total, with the loss."),
 )
@@ -108,7 +114,7 @@ def build_asyncapi() -> dict[str, Any]:
     fields = Settings.model_fields
     return {
         "asyncapi": "3.0.0",
-        "info": {"title": "multimodal-engine", "version": metadata.version("multimodal-engine"),
+        "info": {"title": "multimodal-engine", "version": engine_version(),
                  "description": _DESCRIPTION},
         "defaultContentType": JSON_CONTENT_TYPE,
         "servers": {"kafka": {
@@ -187,7 +193,8 @@ def _message(channel: _Channel, encoding: Encoding) -> dict[str, Any]:
         "correlationId": {"location": "$message.header#/request_id",
                           "description": "The request's request_id, on every answer."},
         "bindings": {"kafka": {
-            "key": {"type": "string", "description": f"UTF-8: {channel.key}"},
+            "key": {"type": "string", "description": (
+                f"UTF-8: {channel.key}" if channel.key_utf8 else channel.key)},
             "bindingVersion": _KAFKA_BINDING}},
         "examples": [{
             "name": f"{model.__name__}{encoding.capitalize()}Example",

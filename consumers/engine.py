@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import httpx
@@ -42,6 +41,7 @@ from core.settings import Settings
 from core.telemetry import ObservedClient, UpstreamNames, build_spans
 from core.telemetry.gpu import cuda_memory
 from core.training import TrainingService, build_training_service
+from core.version import engine_version
 from core.voice import build_voice_service
 from http_files import AppServices, create_app
 from http_files.uploads import upload_limits
@@ -105,7 +105,7 @@ class Engine:
         self.health = EngineHealth(voice_backend=self.voice.backend.name,
                                    queues=self.scheduling.pending.depths)
         self.spans = build_spans(settings.otel_exporter_otlp_endpoint, settings.service_name)
-        self.metrics.set_build(version=_version(), model="none", development_model=False,
+        self.metrics.set_build(version=engine_version(), model="none", development_model=False,
                                device="none")
         self.metrics.watch_gpu(lambda: cuda_memory(self._device()))
         self.metrics.watch_voice_quota(self._quota_figures)
@@ -150,8 +150,10 @@ class Engine:
             self.health.image_model = ImageModelInfo(
                 name=self.image.model.name, loaded=True,
                 development_model=self.image.model.development_model,
-                dtype=self._worker.model.dtype_name)
-            self.metrics.set_build(version=_version(), model=self.image.model.name,
+                dtype=self._worker.model.dtype_name,
+                acceleration={**self._worker.model.acceleration.describe(),
+                              "compiled": self._worker.model.compiled})
+            self.metrics.set_build(version=engine_version(), model=self.image.model.name,
                                    development_model=self.image.model.development_model,
                                    device=self._device())
 
@@ -355,10 +357,3 @@ def _observed_client(settings: Settings, metrics: EngineMetrics) -> httpx.AsyncC
     return ObservedClient(
         upstreams=UpstreamNames(bases, default="image_fetch"), observe=observe,
         limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
-
-
-def _version() -> str:
-    try:
-        return version("multimodal-engine")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"

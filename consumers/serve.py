@@ -87,10 +87,15 @@ async def _start(engine: Engine, bootstrap: str) -> EngineAddresses:
 
 
 def _announce(settings: Settings, text: str) -> None:
-    """The start-up banner: printed for a person, or one log record when logs are JSON
-    (LOG_FORMAT=json: every line of the output parses)."""
+    """The start-up banner, whatever LOG_LEVEL is: printed for a person, or one INFO log
+    record when logs are JSON (LOG_FORMAT=json: every line of the output parses). It is no
+    diagnostic but the line saying the engine is up and where, so LOG_LEVEL=WARNING (which
+    a plain text banner ignores too) does not hide it."""
     if settings.log_format == "json":
-        logger.info("%s", text)
+        # handed to the handlers directly, past the level check; still an INFO line, so
+        # that nothing watching for warnings takes it for one
+        logger.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, "%s",
+                                        (text,), None, "_announce"))
     else:
         print(text, flush=True)
 

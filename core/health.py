@@ -25,12 +25,15 @@ class GpuInfo:
 
 @dataclass(frozen=True)
 class ImageModelInfo:
-    """``dtype``: what the model computes in (``bfloat16``, ``float32``), once loaded."""
+    """``dtype``: what the model computes in (``bfloat16``, ``float32``), once loaded;
+    ``acceleration``: QUANTIZATION, STEP_CACHE (with its threshold or interval) and
+    whether the transformer is compiled."""
 
     name: str | None = None
     loaded: bool = False
     development_model: bool = False
     dtype: str | None = None
+    acceleration: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,7 @@ class EngineHealth:
                 "loaded": self.image_model.loaded,
                 "development_model": self.image_model.development_model,
                 "dtype": self.image_model.dtype,
+                "acceleration": self.image_model.acceleration,
             },
             "kafka": {
                 "enabled": self.kafka_enabled,

@@ -60,8 +60,8 @@ class EngineMetrics:
         )
         self.processing = Histogram(
             "engine_processing_seconds", "Work time of a request: from the start of its "
-            "work (a GPU job taken, a voice or training call begun) to its result, on the "
-            "Kafka path", ["kind"], buckets=_LATENCY_BUCKETS, registry=registry,
+            "work (a GPU job taken, a voice or training call begun) to its result, over "
+            "Kafka and HTTP alike", ["kind"], buckets=_LATENCY_BUCKETS, registry=registry,
         )
         self.request_duration = Histogram(
             "engine_request_duration_seconds",

@@ -23,24 +23,26 @@ import re
 import stat
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
-__all__ = ["OutputStore", "StoredFile", "content_type"]
+__all__ = ["CONTENT_TYPES", "OutputStore", "StoredFile", "content_type"]
 
 logger = logging.getLogger(__name__)
 
-_CONTENT_TYPES = {
+CONTENT_TYPES: Mapping[str, str] = MappingProxyType({
     "png": "image/png",
     "jpg": "image/jpeg",
     "webp": "image/webp",
     "mp3": "audio/mpeg",
     "wav": "audio/wav",
     "safetensors": "application/octet-stream",
-}
+})
+"""The suffixes the store writes, with the HTTP content type each is served as."""
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-_SUFFIXES = "|".join(_CONTENT_TYPES)
+_SUFFIXES = "|".join(CONTENT_TYPES)
 _OUTPUT_NAME = re.compile(rf"{_UUID}\.({_SUFFIXES})")
 _TEMP_PREFIX = ".tmp-"
 _TEMP_NAME = re.compile(rf"{re.escape(_TEMP_PREFIX)}{_UUID}\.({_SUFFIXES})")
@@ -49,7 +51,7 @@ _TEMP_NAME = re.compile(rf"{re.escape(_TEMP_PREFIX)}{_UUID}\.({_SUFFIXES})")
 def content_type(filename: str) -> str:
     """The HTTP content type of an output by its suffix (``application/octet-stream`` when
     the suffix is not one the store writes)."""
-    return _CONTENT_TYPES.get(filename.rpartition(".")[2], "application/octet-stream")
+    return CONTENT_TYPES.get(filename.rpartition(".")[2], "application/octet-stream")
 
 
 @dataclass(frozen=True)
@@ -145,8 +147,8 @@ class OutputStore:
             raise
 
     def _temp_path(self, suffix: str) -> Path:
-        if suffix not in _CONTENT_TYPES:
-            raise ValueError(f"suffix must be one of {sorted(_CONTENT_TYPES)}, got {suffix!r}")
+        if suffix not in CONTENT_TYPES:
+            raise ValueError(f"suffix must be one of {sorted(CONTENT_TYPES)}, got {suffix!r}")
         return self._directory / f"{_TEMP_PREFIX}{uuid.uuid4()}.{suffix}"
 
     def _publish(self, temp: Path, suffix: str) -> StoredFile:

@@ -105,6 +105,13 @@ class Settings(BaseSettings):
     elevenlabs_timeout: float = Field(30.0, gt=0)
     voice_profiles_path: Path | None = None
 
+    # --- voice: the longest text (core/voice/service.py; sizes in docs/voice.md) ---
+    # Above the largest per-request limit (40,000, flash/turbo v2.5), so that every model
+    # that stitches speaks a longer text in stitched parts; at most ≈ 100 min of speech.
+    voice_max_text_chars: int = Field(
+        50_000, ge=1, le=100_000,
+        description="characters of one voice request (≈ 2 MB of memory per 1,000 at 128 kbps)")
+
     # --- Persona Engine ---
     persona_engine_url: str | None = Field(None, pattern=r"^https?://")
     persona_engine_model: str = Field("persona", min_length=1)
@@ -149,7 +156,7 @@ class Settings(BaseSettings):
         None, pattern=r"^https?://",
         description="OTLP/HTTP collector; spans are exported with the otel extra installed")
 
-    @field_validator("otel_exporter_otlp_endpoint", mode="before")
+    @field_validator("otel_exporter_otlp_endpoint", "step_cache_threshold", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

@@ -9,14 +9,17 @@ content type) is a 4xx in the same shape (:func:`unreadable_body`), never a 5xx.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from aiohttp import web
 
 from schemas.errors import EngineError, ErrorCode, InvalidRequestError
 
-__all__ = ["error_response", "unprocessable", "unreadable_body"]
+__all__ = ["BODY_ERROR_STATUSES", "ERROR_STATUSES", "error_response", "unprocessable",
+           "unreadable_body"]
 
-_STATUS = {
+ERROR_STATUSES: Mapping[ErrorCode, int] = MappingProxyType({
     ErrorCode.UNDECODABLE: 400,
     ErrorCode.INVALID_REQUEST: 422,
     ErrorCode.UNKNOWN_LORA: 422,
@@ -28,7 +31,8 @@ _STATUS = {
     ErrorCode.INTERNAL: 500,
     ErrorCode.CANCELLED: 409,  # withdrawn by DELETE /requests/{id} or generation.control
     ErrorCode.EXPIRED: 504,  # its deadline passed before it started
-}
+})
+"""The HTTP status :func:`error_response` answers each engine error code with."""
 _FIELD_OF = {ErrorCode.UNKNOWN_LORA: "character_lora_id"}
 
 
@@ -56,6 +60,8 @@ _BODY_ERRORS: dict[int, type[web.HTTPClientError]] = {
     415: web.HTTPUnsupportedMediaType,
     422: web.HTTPUnprocessableEntity,
 }
+BODY_ERROR_STATUSES = frozenset({*_BODY_ERRORS, 413})
+"""The statuses :func:`unreadable_body` answers with, in the FastAPI shape."""
 
 
 def unreadable_body(status: int, message: str, kind: str, *, loc: tuple[str, ...] = ("body",),
@@ -81,6 +87,6 @@ def error_response(error: EngineError) -> web.Response:
     headers = {"Retry-After": str(max(1, round(retry_after or 5)))} if error.retryable else None
     return web.json_response(
         {"error_code": str(error.code), "message": error.message, "retryable": error.retryable},
-        status=_STATUS.get(error.code, 500),
+        status=ERROR_STATUSES.get(error.code, 500),
         headers=headers,
     )

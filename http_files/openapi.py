@@ -9,16 +9,16 @@ import copy
 import functools
 import json
 from collections.abc import Awaitable, Callable
-from importlib import metadata
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from core.outputs import _CONTENT_TYPES as _OUTPUT_TYPES  # the suffixes the store writes
+from core.outputs import CONTENT_TYPES
 from core.training.status import TrainingStatus
+from core.version import engine_version
 from core.voice import VoiceResult
-from http_files.errors import _BODY_ERRORS, _STATUS  # the statuses errors are answered with
+from http_files.errors import BODY_ERROR_STATUSES, ERROR_STATUSES
 from http_files.openapi_bodies import (
     CancelAnswer,
     EngineErrorBody,
@@ -46,7 +46,6 @@ _IMAGE_OPTIONAL = ("images",)
 _FORM_FIELDS = ("character_id", "trigger_word", "request_id", "conversation_id", "steps",
                 "learning_rate", "resolution")
 _HTTP_DEFAULTS = ("request_id", "conversation_id")  # given when absent (validation.py)
-_FIELD_STATUSES = frozenset({*_BODY_ERRORS, 413})  # unreadable bodies, in FastAPI's shape
 _REASONS = {200: "OK", 202: "Accepted", 206: "Partial Content", 304: "Not Modified",
             400: "Bad Request", 404: "Not Found", 408: "Request Timeout", 409: "Conflict",
             413: "Content Too Large", 415: "Unsupported Media Type",
@@ -93,14 +92,15 @@ def _retry_after(required: bool) -> dict[str, Any]:
 def _errors(*, form: bool = False, retry_after_on_503: bool = False) -> dict[str, Any]:
     """The error responses of a POST: refused bodies (FastAPI shape) and engine errors
     (``EngineErrorBody`` with the status of their code, ``http_files.errors``)."""
-    field_statuses = {s for s in _FIELD_STATUSES if form or s != 408}
-    engine_statuses = {s for s in _STATUS.values() if s != 422}  # 422: always the field shape
+    field_statuses = {s for s in BODY_ERROR_STATUSES if form or s != 408}
+    # 422: always the field shape
+    engine_statuses = {s for s in ERROR_STATUSES.values() if s != 422}
     responses: dict[str, Any] = {}
     for status in sorted(field_statuses | engine_statuses):
         shapes = ([_ref("FieldErrors")] if status in field_statuses else []) + (
             [_ref("EngineErrorBody")] if status in engine_statuses else [])
         schema = shapes[0] if len(shapes) == 1 else {"anyOf": shapes}
-        codes = sorted(str(code) for code, s in _STATUS.items() if s == status)
+        codes = sorted(str(code) for code, s in ERROR_STATUSES.items() if s == status)
         note = f"{_REASONS[status]}" + (f": {', '.join(codes)}" if codes else "")
         headers = _retry_after(status == 503 and retry_after_on_503) if status in (
             503, 504) else None
@@ -180,7 +180,7 @@ def _schemas() -> dict[str, Any]:
 
 
 def _paths(schemas: dict[str, Any]) -> dict[str, Any]:
-    outputs: dict[str, Any] = {kind: {} for kind in sorted(set(_OUTPUT_TYPES.values()))}
+    outputs: dict[str, Any] = {kind: {} for kind in sorted(set(CONTENT_TYPES.values()))}
     file_headers = {
         "Accept-Ranges": {"schema": {"type": "string", "const": "bytes"}},
         "Cache-Control": {"schema": {"type": "string"}},
@@ -260,7 +260,7 @@ def build_openapi() -> dict[str, Any]:
     schemas = _schemas()
     return {
         "openapi": "3.1.0",
-        "info": {"title": "multimodal-engine", "version": metadata.version("multimodal-engine"),
+        "info": {"title": "multimodal-engine", "version": engine_version(),
                  "description": _DESCRIPTION},
         "servers": [{"url": "/", "description": "the engine's HTTP port (SERVICE_PORT)"}],
         "paths": dict(sorted(_paths(schemas).items())),

@@ -4,6 +4,11 @@ A POST takes a slot of its kind at once or answers 503 with ``Retry-After`` (it 
 queues without bound); it is then a pending request like a Kafka one: ``DELETE
 /requests/{id}`` and a passed ``deadline`` stop it, and a client that goes away cancels it
 (the app runs with handler cancellation, so its handler task is cancelled).
+
+Its time is measured as a Kafka request's: ``engine_queue_wait_seconds`` from arrival to the
+start of its work (a GPU job taken, a voice call begun), ``engine_processing_seconds`` from
+there to its result (or its error, or its cancel), so that the two add up per kind whatever
+the entry point.
 """
 
 from __future__ import annotations
@@ -59,4 +64,7 @@ async def run_scheduled(services: AppServices, kind: str, event: Any,
     finally:
         scheduling.pending.remove(pending)
         scheduling.admission.release(kind, owner, priority)
+        if pending.started_at is not None:  # work start → result, as on the Kafka path
+            services.metrics.processing.labels(kind).observe(
+                time.monotonic() - pending.started_at)
 

@@ -23,6 +23,7 @@ from core.training import TrainingInterrupted
 from http_files.errors import error_response, unprocessable
 from http_files.form import read_training_form
 from http_files.services import SERVICES
+from http_files.training_time import submit_timed
 from http_files.uploads import UPLOADS, UploadsFull
 from schemas.errors import EngineError, InternalError, InvalidRequestError
 from schemas.events import LoraTrainingRequested, utc_now_iso
@@ -46,7 +47,7 @@ async def train_lora(request: web.Request) -> web.Response:
             body: dict[str, Any] = {**form.fields, "images": []}
             body.setdefault("request_id", str(uuid.uuid4()))
             event = services.codec.validate(LoraTrainingRequested, body)
-            status = await training.submit(event, files=form.images)
+            status = await submit_timed(services.metrics, training, event, form.images)
     except UploadsFull as exc:
         services.metrics.http_rejected.labels("lora").inc()
         raise web.HTTPServiceUnavailable(
@@ -62,6 +63,8 @@ async def train_lora(request: web.Request) -> web.Response:
         return _unavailable("the engine is stopping; send the request again")
     except OSError as exc:  # the upload folder could not be made
         return error_response(InternalError(f"the upload could not be stored: {exc}"))
+    # the original API's vocabulary: "training_started" for any accepted training (GET
+    # tells queued from training), "completed" for a replay of a finished one
     response: dict[str, Any] = {
         "training_id": status.training_id,
         "status": "completed" if status.state == "completed" else "training_started",
@@ -77,8 +80,9 @@ async def train_lora(request: web.Request) -> web.Response:
 
 
 async def get_training(request: web.Request) -> web.Response:
-    """The training's snapshot (:meth:`TrainingStatus.to_json`): its state under ``status``
-    as ``POST /train-lora`` answers it, and under ``state``; 404 when unknown."""
+    """The training's snapshot (:meth:`TrainingStatus.to_json`): its state (``queued``,
+    ``training``, ``completed``, ``failed``) under ``status``, the name ``POST /train-lora``
+    answers under, and under ``state``; 404 when unknown."""
     services = request.app[SERVICES]
     if services.training is None:
         return _unavailable("no image model is loaded: LoRA training is not available")

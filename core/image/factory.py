@@ -21,6 +21,7 @@ from core.lora.registry import LoraRegistry
 from core.metrics import EngineMetrics
 from core.net import AllowedHosts
 from core.outputs import OutputStore
+from core.remembered import RememberedResults
 from core.settings import Settings
 
 __all__ = ["acceleration_of", "build_image_service", "init_image_limits", "model_fingerprint"]
@@ -75,8 +76,8 @@ async def build_image_service(
                              f"{fingerprint};{model.acceleration.key}")
     service = ImageService(
         worker, LoraRegistry(settings.lora_output_dir), store, PromptOptimizer(llm),
-        ResultCache(settings.output_dir / ".results",
-                    max_entries=settings.result_cache_max_entries),
+        ResultCache(RememberedResults(settings.output_dir / ".results",
+                                      max_entries=settings.result_cache_max_entries)),
         ImageLimits(
             max_image_size=settings.max_image_size,
             max_inference_steps=settings.max_inference_steps,
@@ -84,6 +85,7 @@ async def build_image_service(
             default_guidance=settings.default_guidance_scale,
             default_negative_prompt=settings.default_negative_prompt,
             max_loras=settings.max_loras_per_request,
+            max_batch_size=settings.max_batch_size,
         ),
         identity, true_cfg_scale=settings.true_cfg_scale,
         progress_interval=settings.progress_interval,

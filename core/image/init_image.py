@@ -3,11 +3,11 @@
 Bytes come inline (``init_image``) or from ``init_image_url``, fetched by
 :class:`~core.net.SafeFetcher` under the rules of LoRA training images: http/https only,
 public addresses and LORA_FETCH_ALLOWED_HOSTS only, at most LORA_MAX_IMAGE_BYTES, within
-LORA_FETCH_TIMEOUT. Decoding treats the bytes as hostile: PNG, JPEG or WebP by their magic
-numbers only, the header's dimensions checked against LORA_MAX_IMAGE_PIXELS *before*
-anything is decoded (Pillow's decompression-bomb guard raises the same refusal), truncated
-or corrupt data refused, JPEGs decoded at a reduced scale when they are much larger than
-the largest image the engine makes. Every refusal is an
+LORA_FETCH_TIMEOUT. Decoding treats the bytes as hostile, by the rules training images
+follow too (:mod:`core.untrusted_image`): PNG, JPEG or WebP by their magic numbers only,
+the header's dimensions checked against LORA_MAX_IMAGE_PIXELS *before* anything is
+decoded, truncated, corrupt or crafted data refused, JPEGs decoded at a reduced scale when
+they are much larger than the largest image the engine makes. Every refusal is an
 :class:`~schemas.errors.InvalidRequestError` naming the field and a generic reason.
 """
 
@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import io
-import struct
-import warnings
 from dataclasses import dataclass, field
 
 import httpx
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from core.net import AllowedHosts, FetchLimits, SafeFetcher
+from core.untrusted_image import check_head, decode
 from schemas.errors import InvalidRequestError
 
 __all__ = ["InitImage", "InitImageLimits", "InitImageLoader", "decode_init_image"]
 
-_FORMATS = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
 _BACKGROUND = (255, 255, 255)  # under transparent pixels
 
 
@@ -77,46 +75,14 @@ class InitImageLoader:
 
 def decode_init_image(data: bytes, field_name: str, limits: InitImageLimits) -> InitImage:
     """``data`` decoded to an RGB image (transparency over white, EXIF orientation
-    applied); raises :class:`InvalidRequestError` naming ``field_name``. CPU-bound: call
-    it off the event loop."""
-    if not data:
-        raise _refusal(field_name, "the image is empty")
-    if len(data) > limits.max_bytes:
-        raise _refusal(field_name, f"{len(data)} bytes is more than LORA_MAX_IMAGE_BYTES="
-                       f"{limits.max_bytes}")
-    kind = _sniff(data)
-    if kind is None:
-        raise _refusal(field_name, "the content is not a PNG, JPEG or WebP image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=[kind]) as opened:
-                width, height = opened.size  # from the header alone
-                if width * height > limits.max_pixels:
-                    raise _refusal(
-                        field_name, f"{width}x{height} is more than LORA_MAX_IMAGE_PIXELS="
-                        f"{limits.max_pixels} pixels (refused before decoding)")
-                if kind == "JPEG" and max(width, height) > 2 * limits.max_side:
-                    opened.draft("RGB", (limits.max_side, limits.max_side))
-                opened.load()  # decodes all of it: truncated or corrupt data fails here
-                image = _rgb(ImageOps.exif_transpose(opened))
-    except InvalidRequestError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise _refusal(field_name, "refused as a decompression bomb") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
-            struct.error, IndexError) as exc:
-        raise _refusal(field_name, f"not a valid {kind} image") from exc
+    applied) by the rules of :mod:`core.untrusted_image`; raises
+    :class:`InvalidRequestError` naming ``field_name``. CPU-bound: call it off the event
+    loop."""
+    kind = check_head(len(data), data[:12], field_name, limits.max_bytes)
+    image = decode(lambda: io.BytesIO(data), kind, field_name, max_pixels=limits.max_pixels,
+                   draft_side=limits.max_side,
+                   finish=lambda opened: _rgb(ImageOps.exif_transpose(opened)))
     return InitImage(image, hashlib.sha256(data).hexdigest())
-
-
-def _sniff(data: bytes) -> str | None:
-    for magic, kind in _FORMATS.items():
-        if data.startswith(magic):
-            return kind
-    if len(data) >= 12 and data.startswith(b"RIFF") and data[8:12] == b"WEBP":
-        return "WEBP"
-    return None
 
 
 def _rgb(image: Image.Image) -> Image.Image:
@@ -127,6 +93,3 @@ def _rgb(image: Image.Image) -> Image.Image:
         return flat
     return image.convert("RGB")
 
-
-def _refusal(field_name: str, reason: str) -> InvalidRequestError:
-    return InvalidRequestError(f"{field_name}: {reason}", field=field_name)

@@ -3,16 +3,17 @@
 Defaults come from settings; nothing is silently clamped or rounded: a width that is not
 a multiple of 16 is an error naming ``width``, not an image of another size. The one size
 that is derived is image-to-image's default: the starting image's, scaled down to fit
-MAX_IMAGE_SIZE and rounded to multiples of 16 (:func:`size_for_init`).
+MAX_IMAGE_SIZE and rounded to multiples of 16 (:func:`size_for_init`); a derived side the
+aspect puts out of range is an error naming it, not a distorted image.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 from core.image.job import denoising_steps
+from core.seeds import derive_seed
 from schemas.errors import InvalidRequestError
 from schemas.events import ImageRequested
 
@@ -21,7 +22,6 @@ __all__ = ["ImageLimits", "ImageParams", "derive_seed", "resolve_params", "size_
 _MULTIPLE = 16  # VAE scale factor 8 × FLUX's 2×2 latent packing
 _MIN_SIDE = 64
 _MAX_GUIDANCE = 30.0
-_SEED_MASK = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class ImageLimits:
     max_loras: int = 3  # MAX_LORAS_PER_REQUEST: the character's and the stacked ones
     default_quality: int = 90
     default_strength: float = 0.8
+    max_batch_size: int = 4  # MAX_BATCH_SIZE: a request's images are one batch
 
 
 @dataclass(frozen=True)
@@ -62,12 +63,6 @@ class ImageParams:
     @property
     def image_to_image(self) -> bool:
         return self.init_image is not None or self.init_image_url is not None
-
-
-def derive_seed(request_id: str) -> int:
-    """A seed fixed by ``request_id``, so a replay reproduces the same image."""
-    digest = hashlib.sha256(request_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") & _SEED_MASK
 
 
 def resolve_params(request: ImageRequested, limits: ImageLimits) -> ImageParams:
@@ -108,6 +103,11 @@ def resolve_params(request: ImageRequested, limits: ImageLimits) -> ImageParams:
     seed = derive_seed(request.request_id) if request.seed is None else request.seed
     lora_id = request.character_lora_id.strip() if request.character_lora_id else None
     loras = _stacked_loras(request, lora_id or None, limits)
+    num_images = request.num_images or 1
+    if num_images > limits.max_batch_size:  # its images are one batch: never split
+        raise InvalidRequestError(
+            f"num_images: at most MAX_BATCH_SIZE={limits.max_batch_size} images per request "
+            f"on this engine, got {num_images}", field="num_images")
     image_to_image = request.init_image is not None or request.init_image_url is not None
     strength = limits.default_strength if request.strength is None else request.strength
     if image_to_image:
@@ -121,7 +121,7 @@ def resolve_params(request: ImageRequested, limits: ImageLimits) -> ImageParams:
         height=sizes["height"] or 0, steps=steps, guidance=float(guidance), seed=seed,
         lora_id=lora_id or None, optimize_prompt=request.optimize_prompt,
         lora_scale=1.0 if request.lora_scale is None else float(request.lora_scale),
-        loras=loras, num_images=request.num_images or 1,
+        loras=loras, num_images=num_images,
         output_format=request.output_format or "png",
         output_quality=(limits.default_quality if request.output_quality is None
                         else request.output_quality),
@@ -136,27 +136,45 @@ def size_for_init(params: ImageParams, init_size: tuple[int, int],
     """``params`` with the sides the request did not give taken from the starting image
     (``init_size``): scaled, keeping its aspect, so that no side exceeds MAX_IMAGE_SIZE
     (and, where that allows, none is under 64), and rounded to the nearest multiple of 16.
-    A side that was given stays; the other then keeps the starting image's aspect."""
+    A side that was given stays; the other then keeps the starting image's aspect.
+
+    Raises :class:`InvalidRequestError` naming a derived side that the aspect puts outside
+    64 .. MAX_IMAGE_SIZE (it is never clamped: that would distort the image)."""
     if all(params.sized):
         return params
     init_width, init_height = init_size
     if params.sized[0]:
         factor = params.width / init_width
+        because = f"width {params.width}"
     elif params.sized[1]:
         factor = params.height / init_height
+        because = f"height {params.height}"
     else:  # the image's own size, brought within MIN_SIDE .. MAX_IMAGE_SIZE
         largest = limits.max_image_size / max(init_width, init_height)
         factor = min(1.0, largest)
         if min(init_width, init_height) * factor < _MIN_SIDE:
             factor = min(_MIN_SIDE / min(init_width, init_height), largest)
-    width = params.width if params.sized[0] else _side(init_width * factor, limits)
-    height = params.height if params.sized[1] else _side(init_height * factor, limits)
+        because = "its size brought within MAX_IMAGE_SIZE"
+    why = f"the starting image's aspect ({init_width}x{init_height}) at {because}"
+    width = params.width if params.sized[0] else \
+        _side("width", init_width * factor, limits, why)
+    height = params.height if params.sized[1] else \
+        _side("height", init_height * factor, limits, why)
     return replace(params, width=width, height=height, sized=(True, True))
 
 
-def _side(value: float, limits: ImageLimits) -> int:
+def _side(name: str, value: float, limits: ImageLimits, why: str) -> int:
+    """``value`` rounded to a multiple of 16; one that rounding alone takes past
+    MAX_IMAGE_SIZE is the largest multiple within it."""
+    top = limits.max_image_size // _MULTIPLE * _MULTIPLE
     rounded = round(value / _MULTIPLE) * _MULTIPLE
-    return min(max(rounded, _MIN_SIDE), limits.max_image_size // _MULTIPLE * _MULTIPLE)
+    if rounded > top and value <= limits.max_image_size:
+        rounded = top
+    if not _MIN_SIDE <= rounded <= top:
+        raise InvalidRequestError(
+            f"{name}: {why} makes it {value:.0f}, outside {_MIN_SIDE} .. MAX_IMAGE_SIZE="
+            f"{limits.max_image_size}; give {name} explicitly", field=name)
+    return rounded
 
 
 def _stacked_loras(request: ImageRequested, lora_id: str | None,

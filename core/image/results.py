@@ -7,22 +7,19 @@ quality, the starting image's sha256 and strength), the model and the LoRA file.
 add nothing, so requests that do not use the newer fields keep the keys they always had.
 The entry keeps the prompt actually used, so that after the file was cleaned up a replay
 regenerates the very same image (the LLM is not asked again). Entries are small (≈ 300
-bytes) but would otherwise only grow: at most ``max_entries`` are kept, the least recently
-used leaving first (a hit refreshes an entry's time).
+bytes) and bounded (RESULT_CACHE_MAX_ENTRIES, least recently used first, in
+:class:`~core.remembered.RememberedResults`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-import threading
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from core.image.params import ImageParams
+from core.remembered import RememberedResults
 
 __all__ = ["CachedResult", "ResultCache", "fingerprint"]
 
@@ -65,57 +62,23 @@ def fingerprint(params: ImageParams, model_fingerprint: str, lora_hash: str | No
 
 
 class ResultCache:
-    """One small JSON file per fingerprint, written atomically; thread-safe."""
+    """Image results by fingerprint, stored in ``store`` (one small JSON file per key,
+    written atomically, bounded; thread-safe)."""
 
-    def __init__(self, directory: Path, *, max_entries: int = 100_000) -> None:
-        if max_entries < 1:
-            raise ValueError(f"RESULT_CACHE_MAX_ENTRIES must be >= 1, got {max_entries}")
-        self._directory = directory
-        self._max = max_entries
-        self._prune_every = max(1, min(1000, max_entries // 10))
-        self._puts = 0
-        self._lock = threading.Lock()
-        directory.mkdir(parents=True, exist_ok=True)
+    def __init__(self, store: RememberedResults) -> None:
+        self._store = store
 
     def get(self, key: str) -> CachedResult | None:
-        path = self._directory / f"{key}.json"
+        """The result remembered under ``key``; ``None`` when none or unreadable (an entry
+        of another version of the engine is simply not used)."""
+        raw = self._store.get(key)
+        if raw is None:
+            return None
         try:
-            entry = CachedResult(**json.loads(path.read_text()))
-            os.utime(path)  # recently used: the last to leave
-            return entry
-        except (OSError, ValueError, TypeError):
+            return CachedResult(**raw)
+        except TypeError:
             return None
 
     def put(self, key: str, result: CachedResult) -> None:
-        fd, temp = tempfile.mkstemp(dir=self._directory, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(asdict(result), handle)
-        os.replace(temp, self._directory / f"{key}.json")
-        with self._lock:
-            self._puts += 1
-            due = self._puts % self._prune_every == 0
-        if due:
-            self.prune()
-
-    def prune(self) -> int:
-        """Removes the least recently used entries beyond ``max_entries``; returns how
-        many."""
-        with self._lock:
-            entries = []
-            with os.scandir(self._directory) as found:
-                for entry in found:
-                    if entry.name.endswith(".json") and not entry.name.startswith("."):
-                        try:
-                            entries.append((entry.stat().st_mtime, entry.path))
-                        except OSError:
-                            continue
-            excess = len(entries) - self._max
-            if excess <= 0:
-                return 0
-            entries.sort()
-            for _, path in entries[:excess]:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-            return excess
+        """Remember ``result`` under ``key``. Raises ``OSError`` when the disk fails."""
+        self._store.put(key, asdict(result))

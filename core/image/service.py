@@ -20,16 +20,17 @@ from PIL import Image
 
 from core.image.files import SUFFIXES, write_image
 from core.image.init_image import InitImageLimits, InitImageLoader, decode_init_image
-from core.image.job import SEED_LIMIT, ActiveLora, ImageJob
+from core.image.job import ActiveLora, ImageJob
 from core.image.params import ImageLimits, ImageParams, resolve_params, size_for_init
 from core.image.prompts import PromptOptimizer
 from core.image.results import CachedResult, ResultCache, fingerprint
 from core.image.worker import GpuWorker
 from core.lora.registry import LoraInfo, LoraRegistry
-from core.outputs import OutputStore
+from core.outputs import OutputStore, StoredFile
 from core.scheduling import Placement
 from core.scheduling.gpu_queue import JobItem
-from schemas.errors import InvalidRequestError, UnknownLoraError
+from core.shared_work import SharedWork
+from schemas.errors import InternalError, InvalidRequestError, UnknownLoraError
 from schemas.events import ImageRequested
 
 __all__ = ["CheckedRequest", "ImageFile", "ImageResult", "ImageService", "ModelIdentity",
@@ -118,7 +119,8 @@ class ImageService:
         self.model = model
         self._true_cfg_scale = true_cfg_scale
         self._progress_interval = progress_interval
-        self._making: dict[str, _Making] = {}  # fingerprint → the image being made
+        self._making: SharedWork[CachedResult] = SharedWork("image")  # by fingerprint
+        self._jobs: dict[str, JobItem] = {}  # fingerprint → the GPU job of that work
         self._init_images = init_images or InitImageLoader(None, InitImageLimits())
         self._decoding = asyncio.Semaphore(_DECODING_AT_ONCE)  # bounds decoded pixels held
 
@@ -168,45 +170,52 @@ class ImageService:
             logger.debug("request_id=%s answered from the result cache", request.request_id)
             return self._result(remembered)
         placement = placement or Placement(owner=request.conversation_id)
-        making = self._live_making(key)
-        if making is not None:
-            logger.info("request_id=%s joins the same image being made", request.request_id)
-            return self._result(await self._wait(making, placement))
-        if remembered is not None:
-            prompt = remembered.prompt  # regenerate exactly what was made before
-        else:
-            # a LoRA at scale 0 is left out, its trigger word too: the base model's image
-            trigger = lora.trigger_word if lora is not None and params.lora_scale > 0 else None
-            optimized = await self._optimizer.optimize(params.prompt, trigger,
-                                                       params.optimize_prompt)
-            prompt = optimized.prompt
-            making = self._live_making(key)  # made meanwhile by a twin?
-            if making is not None:
-                return self._result(await self._wait(making, placement))
-        bridge = self._bridge(progress)
-        job = ImageJob(
-            prompt=prompt, negative_prompt=params.negative_prompt, width=params.width,
-            height=params.height, steps=params.steps, guidance=params.guidance,
-            true_cfg_scale=self._true_cfg_scale if params.negative_prompt else 1.0,
-            seed=params.seed, lora=lora, lora_scale=params.lora_scale, extra_loras=stacked,
-            count=params.num_images, init_image=init, strength=params.strength,
-            progress=bridge.on_step,
-        )
-        making = _Making(key, self._worker.enqueue(job, placement))
-        kept = _Kept(params, prompt, lora, stacked, init_hash, request.request_id)
-        making.task = asyncio.create_task(self._make(making, key, kept))
-        self._making[key] = making
-        making.task.add_done_callback(lambda _: self._ended(making))
+        if self._making.running(key):
+            item = self._jobs.get(key)
+            if item is not None and (item.future.running() or item.future.done()):
+                placement.started()  # joined work that already runs
+        bridge: _ProgressBridge | None = None
+
+        async def make() -> CachedResult:  # when this caller starts the work
+            nonlocal bridge
+            prompt = await self._prompt(params, lora, remembered)
+            bridge = self._bridge(progress)
+            job = ImageJob(
+                prompt=prompt, negative_prompt=params.negative_prompt, width=params.width,
+                height=params.height, steps=params.steps, guidance=params.guidance,
+                true_cfg_scale=self._true_cfg_scale if params.negative_prompt else 1.0,
+                seed=params.seed, lora=lora, lora_scale=params.lora_scale,
+                extra_loras=stacked, count=params.num_images, init_image=init,
+                strength=params.strength, progress=bridge.on_step,
+            )
+            kept = _Kept(params, prompt, lora, stacked, init_hash, request.request_id,
+                         job.seeds)
+            return await self._make(key, job, placement, kept)
+
         try:
-            entry = await self._wait(making, placement)
+            entry = await self._making.run(
+                key, make, keep_when_abandoned=lambda: self._keeps(key, placement))
         except asyncio.CancelledError:
-            bridge.abandon()
+            if bridge is not None:
+                bridge.abandon()
             raise
         except Exception:
-            await bridge.finish()
+            if bridge is not None:
+                await bridge.finish()
             raise
-        await bridge.finish()
+        if bridge is not None:
+            await bridge.finish()
         return self._result(entry)
+
+    async def _prompt(self, params: ImageParams, lora: LoraInfo | None,
+                      remembered: CachedResult | None) -> str:
+        if remembered is not None:
+            return remembered.prompt  # regenerate exactly what was made before
+        # a LoRA at scale 0 is left out, its trigger word too: the base model's image
+        trigger = lora.trigger_word if lora is not None and params.lora_scale > 0 else None
+        optimized = await self._optimizer.optimize(params.prompt, trigger,
+                                                   params.optimize_prompt)
+        return optimized.prompt
 
     async def _starting_image(self, params: ImageParams
                               ) -> tuple[ImageParams, Image.Image, str]:
@@ -230,74 +239,65 @@ class ImageService:
             image = image.resize((params.width, params.height), Image.Resampling.LANCZOS)
         return params, image, decoded.sha256
 
-    async def _make(self, making: _Making, key: str, kept: _Kept) -> CachedResult:
-        """The GPU job, then its files and result-cache entry; owned by the service, so
-        that it can outlive the callers that asked for it."""
+    async def _make(self, key: str, job: ImageJob, placement: Placement,
+                    kept: _Kept) -> CachedResult:
+        """The GPU job, then its files and result-cache entry; shared work (see
+        :meth:`generate`), so that it can outlive the callers that asked for it."""
+        item = self._worker.enqueue(job, placement)
+        self._jobs[key] = item
         try:
-            result = await asyncio.wrap_future(making.item.future)
-        except asyncio.CancelledError:
-            making.item.withdraw()
-            raise
-        images = result if isinstance(result, list) else [result]
-        return await asyncio.to_thread(self._keep, key, images, kept)
-
-    async def _wait(self, making: _Making, placement: Placement) -> CachedResult:
-        """One caller's wait for ``making``; the last caller to leave decides whether the
-        work goes on (see :meth:`generate`)."""
-        assert making.task is not None
-        if making.item.future.running() or making.item.future.done():
-            placement.started()  # joined work that already runs
-        making.waiters += 1
-        try:
-            return await asyncio.shield(making.task)
-        except asyncio.CancelledError:
-            if making.waiters == 1 and not making.task.done():
-                keep = placement.keep_when_abandoned
-                if making.item.future.running() and keep is not None and keep():
-                    logger.info("an abandoned image keeps running: it lands in the result "
-                                "cache for the request's next delivery")
-                else:
-                    self._forget(making)  # no twin may join work that is being stopped
-                    making.task.cancel()
-            raise
+            try:
+                result = await asyncio.wrap_future(item.future)
+            except asyncio.CancelledError:
+                item.withdraw()
+                raise
+            images = result if isinstance(result, list) else [result]
+            try:
+                return await asyncio.to_thread(self._keep, key, images, kept)
+            except OSError as exc:
+                logger.warning("request_id=%s: image files not written: %s",
+                               kept.request_id, exc)
+                raise InternalError("cannot write the image files") from exc
         finally:
-            making.waiters -= 1
+            if self._jobs.get(key) is item:
+                del self._jobs[key]
 
-    def _live_making(self, key: str) -> _Making | None:
-        making = self._making.get(key)
-        if making is None or making.task is None or making.task.done() \
-                or making.task.cancelling():
-            return None
-        return making
-
-    def _forget(self, making: _Making) -> None:
-        if self._making.get(making.key) is making:
-            del self._making[making.key]
-
-    def _ended(self, making: _Making) -> None:
-        self._forget(making)
-        task = making.task
-        if task is not None and not task.cancelled() and task.exception() is not None \
-                and making.waiters == 0:
-            logger.warning("an abandoned image failed: %s", task.exception())
+    def _keeps(self, key: str, placement: Placement) -> bool:
+        """Whether abandoned work for ``key`` goes on: its GPU job runs (a queued one is
+        simply dropped) and the caller's placement says the request will come again."""
+        item = self._jobs.get(key)
+        keep = placement.keep_when_abandoned
+        return item is not None and item.future.running() and keep is not None and keep()
 
     def _keep(self, key: str, images: list[Image.Image], kept: _Kept) -> CachedResult:
-        """Writes the files and remembers them (file I/O: runs off the event loop)."""
+        """Writes the files and remembers them (file I/O: runs off the event loop). All
+        files or none: when one cannot be written, those already written are removed and
+        the ``OSError`` is raised. A result that cannot be remembered is only logged: the
+        files are complete, a replay will just cost again."""
         params = kept.params
-        seeds = [(params.seed + index) % SEED_LIMIT for index in range(len(images))]
-        files = []
-        for index, (image, seed) in enumerate(zip(images, seeds, strict=True)):
-            parameters = self._parameters(kept, seed, index, len(images))
-            files.append(self._store.write_with(
-                functools.partial(_write, image=image, parameters=parameters,
-                                  output_format=params.output_format,
-                                  quality=params.output_quality),
-                SUFFIXES[params.output_format]))
+        files: list[StoredFile] = []
+        try:
+            for index, (image, seed) in enumerate(zip(images, kept.seeds, strict=True)):
+                parameters = self._parameters(kept, seed, index, len(images))
+                files.append(self._store.write_with(
+                    functools.partial(_write, image=image, parameters=parameters,
+                                      output_format=params.output_format,
+                                      quality=params.output_quality),
+                    SUFFIXES[params.output_format]))
+        except BaseException:
+            for stored in files:
+                stored.path.unlink(missing_ok=True)
+            raise
         listed = [{"image_id": stored.file_id, "filename": stored.filename, "seed": seed}
-                  for stored, seed in zip(files, seeds, strict=True)] if len(files) > 1 else []
+                  for stored, seed in zip(files, kept.seeds, strict=True)] \
+            if len(files) > 1 else []
         entry = CachedResult(files[0].file_id, files[0].filename, kept.prompt, params.width,
                              params.height, params.seed, listed)
-        self._results.put(key, entry)
+        try:
+            self._results.put(key, entry)
+        except OSError as exc:
+            logger.warning("request_id=%s: image result not remembered: %s",
+                           kept.request_id, exc)
         return entry
 
     def _parameters(self, kept: _Kept, seed: int, index: int, count: int
@@ -394,17 +394,7 @@ class _Kept:
     stacked: tuple[ActiveLora, ...]
     init_hash: str | None
     request_id: str
-
-
-@dataclass(eq=False)
-class _Making:
-    """An image being made: its GPU job, the task that makes and keeps it, and how many
-    callers wait for it."""
-
-    key: str
-    item: JobItem
-    task: asyncio.Task[CachedResult] | None = None
-    waiters: int = 0
+    seeds: tuple[int, ...]  # one per image (ImageJob.seeds)
 
 
 def _write(path: Path, *, image: Image.Image, parameters: dict[str, object],

@@ -95,7 +95,10 @@ class GpuWorker:
         _check_settings(model, max_batch_size, batch_window_ms, vae_tiling_threshold,
                         max_sequence_length)
         self._model = model
-        self._max_batch = max_batch_size
+        self._max_images = max_batch_size  # per job: a job's images are one batch
+        # A content-driven step cache decides for the whole batch: requests run alone (a
+        # request's own images still go together), so pixels never depend on neighbours.
+        self._max_batch = 1 if model.acceleration.batch_dependent else max_batch_size
         self._window_s = batch_window_ms / 1000
         self._tiling_threshold = vae_tiling_threshold
         self._max_sequence_length = max_sequence_length
@@ -171,7 +174,8 @@ class GpuWorker:
         return self._submit(job, placement).future
 
     def enqueue(self, job: ImageJob, placement: Placement = _ANY_OWNER) -> JobItem:
-        """Like :meth:`submit`, for a job of any ``count``, returning the queued item: its
+        """Like :meth:`submit`, for a job of up to ``max_batch_size`` images (more is an
+        :class:`InvalidRequestError` naming ``num_images``), returning the queued item: its
         ``future`` (resolving to the image, or to the list of ``count`` images when
         ``count`` > 1), and ``withdraw()`` for a caller that decides itself what happens to
         abandoned work."""
@@ -218,6 +222,10 @@ class GpuWorker:
 
     def _submit(self, job: ImageJob, placement: Placement) -> JobItem:
         _check_job(job)
+        if job.count > self._max_images:  # (ImageService refuses it first, naming the field)
+            raise InvalidRequestError(
+                f"num_images: at most MAX_BATCH_SIZE={self._max_images} images per job, "
+                f"got {job.count}", field="num_images")
         item = JobItem(job, Future(), placement)
         self._put(item)
         return item
@@ -307,14 +315,13 @@ class GpuWorker:
             self._oom_injector(jobs)
         self._model.before_call(first.denoising_steps)  # a step cache starts afresh
         started = time.perf_counter()
-        if self._metrics is not None:
-            self._metrics.image_batch_size.observe(sum(job.count for job in jobs))
         image_to_image = first.init_image is not None
         pipeline = self._img2img.pipeline if image_to_image else self._model.pipeline
         images = call_pipeline(pipeline, jobs,
                                max_sequence_length=self._max_sequence_length, abort=self._abort,
                                cancelled=[item.cancelled for item in items])
-        if self._metrics is not None:
+        if self._metrics is not None:  # once per call that made images (not a failed one)
+            self._metrics.image_batch_size.observe(sum(job.count for job in jobs))
             self._metrics.image_batch_seconds.observe(time.perf_counter() - started)
         if image_to_image and self._model.memory_mode == "model_offload":
             # the offload hooks belong to the text-to-image pipeline: let it put every

@@ -83,8 +83,9 @@ _EXPIRED = "not started by its deadline"
 class WorkQueue:
     """Thread-safe; any thread puts, the worker thread takes. ``batch_key`` says which
     jobs may share a pipeline call; ``size`` how many images a job adds to it (a batch
-    holds at most ``max_batch`` images, but a job's own images always go together, so a
-    job larger than that runs alone)."""
+    holds at most ``max_batch`` images, and a job's own images always go together: one
+    larger than that runs alone, so its producer bounds it; the GPU worker refuses jobs of
+    more than MAX_BATCH_SIZE images)."""
 
     def __init__(self, batch_key: BatchKeyFn, size: SizeFn | None = None) -> None:
         self._key = batch_key

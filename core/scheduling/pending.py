@@ -30,7 +30,7 @@ QueueWaitObserver = Callable[[str, Priority, float], None]
 @dataclass(eq=False)
 class PendingRequest:
     """One request between arrival and answer. ``deadline`` and ``published_at`` are
-    epoch seconds; ``arrived_at`` is monotonic."""
+    epoch seconds; ``arrived_at`` and ``started_at`` are monotonic."""
 
     request_id: str
     conversation_id: str
@@ -42,11 +42,18 @@ class PendingRequest:
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     _registry: PendingRequests | None = field(default=None, repr=False)
     _started: bool = False
+    _started_at: float | None = None
 
     @property
     def started(self) -> bool:
         """True once real work began (a GPU job taken, a voice call made)."""
         return self._started
+
+    @property
+    def started_at(self) -> float | None:
+        """When real work began (``time.monotonic()``): queue wait ends and processing
+        starts here. None before, and for a request answered without starting."""
+        return self._started_at
 
     def mark_started(self) -> None:
         """Reports the start of real work, once; thread-safe (the GPU worker calls it)."""
@@ -141,14 +148,15 @@ class PendingRequests:
             self._changed = None
 
     def _on_start(self, request: PendingRequest) -> None:
+        now = time.monotonic()
         with self._lock:
             if request._started:
                 return
             request._started = True
+            request._started_at = now
             self._count_locked(request.kind, request.priority, -1)
         if self._on_queue_wait is not None:
-            self._on_queue_wait(request.kind, request.priority,
-                                time.monotonic() - request.arrived_at)
+            self._on_queue_wait(request.kind, request.priority, now - request.arrived_at)
 
     # --- cancels ---
 

@@ -22,8 +22,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import httpx
-from httpx._client import UseClientDefault  # the types of send()'s defaults
-from httpx._types import AuthTypes
 
 from core.telemetry.trace import current_trace
 
@@ -67,10 +65,11 @@ class ObservedClient(httpx.AsyncClient):
         self._upstreams = upstreams
         self._observe = observe
 
+    # ``auth`` and ``follow_redirects`` are passed through untouched; their precise types
+    # (an auth or USE_CLIENT_DEFAULT) are httpx's private names, hence Any
     async def send(
         self, request: httpx.Request, *, stream: bool = False,
-        auth: AuthTypes | UseClientDefault | None = httpx.USE_CLIENT_DEFAULT,
-        follow_redirects: bool | UseClientDefault = httpx.USE_CLIENT_DEFAULT,
+        auth: Any = httpx.USE_CLIENT_DEFAULT, follow_redirects: Any = httpx.USE_CLIENT_DEFAULT,
     ) -> httpx.Response:
         upstream = self._upstreams.of(request.url)
         trace = current_trace.get()

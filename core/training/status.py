@@ -15,8 +15,10 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
+
+from pydantic import computed_field
 
 from schemas.events import utc_now_iso
 
@@ -30,10 +32,11 @@ MAX_STATUSES = 1000
 
 @dataclass(frozen=True)
 class TrainingStatus:
-    """A snapshot. ``loss`` is the smoothed training loss; ``error_code``/``error`` are set
-    when failed; ``lora_id`` and ``validation_image_url`` when completed. ``status`` is
-    always ``state`` (whatever is passed): the name ``POST /train-lora`` answers the state
-    under, so that ``GET /train-lora/{training_id}`` answers it under the same name."""
+    """A snapshot. ``status`` (also under ``state``) is ``queued``, ``training``,
+    ``completed`` or ``failed``; ``POST /train-lora`` answers ``training_started`` instead
+    for a training it accepted, as the original API does. ``loss`` is the smoothed training
+    loss; ``error_code``/``error`` are set when failed; ``lora_id`` and
+    ``validation_image_url`` when completed."""
 
     training_id: str
     request_id: str
@@ -42,7 +45,6 @@ class TrainingStatus:
     state: State
     step: int
     total: int
-    status: State | None = field(default=None, kw_only=True)  # = state, see the docstring
     loss: float | None = None
     lora_id: str | None = None
     validation_image_url: str | None = None
@@ -52,11 +54,17 @@ class TrainingStatus:
     estimated_time_minutes: int | None = None
     updated_at: str = ""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "status", self.state)
+    @computed_field  # type: ignore[prop-decorator]  # pydantic's documented form
+    @property
+    def status(self) -> State:
+        """``state``, under the name ``POST /train-lora`` answers under (there
+        ``training_started`` for an accepted training, ``completed`` for a finished one)."""
+        return self.state
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The snapshot as ``GET /train-lora/{training_id}`` answers it: every field, and
+        :attr:`status`."""
+        return {**asdict(self), "status": self.status}
 
 
 class StatusBoard:

@@ -109,7 +109,8 @@ def run_chunk(
     probe_before = probe_after = None
     with attached_adapter(transformer, plan.adapter_name,
                           weights=plan.state.weights if plan.state is not None else None,
-                          init_seed=plan.seed, gradient_checkpointing=cuda) as params:
+                          init_seed=plan.seed, gradient_checkpointing=cuda) as params, \
+            _attention_kernels(cuda):
         optimizer = torch.optim.AdamW(params, lr=plan.learning_rate,
                                       weight_decay=_WEIGHT_DECAY)
         if plan.state is not None and plan.state.optimizer:
@@ -188,6 +189,20 @@ def _guidance(transformer: Any) -> float | None:
 
 def _autocast(cuda: bool) -> contextlib.AbstractContextManager[Any]:
     return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+
+def _attention_kernels(cuda: bool) -> contextlib.AbstractContextManager[Any]:
+    """Training's attention without cuDNN's kernel. On an H200 (torch 2.11, CUDA 13) the
+    first FLUX.1-dev-sized training step with the default kernels died with "illegal
+    memory access" in the checkpointed backward; with cuDNN attention off, 512² and 1024²
+    steps ran (bench/gpu_check.py, docs/benchmarks.md). Flash and memory-efficient
+    attention remain; image generation keeps the defaults."""
+    if not cuda:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
 
 
 def _to_cpu(value: Any) -> Any:

@@ -47,6 +47,14 @@ class VoiceBackend(Protocol):
         """Short name for logs and ``/health`` (``local``, ``elevenlabs``)."""
         ...
 
+    @property
+    def audio_variant(self) -> str:
+        """What else decides the bytes this engine writes for a text and its settings
+        (ElevenLabs: its API and output format; espeak: its voice and rate). It is part of
+        the key a result is remembered under, so that once it changes a replay is spoken
+        anew instead of being answered with a file made the old way."""
+        ...
+
     def performs_audio_tags(self, model_id: str | None) -> bool:
         """Whether ``model_id`` on this engine performs audio tags such as ``[warmly]``
         (ElevenLabs v3) instead of reading them aloud; if not, the service strips them."""

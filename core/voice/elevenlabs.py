@@ -141,6 +141,12 @@ class ElevenLabsBackend:
     def default_model_id(self) -> str:
         return self._default_model_id
 
+    @property
+    def audio_variant(self) -> str:
+        """The API and the output format (ELEVENLABS_API_URL, ELEVENLABS_OUTPUT_FORMAT):
+        another format is other bytes, another API possibly other audio."""
+        return f"{self._api_url} {self._output_format}"
+
     def performs_audio_tags(self, model_id: str | None) -> bool:
         return model_facts(model_id or self._default_model_id).performs_audio_tags
 

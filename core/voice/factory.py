@@ -45,6 +45,7 @@ def build_voice_service(
       PERSONA_ENGINE_URL is set, the rules alone otherwise.
     - Profiles: read from VOICE_PROFILES_PATH when set.
     - Remembered results: ``{store}/.voice-results``, at most RESULT_CACHE_MAX_ENTRIES.
+    - Texts of at most VOICE_MAX_TEXT_CHARS characters.
 
     ``http`` is the engine's shared client (the caller closes it); ``sleep`` is how the
     ElevenLabs backend waits between retries (tests pass a recorder). Its retries follow
@@ -100,7 +101,8 @@ def build_voice_service(
     results = VoiceResults(RememberedResults(store.directory / ".voice-results",
                                              max_entries=settings.result_cache_max_entries))
     return VoiceService(backend, store, settings.default_voice_id, injector,
-                        profiles=profiles, quota=quota, results=results)
+                        settings.voice_max_text_chars, profiles=profiles, quota=quota,
+                        results=results)
 
 
 def _require(http: httpx.AsyncClient | None) -> httpx.AsyncClient:

@@ -61,6 +61,10 @@ class LocalVoiceBackend:
         """The espeak voice every request speaks with."""
         return self._voice
 
+    @property
+    def audio_variant(self) -> str:
+        return f"espeak {self._voice} {self._rate}"
+
     def performs_audio_tags(self, model_id: str | None) -> bool:
         return False  # espeak would read "[warmly]" aloud
 

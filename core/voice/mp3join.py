@@ -17,13 +17,17 @@ durations by the inner parts' delay and padding: under a frame plus the codec de
 joint (at most 0.05 s at 44.1 kHz; the encoder's start-up and final-frame silence, heard
 as a short pause between sentences). Frames cannot be trimmed without re-encoding, since a
 frame may borrow bits from the one before it.
+
+Memory: the parts' frames are found in place and copied once, straight into the result,
+so a join holds the parts and the result, twice the audio (docs/voice.md, "The longest
+text").
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from schemas.errors import InternalError
 
@@ -102,13 +106,15 @@ def _header_at(data: bytes, pos: int) -> _Header | None:
 
 @dataclass
 class _Part:
-    frames: list[bytes]
     first: _Header
     bitrates: set[int]
     lame_version: bytes | None = None  # 9 bytes, when the part had a LAME header
     lame_fields: bytes | None = None  # the 27 bytes after it
     delay: int = 0
     padding: int = 0
+    # the audio frames, contiguous: a view of the part, no copy
+    audio: memoryview = field(default_factory=lambda: memoryview(b""))
+    frame_count: int = 0
 
 
 def _skip_id3v2(data: bytes) -> int:
@@ -124,25 +130,26 @@ def _skip_id3v2(data: bytes) -> int:
 def _parse(data: bytes, index: int) -> _Part:
     pos = _skip_id3v2(data)
     end = len(data) - 128 if data[-128:-125] == b"TAG" else len(data)
-    frames: list[bytes] = []
     part: _Part | None = None
+    start = pos  # of the first audio frame; the frames follow one another
     while True:
         header = _header_at(data, pos)
         if header is None or pos + header.length > end:
             break  # the end of the frames: a trailing tag, junk, or a cut-off last frame
-        frame = data[pos : pos + header.length]
         if part is None:
-            part = _Part(frames=frames, first=header, bitrates=set())
-            if _read_vbr_header(frame, header, part):
+            part = _Part(first=header, bitrates=set())
+            if _read_vbr_header(data[pos : pos + header.length], header, part):
                 pos += header.length
+                start = pos
                 continue
         elif header.stream != part.first.stream:
             raise InternalError(f"MP3 part {index} changes its sample rate or channels")
-        frames.append(frame)
+        part.frame_count += 1
         part.bitrates.add(header.bitrate_index)
         pos += header.length
-    if part is None or not frames:
+    if part is None or not part.frame_count:
         raise InternalError(f"MP3 part {index} holds no MPEG Layer III audio frame")
+    part.audio = memoryview(data)[start:pos]
     return part
 
 
@@ -222,6 +229,8 @@ def join_mp3(parts: Sequence[bytes]) -> bytes:
     stream = parsed[0].first.stream
     if any(part.first.stream != stream for part in parsed):
         raise InternalError("MP3 parts differ in sample rate or channels")
-    frames = [frame for part in parsed for frame in part.frames]
-    audio = b"".join(frames)
-    return _header_frame(parsed, len(frames), len(audio)) + audio
+    # one copy of the audio, into the result: the parts and it are all a join holds
+    frame_count = sum(part.frame_count for part in parsed)
+    audio_bytes = sum(len(part.audio) for part in parsed)
+    header = _header_frame(parsed, frame_count, audio_bytes)
+    return b"".join([header, *(part.audio for part in parsed)])

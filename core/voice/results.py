@@ -1,8 +1,10 @@
 """Remembered voice results: a replay costs nothing twice and sounds the same.
 
 A result is keyed by a fingerprint of what decides the audio: the request's text and
-``inject_emotion``, the backend, the model, the voice and its settings as resolved
-(request, then profile, then defaults), the pronunciation dictionaries and the seed. The
+``inject_emotion``, the backend and what else decides its bytes (its ``audio_variant``:
+for ElevenLabs the API and ELEVENLABS_OUTPUT_FORMAT), the model, the voice and its
+settings as resolved (request, then profile, then defaults), the pronunciation
+dictionaries and the seed. The
 entry keeps what was actually spoken and the settings actually sent (after emotion
 injection), so that once the file was cleaned up a replay asks the backend for exactly the
 same audio again, without asking the Persona Engine's LLM again. Entries are small
@@ -39,13 +41,13 @@ class RememberedVoice:
 
 
 def voice_fingerprint(text: str, inject_emotion: bool, settings: VoiceSettings,
-                      backend: str, model_id: str | None) -> str:
+                      backend: str, model_id: str | None, variant: str) -> str:
     """The cache key of a request: ``settings`` as resolved before emotion injection
     (seed included), ``model_id`` the model it runs on (the backend's default when the
-    request and profile name none)."""
+    request and profile name none), ``variant`` the backend's ``audio_variant``."""
     content = {
         "text": text, "inject_emotion": inject_emotion, "backend": backend,
-        "model": model_id, "settings": _settings_json(settings),
+        "variant": variant, "model": model_id, "settings": _settings_json(settings),
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 

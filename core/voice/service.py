@@ -5,7 +5,7 @@ two paths cannot drift apart. The service resolves the voice (request, then the 
 profile, then the defaults) and the seed (the request's, else one derived from its
 ``request_id``), answers a request it has answered before from the remembered results while
 the file exists (:mod:`core.voice.results`), joins the same output being made
-(:mod:`core.voice.shared_work`), and otherwise injects emotion the way the model can
+(:mod:`core.shared_work`), and otherwise injects emotion the way the model can
 perform it and has the backend write the file. A backend that retries upstream calls spends the request's
 :class:`~core.retry_budget.RetryBudget` when the caller brings one (the consume loop does,
 so that its retries and the backend's share one bound).
@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 from core.outputs import OutputStore
 from core.retry_budget import RetryBudget
 from core.seeds import derive_seed
+from core.shared_work import SharedWork
 from core.voice.backend import SEED_MAX, VoiceBackend, VoiceSettings
 from core.voice.emotion import EmotionInjector, shift_settings
 from core.voice.emotion_rules import RulesEmotionInjector
@@ -31,7 +32,6 @@ from core.voice.mp3 import audio_duration
 from core.voice.profiles import VoiceProfiles
 from core.voice.quota import QuotaMonitor
 from core.voice.results import RememberedVoice, VoiceResults, voice_fingerprint
-from core.voice.shared_work import SharedWork
 from core.voice.tags import strip_audio_tags
 from schemas.errors import InternalError, InvalidRequestError
 
@@ -39,7 +39,8 @@ __all__ = ["VoiceJob", "VoiceRequestLike", "VoiceResult", "VoiceService"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_TEXT_CHARS = 10_000
+DEFAULT_MAX_TEXT_CHARS = 50_000
+"""VOICE_MAX_TEXT_CHARS's default (see :mod:`core.settings` and docs/voice.md)."""
 
 
 @runtime_checkable
@@ -118,9 +119,9 @@ class VoiceService:
     ``profiles``) names a voice; the model falls back to the backend's default. ``injector``
     makes text expressive when a request asks for emotion (default: the rules,
     :class:`~core.voice.emotion_rules.RulesEmotionInjector`); texts longer than
-    ``max_text_chars`` are rejected. ``quota`` is the provider's quota monitor, when the
-    backend has an account. ``results`` remembers answered requests (none: every request
-    is made anew). Raises ``ValueError`` for an empty ``default_voice_id`` or a
+    ``max_text_chars`` (VOICE_MAX_TEXT_CHARS) are rejected. ``quota`` is the provider's
+    quota monitor, when the backend has an account. ``results`` remembers answered
+    requests (none: every request is made anew). Raises ``ValueError`` for an empty ``default_voice_id`` or a
     ``max_text_chars`` below 1.
     """
 
@@ -168,14 +169,16 @@ class VoiceService:
 
         Tags such as ``[warmly]`` reach the backend only if it performs them for the
         requested model; for other models emotion shifts the voice settings a request did
-        not set itself. ``enhanced_text`` is exactly what was sent to the backend.
+        not set itself. ``enhanced_text`` is exactly what was sent to the backend. A text
+        longer than the model takes in one request is spoken in parts by the backend
+        (ElevenLabs: stitched, :mod:`core.voice.elevenlabs`).
 
         The seed is ``request.seed``, else one derived from ``request.request_id`` (none
         without either). A request with a seed that was answered before (same text, voice,
-        settings, model, backend and seed) is answered from the remembered result while its
-        file exists, with no backend call; once the file is gone the remembered text and
-        settings are spoken again. The same output asked for while it is being made is
-        waited for, not made twice.
+        settings, model, backend, its ``audio_variant`` and seed) is answered from the
+        remembered result while its file exists, with no backend call; once the file is
+        gone the remembered text and settings are spoken again. The same output asked for
+        while it is being made is waited for, not made twice.
 
         Raises :class:`InvalidRequestError` (before any work) for a text that is empty once
         audio tags are removed, or too long, a voice setting outside 0..1, a seed outside
@@ -192,7 +195,7 @@ class VoiceService:
             return self._result(request.text, *made)
         model = settings.model_id or getattr(self._backend, "default_model_id", None)
         key = voice_fingerprint(request.text, request.inject_emotion, settings,
-                                self._backend.name, model)
+                                self._backend.name, model, self._backend.audio_variant)
         remembered = self._results.get(key)
         if remembered is not None and self._store.exists(remembered.filename):
             logger.debug("voice answered from the remembered results: %s", remembered.filename)

@@ -278,6 +278,10 @@ async def test_out_of_memory_in_a_batch_is_retried_unbatched(
     images = [future.result(WAIT) for future in futures]
     assert calls == [3, 1, 1, 1]
     assert sample(metrics, "engine_image_oom_total") == 1
+    # the batch size histogram counts the calls that made images: three of one, not the
+    # failed batch of three as well
+    assert sample(metrics, "engine_image_batch_size_count") == 3
+    assert sample(metrics, "engine_image_batch_size_sum") == 3
     solo = await make_worker().generate(job(seed=0))
     assert np.array_equal(pixels(images[0]), pixels(solo))  # the retry ran it alone
 
@@ -532,6 +536,18 @@ def test_sizes_the_pipeline_would_round_are_refused(model: LoadedModel) -> None:
     with pytest.raises(InvalidRequestError) as caught:
         worker.submit(job(width=72))
     assert caught.value.field == "width"
+
+
+def test_a_job_of_more_images_than_max_batch_size_is_refused(model: LoadedModel) -> None:
+    # a job's images are one batch: more than MAX_BATCH_SIZE would run as an oversized
+    # batch (and be retried alone, as oversized, after running out of memory)
+    worker = GpuWorker(model, max_batch_size=2, batch_window_ms=0, lora_cache_size=1,
+                       vae_tiling_threshold=1536, max_sequence_length=32)
+    with pytest.raises(InvalidRequestError) as caught:
+        worker.enqueue(job(count=3))
+    assert caught.value.field == "num_images" and "MAX_BATCH_SIZE=2" in caught.value.message
+    assert worker.depth() == {priority: 0 for priority in Priority}
+    worker.stop()
 
 
 def test_settings_are_checked_at_construction(model: LoadedModel) -> None:

@@ -4,6 +4,7 @@ naming its field, whether the event model (the contract's ranges) or the image c
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -80,6 +81,17 @@ def test_the_engine_refuses_what_its_settings_or_the_model_cannot_do(
     assert raised.value.field == field and field in raised.value.message
 
 
+def test_num_images_is_at_most_max_batch_size() -> None:
+    # a request's images are one batch: more than MAX_BATCH_SIZE is refused, not split
+    limits = replace(LIMITS, max_batch_size=2)
+    assert resolve_params(EventCodec().validate(ImageRequested, body(num_images=2)),
+                          limits).num_images == 2
+    with pytest.raises(InvalidRequestError) as raised:
+        resolve_params(EventCodec().validate(ImageRequested, body(num_images=3)), limits)
+    assert raised.value.field == "num_images"
+    assert "MAX_BATCH_SIZE=2" in raised.value.message
+
+
 def test_defaults_of_the_new_fields() -> None:
     params = resolve_params(EventCodec().validate(ImageRequested, body()), LIMITS)
     assert (params.lora_scale, params.loras, params.num_images) == (1.0, (), 1)
@@ -103,6 +115,29 @@ def test_image_to_image_size_defaults_to_the_init_image(
     event = EventCodec().validate(ImageRequested, body(init_image=PNG, **given))
     params = size_for_init(resolve_params(event, LIMITS), init, LIMITS)
     assert (params.width, params.height) == expected
+
+
+@pytest.mark.parametrize(("given", "init", "field"), [
+    ({"width": 1024}, (1000, 4000), "height"),  # 4096 tall: never clamped to 1024
+    ({"height": 1024}, (4000, 1000), "width"),  # 4096 wide
+    ({"width": 64}, (4000, 1000), "height"),    # 16 high: under 64
+    ({}, (10_000, 10), "height"),               # no size keeps that aspect within limits
+])
+def test_a_derived_side_out_of_range_is_refused_naming_it(
+    given: dict[str, int], init: tuple[int, int], field: str
+) -> None:
+    event = EventCodec().validate(ImageRequested, body(init_image=PNG, **given))
+    with pytest.raises(InvalidRequestError) as raised:
+        size_for_init(resolve_params(event, LIMITS), init, LIMITS)
+    assert raised.value.field == field and "MAX_IMAGE_SIZE=1024" in raised.value.message
+    assert f"{init[0]}x{init[1]}" in raised.value.message
+
+
+def test_rounding_alone_never_takes_a_side_past_max_image_size() -> None:
+    limits = replace(LIMITS, max_image_size=1020)  # not a multiple of 16
+    event = EventCodec().validate(ImageRequested, body(init_image=PNG))
+    params = size_for_init(resolve_params(event, limits), (1020, 510), limits)
+    assert (params.width, params.height) == (1008, 512)  # 1020 would round to 1024
 
 
 @pytest.mark.parametrize(("steps", "strength", "expected"), [

@@ -21,6 +21,7 @@ from core.voice import (
     VoiceSettings,
     strip_audio_tags,
 )
+from core.voice.service import DEFAULT_MAX_TEXT_CHARS
 from schemas.errors import InternalError, InvalidRequestError, UpstreamUnavailableError
 from schemas.events import VoiceRequested
 
@@ -100,7 +101,7 @@ async def test_a_voice_requested_event_is_accepted_as_is(service: VoiceService) 
         (VoiceJob(""), "text"),
         (VoiceJob("   \n"), "text"),
         (VoiceJob("[sighs] [laughs]"), "text"),
-        (VoiceJob("a" * 10_001), "text"),
+        (VoiceJob("a" * (DEFAULT_MAX_TEXT_CHARS + 1)), "text"),
         (VoiceJob("Hi.", stability=1.5), "stability"),
         (VoiceJob("Hi.", similarity_boost=-0.1), "similarity_boost"),
         (VoiceJob("Hi.", style=2.0), "style"),
@@ -139,6 +140,10 @@ class _TagPerformingBackend:
     def name(self) -> str:
         return "tags"
 
+    @property
+    def audio_variant(self) -> str:
+        return self.inner.audio_variant
+
     def performs_audio_tags(self, model_id: str | None) -> bool:
         return model_id == "eleven_v3"
 
@@ -164,6 +169,10 @@ class _FailingBackend:
     @property
     def name(self) -> str:
         return "failing"
+
+    @property
+    def audio_variant(self) -> str:
+        return ""
 
     def performs_audio_tags(self, model_id: str | None) -> bool:
         return False

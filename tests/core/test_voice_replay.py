@@ -32,9 +32,10 @@ RACHEL = "21m00Tcm4TlvDq8ikWAM"
 
 
 def make_service(http: httpx.AsyncClient, server: ElevenLabsServer, store: OutputStore,
-                 *, max_entries: int = 100) -> VoiceService:
+                 *, max_entries: int = 100, output_format: str = "mp3_44100_128"
+                 ) -> VoiceService:
     backend = ElevenLabsBackend(http, server.api_url, SecretStr(DEFAULT_KEY),
-                                sleep=RecordingSleep())
+                                output_format=output_format, sleep=RecordingSleep())
     results = VoiceResults(RememberedResults(store.directory / ".voice-results",
                                              max_entries=max_entries))
     return VoiceService(backend, store, RACHEL, results=results)
@@ -91,6 +92,25 @@ async def test_what_decides_the_audio_decides_the_entry(
     await service.generate(event("r-7", seed=7, inject_emotion=False))
     assert [r.json.get("seed") for r in server.tts_requests()] == [
         derive_seed("r-1", SEED_MAX), derive_seed("r-2", SEED_MAX), 7, 7, 7, 7]
+
+
+async def test_another_output_format_is_not_answered_with_the_old_file(
+    http: httpx.AsyncClient, server: ElevenLabsServer, store: OutputStore
+) -> None:
+    # the same store and remembered results, ELEVENLABS_OUTPUT_FORMAT changed in between
+    first = await make_service(http, server, store).generate(event())
+    low = make_service(http, server, store, output_format="mp3_22050_32")
+    second = await low.generate(event())
+    assert server.tts_calls == 2
+    assert [r.query["output_format"] for r in server.tts_requests()] == [
+        "mp3_44100_128", "mp3_22050_32"]
+    assert second.filename != first.filename
+    paths = [store.resolve(r.filename) for r in (first, second)]
+    assert paths[0] is not None and paths[1] is not None
+    assert paths[1].read_bytes() == server.audio_sent(second.enhanced_text, rate=22050)
+    assert paths[0].read_bytes() != paths[1].read_bytes()
+    assert same_output(await low.generate(event()), second)  # and remembered in its format
+    assert server.tts_calls == 2
 
 
 async def test_without_a_seed_nothing_is_remembered(

@@ -29,7 +29,7 @@ from consumers.serve import DEV_LORA_ID, prepare_dev_model
 from core.settings import Settings
 from core.telemetry import TraceContext
 from tests.support.elevenlabs_server import DEFAULT_KEY, ElevenLabsServer
-from tests.support.engine_process import EngineProcess
+from tests.support.engine_process import LINE_LIMIT, EngineProcess
 from tests.support.kafka_client import Answer, PersonaPeer
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -217,7 +217,8 @@ class DevProcess(EngineProcess):
         script = Path(sys.executable).with_name("multimodal-engine")
         self._proc = await asyncio.create_subprocess_exec(
             str(script), "dev", cwd=self.cwd, env=self.env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            limit=LINE_LIMIT)
         self._reader = asyncio.create_task(self._read())
         line = await self.wait_for_line(lambda text: "dev is up" in text, timeout)
         match = re.search(r"http +(http://\S+)", json.loads(line)["message"])

@@ -70,10 +70,12 @@ FaultKind = Literal[
     "server_error_detail", "hang", "drop",
 ]
 
-# model id → characters per request (FACTS.md)
+# model id → characters per request (FACTS.md; the English v2 models: ElevenLabs' models page)
 MODELS: dict[str, int] = {
     "eleven_v3": 3_000,
     "eleven_multilingual_v2": 10_000,
+    "eleven_flash_v2": 30_000,
+    "eleven_turbo_v2": 30_000,
     "eleven_flash_v2_5": 40_000,
     "eleven_turbo_v2_5": 40_000,
 }
@@ -514,7 +516,8 @@ class ElevenLabsServer:
              "can_use_speaker_boost": True, "max_characters_request_free_user": limit,
              "max_characters_request_subscribed_user": limit,
              "maximum_text_length_per_request": limit, "languages": [],
-             "concurrency_group": "turbo" if "v2_5" in model_id else "standard"}
+             "concurrency_group": "turbo" if ("flash" in model_id or "turbo" in model_id)
+             else "standard"}
             for model_id, limit in MODELS.items()
         ])
 

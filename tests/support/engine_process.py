@@ -11,7 +11,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["EngineProcess"]
+__all__ = ["LINE_LIMIT", "EngineProcess"]
+
+# The longest output line read whole (asyncio's default, 64 KiB, is less than one DEBUG
+# line of aiokafka's can be; a longer line would end the reader and hide what follows).
+LINE_LIMIT = 16 * 2**20
 
 _SERVING = re.compile(r"engine serving: kafka=\S+ http=(\S+)")
 
@@ -33,6 +37,7 @@ class EngineProcess:
         self._proc = await asyncio.create_subprocess_exec(
             str(script), "serve", cwd=self.cwd, env=self.env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            limit=LINE_LIMIT,
         )
         self._reader = asyncio.create_task(self._read())
         line = await self.wait_for_line(lambda text: _SERVING.search(text) is not None, timeout)

@@ -1,0 +1,42 @@
+"""``bench/gpu_check.py --smoke``: the GPU check's own code, run on the CPU with the
+development model's sizes, so that the script `make gpu-check` runs cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def test_the_smoke_run_prints_every_table_with_figures(tmp_path: Path) -> None:
+    out = tmp_path / "gpu-check.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--smoke", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=560, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = done.stdout
+    for header in ("| configuration | s/image | × vs first | warm-up s | peak GiB |",
+                   "| LoRA switch | switches | mean ms | recompilations |",
+                   "| training step | s/step | peak GiB |"):
+        assert header in text
+    report = json.loads(out.read_text())
+    timed = {row["config"]: row for row in report["images"] if "median_s" in row}
+    assert set(timed) == {"eager", "step cache taylorseer", "step cache first_block",
+                          "step cache mag", "compiled (hotswap slot)"}, report["images"]
+    assert all(row["median_s"] > 0 and len(row["times_s"]) == 2 for row in timed.values())
+    fp8 = next(row for row in report["images"] if row["config"].startswith("fp8"))
+    assert "needs CUDA" in fp8["skipped"]  # said, not silently left out
+    switches = {row["mode"]: row for row in report["lora_switch"]}
+    assert switches["eager (LRU set)"]["switches"] == 6
+    assert switches["compiled hotswap"]["recompilations"] == 0  # hotswap: no recompilation
+    assert [row["size"] for row in report["training"]] == [64, 128]
+    assert all(row["seconds_per_step"] > 0 and row["finite_loss"]
+               for row in report["training"])
