@@ -3,7 +3,6 @@ their parameters, replays, LoRAs, validation, batching and progress."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import uuid
 from collections.abc import AsyncIterator
@@ -14,11 +13,11 @@ import aiohttp
 import numpy as np
 import pytest
 from PIL import Image
-from prometheus_client import CollectorRegistry
 
 from consumers.engine import Engine
-from consumers.serve import DEV_LORA_ID, prepare_dev_model
+from consumers.serve import DEV_LORA_ID
 from core.settings import Settings
+from tests.support.dev_engine import dev_engine
 from tests.support.kafka_client import Answer, PersonaPeer
 from tests.support.persona_server import PersonaLLMServer
 
@@ -36,18 +35,10 @@ async def llm() -> AsyncIterator[PersonaLLMServer]:
 @pytest.fixture
 async def image_engine(settings: Settings, dev_model_dir: Path, tmp_path: Path,
                        llm: PersonaLLMServer) -> AsyncIterator[Engine]:
-    configured = settings.model_copy(update={
-        "dev_model_dir": dev_model_dir, "lora_output_dir": tmp_path / "loras",
-        "persona_engine_url": llm.url, "persona_engine_timeout": 0.5,
-        "batch_window_ms": 300, "progress_interval": 0.0,
-    })
-    model_path = await asyncio.to_thread(prepare_dev_model, configured)  # + sarah_v1
-    assert configured.kafka_bootstrap_servers is not None
-    engine = Engine(configured, configured.kafka_bootstrap_servers, model_path=model_path,
-                    http_host="127.0.0.1", registry=CollectorRegistry())
-    await engine.start()
-    yield engine
-    await engine.stop()
+    async with dev_engine(settings, dev_model_dir, tmp_path, persona_engine_url=llm.url,
+                          persona_engine_timeout=0.5, batch_window_ms=300,
+                          progress_interval=0.0) as engine:  # + sarah_v1
+        yield engine
 
 
 def image_request(**fields: Any) -> dict[str, Any]:

@@ -6,7 +6,6 @@ from an inline image."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import uuid
@@ -18,12 +17,12 @@ import aiohttp
 import numpy as np
 import pytest
 from PIL import Image
-from prometheus_client import CollectorRegistry
 
 from consumers.engine import Engine
-from consumers.serve import DEV_LORA_ID, prepare_dev_model
+from consumers.serve import DEV_LORA_ID
 from core.settings import Settings
 from tests.core.test_image_requests import InitServer, gradient, png_bytes
+from tests.support.dev_engine import dev_engine
 from tests.support.kafka_client import Answer, PersonaPeer
 
 pytestmark = pytest.mark.kafka
@@ -48,18 +47,11 @@ BAD: list[tuple[dict[str, Any], str]] = [
 @pytest.fixture
 async def engine(settings: Settings, dev_model_dir: Path, tmp_path: Path
                  ) -> AsyncIterator[Engine]:
-    configured = settings.model_copy(update={
-        "dev_model_dir": dev_model_dir, "lora_output_dir": tmp_path / "loras",
-        "persona_engine_url": None, "batch_window_ms": 0, "progress_interval": 0.0,
-        "lora_fetch_allowed_hosts": "127.0.0.1", "flux_max_sequence_length": 32,
-    })
-    model_path = await asyncio.to_thread(prepare_dev_model, configured)  # + sarah_v1
-    assert configured.kafka_bootstrap_servers is not None
-    instance = Engine(configured, configured.kafka_bootstrap_servers, model_path=model_path,
-                      http_host="127.0.0.1", registry=CollectorRegistry())
-    await instance.start()
-    yield instance
-    await instance.stop()
+    async with dev_engine(settings, dev_model_dir, tmp_path, persona_engine_url=None,
+                          batch_window_ms=0, progress_interval=0.0,
+                          lora_fetch_allowed_hosts="127.0.0.1",
+                          flux_max_sequence_length=32) as instance:
+        yield instance
 
 
 def image_request(**fields: Any) -> dict[str, Any]:

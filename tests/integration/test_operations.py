@@ -21,13 +21,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from consumers.engine import Engine
-from consumers.serve import DEV_LORA_ID, prepare_dev_model
+from consumers.serve import DEV_LORA_ID
 from core.settings import Settings
 from core.telemetry import TraceContext
+from tests.support.dev_engine import dev_engine
 from tests.support.elevenlabs_server import DEFAULT_KEY, ElevenLabsServer
 from tests.support.engine_process import LINE_LIMIT, EngineProcess
 from tests.support.kafka_client import Answer, PersonaPeer
@@ -63,18 +63,11 @@ async def upstream() -> AsyncIterator[ElevenLabsServer]:
 async def full_engine(settings: Settings, dev_model_dir: Path, tmp_path: Path,
                       upstream: ElevenLabsServer) -> AsyncIterator[Engine]:
     """Images on the tiny model (with the development LoRA) and voice on ElevenLabs."""
-    configured = settings.model_copy(update={
-        "dev_model_dir": dev_model_dir, "lora_output_dir": tmp_path / "loras",
-        "progress_interval": 0.0, "voice_backend": "elevenlabs",
-        "elevenlabs_api_key": SecretStr(DEFAULT_KEY), "elevenlabs_api_url": upstream.api_url,
-    })
-    model_path = await asyncio.to_thread(prepare_dev_model, configured)
-    assert configured.kafka_bootstrap_servers is not None
-    engine = Engine(configured, configured.kafka_bootstrap_servers, model_path=model_path,
-                    http_host="127.0.0.1", registry=CollectorRegistry())
-    await engine.start()
-    yield engine
-    await engine.stop()
+    async with dev_engine(settings, dev_model_dir, tmp_path, progress_interval=0.0,
+                          voice_backend="elevenlabs",
+                          elevenlabs_api_key=SecretStr(DEFAULT_KEY),
+                          elevenlabs_api_url=upstream.api_url) as engine:
+        yield engine
 
 
 def traced(answers: list[Answer]) -> list[TraceContext | None]:

@@ -4,7 +4,6 @@ one call into the next)."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import uuid
@@ -15,11 +14,10 @@ import aiohttp
 import numpy as np
 import pytest
 from PIL import Image
-from prometheus_client import CollectorRegistry
 
 from consumers.engine import Engine
-from consumers.serve import prepare_dev_model
 from core.settings import Settings
+from tests.support.dev_engine import dev_engine
 from tests.support.kafka_client import Answer, PersonaPeer
 
 pytestmark = pytest.mark.kafka
@@ -28,17 +26,9 @@ pytestmark = pytest.mark.kafka
 @pytest.fixture
 async def engine(settings: Settings, dev_model_dir: Path, tmp_path: Path
                  ) -> AsyncIterator[Engine]:
-    configured = settings.model_copy(update={
-        "dev_model_dir": dev_model_dir, "lora_output_dir": tmp_path / "loras",
-        "step_cache": "taylorseer", "step_cache_interval": 3,
-    })
-    model_path = await asyncio.to_thread(prepare_dev_model, configured)
-    assert configured.kafka_bootstrap_servers is not None
-    running = Engine(configured, configured.kafka_bootstrap_servers, model_path=model_path,
-                     http_host="127.0.0.1", registry=CollectorRegistry())
-    await running.start()
-    yield running
-    await running.stop()
+    async with dev_engine(settings, dev_model_dir, tmp_path, step_cache="taylorseer",
+                          step_cache_interval=3) as running:
+        yield running
 
 
 async def get(engine: Engine, path: str) -> tuple[int, bytes]:
