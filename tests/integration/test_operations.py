@@ -186,8 +186,9 @@ async def test_a_real_prometheus_scrapes_the_engine(engine: Engine, peer: Person
                 try:
                     async with session.get(f"http://127.0.0.1:{port}/api/v1/query",
                                            params={"query": query}) as response:
-                        body = await response.json()
-                    result = body["data"]["result"]
+                        # 503 "Service Unavailable" (text) until its storage is ready
+                        body = await response.json() if response.status == 200 else None
+                    result = body["data"]["result"] if body is not None else []
                     if result:
                         value = float(result[0]["value"][1])
                         if value >= len(requests):
