@@ -168,7 +168,7 @@ async def run_dev(settings: Settings) -> None:
             "partitions per topic)\n"
             f"  http        {addresses.http_url}  (/health, /metrics, /outputs/…, "
             "POST /generate/image, POST /generate/voice, POST /train-lora, "
-            "DELETE /requests/{id})\n"
+            "DELETE /requests/{id}, /openapi.json)\n"
             f"  voice       {engine.voice.backend.name}\n"
             f"  image model {_model_line(engine)} from {model_path}\n"
             f"  LoRAs       {settings.lora_output_dir.resolve()} "
