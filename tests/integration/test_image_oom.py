@@ -5,7 +5,6 @@ outlives the answer; the next request runs normally."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import gc
 import uuid
@@ -16,13 +15,11 @@ from typing import Any
 
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
 
 import core.image.factory
-from consumers.engine import Engine
-from consumers.serve import prepare_dev_model
 from core.image import GpuWorker, ImageJob
 from core.settings import Settings
+from tests.support.dev_engine import dev_engine
 from tests.support.kafka_client import PersonaPeer
 
 pytestmark = pytest.mark.kafka
@@ -52,20 +49,9 @@ async def never_fits(settings: Settings, dev_model_dir: Path, tmp_path: Path,
     never = NeverFits()
     monkeypatch.setattr(core.image.factory, "GpuWorker",
                         functools.partial(GpuWorker, oom_injector=never))
-    configured = settings.model_copy(update={
-        "dev_model_dir": dev_model_dir, "lora_output_dir": tmp_path / "loras",
-        "batch_window_ms": 0,
-    })
-    assert configured.retry_max_attempts == 6  # the default budget: room for 6 runs
-    model_path = await asyncio.to_thread(prepare_dev_model, configured)
-    assert configured.kafka_bootstrap_servers is not None
-    engine = Engine(configured, configured.kafka_bootstrap_servers, model_path=model_path,
-                    http_host="127.0.0.1", registry=CollectorRegistry())
-    await engine.start()
-    try:
+    assert settings.retry_max_attempts == 6  # the default budget: room for 6 runs
+    async with dev_engine(settings, dev_model_dir, tmp_path, batch_window_ms=0):
         yield never
-    finally:
-        await engine.stop()
 
 
 def image_request(prompt: str) -> dict[str, Any]:
