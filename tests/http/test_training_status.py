@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import aiohttp
-
 from tests.core.test_training_images import photos
 from tests.http.conftest import Serve, Served
+from tests.http.forms import form
 
 
 async def snapshot(served: Served, training_id: str) -> dict[str, Any]:
@@ -16,15 +15,6 @@ async def snapshot(served: Served, training_id: str) -> dict[str, Any]:
         assert response.status == 200
         body: dict[str, Any] = await response.json()
         return body
-
-
-def form(pictures: list[bytes], **fields: str) -> aiohttp.FormData:
-    data = aiohttp.FormData()
-    for name, value in {"character_id": "mia", "trigger_word": "zqx", **fields}.items():
-        data.add_field(name, value)
-    for index, content in enumerate(pictures):
-        data.add_field("images", content, filename=f"{index}.png", content_type="image/png")
-    return data
 
 
 async def test_get_and_post_name_the_state_status(serve: Serve) -> None:

@@ -18,20 +18,12 @@ import pytest
 from core.lora import LoraRegistry
 from tests.core.test_training_images import bomb_png, noise_png, photos
 from tests.http.conftest import Serve, Served
+from tests.http.forms import form
 from tests.http.raw import head, open_raw, raw_post, read_response, until
 
 WAIT = 60.0
 BOUNDARY = "upl0ad-b0undary"
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def form(images: list[bytes], **fields: str) -> aiohttp.FormData:
-    data = aiohttp.FormData()
-    for name, value in {"character_id": "mia", "trigger_word": "zqx", **fields}.items():
-        data.add_field(name, value)
-    for index, content in enumerate(images):
-        data.add_field("images", content, filename=f"{index}.png", content_type="image/png")
-    return data
 
 
 async def refused(served: Served, data: aiohttp.FormData, status: int, loc: list[str],

@@ -22,6 +22,7 @@ from core.metrics import EngineMetrics
 from core.scheduling import Scheduling, build_scheduling
 from core.settings import Settings
 from schemas.codec import EventCodec
+from tests.support.elevenlabs_server import ElevenLabsServer
 from tests.support.kafka_client import PersonaPeer
 from tests.support.settings import engine_settings
 
@@ -48,6 +49,15 @@ async def engine(settings: Settings) -> AsyncIterator[Engine]:
         yield instance
     finally:
         await instance.stop()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[ElevenLabsServer]:
+    """The local ElevenLabs server (tests/support), started and stopped around a test."""
+    server = ElevenLabsServer()
+    await server.start()
+    yield server
+    await server.stop()
 
 
 @pytest.fixture

@@ -52,14 +52,6 @@ needs_prometheus = pytest.mark.skipif(
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[ElevenLabsServer]:
-    server = ElevenLabsServer()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
 async def full_engine(settings: Settings, dev_model_dir: Path, tmp_path: Path,
                       upstream: ElevenLabsServer) -> AsyncIterator[Engine]:
     """Images on the tiny model (with the development LoRA) and voice on ElevenLabs."""

@@ -23,14 +23,6 @@ from tests.support.kafka_client import PersonaPeer
 pytestmark = pytest.mark.kafka
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[ElevenLabsServer]:
-    server = ElevenLabsServer()
-    await server.start()
-    yield server
-    await server.stop()
-
-
 @asynccontextmanager
 async def running_engine(settings: Settings, upstream: ElevenLabsServer, **overrides: Any
                          ) -> AsyncIterator[Engine]:
