@@ -4,7 +4,10 @@ Measures, on the embedded broker (or KAFKA_BOOTSTRAP_SERVERS):
 - latency: one request at a time; p50/p99 of the core alone, and of publish → completed
   event received through the engine (a `multimodal-engine serve` subprocess); the
   difference is what Kafka and the consume loop add;
-- throughput: N requests over C conversations at once, requests per second both ways.
+- throughput: N requests over C conversations at once, requests per second both ways;
+- the read barrier on cancels (CANCEL_BARRIER_SECONDS): the latency through Kafka again
+  with the barrier off (0), on its own topics, in the same run; the difference is what the
+  barrier costs a voice request (one offsets lookup per fetch).
 
 Usage: .venv/bin/python bench/voice_kafka.py [--requests 300] [--latency-samples 100]
 Prints a table and the ratios; figures are recorded in docs/benchmarks.md.
@@ -66,8 +69,10 @@ async def direct(args: argparse.Namespace, workdir: Path) -> tuple[list[float], 
     return latencies, args.requests / (time.perf_counter() - started)
 
 
-async def through_kafka(args: argparse.Namespace, bootstrap: str, prefix: str, workdir: Path
+async def through_kafka(args: argparse.Namespace, bootstrap: str, prefix: str, workdir: Path,
+                        *, barrier: bool = True, throughput: bool = True
                         ) -> tuple[list[float], float]:
+    """Latencies, then (with ``throughput``) requests per second; 0.0 without."""
     engine = EngineProcess({
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KAFKA_TOPIC_PREFIX": prefix,
         "KAFKA_GROUP_ID": f"{prefix}bench", "KAFKA_FETCH_MAX_WAIT_MS": str(args.fetch_wait_ms),
@@ -76,6 +81,7 @@ async def through_kafka(args: argparse.Namespace, bootstrap: str, prefix: str, w
         "KAFKA_SESSION_TIMEOUT_MS": "3000", "KAFKA_HEARTBEAT_INTERVAL_MS": "300",
         "FLUX_MODEL_PATH": str(build_dev_model(workdir / "dev-flux")),
         "LORA_OUTPUT_DIR": str(workdir / "loras"),
+        **({} if barrier else {"CANCEL_BARRIER_SECONDS": "0"}),
     }, workdir, "bench-engine")
     await engine.start()
     try:
@@ -90,6 +96,8 @@ async def through_kafka(args: argparse.Namespace, bootstrap: str, prefix: str, w
                 await peer.publish("voice", r)
                 answer = (await peer.answers_for([str(r["request_id"])]))[str(r["request_id"])]
                 latencies.append(answer.received_at - started)
+            if not throughput:
+                return latencies, 0.0
             batch = [request(i, args.conversations) for i in range(args.requests)]
             started = time.perf_counter()
             for r in batch:
@@ -115,17 +123,21 @@ async def main() -> None:
         broker = None
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
         prefix = f"bench{uuid.uuid4().hex[:6]}."
+        unbarred = f"{prefix}nobarrier."  # its own topics: nothing of the other run
+        names = [p + t for p in (prefix, unbarred) for t in TOPICS]
         if not bootstrap:
             broker = launch_broker("tansu")
             broker.start()
-            broker.create_topics([prefix + t for t in TOPICS], 6)
+            broker.create_topics(names, 6)
             bootstrap = broker.bootstrap_servers
         else:
             from consumers.topics import ensure_topics
-            await ensure_topics(bootstrap, [prefix + t for t in TOPICS], 6)
+            await ensure_topics(bootstrap, names, 6)
         try:
             core_lat, core_rps = await direct(args, workdir)
             kafka_lat, kafka_rps = await through_kafka(args, bootstrap, prefix, workdir)
+            bare_lat, _ = await through_kafka(args, bootstrap, unbarred, workdir,
+                                              barrier=False, throughput=False)
         finally:
             if broker is not None:
                 broker.stop()
@@ -137,6 +149,11 @@ async def main() -> None:
           f"{core_rps:10.1f}")
     print(f"{'through Kafka':24}{pct(kafka_lat, .5) * ms:10.1f}{pct(kafka_lat, .99) * ms:10.1f}"
           f"{kafka_rps:10.1f}")
+    print(f"{'  barrier off':24}{pct(bare_lat, .5) * ms:10.1f}{pct(bare_lat, .99) * ms:10.1f}"
+          f"{'':>10}")
+    print(f"the read barrier on cancels costs: p50 "
+          f"{(pct(kafka_lat, .5) - pct(bare_lat, .5)) * ms:.1f} ms, p99 "
+          f"{(pct(kafka_lat, .99) - pct(bare_lat, .99)) * ms:.1f} ms")
     print(f"added latency: p50 {(pct(kafka_lat, .5) - pct(core_lat, .5)) * ms:.1f} ms, "
           f"p99 {(pct(kafka_lat, .99) - pct(core_lat, .99)) * ms:.1f} ms; "
           f"throughput ratio kafka/core {kafka_rps / core_rps:.2f} "

@@ -1,8 +1,9 @@
 """One record → the event that answers it: decode, schedule, handle, retry.
 
 - Undecodable and invalid records are answered ``UNDECODABLE`` / ``INVALID_REQUEST`` at once.
-- A valid request is registered as pending (cancels and deadlines act on it), waits for its
-  conversation's turn and a slot of its kind (:class:`~core.scheduling.Admission`), then
+- A valid request is registered as pending (cancels and deadlines act on it), waits until
+  the cancels published before it were read (its fetch's :class:`~core.scheduling.ReadMark`),
+  for its conversation's turn and a slot of its kind (:class:`~core.scheduling.Admission`), then
   its handler runs; transient errors are retried with capped, jittered backoff, within
   the request's one :class:`~core.retry_budget.RetryBudget` (shared with the handler's own
   upstream retries; the failed event's ``attempts`` is its count).
@@ -32,7 +33,14 @@ from consumers.retry import RetryExhausted, RetryPolicy, call_with_retries
 from consumers.routes import HandlerContext, Route
 from core.metrics import EngineMetrics
 from core.retry_budget import RetryBudget
-from core.scheduling import Scheduling, deadline_of, effective_priority, supervise
+from core.scheduling import (
+    ReadMark,
+    Scheduling,
+    cancels_read,
+    deadline_of,
+    effective_priority,
+    supervise,
+)
 from core.telemetry import ContextSpans, Spans, current_trace, log_context
 from schemas.codec import EventCodec
 from schemas.errors import (
@@ -79,8 +87,9 @@ class RecordAnswerer:
         self._spans = spans or ContextSpans()
 
     async def answer(self, record: ConsumerRecord[bytes, bytes], route: Route,
-                     turn: Turn) -> Answer:
-        """Always an answer; raises only ``CancelledError`` (the engine stopping)."""
+                     turn: Turn, mark: ReadMark | None = None) -> Answer:
+        """Always an answer; raises only ``CancelledError`` (the engine stopping). With
+        ``mark``, no work starts (nor a result cache answers) before it is reached."""
         where = f"topic={record.topic} partition={record.partition} offset={record.offset}"
         raw: dict[str, Any] = {}
         try:
@@ -97,11 +106,12 @@ class RecordAnswerer:
         request_id: str = event.request_id  # type: ignore[attr-defined]
         with log_context(request_id=request_id,
                          conversation_id=getattr(event, "conversation_id", None)):
-            return await self._answer_valid(record, route, turn, event, raw,
+            return await self._answer_valid(record, route, turn, mark, event, raw,
                                             f"{where} request_id={request_id}")
 
     async def _answer_valid(self, record: ConsumerRecord[bytes, bytes], route: Route,
-                            turn: Turn, event: Any, raw: dict[str, Any], where: str) -> Answer:
+                            turn: Turn, mark: ReadMark | None, event: Any,
+                            raw: dict[str, Any], where: str) -> Answer:
         request_id: str = event.request_id
         logger.debug("%s %s request received", where, route.kind)
         try:
@@ -141,6 +151,7 @@ class RecordAnswerer:
                         where, run, error.code, error, budget.attempts, wait)
 
         async def scheduled() -> GenerationCompleted:
+            await cancels_read(mark, pending)
             await turn.wait()
             async with self._scheduling.admission.slot(route.kind, pending.conversation_id,
                                                        pending.priority):

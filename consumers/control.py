@@ -7,6 +7,11 @@ published shortly before an instance started (or before a rebalance handed it th
 still applies. Nothing is committed: a control record only changes what is in memory.
 
 A malformed control record is logged and skipped: there is no request to answer for it.
+
+It is also the read barrier of :mod:`core.scheduling.barrier`: :meth:`ControlReader.mark`
+looks up the control topic's end offsets (the last stable ones: read_committed) at that
+moment, and its :meth:`~ControlMark.reached` waits until the records up to them were applied,
+at most ``barrier_timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from schemas.codec import EventCodec
 from schemas.errors import InvalidRequestError, UndecodableError
 from schemas.events import GenerationControl
 
-__all__ = ["ControlReader"]
+__all__ = ["ControlMark", "ControlReader"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +39,30 @@ class ControlReader:
     """Applies every control record of ``topic`` to ``pending``."""
 
     def __init__(self, consumer: AIOKafkaConsumer, topic: str, codec: EventCodec,
-                 pending: PendingRequests, *, lookback: float) -> None:
+                 pending: PendingRequests, *, lookback: float,
+                 barrier_timeout: float = 2.0) -> None:
+        if barrier_timeout < 0:
+            raise ValueError(f"CANCEL_BARRIER_SECONDS must be >= 0, got {barrier_timeout}")
         self._consumer = consumer
         self._topic = topic
         self._codec = codec
         self._pending = pending
         self._lookback = lookback
+        self._barrier_timeout = barrier_timeout
+        self._assigned: list[TopicPartition] = []
+        self._has_partitions = asyncio.Event()
+        self._applied: dict[TopicPartition, int] = {}  # next offset to apply, never back
+        self._advanced: asyncio.Event | None = None  # set whenever ``_applied`` moves
         self.ready = asyncio.Event()
         """Set once the cancels of the last ``lookback`` seconds were applied."""
+
+    def mark(self) -> ControlMark:
+        """A read mark taken now (see :class:`ControlMark`); its offsets lookup starts at
+        once, in the background (none with the barrier off: a timeout of 0)."""
+        if self._barrier_timeout == 0:
+            return ControlMark(self, None, 0.0)
+        return ControlMark(self, asyncio.ensure_future(self._end_offsets()),
+                           self._barrier_timeout)
 
     async def run(self) -> None:
         """Applies control records until cancelled; a broker error starts the reading
@@ -62,6 +83,8 @@ class ControlReader:
         """Assigns every partition, seeks ``lookback`` back, then applies records."""
         partitions = await self._partitions()
         self._consumer.assign(partitions)
+        self._assigned = partitions
+        self._has_partitions.set()
         since = int((time.time() - self._lookback) * 1000)
         try:
             found = await self._consumer.offsets_for_times({tp: since for tp in partitions})
@@ -83,6 +106,32 @@ class ControlReader:
                 for record in records:
                     self._apply(record.value, record.headers, record.timestamp,
                                 f"partition={record.partition} offset={record.offset}")
+            await self._advance(partitions)
+
+    async def _advance(self, partitions: list[TopicPartition]) -> None:
+        """Records what was applied (the positions after the records just applied: they
+        also step over transaction markers) and wakes the marks waiting for it."""
+        moved = False
+        for tp in partitions:
+            position = await self._consumer.position(tp)
+            if position > self._applied.get(tp, -1):
+                self._applied[tp] = position
+                moved = True
+        if moved and self._advanced is not None:
+            self._advanced.set()
+            self._advanced = None
+
+    async def _end_offsets(self) -> dict[TopicPartition, int]:
+        await self._has_partitions.wait()
+        ends: dict[TopicPartition, int] = await self._consumer.end_offsets(self._assigned)
+        return ends
+
+    async def _reach(self, ends: dict[TopicPartition, int]) -> None:
+        """Returns once every partition's applied position is at ``ends`` or past it."""
+        while any(self._applied.get(tp, -1) < end for tp, end in ends.items()):
+            if self._advanced is None:
+                self._advanced = asyncio.Event()
+            await self._advanced.wait()
 
     async def _caught_up(self, ends: dict[TopicPartition, int]) -> bool:
         for tp, end in ends.items():
@@ -118,3 +167,37 @@ class ControlReader:
         logger.info("topic=%s %s request_id=%s cancel for conversation %s: %d pending "
                     "request(s) cancelled here", self._topic, where, control.request_id,
                     control.conversation_id, len(cancelled))
+
+
+class ControlMark:
+    """A point on ``generation.control``: the end offsets when it was taken.
+    :meth:`reached` waits until the reader applied every record before them."""
+
+    def __init__(self, reader: ControlReader,
+                 lookup: asyncio.Future[dict[TopicPartition, int]] | None,
+                 timeout: float) -> None:
+        self._reader = reader
+        self._lookup = lookup
+        self._timeout = timeout
+        if lookup is not None:
+            # several requests share one lookup; its error is each waiter's to log, and
+            # must not be reported as never retrieved when no request waited for it
+            lookup.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    async def reached(self) -> None:
+        """See :class:`core.scheduling.ReadMark`. Without a lookup (the barrier off), at
+        once."""
+        if self._lookup is None:
+            return
+        clock = asyncio.get_running_loop().time
+        began = clock()
+        try:
+            async with asyncio.timeout(self._timeout):
+                ends = await asyncio.shield(self._lookup)  # shared: one waiter's timeout
+                await self._reader._reach(ends)             # must not end the others'
+        except TimeoutError:
+            logger.warning("cancels on %s not read within %.1fs; going ahead without "
+                           "them", self._reader._topic, clock() - began)
+        except KafkaError as exc:
+            logger.warning("cancels on %s not looked up (%s: %s); going ahead without them",
+                           self._reader._topic, type(exc).__name__, exc)

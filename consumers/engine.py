@@ -174,6 +174,10 @@ class Engine:
                 created_at=utc_now_iso()), conversation_id.encode(), request_id)
 
         services.broadcast_cancel = broadcast_cancel
+        reader = ControlReader(control, control_topic, codec, self.scheduling.pending,
+                               lookback=settings.cancel_memory_seconds,
+                               barrier_timeout=settings.cancel_barrier_seconds)
+        services.read_barrier = reader.mark
         routes: list[Route] = [] if settings.lora_training_only else [
             Route(settings.topic("generation.requested.voice"), "voice", VoiceRequested,
                   VoiceHandler(self.voice)),
@@ -207,9 +211,8 @@ class Engine:
             health=self.health,
             scheduling=self.scheduling,
             spans=self.spans,
+            read_barrier=reader.mark,
         )
-        reader = ControlReader(control, control_topic, codec,
-                               self.scheduling.pending, lookback=settings.cancel_memory_seconds)
         reading = asyncio.create_task(reader.run(), name="control-reader")
         try:  # recent cancels first, so that a redelivered request they name is not redone
             await asyncio.wait_for(reader.ready.wait(), timeout=_CONTROL_CATCH_UP)

@@ -8,6 +8,8 @@ Delivery semantics (DESIGN.md), and where each lives:
 - memory bound per kind (a full kind pauses only its own partitions): :mod:`consumers.flow`;
 - commits after the answers were acknowledged: :mod:`consumers.committer`;
 - rebalances (short grace, commit what is done, drop the rest): :mod:`consumers.rebalance`;
+- the read barrier on cancels (:mod:`core.scheduling.barrier`): one mark per fetch, which
+  every record of it waits for before its work starts;
 - a record's log fields and trace (its ``traceparent`` continued onto what it causes): set
   here around its work (:mod:`core.telemetry`);
 - on stop: no more fetching, in-flight work finishes within the grace period, results are
@@ -36,7 +38,7 @@ from consumers.retry import RetryPolicy
 from consumers.routes import Route
 from core.health import EngineHealth
 from core.metrics import EngineMetrics
-from core.scheduling import Scheduling
+from core.scheduling import ReadBarrier, ReadMark, Scheduling
 from core.telemetry import ContextSpans, Spans, current_trace, log_context
 from schemas.codec import EventCodec
 from schemas.errors import InternalError
@@ -64,6 +66,7 @@ class _Work:
     record: ConsumerRecord[bytes, bytes]
     route: Route
     size: int
+    mark: ReadMark | None  # the cancels read before its work starts
     task: asyncio.Task[None] | None = None
     unanswerable: bool = False  # not even a failed event could be published
 
@@ -85,6 +88,7 @@ class ConsumeLoop:
         health: EngineHealth,
         scheduling: Scheduling,
         spans: Spans | None = None,
+        read_barrier: ReadBarrier | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if not routes:
@@ -96,6 +100,7 @@ class ConsumeLoop:
         self._config = config
         self._metrics = metrics
         self._health = health
+        self._read_barrier = read_barrier
         self._spans = spans or ContextSpans()
         self._answerer = RecordAnswerer(codec, publisher, results, scheduling, retry=retry,
                                         metrics=metrics, spans=self._spans, sleep=sleep)
@@ -200,17 +205,24 @@ class ConsumeLoop:
         if fetch is not self._fetch:
             return  # dispatched already
         self._fetch = None
-        for tp, records in fetch.result().items():
+        fetched = fetch.result()
+        if not any(fetched.values()):
+            return
+        # everything fetched is now in the log: so is every cancel published before it
+        mark = self._read_barrier() if self._read_barrier is not None else None
+        for tp, records in fetched.items():
             for record in records:
-                self._dispatch(tp, record)
+                self._dispatch(tp, record, mark)
 
-    def _dispatch(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
+    def _dispatch(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes],
+                  mark: ReadMark | None) -> None:
         tracker = self._committer.tracker(tp)
         route = self._routes.get(tp.topic)
         if tracker is None or route is None:
             return  # no longer ours; the next owner reads it again
         tracker.fetched(record.offset)
-        work = _Work(tp, record, route, len(record.value or b"") + len(record.key or b""))
+        work = _Work(tp, record, route, len(record.value or b"") + len(record.key or b""),
+                     mark)
         self._work.setdefault(tp, {})[record.offset] = work
         self._flow.took(route.kind, work.size)
         self._metrics.consumed.labels(route.kind).inc()
@@ -237,7 +249,7 @@ class ConsumeLoop:
         record, route = work.record, work.route
         where = f"topic={record.topic} partition={record.partition} offset={record.offset}"
         try:
-            answer = await self._answerer.answer(record, route, turn)
+            answer = await self._answerer.answer(record, route, turn, work.mark)
             topic, event = answer.topic, answer.event
             try:
                 await self._publish(topic, event, record, answer.request_id)

@@ -143,6 +143,9 @@ class Settings(BaseSettings):
                                       description="older records count as background")
     cancel_memory_seconds: float = Field(600.0, ge=0,
                                          description="how long a cancel is remembered")
+    cancel_barrier_seconds: float = Field(
+        2.0, ge=0, le=60,
+        description="longest wait of a request for the cancels published before it; 0: off")
     retry_max_attempts: int = Field(6, ge=1, le=20,
                                     description="upstream attempts per request, all layers")
     retry_base_delay: float = Field(0.5, ge=0.0)

@@ -3,7 +3,8 @@
 A POST takes a slot of its kind at once or answers 503 with ``Retry-After`` (it never
 queues without bound); it is then a pending request like a Kafka one: ``DELETE
 /requests/{id}`` and a passed ``deadline`` stop it, and a client that goes away cancels it
-(the app runs with handler cancellation, so its handler task is cancelled).
+(the app runs with handler cancellation, so its handler task is cancelled). Like a Kafka
+request, its work waits until the cancels published before it arrived were read.
 
 Its time is measured as a Kafka request's: ``engine_queue_wait_seconds`` from arrival to the
 start of its work (a GPU job taken, a voice call begun), ``engine_processing_seconds`` from
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from core.scheduling import PendingRequest, Priority, deadline_of, supervise
+from core.scheduling import PendingRequest, Priority, cancels_read, deadline_of, supervise
 from http_files.services import AppServices
 from schemas.errors import RequestCancelledError, RequestExpiredError
 
@@ -53,8 +54,14 @@ async def run_scheduled(services: AppServices, kind: str, event: Any,
             headers={"Retry-After": str(_RETRY_AFTER_SECONDS)})
     pending = scheduling.pending.add(event.request_id, owner, kind, priority,
                                      deadline=deadline, published_at=time.time())
+    mark = services.read_barrier() if services.read_barrier is not None else None
+
+    async def after_cancels() -> T:
+        await cancels_read(mark, pending)
+        return await work(pending)
+
     try:
-        return await supervise(pending, work(pending))
+        return await supervise(pending, after_cancels())
     except (RequestCancelledError, asyncio.CancelledError):  # the latter: client gone
         services.metrics.cancelled.labels(kind).inc()
         raise

@@ -5,6 +5,8 @@
 - :mod:`~core.scheduling.admission`: slots of work per kind and per conversation;
 - :mod:`~core.scheduling.pending`: requests between arrival and answer, and the cancels
   that act on them (also those that arrive first);
+- :mod:`~core.scheduling.barrier`: requests wait until the cancels published before them
+  were read;
 - :mod:`~core.scheduling.supervise`: one request run under its cancel mark and deadline;
 - :mod:`~core.scheduling.gpu_queue`: the GPU worker's queue (interactive before background,
   round robin across conversations, batching within those rules);
@@ -12,6 +14,7 @@
 """
 
 from core.scheduling.admission import Admission
+from core.scheduling.barrier import ReadBarrier, ReadMark, cancels_read
 from core.scheduling.factory import Scheduling, build_scheduling
 from core.scheduling.pending import PendingRequest, PendingRequests
 from core.scheduling.placement import Placement, Priority, deadline_of, effective_priority
@@ -23,8 +26,11 @@ __all__ = [
     "PendingRequests",
     "Placement",
     "Priority",
+    "ReadBarrier",
+    "ReadMark",
     "Scheduling",
     "build_scheduling",
+    "cancels_read",
     "deadline_of",
     "effective_priority",
     "supervise",

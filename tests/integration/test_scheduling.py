@@ -197,6 +197,37 @@ async def test_a_cancel_that_arrives_before_its_request_still_applies(
     assert reply.kind == "failed" and reply.event["error_code"] == "CANCELLED"
 
 
+async def test_a_cancel_published_right_before_its_request_always_applies(
+    make_engine: MakeEngine, peer: PersonaPeer
+) -> None:
+    """Back to back, no marker between: the read barrier alone orders the cancel first,
+    for voice and image, whichever partitions the two records land on."""
+    engine = await make_engine()
+    requests = [voice(f"back-to-back-{n}") for n in range(8)] + [
+        image(f"back-to-back-image-{n}", size=64, steps=2) for n in range(2)]
+    for request in requests:
+        await peer.publish("control", {"action": "cancel",
+                                       "conversation_id": request["conversation_id"],
+                                       "request_id": request["request_id"]})
+        await peer.publish("image" if "prompt" in request else "voice", request)
+    replies = await peer.answers_for([r["request_id"] for r in requests])
+    assert {r.event.get("error_code") for r in replies.values()} == {"CANCELLED"}
+    assert sample(engine, "engine_image_batch_size_sum") == 0  # the GPU never ran
+    assert sample(engine, "engine_requests_cancelled_total", kind="voice") == 8
+
+
+async def test_a_cancel_published_right_before_an_http_request_applies(
+    make_engine: MakeEngine, peer: PersonaPeer
+) -> None:
+    engine = await make_engine()
+    assert engine.addresses is not None
+    request = voice("http-early-cancel")
+    await peer.publish("control", {"action": "cancel", "conversation_id": "http-early-cancel",
+                                   "request_id": request["request_id"]})
+    status, body, _ = await _post(f"{engine.addresses.http_url}/generate/voice", request)
+    assert status == 409 and body["error_code"] == "CANCELLED"
+
+
 async def test_requests_past_their_deadline_expire_without_work(make_engine: MakeEngine,
                                                                 peer: PersonaPeer) -> None:
     engine = await make_engine()
