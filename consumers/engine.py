@@ -38,6 +38,7 @@ from core.metrics import EngineMetrics, VoiceQuotaFigures
 from core.outputs import OutputStore
 from core.scheduling import build_scheduling
 from core.settings import Settings
+from core.storage import SharedOutputs, build_object_store
 from core.telemetry import ObservedClient, UpstreamNames, build_spans
 from core.telemetry.gpu import cuda_memory
 from core.training import TrainingService, build_training_service
@@ -94,13 +95,17 @@ class Engine:
         self.training: TrainingService | None = None
         self.metrics = EngineMetrics(registry or CollectorRegistry())
         self.codec = EventCodec()
+        self.objects = build_object_store(settings)  # None: the local folders alone
         self.store = OutputStore(
             settings.output_dir,
             public_base_url=settings.public_base_url,
             cleanup_delay=settings.cleanup_delay if settings.auto_cleanup else None,
+            shared=SharedOutputs(self.objects, presign_ttl=settings.output_url_ttl_seconds
+                                 if settings.output_urls == "presigned" else None)
+            if self.objects is not None else None,
         )
         self.http = _observed_client(settings, self.metrics)
-        self.voice = build_voice_service(settings, self.store, self.http)
+        self.voice = build_voice_service(settings, self.store, self.http, objects=self.objects)
         self.scheduling = build_scheduling(settings, self.metrics)
         self.health = EngineHealth(voice_backend=self.voice.backend.name,
                                    queues=self.scheduling.pending.depths)
@@ -142,7 +147,8 @@ class Engine:
         if self._model_path is not None:
             self.health.image_model = ImageModelInfo(name=str(self._model_path), loaded=False)
             self.image, self._worker = await build_image_service(
-                settings, self._model_path, self.store, self.http, self.metrics)
+                settings, self._model_path, self.store, self.http, self.metrics,
+                objects=self.objects)
             services.image = self.image
             self.training = build_training_service(settings, self._worker, self.image,
                                                    self.http)

@@ -12,6 +12,11 @@ Promises of :class:`OutputStore`:
   pattern admits no separator, so a resolved path is always directly inside the directory.
 - With a ``cleanup_delay``, a file expires ``cleanup_delay`` seconds after its creation (its
   mtime, which is set from the store's clock) and is then neither served nor kept.
+- With ``shared`` outputs (an object store, ``STORAGE_URL``), every file is also written
+  once to the store before it is reported, with its expiry fixed then; the directory is
+  this instance's cache of what it made, and a name found in neither is not an output.
+  A file that cannot be written to the store is not an output: the write fails
+  (``OSError``) and the local copy is removed.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+
+from core.storage import SharedOutputs
 
 __all__ = ["CONTENT_TYPES", "OutputStore", "StoredFile", "content_type"]
 
@@ -81,6 +88,7 @@ class OutputStore:
         public_base_url: str = "",
         cleanup_delay: float | None = 3600.0,
         clock: Callable[[], float] = time.time,
+        shared: SharedOutputs | None = None,
     ) -> None:
         if cleanup_delay is not None and not cleanup_delay > 0:
             raise ValueError(f"cleanup_delay must be > 0 seconds or None, got {cleanup_delay!r}")
@@ -89,10 +97,16 @@ class OutputStore:
         self._base_url = public_base_url.rstrip("/")
         self._cleanup_delay = cleanup_delay
         self._clock = clock
+        self._shared = shared
 
     @property
     def directory(self) -> Path:
         return self._directory
+
+    @property
+    def shared(self) -> SharedOutputs | None:
+        """The outputs in the object store, when there is one."""
+        return self._shared
 
     @property
     def cleanup_delay(self) -> float | None:
@@ -101,7 +115,10 @@ class OutputStore:
     content_type = staticmethod(content_type)
 
     def url_for(self, filename: str) -> str:
-        """``{public_base_url}/outputs/{filename}``."""
+        """``{public_base_url}/outputs/{filename}``, or with ``OUTPUT_URLS=presigned`` a
+        presigned store URL (signed anew at each call)."""
+        if self._shared is not None and self._shared.presigned:
+            return self._shared.url(filename)
         return f"{self._base_url}/outputs/{filename}"
 
     # --- writing ---
@@ -165,6 +182,14 @@ class OutputStore:
         filename = f"{file_id}.{suffix}"
         path = self._directory / filename
         os.replace(temp, path)
+        if self._shared is not None:
+            try:
+                self._shared.upload(path, filename, content_type=content_type(filename),
+                                    expires_at=created + self._cleanup_delay
+                                    if self._cleanup_delay is not None else None)
+            except BaseException:
+                _unlink_quietly(path)
+                raise
         return StoredFile(file_id, filename, path, self.url_for(filename), created)
 
     # --- reading ---
@@ -183,8 +208,18 @@ class OutputStore:
         return path
 
     def exists(self, filename: str) -> bool:
-        """Whether ``filename`` names a current output (see :meth:`resolve`)."""
-        return self.resolve(filename) is not None
+        """Whether ``filename`` names a current output: here (see :meth:`resolve`) or in the
+        shared store (then a request to it: call from a worker thread). Raises ``OSError``
+        when the store fails."""
+        if self.resolve(filename) is not None:
+            return True
+        return self._shared is not None and self.is_output_name(filename) \
+            and self._shared.current(filename)
+
+    def is_output_name(self, filename: str) -> bool:
+        """Whether ``filename`` has the form of an output's name (nothing else is ever
+        looked up, here or in the store)."""
+        return _OUTPUT_NAME.fullmatch(filename) is not None
 
     # --- cleanup ---
 

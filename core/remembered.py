@@ -7,18 +7,34 @@ name, then rename), so a crash never leaves half an entry and several engine ins
 sharing ``OUTPUT_DIR`` can share the entries. At most ``max_entries`` are kept: the least
 recently used leave first (a hit refreshes an entry's time), checked every
 ``max_entries // 10`` writes (at most 1,000).
+
+With a ``shared`` object store (``STORAGE_URL``), every entry is also written there under
+``{namespace}/{key}.json``, and a key missing here is looked up there (and kept here), so
+that a replay costs nothing whichever instance of the fleet takes it. Those lookups are
+requests to the store: call :meth:`RememberedResults.get` from a worker thread then. The
+store's entries are bounded by its lifecycle rules, not by ``max_entries``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import tempfile
 import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["RememberedResults"]
+from core.outputs import OutputStore
+from core.storage import ObjectStore
+
+__all__ = ["RememberedResults", "looked_up"]
+
+T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 
 class RememberedResults:
@@ -27,10 +43,13 @@ class RememberedResults:
     Raises ``ValueError`` naming RESULT_CACHE_MAX_ENTRIES for ``max_entries`` < 1.
     """
 
-    def __init__(self, directory: Path, *, max_entries: int = 100_000) -> None:
+    def __init__(self, directory: Path, *, max_entries: int = 100_000,
+                 shared: ObjectStore | None = None, namespace: str = "results") -> None:
         if max_entries < 1:
             raise ValueError(f"RESULT_CACHE_MAX_ENTRIES must be >= 1, got {max_entries}")
         self._directory = directory
+        self._shared = shared
+        self._namespace = namespace
         self._max = max_entries
         self._prune_every = max(1, min(1000, max_entries // 10))
         self._puts = 0
@@ -41,19 +60,54 @@ class RememberedResults:
     def directory(self) -> Path:
         return self._directory
 
+    @property
+    def shared(self) -> bool:
+        """Whether lookups may ask the object store (then: from a worker thread)."""
+        return self._shared is not None
+
     def get(self, key: str) -> dict[str, Any] | None:
-        """The object remembered under ``key``, or ``None`` (none, or unreadable)."""
+        """The object remembered under ``key``, or ``None`` (none, or unreadable; a store
+        that fails is logged and counts as none: the work is done again)."""
         path = self._directory / f"{key}.json"
         try:
             value = json.loads(path.read_text(encoding="utf-8"))
             os.utime(path)  # recently used: the last to leave
+        except FileNotFoundError:
+            return self._get_shared(key)
         except (OSError, ValueError):
             return None
         return value if isinstance(value, dict) else None
 
+    def _get_shared(self, key: str) -> dict[str, Any] | None:
+        if self._shared is None:
+            return None
+        try:
+            data = self._shared.get_bytes(f"{self._namespace}/{key}.json")
+        except OSError as exc:
+            logger.warning("remembered result %s not looked up in the store: %s", key, exc)
+            return None
+        try:
+            value = json.loads(data) if data is not None else None
+        except ValueError:
+            return None
+        if not isinstance(value, dict):
+            return None
+        try:  # kept here too: the next lookup is local
+            self._put_local(key, value)
+        except OSError:
+            pass
+        return value
+
     def put(self, key: str, value: dict[str, Any]) -> None:
-        """Remember ``value`` (JSON-serializable) under ``key``, replacing any earlier one.
-        Raises ``OSError`` when the disk fails."""
+        """Remember ``value`` (JSON-serializable) under ``key``, replacing any earlier one,
+        here and in the shared store. Raises ``OSError`` when the disk or the store
+        fails."""
+        self._put_local(key, value)
+        if self._shared is not None:
+            self._shared.put_bytes(f"{self._namespace}/{key}.json",
+                                   json.dumps(value).encode())
+
+    def _put_local(self, key: str, value: dict[str, Any]) -> None:
         fd, temp = tempfile.mkstemp(dir=self._directory, prefix=".tmp-", suffix=".json")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -100,3 +154,23 @@ class RememberedResults:
                     except OSError:
                         continue
         return entries
+
+
+async def looked_up(get: Callable[[str], T | None], outputs: OutputStore, key: str,
+                    filenames: Callable[[Any], Iterable[str]], *, shared: bool
+                    ) -> tuple[T | None, bool]:
+    """The result remembered under ``key`` (by ``get``) and whether every one of its files
+    (``filenames``) is still a current output. With a ``shared`` store involved the lookup
+    runs in a worker thread (requests to the store), else here (a few local file reads).
+    A store that fails counts as files gone: the result is made again."""
+    def look() -> tuple[T | None, bool]:
+        remembered = get(key)
+        if remembered is None:
+            return None, False
+        try:
+            return remembered, all(map(outputs.exists, filenames(remembered)))
+        except OSError as exc:
+            logger.warning("outputs of remembered result %s not checked: %s", key, exc)
+            return remembered, False
+
+    return await asyncio.to_thread(look) if shared else look()

@@ -94,6 +94,18 @@ class Settings(BaseSettings):
     cleanup_delay: float = Field(3600, gt=0, description="seconds a file lives")
     public_base_url: str = ""
 
+    # --- shared storage (core/storage): what outlives an instance, for a fleet ---
+    storage_url: str | None = Field(
+        None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._/-]*)?$",
+        description="s3://bucket/prefix; unset: the local folders only")
+    storage_endpoint_url: str | None = Field(
+        None, pattern=r"^https?://", description="a non-AWS endpoint (MinIO, R2, GCS)")
+    storage_timeout: float = Field(30.0, gt=0, le=600,
+                                   description="seconds one store request may take")
+    output_urls: Literal["engine", "presigned"] = "engine"
+    output_url_ttl_seconds: int = Field(3600, ge=1, le=7 * 86400,
+                                        description="lifetime of a presigned URL")
+
     # --- voice ---
     voice_backend: Literal["auto", "elevenlabs", "local"] = "auto"
     elevenlabs_api_url: str = Field("https://api.elevenlabs.io/v1", pattern=r"^https?://")
@@ -159,7 +171,8 @@ class Settings(BaseSettings):
         None, pattern=r"^https?://",
         description="OTLP/HTTP collector; spans are exported with the otel extra installed")
 
-    @field_validator("otel_exporter_otlp_endpoint", "step_cache_threshold", mode="before")
+    @field_validator("otel_exporter_otlp_endpoint", "step_cache_threshold", "storage_url",
+                     "storage_endpoint_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -242,4 +255,8 @@ def load_settings(**overrides: Any) -> Settings:
             f"invalid configuration: MIN_LORA_IMAGES={settings.min_lora_images!r} "
             f"(allowed: at most MAX_LORA_IMAGES={settings.max_lora_images})"
         )
+    if settings.output_urls == "presigned" and settings.storage_url is None:
+        raise ConfigurationError(
+            "invalid configuration: OUTPUT_URLS='presigned' (allowed: only with "
+            "STORAGE_URL set; the local folders have no signed URLs)")
     return settings

@@ -6,6 +6,9 @@
 - ``topic_prefix``: unique per test (``t1a2b3c4d.``), so no two tests share a topic.
 - ``make_topics``: ``await make_topics(partitions=3)`` creates the six contract topics
   under ``topic_prefix`` and returns ``{contract name: real name}``.
+- ``s3_store``: a location (``STORAGE_URL``, ``STORAGE_ENDPOINT_URL``) of its own on the
+  session's S3-protocol server (moto, on 127.0.0.1), with its credentials in the
+  environment.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import pytest
 
 from consumers.broker import EmbeddedBroker, launch_broker
 from consumers.topics import CONTRACT_TOPICS, ensure_topics
+from tests.support.s3_server import CREDENTIALS, S3Server, StoreLocation
 
 MakeTopics = Callable[..., Awaitable[dict[str, str]]]
 
@@ -82,3 +86,20 @@ def dev_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from core.image.devmodel import build_dev_model
 
     return build_dev_model(tmp_path_factory.mktemp("dev-flux") / "model")
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    server = S3Server()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_store(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> StoreLocation:
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    return s3_server.location(f"t{uuid.uuid4().hex[:8]}")

@@ -23,6 +23,7 @@ from core.net import AllowedHosts
 from core.outputs import OutputStore
 from core.remembered import RememberedResults
 from core.settings import Settings
+from core.storage import ObjectStore
 
 __all__ = ["acceleration_of", "build_image_service", "init_image_limits", "model_fingerprint"]
 
@@ -50,10 +51,11 @@ def acceleration_of(settings: Settings) -> Acceleration:
 
 async def build_image_service(
     settings: Settings, model_path: Path, store: OutputStore, http: httpx.AsyncClient,
-    metrics: EngineMetrics,
+    metrics: EngineMetrics, objects: ObjectStore | None = None,
 ) -> tuple[ImageService, GpuWorker]:
     """Loads the model at ``model_path`` (in a thread: real weights take minutes) and
-    starts its GPU worker. Raises ``ModelLoadError`` with what is missing or wrong."""
+    starts its GPU worker; ``objects``, the shared store, also keeps its result cache.
+    Raises ``ModelLoadError`` with what is missing or wrong."""
     model: LoadedModel = await asyncio.to_thread(
         load_pipeline, model_path, device=settings.device, use_fp16=settings.use_fp16,
         memory_mode=settings.memory_mode, attention_backend=settings.attention_backend,
@@ -77,7 +79,8 @@ async def build_image_service(
     service = ImageService(
         worker, LoraRegistry(settings.lora_output_dir), store, PromptOptimizer(llm),
         ResultCache(RememberedResults(settings.output_dir / ".results",
-                                      max_entries=settings.result_cache_max_entries)),
+                                      max_entries=settings.result_cache_max_entries,
+                                      shared=objects, namespace="results/image")),
         ImageLimits(
             max_image_size=settings.max_image_size,
             max_inference_steps=settings.max_inference_steps,

@@ -27,6 +27,7 @@ from core.image.results import CachedResult, ResultCache, fingerprint
 from core.image.worker import GpuWorker
 from core.lora.registry import LoraInfo, LoraRegistry
 from core.outputs import OutputStore, StoredFile
+from core.remembered import looked_up
 from core.scheduling import Placement
 from core.scheduling.gpu_queue import JobItem
 from core.shared_work import SharedWork
@@ -165,8 +166,10 @@ class ImageService:
         key = fingerprint(params, self.model.fingerprint, lora.fingerprint if lora else None,
                           stacked_hashes=tuple(info.fingerprint for info, _ in stacked),
                           init_hash=init_hash)
-        remembered = self._results.get(key)
-        if remembered is not None and all(map(self._store.exists, _filenames(remembered))):
+        remembered, current = await looked_up(
+            self._results.get, self._store, key, _filenames,
+            shared=self._results.shared or self._store.shared is not None)
+        if remembered is not None and current:
             logger.debug("request_id=%s answered from the result cache", request.request_id)
             return self._result(remembered)
         placement = placement or Placement(owner=request.conversation_id)

@@ -12,6 +12,7 @@ from core.llm import ChatClient
 from core.outputs import OutputStore
 from core.remembered import RememberedResults
 from core.settings import ConfigurationError, Settings
+from core.storage import ObjectStore
 from core.voice.backend import VoiceBackend
 from core.voice.elevenlabs import ElevenLabsBackend, Sleep
 from core.voice.emotion import EmotionInjector
@@ -34,6 +35,7 @@ def build_voice_service(
     store: OutputStore,
     http: httpx.AsyncClient | None = None,
     *,
+    objects: ObjectStore | None = None,
     sleep: Sleep = asyncio.sleep,
 ) -> VoiceService:
     """The voice core for these settings.
@@ -99,7 +101,8 @@ def build_voice_service(
     else:
         backend = LocalVoiceBackend(EspeakSynthesizer())
     results = VoiceResults(RememberedResults(store.directory / ".voice-results",
-                                             max_entries=settings.result_cache_max_entries))
+                                             max_entries=settings.result_cache_max_entries,
+                                             shared=objects, namespace="results/voice"))
     return VoiceService(backend, store, settings.default_voice_id, injector,
                         settings.voice_max_text_chars, profiles=profiles, quota=quota,
                         results=results)

@@ -58,6 +58,11 @@ class VoiceResults:
     def __init__(self, store: RememberedResults) -> None:
         self._store = store
 
+    @property
+    def shared(self) -> bool:
+        """Whether a lookup may ask the object store (then: from a worker thread)."""
+        return self._store.shared
+
     def get(self, key: str) -> RememberedVoice | None:
         """The result remembered under ``key``; ``None`` when none or unreadable (an entry
         of another version of the engine is simply not used)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from core.outputs import OutputStore
+from core.remembered import looked_up
 from core.retry_budget import RetryBudget
 from core.seeds import derive_seed
 from core.shared_work import SharedWork
@@ -196,8 +197,10 @@ class VoiceService:
         model = settings.model_id or getattr(self._backend, "default_model_id", None)
         key = voice_fingerprint(request.text, request.inject_emotion, settings,
                                 self._backend.name, model, self._backend.audio_variant)
-        remembered = self._results.get(key)
-        if remembered is not None and self._store.exists(remembered.filename):
+        remembered, current = await looked_up(
+            self._results.get, self._store, key, lambda r: [r.filename],
+            shared=self._results.shared or self._store.shared is not None)
+        if remembered is not None and current:
             logger.debug("voice answered from the remembered results: %s", remembered.filename)
             return self._result(request.text, remembered, None)
         if remembered is not None:

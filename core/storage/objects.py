@@ -1,0 +1,202 @@
+"""One object store (S3 and S3-compatible stores) through obstore: what outlives an instance.
+
+Why obstore: one small API, sync and async, over S3, GCS, Azure and local folders; streamed
+puts (multipart above a threshold) and ranged, streamed gets; conditional creates
+(``If-None-Match: *``) for registrations that must never collide; presigned URLs computed
+locally; a Rust core with no Python dependency tree (aiobotocore would bring botocore).
+
+Keys are relative to the store's prefix (``s3://bucket/prefix``). Every failure is a
+:class:`StorageError`, an ``OSError``, so that code written for the disk treats a failing
+store as a failing disk; its cause is kept. A missing object is ``None`` or ``False``,
+never an error. The sync methods are for worker threads (the GPU worker writing files, a
+thread hop); the event loop uses the async ones.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import obstore
+from obstore.exceptions import AlreadyExistsError, BaseError, NotFoundError, PreconditionError
+
+__all__ = ["ObjectRead", "ObjectStore", "StorageError"]
+
+_MISSING = (FileNotFoundError, NotFoundError)
+
+
+class StorageError(OSError):
+    """The object store failed (unreachable, refused, timed out); ``__cause__`` says how."""
+
+
+@dataclass(frozen=True)
+class ObjectRead:
+    """An open read of one object: ``size`` is the whole object's, ``start``..``end``
+    (exclusive) the bytes ``chunks`` streams; ``metadata`` the attributes it was written
+    with."""
+
+    size: int
+    start: int
+    end: int
+    metadata: Mapping[str, str]
+    chunks: AsyncIterator[bytes]
+
+
+class ObjectStore:
+    """Objects under ``where`` (``s3://bucket/prefix``, for messages) in ``store`` (an
+    obstore store)."""
+
+    def __init__(self, store: Any, *, where: str) -> None:
+        self._store = store
+        self._where = where
+
+    @property
+    def where(self) -> str:
+        return self._where
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({self._where})"
+
+    # --- writing (sync: worker threads) ---
+
+    def put_file(self, key: str, path: Path, *, content_type: str,
+                 metadata: Mapping[str, str] | None = None) -> None:
+        """Uploads the file at ``path`` (streamed) to ``key``, replacing any object there."""
+        self._put(key, path, content_type, metadata, "overwrite")
+
+    def put_bytes(self, key: str, data: bytes, *, content_type: str = "application/json",
+                  metadata: Mapping[str, str] | None = None) -> None:
+        self._put(key, data, content_type, metadata, "overwrite")
+
+    def create(self, key: str, data: bytes | Path, *, content_type: str = "application/json",
+               metadata: Mapping[str, str] | None = None) -> bool:
+        """Creates ``key`` only if no object is there (one atomic, conditional put);
+        ``False`` when one was (someone else created it first)."""
+        try:
+            self._put(key, data, content_type, metadata, "create")
+        except StorageError as exc:
+            if isinstance(exc.__cause__, AlreadyExistsError | PreconditionError):
+                return False
+            raise
+        return True
+
+    def _put(self, key: str, data: bytes | Path, content_type: str,
+             metadata: Mapping[str, str] | None, mode: str) -> None:
+        attributes = {"Content-Type": content_type, **(metadata or {})}
+        try:
+            obstore.put(self._store, key, data, attributes=attributes, mode=mode)  # type: ignore[arg-type]
+        except (BaseError, OSError) as exc:
+            raise StorageError(f"cannot write {key} to {self._where}: {_reason(exc)}") from exc
+
+    def delete(self, key: str) -> None:
+        """Deletes ``key``; a missing object is not an error."""
+        try:
+            obstore.delete(self._store, key)
+        except _MISSING:
+            return
+        except (BaseError, OSError) as exc:
+            raise StorageError(f"cannot delete {key} in {self._where}: {_reason(exc)}") from exc
+
+    # --- reading (sync: worker threads) ---
+
+    def get_bytes(self, key: str) -> bytes | None:
+        """The whole object (for small ones: JSON entries), or ``None``."""
+        try:
+            return bytes(obstore.get(self._store, key).bytes())
+        except _MISSING:
+            return None
+        except (BaseError, OSError) as exc:
+            raise StorageError(f"cannot read {key} from {self._where}: {_reason(exc)}") from exc
+
+    def download(self, key: str, path: Path) -> bool:
+        """Streams the object into ``path`` (created or replaced); ``False`` when missing.
+        A failed download leaves ``path`` partial: callers write a temporary name."""
+        try:
+            result = obstore.get(self._store, key)
+            with path.open("wb") as out:
+                for chunk in result:
+                    out.write(chunk)
+        except _MISSING:
+            return False
+        except (BaseError, OSError) as exc:
+            raise StorageError(f"cannot read {key} from {self._where}: {_reason(exc)}") from exc
+        return True
+
+    def metadata(self, key: str) -> Mapping[str, str] | None:
+        """The attributes ``key`` was written with (one ranged read of its first byte: a
+        plain HEAD does not carry them), or ``None`` when missing. For non-empty objects."""
+        try:
+            result = obstore.get(self._store, key, options={"range": (0, 1)})
+            result.bytes()
+        except _MISSING:
+            return None
+        except (BaseError, OSError) as exc:
+            raise StorageError(f"cannot read {key} from {self._where}: {_reason(exc)}") from exc
+        return {str(k): str(v) for k, v in result.attributes.items()}
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every key under ``prefix`` (a folder: ``outputs/``)."""
+        try:
+            return [str(meta["path"]) for batch in obstore.list(self._store, prefix)
+                    for meta in batch]
+        except (BaseError, OSError) as exc:
+            raise StorageError(f"cannot list {prefix} in {self._where}: {_reason(exc)}") from exc
+
+    def sign_get(self, key: str, ttl: datetime.timedelta) -> str:
+        """A presigned GET URL for ``key``, valid for ``ttl`` (computed locally)."""
+        try:
+            return str(obstore.sign(self._store, "GET", key, ttl))
+        except (BaseError, OSError) as exc:
+            raise StorageError(f"cannot sign {key} in {self._where}: {_reason(exc)}") from exc
+
+    # --- reading (async: the event loop) ---
+
+    async def size(self, key: str) -> int | None:
+        """The size of ``key`` in bytes, or ``None`` when missing."""
+        try:
+            meta = await obstore.head_async(self._store, key)
+        except _MISSING:
+            return None
+        except (BaseError, OSError) as exc:
+            raise StorageError(f"cannot read {key} from {self._where}: {_reason(exc)}") from exc
+        return int(meta["size"])
+
+    async def open(self, key: str, *, start: int | None = None, end: int | None = None
+                   ) -> ObjectRead | None:
+        """Opens ``key`` for a streamed read: all of it, or ``start``..``end`` (exclusive;
+        ``end`` None: to the end). ``None`` when missing. Raises :class:`StorageError` (a
+        range outside the object included)."""
+        options: dict[str, Any] = {}
+        if start is not None and end is not None:
+            options["range"] = (start, end)
+        elif start is not None:
+            options["range"] = {"offset": start}
+        try:
+            result = await obstore.get_async(self._store, key, options=options)  # type: ignore[arg-type]
+        except _MISSING:
+            return None
+        except (BaseError, OSError) as exc:
+            raise StorageError(f"cannot read {key} from {self._where}: {_reason(exc)}") from exc
+        first, last = result.range
+        where = self._where
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in result.stream(min_chunk_size=256 * 1024):
+                    yield bytes(chunk)
+            except (BaseError, OSError) as exc:
+                raise StorageError(f"reading {key} from {where} broke off: "
+                                   f"{_reason(exc)}") from exc
+
+        return ObjectRead(size=int(result.meta["size"]), start=int(first), end=int(last),
+                          metadata={str(k): str(v) for k, v in result.attributes.items()},
+                          chunks=chunks())
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of a store error (obstore appends pages of debug output)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__

@@ -1,0 +1,164 @@
+"""One service on several instances: engines on one broker and one group, each with its
+own empty folders and no shared disk, sharing one S3-protocol store (moto on 127.0.0.1).
+Any instance serves any output, byte for byte; a replay whose partition moved to another
+instance costs no GPU and no voice work and answers with the same URL."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from consumers.engine import Engine
+from consumers.serve import prepare_dev_model
+from core.settings import Settings
+from tests.support.kafka_client import PersonaPeer
+from tests.support.s3_server import S3Server, StoreLocation
+
+pytestmark = pytest.mark.kafka
+
+MakeEngines = Callable[..., Awaitable[list[Engine]]]
+_PARTITIONS = 9  # image, voice and lora topics, 3 partitions each
+_OUTPUT = re.compile(r"[0-9a-f-]{36}\.(png|jpg|webp|mp3|wav)")
+
+
+@pytest.fixture
+async def make_fleet(settings: Settings, dev_model_dir: Path, tmp_path: Path,
+                     s3_store: StoreLocation) -> AsyncIterator[MakeEngines]:
+    engines: list[Engine] = []
+
+    async def make(count: int, **overrides: Any) -> list[Engine]:
+        for n in range(count):
+            own = tmp_path / f"instance-{n}"  # nothing shared on disk
+            configured = settings.model_copy(update={
+                "dev_model_dir": dev_model_dir, "output_dir": own / "outputs",
+                "lora_output_dir": own / "loras", "temp_dir": own / "temp",
+                "storage_url": s3_store.url, "storage_endpoint_url": s3_store.endpoint,
+                "progress_interval": 0.0, "batch_window_ms": 0, **overrides})
+            model_path = await asyncio.to_thread(prepare_dev_model, configured)
+            assert configured.kafka_bootstrap_servers is not None
+            engine = Engine(configured, configured.kafka_bootstrap_servers,
+                            model_path=model_path, http_host="127.0.0.1",
+                            registry=CollectorRegistry())
+            engines.append(engine)
+            await engine.start()
+        await settled(engines)
+        return list(engines)
+
+    yield make
+    for engine in engines:
+        await engine.stop()
+
+
+async def settled(engines: list[Engine], timeout: float = 60) -> None:
+    """Waits until the running ``engines`` own every partition, each some; woken by every
+    change of an assignment (no polling)."""
+    def done() -> bool:
+        return sum(len(e.health.assigned) for e in engines) == _PARTITIONS \
+            and all(e.health.assigned for e in engines)
+
+    async def owned() -> None:
+        while not done():
+            changes = [asyncio.create_task(e.health.wait_until(
+                lambda h, before=list(e.health.assigned): list(h.assigned) != before,
+                timeout)) for e in engines]
+            _, waiting = await asyncio.wait(changes, return_when=asyncio.FIRST_COMPLETED)
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*changes, return_exceptions=True)
+
+    await asyncio.wait_for(owned(), timeout)
+
+
+def gpu_runs(engine: Engine) -> float:
+    return engine.metrics.registry.get_sample_value("engine_image_batch_size_sum") or 0.0
+
+
+def outputs_on_disk(engine: Engine) -> set[str]:
+    return {p.name for p in engine.store.directory.iterdir() if _OUTPUT.fullmatch(p.name)}
+
+
+async def fetch(engine: Engine, url: str, **headers: str) -> httpx.Response:
+    assert engine.addresses is not None
+    async with httpx.AsyncClient(base_url=engine.addresses.http_url) as client:
+        return await client.get(url, headers=headers)
+
+
+def image(conversation: str) -> dict[str, Any]:
+    return {"request_id": str(uuid.uuid4()), "conversation_id": conversation,
+            "prompt": "a portrait of a woman in a cafe", "width": 64, "height": 64,
+            "num_inference_steps": 2, "optimize_prompt": False}
+
+
+def voice(conversation: str) -> dict[str, Any]:
+    return {"request_id": str(uuid.uuid4()), "conversation_id": conversation,
+            "text": "Hello, I'm Sarah!", "inject_emotion": False}
+
+
+async def test_every_instance_serves_every_output_and_replays_cost_nothing_anywhere(
+    make_fleet: MakeEngines, peer: PersonaPeer, s3_server: S3Server,
+    s3_store: StoreLocation,
+) -> None:
+    engines = await make_fleet(3)
+    requests = {"image": image("fleet-image"), "voice": voice("fleet-voice")}
+    for kind, request in requests.items():
+        await peer.publish(kind, request)
+    answers = await peer.answers_for([r["request_id"] for r in requests.values()], timeout=60)
+    urls = {kind: answers[r["request_id"]].event["url"] for kind, r in requests.items()}
+    assert all(answers[r["request_id"]].kind == "completed" for r in requests.values())
+
+    prefix = s3_store.url.split("/", 3)[3]
+    for url in urls.values():
+        stored = s3_server.object(f"{prefix}{url}")  # url: /outputs/{file}
+        assert stored
+        for engine in engines:  # whichever instance made it, every one serves it
+            response = await fetch(engine, url)
+            assert response.status_code == 200 and response.content == stored
+            ranged = await fetch(engine, url, Range="bytes=10-99")
+            assert ranged.status_code == 206 and ranged.content == stored[10:100]
+            assert ranged.headers["Content-Range"] == f"bytes 10-99/{len(stored)}"
+        missing = await fetch(engines[0], "/outputs/00000000-0000-4000-8000-000000000000.png")
+        assert missing.status_code == 404
+
+    # the instances that did the work go away: their partitions move to the others
+    makers = [e for e in engines if outputs_on_disk(e)]
+    survivors = [e for e in engines if e not in makers]
+    assert survivors  # two requests: at most two makers of three
+    for engine in makers:
+        await engine.stop()
+    await settled(survivors)
+    before = {id(e): outputs_on_disk(e) for e in survivors}
+    for kind, request in requests.items():  # an operator replays the topic
+        await peer.publish(kind, request)
+    replays = await peer.wait_for(
+        lambda a: a.kind == "completed" and a.event["request_id"] in
+        {r["request_id"] for r in requests.values()}, count=4, timeout=60)
+    again = {a.event["kind"]: a.event["url"] for a in replays[2:]}
+    assert again == urls  # the same URLs ...
+    assert sum(gpu_runs(e) for e in survivors) == 0  # ... no GPU work ...
+    assert {id(e): outputs_on_disk(e) for e in survivors} == before  # ... and no new file
+
+
+async def test_presigned_urls_fetch_straight_from_the_store(
+    make_fleet: MakeEngines, peer: PersonaPeer,
+) -> None:
+    engines = await make_fleet(2, output_urls="presigned", output_url_ttl_seconds=120)
+    request = image("fleet-presigned")
+    await peer.publish("image", request)
+    answer = (await peer.answers_for([request["request_id"]], timeout=60))[
+        request["request_id"]]
+    url = answer.event["url"]
+    assert "X-Amz-Signature=" in url and "X-Amz-Expires=120" in url
+    async with httpx.AsyncClient() as client:
+        direct = await client.get(url)
+    assert direct.status_code == 200 and direct.content.startswith(b"\x89PNG")
+    for engine in engines:  # the engine's own path still serves it, on every instance
+        served = await fetch(engine, f"/outputs/{answer.event['filename']}")
+        assert served.content == direct.content
