@@ -18,6 +18,7 @@ from core.image.service import ImageService, ModelIdentity
 from core.image.worker import GpuWorker
 from core.llm import ChatClient
 from core.lora.registry import LoraRegistry
+from core.lora.shared import SharedLoras
 from core.metrics import EngineMetrics
 from core.net import AllowedHosts
 from core.outputs import OutputStore
@@ -77,7 +78,10 @@ async def build_image_service(
     identity = ModelIdentity(model.name, model.development_model,
                              f"{fingerprint};{model.acceleration.key}")
     service = ImageService(
-        worker, LoraRegistry(settings.lora_output_dir), store, PromptOptimizer(llm),
+        worker,
+        LoraRegistry(settings.lora_output_dir,
+                     shared=SharedLoras(objects) if objects is not None else None),
+        store, PromptOptimizer(llm),
         ResultCache(RememberedResults(settings.output_dir / ".results",
                                       max_entries=settings.result_cache_max_entries,
                                       shared=objects, namespace="results/image")),

@@ -125,6 +125,11 @@ class ImageService:
         self._init_images = init_images or InitImageLoader(None, InitImageLimits())
         self._decoding = asyncio.Semaphore(_DECODING_AT_ONCE)  # bounds decoded pixels held
 
+    @property
+    def loras(self) -> LoraRegistry:
+        """The LoRA registry this service draws from (trainings register into it)."""
+        return self._loras
+
     def check(self, request: ImageRequested) -> CheckedRequest:
         """Validates a request without generating or downloading anything: raises
         ``InvalidRequestError`` (naming the field) or ``UnknownLoraError`` (so callers
@@ -157,6 +162,8 @@ class ImageService:
         a running one is stopped at its next step, unless ``placement.keep_when_abandoned``
         says the request will come again: then it finishes into the result cache.
         """
+        if self._loras.shared is not None:  # LoRAs registered elsewhere: fetched off the loop
+            await asyncio.to_thread(self._loras.fetch, _named_loras(request))
         checked = self.check(request)
         params, lora, stacked = checked.params, checked.lora, checked.stacked
         init: Image.Image | None = None
@@ -403,6 +410,12 @@ class _Kept:
 def _write(path: Path, *, image: Image.Image, parameters: dict[str, object],
            output_format: str, quality: int) -> None:
     write_image(path, image, parameters, output_format=output_format, quality=quality)
+
+
+def _named_loras(request: ImageRequested) -> list[str]:
+    named = [entry.lora_id.strip() for entry in request.loras or ()]
+    return [request.character_lora_id.strip(), *named] if request.character_lora_id \
+        else named
 
 
 def _filenames(entry: CachedResult) -> list[str]:

@@ -7,6 +7,12 @@ file dropped in without its JSON is still served, with what its header tells.
 Ids are safe names (``^[A-Za-z0-9_.-]{1,64}$``, not starting with a dot), so an id can never
 name a path outside the folder. Unknown or unsafe ids raise :class:`UnknownLoraError`
 (``UNKNOWN_LORA``) before any GPU work.
+
+With a shared store (``STORAGE_URL``, :class:`~core.lora.shared.SharedLoras`) the store is
+the registry and the folder its local cache: a registration is decided by the store (a
+conditional create), and a LoRA missing here is looked up there before ``UNKNOWN_LORA``,
+so one registered by any instance is usable on every instance at once. Those lookups are
+requests to the store: :meth:`LoraRegistry.fetch` them from a worker thread first.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from core.lora._header import LoraShape, read_lora_shape
+from core.lora.shared import SharedLoras
 from schemas.errors import InternalError, UnknownLoraError
 
 __all__ = ["LoraInfo", "LoraRegistry", "file_sha256", "is_safe_lora_id"]
@@ -68,17 +75,67 @@ class LoraRegistry:
     hashes of JSON-less files remembered by size and modification time.
     """
 
-    def __init__(self, directory: Path, *, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(self, directory: Path, *, clock: Callable[[], datetime] | None = None,
+                 shared: SharedLoras | None = None) -> None:
         self._directory = Path(directory)
         self._clock = clock or (lambda: datetime.now(UTC))
         self._hashes: dict[tuple[str, int, int], str] = {}
+        self._shared = shared
 
     @property
     def directory(self) -> Path:
         return self._directory
 
+    @property
+    def shared(self) -> SharedLoras | None:
+        return self._shared
+
+    def fetch(self, lora_ids: list[str]) -> None:
+        """Brings the LoRAs among ``lora_ids`` that are registered in the shared store but
+        not here into the folder (blocking: a worker thread). Unknown and unsafe ids are
+        left for :meth:`get` to refuse; a store that fails is logged (``get`` then says
+        ``UNKNOWN_LORA`` as for any LoRA it cannot find)."""
+        if self._shared is None:
+            return
+        for lora_id in lora_ids:
+            if is_safe_lora_id(lora_id) and \
+                    not (self._directory / f"{lora_id}.safetensors").is_file():
+                try:
+                    self._shared.fetch(lora_id, self._directory)
+                except (OSError, ValueError, KeyError) as exc:
+                    logger.warning("LoRA %s not fetched from the store: %s", lora_id, exc)
+
+    def versions(self, character_id: str) -> list[int]:
+        """The versions ``n`` of ``{character_id}_v{n}`` registered, here or in the store,
+        ascending (blocking)."""
+        pattern = re.compile(rf"^{re.escape(character_id)}_v(\d+)\.(safetensors|json)$")
+        found = [int(match.group(1)) for path in
+                 (self._directory.iterdir() if self._directory.is_dir() else ())
+                 if (match := pattern.match(path.name))]
+        if self._shared is not None:
+            found += self._shared.versions(character_id)
+        return sorted(set(found))
+
+    def made_by(self, training_id: str) -> LoraInfo | None:
+        """The LoRA training ``training_id`` registered, here or in the store, or None
+        (blocking)."""
+        for info in self.list():
+            if info.training and info.training.get("training_id") == training_id:
+                return info
+        if self._shared is None:
+            return None
+        lora_id = self._shared.made_by(training_id)
+        if lora_id is None:
+            return None
+        self.fetch([lora_id])
+        try:
+            return self.get(lora_id)
+        except UnknownLoraError:
+            return None
+
     def get(self, lora_id: str) -> LoraInfo:
-        """The LoRA registered as ``lora_id``.
+        """The LoRA registered as ``lora_id`` (with a shared store, one missing here is
+        fetched from it first: blocking).
 
         Raises :class:`UnknownLoraError` when the id is unsafe or has no weights file, and
         :class:`InternalError` when its metadata file exists but is unreadable.
@@ -86,6 +143,8 @@ class LoraRegistry:
         if not isinstance(lora_id, str) or not is_safe_lora_id(lora_id):
             raise UnknownLoraError(f"unknown LoRA {lora_id!r}: not a valid LoRA id")
         weights = self._directory / f"{lora_id}.safetensors"
+        if not weights.is_file():
+            self.fetch([lora_id])  # registered by another instance? (blocking)
         if not weights.is_file():
             raise UnknownLoraError(f"unknown LoRA {lora_id!r}")
         meta_file = self._directory / f"{lora_id}.json"
@@ -137,7 +196,7 @@ class LoraRegistry:
         if target.exists() and not replace:
             raise FileExistsError(f"LoRA {lora_id!r} is already registered")
         self._directory.mkdir(parents=True, exist_ok=True)
-        digest = _atomic_copy(Path(weights_file), target)
+        digest = file_sha256(Path(weights_file))
         metadata: dict[str, Any] = {
             "lora_id": lora_id,
             "trigger_word": trigger_word,
@@ -150,6 +209,12 @@ class LoraRegistry:
         }
         if training is not None:
             metadata["training"] = training
+        # the store decides first: its conditional create is the one registration
+        if self._shared is not None and not self._shared.publish(
+                lora_id, Path(weights_file), metadata, replace=replace):
+            raise FileExistsError(f"LoRA {lora_id!r} is already registered (in the store)")
+        if _atomic_copy(Path(weights_file), target) != digest:
+            raise OSError(f"{weights_file} changed while LoRA {lora_id!r} was registered")
         _atomic_write(self._directory / f"{lora_id}.json", json.dumps(metadata, indent=2) + "\n")
         logger.info("registered LoRA %s (rank %d, sha256 %s)", lora_id, shape.rank, digest[:12])
         return self.get(lora_id)

@@ -35,7 +35,8 @@ def training_limits(settings: Settings) -> TrainingLimits:
 def build_training_service(settings: Settings, worker: GpuWorker, images: ImageService,
                            http: httpx.AsyncClient) -> TrainingService:
     """Trainings on ``worker``'s pipeline, files under TEMP_DIR/training, results in
-    LORA_OUTPUT_DIR, validation images through ``images``. Nothing is written until a
+    LORA_OUTPUT_DIR (and the shared store ``images``' registry uses), validation images
+    through ``images``. Nothing is written until a
     training is accepted."""
     model = worker.model
     root = settings.temp_dir / "training"
@@ -45,7 +46,8 @@ def build_training_service(settings: Settings, worker: GpuWorker, images: ImageS
                        max_sequence_length=settings.flux_max_sequence_length),
         Intake(training_limits(settings), http, settings.lora_fetch_timeout,
                fetch_allowed_hosts=AllowedHosts.parse(settings.lora_fetch_allowed_hosts)),
-        TrainingStore(root), LoraRegistry(settings.lora_output_dir), images, times,
+        TrainingStore(root), LoraRegistry(settings.lora_output_dir, shared=images.loras.shared),
+        images, times,
         base_model=model.name, lora_dtype=model.dtype,
         progress_interval=settings.progress_interval,
     )

@@ -1,8 +1,10 @@
 """A finished training → a registered LoRA; and finding the LoRA a training made.
 
 LoRA ids are ``{character_id}_v{n}``, ``n`` one more than the highest version of that
-character in LORA_OUTPUT_DIR (``sarah_v1`` → ``sarah_v2``), so an id is usable at once as
-``character_lora_id`` and never replaces an earlier LoRA. The registry's metadata keeps
+character in LORA_OUTPUT_DIR and the shared store (``sarah_v1`` → ``sarah_v2``), so an id
+is usable at once as ``character_lora_id`` and never replaces an earlier LoRA; two
+trainings that pick the same version at once get two versions (the registry's create
+decides, the loser takes the next). The registry's metadata keeps
 ``training`` (training_id, request_id, steps, images, probe losses, …): a replayed
 request finds its result there without training again.
 """
@@ -10,7 +12,6 @@ request finds its result there without training again.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 import torch
@@ -29,11 +30,8 @@ _ATTEMPTS = 20  # another writer taking the same version is retried with the nex
 
 def find_registered(registry: LoraRegistry, training_id: str) -> LoraInfo | None:
     """The LoRA registered by training ``training_id``, or None. Blocking (reads the
-    registry's folder)."""
-    for info in registry.list():
-        if info.training and info.training.get("training_id") == training_id:
-            return info
-    return None
+    registry's folder, and the shared store)."""
+    return registry.made_by(training_id)
 
 
 def register_lora(
@@ -46,7 +44,7 @@ def register_lora(
     model and ``training`` metadata. Blocking. Raises ``OSError`` when a file cannot be
     written, ``FileExistsError`` when no version could be taken."""
     for _ in range(_ATTEMPTS):
-        lora_id = f"{spec.character_id}_v{_next_version(registry, spec.character_id)}"
+        lora_id = f"{spec.character_id}_v{max([0, *registry.versions(spec.character_id)]) + 1}"
         weights_file = folder.write_lora(lora_id, weights, dtype)
         try:
             return registry.register(
@@ -57,14 +55,3 @@ def register_lora(
         finally:
             weights_file.unlink(missing_ok=True)
     raise FileExistsError(f"no free LoRA version for {spec.character_id!r}")
-
-
-def _next_version(registry: LoraRegistry, character_id: str) -> int:
-    pattern = re.compile(rf"^{re.escape(character_id)}_v(\d+)\.(safetensors|json)$")
-    versions = [0]
-    if registry.directory.is_dir():
-        for path in registry.directory.iterdir():
-            match = pattern.match(path.name)
-            if match:
-                versions.append(int(match.group(1)))
-    return max(versions) + 1

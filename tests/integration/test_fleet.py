@@ -14,11 +14,13 @@ from typing import Any
 
 import httpx
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import CollectorRegistry
 
 from consumers.engine import Engine
 from consumers.serve import prepare_dev_model
 from core.settings import Settings
+from tests.integration.test_lora_training import lora_request
 from tests.support.kafka_client import PersonaPeer
 from tests.support.s3_server import S3Server, StoreLocation
 
@@ -162,3 +164,40 @@ async def test_presigned_urls_fetch_straight_from_the_store(
     for engine in engines:  # the engine's own path still serves it, on every instance
         served = await fetch(engine, f"/outputs/{answer.event['filename']}")
         assert served.content == direct.content
+
+
+def owned_by(engine: Engine, topic: str, partitions: int = 3) -> str:
+    """A conversation id whose records of ``topic`` land on a partition ``engine`` owns."""
+    for n in range(1000):
+        conversation = f"fleet-conversation-{n}"
+        partition = DefaultPartitioner()(conversation.encode(), list(range(partitions)),
+                                         list(range(partitions)))
+        if (topic, partition) in engine.health.assigned:
+            return conversation
+    raise AssertionError(f"no conversation lands on {engine.health.assigned}")
+
+
+async def test_a_lora_trained_on_one_instance_is_used_by_another_at_once(
+    make_fleet: MakeEngines, peer: PersonaPeer, settings: Settings,
+) -> None:
+    engines = await make_fleet(
+        2, lora_train_steps=20, lora_resolution=64, lora_learning_rate=1e-3,
+        lora_checkpoint_every=10, default_inference_steps=4, flux_max_sequence_length=32)
+    training = lora_request()
+    await peer.publish("lora", training, key="mia")
+    done = (await peer.answers_for([training["request_id"]], timeout=120))[
+        training["request_id"]]
+    assert done.kind == "completed" and done.event["lora_id"] == "mia_v1", done.event
+    trainer = next(e for e in engines if (e.store.directory.parent / "loras" /
+                                          "mia_v1.safetensors").exists())
+    other = next(e for e in engines if e is not trainer)
+    assert not (other.store.directory.parent / "loras" / "mia_v1.safetensors").exists()
+
+    use = image("") | {"conversation_id": owned_by(
+        other, settings.topic("generation.requested.image")), "character_lora_id": "mia_v1",
+        "prompt": "in a park"}
+    await peer.publish("image", use)
+    used = (await peer.answers_for([use["request_id"]], timeout=60))[use["request_id"]]
+    assert used.kind == "completed" and used.event["prompt"] == "zqx, in a park", used.event
+    assert gpu_runs(other) == 1  # the other instance made it, with the fetched LoRA
+    assert (other.store.directory.parent / "loras" / "mia_v1.json").exists()

@@ -1,0 +1,104 @@
+"""The LoRA registry in the shared object store: what every instance of a fleet can use.
+
+Layout under the store's prefix:
+
+- ``loras/blobs/{sha256}.safetensors``: weights, by content (written first; writing the
+  same content twice is harmless, so two writers never spoil each other's file);
+- ``loras/{lora_id}.json``: the registration: the metadata, ``sha256`` naming its blob.
+  It is created with a conditional put (``If-None-Match: *``), which decides between two
+  trainings that picked the same id at once: the second is told the id is taken and
+  takes the next version. It is written only once its blob is complete, so no reader ever
+  finds a LoRA without its metadata or its weights;
+- ``loras/trainings/{training_id}.json``: ``{"lora_id": …}``, so that the LoRA a training
+  made is found without listing every registration.
+
+Every method is blocking (requests to the store): call from a worker thread. Errors are
+:class:`~core.storage.StorageError` (an ``OSError``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+from core.storage import ObjectStore
+
+__all__ = ["SharedLoras"]
+
+logger = logging.getLogger(__name__)
+
+_PREFIX = "loras/"
+
+
+class SharedLoras:
+    def __init__(self, objects: ObjectStore) -> None:
+        self._objects = objects
+
+    @property
+    def where(self) -> str:
+        """Where registrations live (``s3://bucket/prefix/loras/``), for events and logs."""
+        return f"{self._objects.where.rstrip('/')}/{_PREFIX}"
+
+    def location(self, lora_id: str) -> str:
+        """Where ``lora_id``'s registration is, as a URL of the store."""
+        return f"{self.where}{lora_id}.json"
+
+    def publish(self, lora_id: str, weights: Path, metadata: dict[str, Any], *,
+                replace: bool = False) -> bool:
+        """Uploads ``weights`` (whose sha256 is ``metadata["sha256"]``), then registers
+        ``lora_id`` with ``metadata``: created only if no registration of that id exists
+        (``False`` then), or, with ``replace``, written over (an update of one's own)."""
+        self._objects.put_file(f"{_PREFIX}blobs/{metadata['sha256']}.safetensors", weights,
+                               content_type="application/octet-stream")
+        body = json.dumps(metadata, indent=2).encode() + b"\n"
+        key = f"{_PREFIX}{lora_id}.json"
+        if replace:
+            self._objects.put_bytes(key, body)
+        elif not self._objects.create(key, body):
+            return False
+        training = metadata.get("training") or {}
+        if training.get("training_id"):
+            self._objects.put_bytes(f"{_PREFIX}trainings/{training['training_id']}.json",
+                                    json.dumps({"lora_id": lora_id}).encode())
+        return True
+
+    def fetch(self, lora_id: str, directory: Path) -> bool:
+        """Copies ``lora_id`` from the store into ``directory`` as the local registry
+        keeps it (``{id}.safetensors``, then ``{id}.json``, each written under a temporary
+        name and renamed); ``False`` when the store has no such LoRA."""
+        raw = self._objects.get_bytes(f"{_PREFIX}{lora_id}.json")
+        if raw is None:
+            return False
+        metadata = json.loads(raw)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = directory / f"{lora_id}.safetensors"
+        temporary = directory / f".{lora_id}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            blob = f"{_PREFIX}blobs/{metadata['sha256']}.safetensors"
+            if not self._objects.download(blob, temporary):
+                logger.warning("LoRA %s is registered in the store without its weights %s",
+                               lora_id, blob)
+                return False
+            os.replace(temporary, weights)
+            temporary.write_bytes(raw)
+            os.replace(temporary, directory / f"{lora_id}.json")
+        finally:
+            temporary.unlink(missing_ok=True)
+        logger.info("LoRA %s fetched from %s", lora_id, self.where)
+        return True
+
+    def versions(self, character_id: str) -> list[int]:
+        """The versions ``n`` of ``{character_id}_v{n}`` registered in the store."""
+        pattern = re.compile(rf"^{re.escape(_PREFIX + character_id)}_v(\d+)\.json$")
+        return [int(match.group(1)) for key in self._objects.keys(_PREFIX)
+                if (match := pattern.match(key))]
+
+    def made_by(self, training_id: str) -> str | None:
+        """The id of the LoRA training ``training_id`` registered, or ``None``."""
+        raw = self._objects.get_bytes(f"{_PREFIX}trainings/{training_id}.json")
+        return str(json.loads(raw)["lora_id"]) if raw is not None else None
