@@ -151,7 +151,7 @@ class Engine:
                 objects=self.objects)
             services.image = self.image
             self.training = build_training_service(settings, self._worker, self.image,
-                                                   self.http)
+                                                   self.http, self.objects)
             services.training = self.training
             self.health.image_model = ImageModelInfo(
                 name=self.image.model.name, loaded=True,

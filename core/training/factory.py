@@ -3,6 +3,10 @@ worker with."""
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
+
 import httpx
 
 from core.image.service import ImageService
@@ -10,11 +14,13 @@ from core.image.worker import GpuWorker
 from core.lora.registry import LoraRegistry
 from core.net import AllowedHosts
 from core.settings import Settings
+from core.storage import ObjectStore
 from core.training.checkpoint import TrainingStore
 from core.training.estimate import StepTimes
 from core.training.intake import Intake
 from core.training.runner import TrainingRunner
 from core.training.service import TrainingService
+from core.training.shared import SharedTrainings
 from core.training.spec import TrainingLimits
 
 __all__ = ["build_training_service", "training_limits"]
@@ -33,11 +39,12 @@ def training_limits(settings: Settings) -> TrainingLimits:
 
 
 def build_training_service(settings: Settings, worker: GpuWorker, images: ImageService,
-                           http: httpx.AsyncClient) -> TrainingService:
+                           http: httpx.AsyncClient, objects: ObjectStore | None = None
+                           ) -> TrainingService:
     """Trainings on ``worker``'s pipeline, files under TEMP_DIR/training, results in
     LORA_OUTPUT_DIR (and the shared store ``images``' registry uses), validation images
-    through ``images``. Nothing is written until a
-    training is accepted."""
+    through ``images``; with ``objects`` (the shared store) inputs, checkpoints and
+    statuses are kept there too. Nothing is written until a training is accepted."""
     model = worker.model
     root = settings.temp_dir / "training"
     times = StepTimes(root / "step_times.json", development_model=model.development_model)
@@ -50,4 +57,6 @@ def build_training_service(settings: Settings, worker: GpuWorker, images: ImageS
         images, times,
         base_model=model.name, lora_dtype=model.dtype,
         progress_interval=settings.progress_interval,
+        shared=SharedTrainings(objects) if objects is not None else None,
+        owner=f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
     )

@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -66,11 +66,13 @@ class TrainingRunner:
         self._max_sequence_length = max_sequence_length
 
     async def run(self, spec: TrainingSpec, folder: TrainingFolder, progress: ProgressFanout,
-                  stop: threading.Event) -> RunResult:
+                  stop: threading.Event,
+                  checkpointed: Callable[[int], Awaitable[None]] | None = None) -> RunResult:
         """Train ``spec`` to its last step. Raises :class:`TrainingInterrupted` when
         ``stop`` is set first (after checkpointing the step reached); the worker's errors
         (:class:`~schemas.errors.OutOfMemoryError`, …) pass through, the last checkpoint
-        staying on disk."""
+        staying on disk. ``checkpointed(step)`` is awaited after each checkpoint is on
+        disk (the shared store's copy)."""
         started = time.perf_counter()
         cache = await self._cache(spec, folder, stop)
         state = await asyncio.to_thread(folder.latest_checkpoint)
@@ -98,6 +100,8 @@ class TrainingRunner:
             state = result.state
             await asyncio.to_thread(folder.save_checkpoint, state)
             await asyncio.to_thread(self._note, spec, folder, result, probes)
+            if checkpointed is not None:
+                await checkpointed(state.step)
             logger.info("request_id=%s training %s checkpointed at step %d of %d (loss %.4f)",
                         spec.request_id, spec.training_id, state.step, spec.steps,
                         state.loss if state.loss is not None else float("nan"))

@@ -12,6 +12,13 @@ result (:meth:`TrainingService.train`); HTTP starts it in the background
 :meth:`TrainingService.resume_pending` resumes HTTP-started trainings left unfinished by a
 crash (Kafka ones resume when their request is redelivered).
 
+With a shared store (:class:`~core.training.shared.SharedTrainings`) a training's inputs
+and checkpoints are also kept there and its status written there at every change: a
+training whose request moves to another instance (a rebalance, a crash) resumes there from
+its last checkpoint without fetching its photos again; every instance answers its status;
+and an HTTP training that another instance is running (its status fresh in the store) is
+not started a second time by a retried POST.
+
 Nothing grows without bound: a per-training lock lives only while someone holds or waits
 for it; statuses of trainings not running here expire (:class:`StatusBoard`); a training
 folder nobody works on for ``orphan_ttl`` seconds (default :data:`ORPHAN_TTL_SECONDS`, a
@@ -28,9 +35,11 @@ import logging
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -43,16 +52,19 @@ from core.training.intake import Intake, spec_identity
 from core.training.progress import ProgressFanout, ProgressListener
 from core.training.register import find_registered, register_lora
 from core.training.runner import RunResult, TrainingInterrupted, TrainingRunner
+from core.training.shared import SharedTrainings
 from core.training.spec import Origin, TrainingLimits, TrainingSpec
 from core.training.status import StatusBoard, TrainingStatus
 from schemas.errors import EngineError, InternalError
-from schemas.events import ImageRequested, LoraTrainingRequested, utc_now_iso
+from schemas.events import ImageRequested, LoraTrainingRequested, parse_instant, utc_now_iso
 
 __all__ = ["ORPHAN_TTL_SECONDS", "TrainingOutcome", "TrainingService"]
 
 _TRAINING_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 ORPHAN_TTL_SECONDS = 24 * 3600.0
+# a status in the store not written for this long belongs to nobody (its instance is gone)
+LIVE_STATUS_SECONDS = 120.0
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +128,8 @@ class TrainingService:
         self, runner: TrainingRunner, intake: Intake, store: TrainingStore,
         registry: LoraRegistry, images: ImageService, times: StepTimes, *,
         base_model: str, lora_dtype: torch.dtype, progress_interval: float,
-        orphan_ttl: float = ORPHAN_TTL_SECONDS,
+        orphan_ttl: float = ORPHAN_TTL_SECONDS, shared: SharedTrainings | None = None,
+        owner: str | None = None,
     ) -> None:
         if orphan_ttl <= 0:
             raise ValueError(f"orphan_ttl must be > 0, got {orphan_ttl}")
@@ -131,7 +144,12 @@ class TrainingService:
         self._interval = progress_interval
         self._orphan_ttl = orphan_ttl
         self._runs: dict[str, _Run] = {}
-        self._board = StatusBoard(keep=lambda training_id: training_id in self._runs)
+        self._shared = shared
+        self._owner = owner or uuid.uuid4().hex  # who writes statuses to the store
+        self._status_writes: dict[str, asyncio.Task[None]] = {}  # one writer per training
+        self._unwritten: dict[str, TrainingStatus] = {}  # the latest, not yet written
+        self._board = StatusBoard(keep=lambda training_id: training_id in self._runs,
+                                  on_change=self._share_status if shared else None)
         self._locks = _KeyedLocks()
         self._gpu = asyncio.Semaphore(1)
         self._stopping = False
@@ -157,6 +175,7 @@ class TrainingService:
         begun = await self._begin(request, "kafka")
         if isinstance(begun, TrainingOutcome):
             return begun
+        assert isinstance(begun, _Run)  # only HTTP trainings are left to another instance
         if progress is not None:
             begun.progress.add(progress)
         assert begun.task is not None
@@ -179,6 +198,8 @@ class TrainingService:
         training's folder before this returns (the caller may remove them then). Raises
         like :meth:`train` before anything starts."""
         begun = await self._begin(request, "http", files)
+        if isinstance(begun, TrainingStatus):  # running on another instance
+            return begun
         training_id = begun.training_id if isinstance(begun, TrainingOutcome) else (
             begun.spec.training_id)
         status = await self.status(training_id)
@@ -200,8 +221,20 @@ class TrainingService:
         folder = self._store.folder(training_id)
         spec = await asyncio.to_thread(folder.read_spec)
         if spec is None:
-            return None
+            return await self._shared_status(training_id)
         return self._queued(spec, await asyncio.to_thread(folder.latest_step))
+
+    async def _shared_status(self, training_id: str) -> TrainingStatus | None:
+        """The status another instance wrote to the store (a training running there)."""
+        if self._shared is None:
+            return None
+        try:
+            found = await asyncio.to_thread(self._shared.get_status, training_id)
+        except OSError as exc:
+            logger.warning("status of training %s not read from the store: %s",
+                           training_id, exc)
+            return None
+        return found[0] if found is not None else None
 
     async def wait(self, training_id: str) -> TrainingStatus | None:
         """Wait until the training running here as ``training_id`` ends (at once when none
@@ -292,6 +325,8 @@ class TrainingService:
         tasks = [run.task for run in list(self._runs.values()) if run.task is not None]
         sweeping = [self._sweeping] if self._sweeping is not None else []
         await asyncio.gather(*tasks, *sweeping, return_exceptions=True)
+        # the last statuses (queued: resumable) reach the store before the engine goes
+        await asyncio.gather(*self._status_writes.values(), return_exceptions=True)
 
     def estimate_minutes(self, spec: TrainingSpec, done: int = 0) -> int:
         """Minutes the rest of ``spec`` should take, from measured step times."""
@@ -300,7 +335,7 @@ class TrainingService:
 
     # ------------------------------------------------------------- starting
     async def _begin(self, request: LoraTrainingRequested, origin: Origin,
-                     files: Sequence[Path] = ()) -> _Run | TrainingOutcome:
+                     files: Sequence[Path] = ()) -> _Run | TrainingOutcome | TrainingStatus:
         if self._stopping:
             raise TrainingInterrupted("the engine is stopping")
         training_id = spec_identity(request)
@@ -317,7 +352,13 @@ class TrainingService:
                 await asyncio.to_thread(folder.remove)
                 self._board.put(_completed_status(info))
                 return _outcome(info, request.conversation_id, replayed=True)
+            if origin == "http" and (elsewhere := await self._running_elsewhere(training_id)):
+                logger.info("request_id=%s training %s runs on another instance: not "
+                            "started here", request.request_id, training_id)
+                return elsewhere
             spec = await asyncio.to_thread(folder.read_spec)
+            if spec is None and self._shared is not None:
+                spec = await self._restored(folder)
             if spec is not None and spec.request_id == request.request_id:
                 logger.info("request_id=%s training %s found on disk", request.request_id,
                             training_id)
@@ -325,12 +366,45 @@ class TrainingService:
                 spec = await self._take_in(request, origin, folder, files)
             return self._start(spec, await asyncio.to_thread(folder.latest_step))
 
+    async def _running_elsewhere(self, training_id: str) -> TrainingStatus | None:
+        """The status of ``training_id`` when another instance runs it (its status in the
+        store written by another owner, not finished, and fresh)."""
+        if self._shared is None:
+            return None
+        try:
+            found = await asyncio.to_thread(self._shared.get_status, training_id)
+        except OSError:
+            return None  # the store failing: this instance goes on as if alone
+        if found is None:
+            return None
+        status, owner = found
+        fresh = _age_seconds(status.updated_at) < LIVE_STATUS_SECONDS
+        return status if owner != self._owner and fresh and status.state in (
+            "queued", "training") else None
+
+    async def _restored(self, folder: TrainingFolder) -> TrainingSpec | None:
+        """The spec of the training's inputs and checkpoint brought from the store (another
+        instance began it), or None when the store has none (or fails: logged)."""
+        assert self._shared is not None
+        try:
+            step = await asyncio.to_thread(self._shared.restore, folder)
+        except OSError as exc:
+            logger.warning("training %s not restored from the store: %s", folder.path.name,
+                           exc)
+            await asyncio.to_thread(folder.remove)
+            return None
+        if step is None:
+            return None
+        return await asyncio.to_thread(folder.read_spec)
+
     async def _take_in(self, request: LoraTrainingRequested, origin: Origin,
                        folder: TrainingFolder, files: Sequence[Path]) -> TrainingSpec:
         spec, images = await self._intake.take(request, origin, files)  # raises before writing
         try:
             await asyncio.to_thread(folder.remove)  # another request's leftovers, if any
             await asyncio.to_thread(folder.write_inputs, spec, images)
+            if self._shared is not None:  # the photos, kept for whoever resumes it
+                await asyncio.to_thread(self._shared.save_inputs, folder)
         except OSError as exc:
             await asyncio.to_thread(folder.remove)
             raise InternalError(f"training inputs could not be written: {exc}") from exc
@@ -368,7 +442,8 @@ class TrainingService:
             async with self._gpu:
                 await asyncio.to_thread(folder.touch)  # active: no orphan
                 self._board.update(spec.training_id, state="training")
-                result = await self._runner.run(spec, folder, run.progress, run.stop)
+                result = await self._runner.run(spec, folder, run.progress, run.stop,
+                                                self._checkpointed(folder))
                 return await self._finish(spec, folder, result)
         except (TrainingInterrupted, asyncio.CancelledError):
             self._board.update(spec.training_id, state="queued")
@@ -394,6 +469,7 @@ class TrainingService:
                            error=error.message, retryable=error.retryable)
         if not error.retryable:  # a retry would fail alike: leave nothing behind
             await asyncio.to_thread(folder.remove)
+            await self._discard_shared(spec.training_id)
 
     async def _finish(self, spec: TrainingSpec, folder: TrainingFolder,
                       result: RunResult) -> TrainingOutcome:
@@ -417,6 +493,7 @@ class TrainingService:
                 trigger_word=spec.trigger_word, base_model=self._base_model,
                 training=training, replace=True)
         await asyncio.to_thread(folder.remove)
+        await self._discard_shared(spec.training_id)
         self._board.put(_completed_status(info))
         logger.info("request_id=%s training %s completed: LoRA %s (probe loss %s → %s)",
                     spec.request_id, spec.training_id, info.lora_id,
@@ -436,6 +513,52 @@ class TrainingService:
             logger.warning("request_id=%s validation image of %s failed: %s %s",
                            spec.request_id, lora_id, exc.code, exc)
             return None
+
+    # ------------------------------------------------------- the shared store
+    def _checkpointed(self, folder: TrainingFolder) -> Callable[[int], Awaitable[None]] | None:
+        """What the runner awaits after each checkpoint: its copy in the store. A store
+        that fails is logged; the training goes on (the checkpoint is on disk)."""
+        shared = self._shared
+        if shared is None:
+            return None
+
+        async def upload(step: int) -> None:
+            try:
+                await asyncio.to_thread(shared.save_checkpoint, folder, step)
+            except OSError as exc:
+                logger.warning("checkpoint %d of training %s not kept in the store: %s",
+                               step, folder.path.name, exc)
+
+        return upload
+
+    async def _discard_shared(self, training_id: str) -> None:
+        if self._shared is None:
+            return
+        try:
+            await asyncio.to_thread(self._shared.discard, training_id)
+        except OSError as exc:
+            logger.warning("inputs of training %s left in the store: %s", training_id, exc)
+
+    def _share_status(self, status: TrainingStatus) -> None:
+        """Writes ``status`` to the store in the background: one write per training at a
+        time, the latest status winning (a burst of progress is one or two writes)."""
+        training_id = status.training_id
+        self._unwritten[training_id] = status
+        if training_id not in self._status_writes:
+            self._status_writes[training_id] = asyncio.get_running_loop().create_task(
+                self._write_statuses(training_id), name=f"training-status-{training_id}")
+
+    async def _write_statuses(self, training_id: str) -> None:
+        assert self._shared is not None
+        try:
+            while (status := self._unwritten.pop(training_id, None)) is not None:
+                try:
+                    await asyncio.to_thread(self._shared.put_status, status, self._owner)
+                except OSError as exc:
+                    logger.warning("status of training %s not written to the store: %s",
+                                   training_id, exc)
+        finally:
+            del self._status_writes[training_id]
 
     def _queued(self, spec: TrainingSpec, done: int) -> TrainingStatus:
         return self._board.put(TrainingStatus(
@@ -475,3 +598,11 @@ def _log_sweep(task: asyncio.Task[list[str]]) -> None:
 
 def _fmt(value: float | None) -> str:
     return "?" if value is None else f"{value:.4f}"
+
+
+def _age_seconds(instant: str) -> float:
+    """Seconds since ``instant`` (ISO-8601); unreadable counts as long ago."""
+    try:
+        return (datetime.now(UTC) - parse_instant(instant)).total_seconds()
+    except (ValueError, OverflowError):
+        return float("inf")

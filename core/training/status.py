@@ -73,13 +73,15 @@ class StatusBoard:
 
     def __init__(self, keep: Callable[[str], bool], *, ttl: float = STATUS_TTL_SECONDS,
                  max_entries: int = MAX_STATUSES,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_change: Callable[[TrainingStatus], None] | None = None) -> None:
         if ttl <= 0 or max_entries < 1:
             raise ValueError(f"ttl must be > 0 and max_entries >= 1, got {ttl}, {max_entries}")
         self._keep = keep
         self._ttl = ttl
         self._max = max_entries
         self._clock = clock
+        self._on_change = on_change  # told of every status put (the shared store's copy)
         self._statuses: OrderedDict[str, tuple[TrainingStatus, float]] = OrderedDict()
 
     def __len__(self) -> int:
@@ -95,6 +97,8 @@ class StatusBoard:
         self._statuses[status.training_id] = (status, self._clock())
         self._statuses.move_to_end(status.training_id)
         self._prune()
+        if self._on_change is not None:
+            self._on_change(status)
         return status
 
     def update(self, training_id: str, **changes: Any) -> TrainingStatus | None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -14,13 +16,21 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import CollectorRegistry
 
 from consumers.engine import Engine
 from consumers.serve import prepare_dev_model
+from core.lora.shared import SharedLoras
 from core.settings import Settings
+from core.storage import build_object_store
+from core.training.intake import spec_identity
+from schemas.events import LoraTrainingRequested
+from tests.core.test_training_images import photos
 from tests.integration.test_lora_training import lora_request
+from tests.support.engine_process import EngineProcess
 from tests.support.kafka_client import PersonaPeer
 from tests.support.s3_server import S3Server, StoreLocation
 
@@ -166,13 +176,21 @@ async def test_presigned_urls_fetch_straight_from_the_store(
         assert served.content == direct.content
 
 
+def partition_of(key: str, partitions: int = 3) -> int:
+    """The partition a producer's default partitioner gives ``key``."""
+    return int(DefaultPartitioner()(key.encode(), list(range(partitions)),
+                                    list(range(partitions))))
+
+
+def owner_of(engines: list[Engine], topic: str, key: str) -> Engine:
+    return next(e for e in engines if (topic, partition_of(key)) in e.health.assigned)
+
+
 def owned_by(engine: Engine, topic: str, partitions: int = 3) -> str:
     """A conversation id whose records of ``topic`` land on a partition ``engine`` owns."""
     for n in range(1000):
         conversation = f"fleet-conversation-{n}"
-        partition = DefaultPartitioner()(conversation.encode(), list(range(partitions)),
-                                         list(range(partitions)))
-        if (topic, partition) in engine.health.assigned:
+        if (topic, partition_of(conversation, partitions)) in engine.health.assigned:
             return conversation
     raise AssertionError(f"no conversation lands on {engine.health.assigned}")
 
@@ -201,3 +219,95 @@ async def test_a_lora_trained_on_one_instance_is_used_by_another_at_once(
     assert used.kind == "completed" and used.event["prompt"] == "zqx, in a park", used.event
     assert gpu_runs(other) == 1  # the other instance made it, with the fetched LoRA
     assert (other.store.directory.parent / "loras" / "mia_v1.json").exists()
+
+
+@pytest.fixture
+async def counted_photos() -> AsyncIterator[tuple[str, dict[int, int]]]:
+    """A local photo server that counts each photo's fetches: (base URL, counts)."""
+    images, counts = photos(5), dict.fromkeys(range(5), 0)
+
+    async def photo(request: web.Request) -> web.Response:
+        n = int(request.match_info["n"])
+        counts[n] += 1
+        return web.Response(body=images[n], content_type="application/octet-stream")
+
+    app = web.Application()
+    app.router.add_get("/photo/{n}", photo)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/"), counts
+    await server.close()
+
+
+_TRAINING = {"lora_train_steps": 200, "lora_resolution": 64, "lora_learning_rate": 1e-3,
+             "lora_checkpoint_every": 20, "progress_interval": 0.05,
+             "default_inference_steps": 4, "flux_max_sequence_length": 32,
+             "lora_fetch_allowed_hosts": "127.0.0.1"}
+
+
+@pytest.mark.slow
+async def test_a_training_whose_instance_is_killed_resumes_on_another_from_its_checkpoint(
+    make_fleet: MakeEngines, peer: PersonaPeer, settings: Settings, tmp_path: Path,
+    dev_model_dir: Path, s3_store: StoreLocation,
+    counted_photos: tuple[str, dict[int, int]],
+) -> None:
+    base, fetches = counted_photos
+    own = tmp_path / "killed"
+    first = EngineProcess({
+        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers or "",
+        "KAFKA_TOPIC_PREFIX": settings.kafka_topic_prefix,
+        "KAFKA_GROUP_ID": settings.kafka_group_id, "KAFKA_SESSION_TIMEOUT_MS": "2000",
+        "KAFKA_HEARTBEAT_INTERVAL_MS": "200", "KAFKA_FETCH_MAX_WAIT_MS": "10",
+        "SERVICE_PORT": "0", "VOICE_BACKEND": "local", "LOG_LEVEL": "INFO",
+        "FLUX_MODEL_PATH": str(dev_model_dir), "OUTPUT_DIR": str(own / "outputs"),
+        "LORA_OUTPUT_DIR": str(own / "loras"), "TEMP_DIR": str(own / "temp"),
+        "STORAGE_URL": s3_store.url, "STORAGE_ENDPOINT_URL": s3_store.endpoint,
+        **{name.upper(): str(value) for name, value in _TRAINING.items()},
+    }, tmp_path, "killed")
+    try:
+        await first.start(timeout=60)
+        training = lora_request(image_urls=[f"{base}/photo/{n}" for n in range(5)],
+                                images=[])
+        await peer.publish("lora", training, key="mia")
+        await peer.wait_for(lambda a: a.kind == "progress" and a.event["request_id"] ==
+                            training["request_id"] and a.event["step"] > 45, timeout=60)
+        first.send_signal(signal.SIGKILL)  # a crash: no stop, no checkpoint now
+        await first.wait()
+    finally:
+        await first.stop()
+    assert fetches == dict.fromkeys(range(5), 1)
+
+    engines = await make_fleet(2, **_TRAINING)  # they take the killed one's partitions over
+    joined = time.monotonic()
+
+    def resumed_progress(answer: Any) -> bool:
+        return answer.kind == "progress" and answer.event["request_id"] == \
+            training["request_id"] and answer.received_at > joined
+
+    first_step = (await peer.wait_for(resumed_progress, timeout=60))[0].event["step"]
+    resumed_from = first_step - 1  # the killed instance's last checkpoint, not step 0
+    assert resumed_from >= 40 and resumed_from % 20 == 0, first_step
+    trainer = owner_of(engines, settings.topic("generation.requested.lora"), "mia")
+    onlooker = next(e for e in engines if e is not trainer)
+    assert onlooker.addresses is not None
+    await peer.wait_for(resumed_progress, count=3, timeout=60)  # running on the trainer
+    async with httpx.AsyncClient(base_url=onlooker.addresses.http_url) as client:
+        seen = (await client.get(f"/train-lora/{training_id_of(training)}")).json()
+    # the onlooker answers the live state the trainer wrote to the store
+    assert seen["state"] in ("training", "completed"), seen
+    assert seen["state"] == "completed" or seen["step"] >= resumed_from, seen
+
+    done = (await peer.answers_for([training["request_id"]], timeout=120))[
+        training["request_id"]]
+    assert done.kind == "completed" and done.event["lora_id"] == "mia_v1", done.event
+    assert fetches == dict.fromkeys(range(5), 1)  # the photos came from the store
+    objects = build_object_store(settings.model_copy(update={
+        "storage_url": s3_store.url, "storage_endpoint_url": s3_store.endpoint}))
+    assert objects is not None
+    assert SharedLoras(objects).versions("mia") == [1]  # registered once
+    assert not [k for k in objects.keys(f"trainings/{done.event['training_id']}/")
+                if not k.endswith("status.json")]  # inputs and checkpoints cleared
+
+
+def training_id_of(request: dict[str, Any]) -> str:
+    return spec_identity(LoraTrainingRequested.model_validate(request))
