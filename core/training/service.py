@@ -204,6 +204,14 @@ class TrainingService:
             begun.spec.training_id)
         status = await self.status(training_id)
         assert status is not None
+        if self._shared is not None and isinstance(begun, _Run):
+            # accepted means known to every instance: a retry of this POST that reaches
+            # another one must find it running here (the background writes may lag)
+            try:
+                await asyncio.to_thread(self._shared.put_status, status, self._owner)
+            except OSError as exc:
+                logger.warning("status of training %s not written to the store: %s",
+                               training_id, exc)
         return status
 
     async def status(self, training_id: str) -> TrainingStatus | None:

@@ -311,3 +311,28 @@ async def test_a_training_whose_instance_is_killed_resumes_on_another_from_its_c
 
 def training_id_of(request: dict[str, Any]) -> str:
     return spec_identity(LoraTrainingRequested.model_validate(request))
+
+
+async def test_an_http_training_retried_on_another_instance_is_not_trained_twice(
+    make_fleet: MakeEngines, tmp_path: Path,
+) -> None:
+    first, other = await make_fleet(2, **_TRAINING)
+    request_id = str(uuid.uuid4())  # the client's idempotency key, sent again on retry
+    answers = []
+    for engine in (first, other):  # the retry reaches another instance
+        assert engine.addresses is not None
+        async with httpx.AsyncClient(base_url=engine.addresses.http_url) as client:
+            response = await client.post("/train-lora", files=[
+                ("images", (f"{n}.png", data, "image/png"))
+                for n, data in enumerate(photos(5))], data={
+                "character_id": "mia", "trigger_word": "zqx", "request_id": request_id,
+                "steps": "400"})
+        assert response.status_code == 200, response.text
+        answers.append(response.json())
+    assert answers[0]["training_id"] == answers[1]["training_id"]
+    assert answers[1]["status"] == "training_started"  # the first one's, from the store
+    training_folders = [p for p in (tmp_path / "instance-1" / "temp").rglob("spec.json")]
+    assert not training_folders  # nothing taken in on the other instance
+    assert first.training is not None
+    done = await first.training.wait(answers[0]["training_id"])
+    assert done is not None and done.state == "completed" and done.lora_id == "mia_v1"
