@@ -263,7 +263,9 @@ class Engine:
         waiter.cancel()
 
     async def stop(self) -> None:
-        """Drains in-flight work, commits, leaves the group, closes HTTP; all of it within
+        """Drains in-flight work, commits, leaves the group (a static member,
+        KAFKA_GROUP_INSTANCE_ID, does not: its partitions wait KAFKA_SESSION_TIMEOUT_MS for
+        its return), closes HTTP; all of it within
         SHUTDOWN_GRACE_SECONDS plus a few seconds, even with the broker gone (what is not
         published then stays uncommitted, and is redelivered)."""
         self.request_stop()

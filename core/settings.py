@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     elevenlabs_model_id: str = Field("eleven_multilingual_v2", min_length=1)
     elevenlabs_output_format: str = Field("mp3_44100_128", pattern=r"^mp3_\d+_\d+$")
     elevenlabs_max_concurrency: int = Field(4, ge=1, le=100)
+    # The account's limit, shared by every instance on its key (a fleet-wide figure): no
+    # process exceeds it; each still adapts below it to the 429s the fleet meets.
+    elevenlabs_account_concurrency: int | None = Field(None, ge=1, le=100)
+    elevenlabs_adaptive_concurrency: bool = True
     elevenlabs_timeout: float = Field(30.0, gt=0)
     voice_profiles_path: Path | None = None
 
@@ -137,6 +141,12 @@ class Settings(BaseSettings):
     kafka_fetch_max_wait_ms: int = Field(10, ge=0, le=10000)
     kafka_session_timeout_ms: int = Field(10000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(1000, ge=100)
+    # Static membership (consumers/kafka.py): one id per instance, the same across its
+    # restarts, never two live instances with one id. Kafka's rule for group.instance.id
+    # (its topic-name rule): at most 249 of [A-Za-z0-9._-], and not "." or "..".
+    kafka_group_instance_id: str | None = Field(
+        None, min_length=1, max_length=249,
+        pattern=r"^(?:\.*[A-Za-z0-9_-][A-Za-z0-9._-]*|\.{3,})$")
     kafka_idempotence: Literal["auto", "on", "off"] = "auto"
     event_encoding: Literal["avro", "json"] = "avro"
     embedded_broker: Literal["tansu", "rdkafka-mock"] = "tansu"
@@ -172,7 +182,7 @@ class Settings(BaseSettings):
         description="OTLP/HTTP collector; spans are exported with the otel extra installed")
 
     @field_validator("otel_exporter_otlp_endpoint", "step_cache_threshold", "storage_url",
-                     "storage_endpoint_url", mode="before")
+                     "storage_endpoint_url", "elevenlabs_account_concurrency", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

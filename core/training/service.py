@@ -148,6 +148,7 @@ class TrainingService:
         self._owner = owner or uuid.uuid4().hex  # who writes statuses to the store
         self._status_writes: dict[str, asyncio.Task[None]] = {}  # one writer per training
         self._unwritten: dict[str, TrainingStatus] = {}  # the latest, not yet written
+        self._heartbeat: asyncio.Task[None] | None = None  # keeps running statuses fresh
         self._board = StatusBoard(keep=lambda training_id: training_id in self._runs,
                                   on_change=self._share_status if shared else None)
         self._locks = _KeyedLocks()
@@ -333,6 +334,9 @@ class TrainingService:
         tasks = [run.task for run in list(self._runs.values()) if run.task is not None]
         sweeping = [self._sweeping] if self._sweeping is not None else []
         await asyncio.gather(*tasks, *sweeping, return_exceptions=True)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
         # the last statuses (queued: resumable) reach the store before the engine goes
         await asyncio.gather(*self._status_writes.values(), return_exceptions=True)
 
@@ -433,6 +437,9 @@ class TrainingService:
         self._queued(spec, done)
         run.task = asyncio.create_task(self._execute(run), name=f"training-{training_id}")
         run.task.add_done_callback(lambda task: self._ended(run, task))
+        if self._shared is not None and (self._heartbeat is None or self._heartbeat.done()):
+            self._heartbeat = asyncio.create_task(self._keep_statuses_fresh(),
+                                                  name="training-status-heartbeat")
         return run
 
     def _ended(self, run: _Run, task: asyncio.Task[TrainingOutcome]) -> None:
@@ -555,6 +562,15 @@ class TrainingService:
         if training_id not in self._status_writes:
             self._status_writes[training_id] = asyncio.get_running_loop().create_task(
                 self._write_statuses(training_id), name=f"training-status-{training_id}")
+
+    async def _keep_statuses_fresh(self) -> None:
+        """While trainings run or wait here, their statuses in the store are rewritten
+        every quarter of :data:`LIVE_STATUS_SECONDS`, so that one queued behind another
+        training for hours is not taken for abandoned by another instance."""
+        while self._runs and not self._stopping:
+            await asyncio.sleep(LIVE_STATUS_SECONDS / 4)
+            for training_id in list(self._runs):
+                self._board.update(training_id)  # a new updated_at, heard by the store
 
     async def _write_statuses(self, training_id: str) -> None:
         assert self._shared is not None

@@ -6,9 +6,15 @@ and the JSON body of ElevenLabs' OpenAPI document (``text``, ``model_id``,
 ``previous_request_ids`` or ``previous_text``/``next_text``); the answer is the MP3 itself,
 with the ``request-id`` header that names it for stitching.
 
-- **Concurrency:** at most ``max_concurrency`` requests are in flight (an
-  ``asyncio.Semaphore``), so the account's concurrency limit is rarely hit; a request
-  waiting out a backoff does not hold a slot.
+- **Concurrency:** at most ``max_concurrency`` requests are in flight, and never more than
+  ``account_concurrency`` (the account's limit, when known); a request waiting out a
+  backoff does not hold a slot. ElevenLabs counts concurrency per account, so instances
+  sharing one overrun it together: with ``adaptive_concurrency`` (the default) the limit
+  adapts (:class:`~core.voice.concurrency.AdaptiveLimit`): a 429 for concurrency
+  (``too_many_concurrent_requests``, or ``concurrent_limit_exceeded`` in ElevenLabs' newer
+  error shape) halves it, down to 1, and :data:`GROW_AFTER` successes at the limit raise it
+  by one again, so the fleet settles within the account's limit. The refused request is
+  retried like any 429. Other faults (``system_busy``, 5xx) leave the limit alone.
 - **Faults** (:mod:`core.voice.elevenlabs_faults`): 429, 5xx and connection errors
   (including a connection dropped in the middle of the audio) are retried here, as long as
   the request's :class:`~core.retry_budget.RetryBudget` grants it (capped exponential
@@ -51,6 +57,7 @@ from core.backoff import Backoff
 from core.retry_budget import RetryBudget
 from core.voice.backend import VoiceSettings
 from core.voice.chunking import context, split_text
+from core.voice.concurrency import AdaptiveLimit
 from core.voice.dictionaries import locators
 from core.voice.elevenlabs_faults import (
     ElevenLabsError,
@@ -62,7 +69,7 @@ from core.voice.models import model_facts
 from core.voice.mp3join import join_mp3
 from schemas.errors import InternalError
 
-__all__ = ["MAX_STITCHED", "ElevenLabsBackend", "Subscription"]
+__all__ = ["GROW_AFTER", "MAX_STITCHED", "ElevenLabsBackend", "Subscription"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +78,15 @@ Sleep = Callable[[float], Awaitable[None]]
 _T = TypeVar("_T")
 
 MAX_STITCHED = 3  # ElevenLabs: "A maximum of 3 request_ids can be send."
+
+GROW_AFTER = 10
+"""Successes at the limit, without a concurrency 429, before the adaptive limit grows by
+one. Each step up past the account's limit costs a refusal or a few (the next request to
+arrive is refused, whichever instance sent it), so slower probing costs fewer 429s, at the
+price of slower recovery when other instances go quiet (from 1 to 4: 30 requests)."""
+
+# detail.status (legacy) or detail.code of a 429 saying the account's concurrency is full
+_CONCURRENCY_REFUSALS = frozenset({"too_many_concurrent_requests", "concurrent_limit_exceeded"})
 
 
 @dataclass(frozen=True)
@@ -91,9 +107,11 @@ class ElevenLabsBackend:
     base including ``/v1`` (ELEVENLABS_API_URL); ``default_model_id`` is used when a request
     names no model; ``timeout`` applies to each HTTP request (its read part is what turns a
     hang into ``TIMEOUT``); ``retry`` is the policy of calls made without a budget and
-    ``sleep`` how retries wait (see the module docstring). Raises ``ValueError`` naming
-    the argument for an empty key, a URL that is not http(s), an output format other than
-    ``mp3_*``, or ``max_concurrency`` < 1.
+    ``sleep`` how retries wait; ``max_concurrency``, ``account_concurrency`` and
+    ``adaptive_concurrency`` bound the requests in flight (see the module docstring).
+    Raises ``ValueError`` naming the argument for an empty key, a URL that is not http(s),
+    an output format other than ``mp3_*``, or ``max_concurrency`` or
+    ``account_concurrency`` < 1.
     """
 
     def __init__(
@@ -105,6 +123,8 @@ class ElevenLabsBackend:
         default_model_id: str = "eleven_multilingual_v2",
         output_format: str = "mp3_44100_128",
         max_concurrency: int = 4,
+        account_concurrency: int | None = None,
+        adaptive_concurrency: bool = True,
         timeout: httpx.Timeout | None = None,
         retry: Backoff | None = None,
         sleep: Sleep = asyncio.sleep,
@@ -117,6 +137,8 @@ class ElevenLabsBackend:
             raise ValueError(f"output_format must be an mp3_* format, got {output_format!r}")
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if account_concurrency is not None and account_concurrency < 1:
+            raise ValueError(f"account_concurrency must be >= 1, got {account_concurrency}")
         if not default_model_id:
             raise ValueError("default_model_id must not be empty")
         self._client = client
@@ -124,7 +146,9 @@ class ElevenLabsBackend:
         self._key = api_key
         self._default_model_id = default_model_id
         self._output_format = output_format
-        self._slots = asyncio.Semaphore(max_concurrency)
+        ceiling = min(max_concurrency, account_concurrency or max_concurrency)
+        self._slots = AdaptiveLimit(ceiling, floor=1 if adaptive_concurrency else ceiling,
+                                    grow_after=GROW_AFTER, name="ElevenLabs")
         self._timeout = timeout if timeout is not None else httpx.Timeout(30.0, connect=5.0)
         self._retry = retry if retry is not None else Backoff()
         self._sleep = sleep
@@ -146,6 +170,12 @@ class ElevenLabsBackend:
         """The API and the output format (ELEVENLABS_API_URL, ELEVENLABS_OUTPUT_FORMAT):
         another format is other bytes, another API possibly other audio."""
         return f"{self._api_url} {self._output_format}"
+
+    @property
+    def concurrency_limit(self) -> int:
+        """Requests this process lets be in flight now (it adapts; see the module
+        docstring)."""
+        return self._slots.limit
 
     def performs_audio_tags(self, model_id: str | None) -> bool:
         return model_facts(model_id or self._default_model_id).performs_audio_tags
@@ -279,7 +309,7 @@ class ElevenLabsBackend:
         params = {"output_format": self._output_format}
         while True:
             error: ElevenLabsError
-            async with self._slots:
+            async with self._slots.slot() as slot:
                 budget.attempt()
                 try:
                     response = await self._client.post(
@@ -299,6 +329,7 @@ class ElevenLabsBackend:
                     error.__cause__ = exc
                 else:
                     if response.status_code == 200 and response.content:
+                        slot.succeeded()
                         return response.content, response.headers.get("request-id") or None
                     if response.status_code == 200:
                         error = ElevenLabsUnavailableError(
@@ -310,6 +341,9 @@ class ElevenLabsBackend:
                             response.status_code, response.content, response.headers,
                             attempts=budget.attempts, secret=self._key.get_secret_value(),
                         )
+                        if (error.http_status == 429
+                                and error.upstream_status in _CONCURRENCY_REFUSALS):
+                            slot.overloaded()
             wait = budget.retry(error)
             if wait is None:
                 raise error

@@ -90,6 +90,8 @@ def build_voice_service(
             default_model_id=settings.elevenlabs_model_id,
             output_format=settings.elevenlabs_output_format,
             max_concurrency=settings.elevenlabs_max_concurrency,
+            account_concurrency=settings.elevenlabs_account_concurrency,
+            adaptive_concurrency=settings.elevenlabs_adaptive_concurrency,
             timeout=httpx.Timeout(settings.elevenlabs_timeout,
                                   connect=min(5.0, settings.elevenlabs_timeout)),
             retry=Backoff(max_attempts=settings.retry_max_attempts,

@@ -37,6 +37,10 @@ def test_env_and_dotenv_are_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
         ("VOICE_BACKEND", "cloud", "'auto', 'elevenlabs' or 'local'"),
         ("KAFKA_BOOTSTRAP_SERVERS", "localhost", "host:port"),
         ("AUTO_CLEANUP", "maybe", "boolean"),
+        ("KAFKA_GROUP_INSTANCE_ID", "", "non-empty"),
+        ("KAFKA_GROUP_INSTANCE_ID", "engine 0", "A-Za-z0-9._-"),
+        ("KAFKA_GROUP_INSTANCE_ID", "..", "A-Za-z0-9._-"),
+        ("KAFKA_GROUP_INSTANCE_ID", "e" * 250, "249"),
     ],
 )
 def test_invalid_value_is_one_line_naming_variable_value_and_allowed(
@@ -49,6 +53,13 @@ def test_invalid_value_is_one_line_naming_variable_value_and_allowed(
     assert "\n" not in message
     assert variable in message and repr(value) in message
     assert allowed in message
+
+
+def test_group_instance_id_follows_kafkas_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().kafka_group_instance_id is None  # unset: a dynamic member
+    for value in ("engine-0", "gpu_1.host-a", "...", "e" * 249):
+        monkeypatch.setenv("KAFKA_GROUP_INSTANCE_ID", value)
+        assert load_settings().kafka_group_instance_id == value
 
 
 def test_api_key_is_secret_and_selects_elevenlabs(monkeypatch: pytest.MonkeyPatch) -> None:

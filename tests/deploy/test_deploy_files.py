@@ -359,30 +359,52 @@ def test_topic_service_follows_the_engine_topic_settings(tmp_path: Path) -> None
     assert services[ENGINE]["environment"]["KAFKA_TOPIC_PREFIX"] == "prod."
 
 
-def test_the_documented_second_gpu_override_is_valid(tmp_path: Path) -> None:
-    """docs/deployment.md's docker-compose.gpu1.yml: two engines, one GPU each, own files."""
+def documented_override() -> str:
+    """docs/deployment.md's docker-compose.gpu1.yml, as an operator copies it."""
     docs = (REPO / "docs" / "deployment.md").read_text()
-    blocks = re.findall(r"```yaml\n(.*?)```", docs, re.DOTALL)
-    override = next(block for block in blocks if block.startswith("# docker-compose.gpu1.yml"))
+    blocks: list[str] = re.findall(r"```yaml\n(.*?)```", docs, re.DOTALL)
+    return next(block for block in blocks if block.startswith("# docker-compose.gpu1.yml"))
+
+
+def test_the_documented_second_gpu_override_is_valid(tmp_path: Path) -> None:
+    """docs/deployment.md's docker-compose.gpu1.yml: two GPU instances behind one address,
+    one consumer group, one store; only the GPU and the static member id differ."""
     root = make_project(tmp_path / "project")
-    (root / "docker-compose.gpu1.yml").write_text(override)
+    (root / "docker-compose.gpu1.yml").write_text(documented_override())
     result = run_compose(root, "-f", "docker-compose.gpu1.yml", "config", "--format", "json")
     assert result.returncode == 0, result.stderr
+    assert "WARN" not in result.stderr, result.stderr
     services = json.loads(result.stdout)["services"]
     first, second = services[ENGINE], services[f"{ENGINE}_gpu1"]
+    envs = [first["environment"], second["environment"]]
+
     gpus = [
         service["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
         for service in (first, second)
     ]
     assert gpus == [["0"], ["1"]]
-    assert first["environment"]["PUBLIC_BASE_URL"] != second["environment"]["PUBLIC_BASE_URL"]
-    outputs = [
-        next(v["source"] for v in service["volumes"] if v["target"] == "/app/outputs")
-        for service in (first, second)
-    ]
-    assert outputs[0] != outputs[1]
-    assert second["environment"]["KAFKA_GROUP_ID"] == first["environment"]["KAFKA_GROUP_ID"]
+    for name in ("STORAGE_URL", "STORAGE_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "KAFKA_GROUP_ID",
+                 "PUBLIC_BASE_URL"):
+        assert envs[0].get(name) and envs[0][name] == envs[1][name], name
+    ids = [env.get("KAFKA_GROUP_INSTANCE_ID") for env in envs]
+    assert all(ids) and ids[0] != ids[1], ids
     assert second["depends_on"] == first["depends_on"]
+
+    # one address: the proxy publishes SERVICE_PORT, the engines publish nothing, and the
+    # proxy's upstreams are exactly the two engines
+    port = int(active_env(root / ".env")["SERVICE_PORT"])
+    assert not first.get("ports") and not second.get("ports")
+    proxy = services["proxy"]
+    assert [(p["target"], int(p["published"])) for p in proxy["ports"]] == [(port, port)]
+    assert set(proxy["depends_on"]) == {ENGINE, f"{ENGINE}_gpu1"}
+    assert proxy["environment"]["ENGINE_UPSTREAMS"].split() == [
+        f"{ENGINE}:{port}", f"{ENGINE}_gpu1:{port}"]
+    assert proxy["environment"]["SERVICE_PORT"] == str(port)
+    mounts = {Path(v["source"]): v for v in proxy["volumes"] if v["type"] == "bind"}
+    caddyfile = mounts[root / "deploy" / "caddy" / "Caddyfile"]
+    assert caddyfile["target"] == "/etc/caddy/Caddyfile" and caddyfile["read_only"] is True
+    image, _, tag = proxy["image"].partition(":")
+    assert image == "caddy" and tag[:1].isdigit(), "pin a Caddy release"
 
 
 # --------------------------------------------------------------------------- (c) Prometheus

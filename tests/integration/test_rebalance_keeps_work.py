@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaConsumer
 from prometheus_client import CollectorRegistry
 
 from consumers.engine import Engine
+from consumers.kafka import build_consumer
 from consumers.serve import prepare_dev_model
 from core.settings import Settings
 from tests.support.kafka_client import PersonaPeer
@@ -44,13 +45,11 @@ async def test_an_image_running_at_a_revoke_is_computed_once(
                             and a.event["request_id"] == request["request_id"], timeout=60)
         # a second member joins the group: the engine's partitions are revoked while the
         # image runs (grace 0.2 s), and some go to the newcomer ...
-        intruder = AIOKafkaConsumer(
-            *(configured.topic(f"generation.requested.{k}") for k in ("image", "voice", "lora")),
-            bootstrap_servers=configured.kafka_bootstrap_servers,
-            group_id=configured.kafka_group_id, enable_auto_commit=False,
-            session_timeout_ms=configured.kafka_session_timeout_ms,
-            heartbeat_interval_ms=configured.kafka_heartbeat_interval_ms)
+        # (the engine's own consumer: a member that offers another assignor is refused)
+        intruder = build_consumer(configured, configured.kafka_bootstrap_servers)
         await intruder.start()
+        intruder.subscribe(
+            [configured.topic(f"generation.requested.{k}") for k in ("image", "voice", "lora")])
         await engine.health.wait_until(lambda h: len(h.assigned) < 9, timeout=30)
         owned = {(t, str(p)) for t, p in engine.health.assigned}
         lag = {(s.labels["topic"], s.labels["partition"])

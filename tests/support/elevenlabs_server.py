@@ -23,12 +23,23 @@ Paths (under ``/v1``): ``POST /text-to-speech/{voice_id}`` (and ``…/stream``),
   stitching as unavailable on v3 without documenting the error: this shape is this
   server's choice), and ids this server never issued with 400 ``request_id_not_found``
   (likewise its choice: it catches an engine that sends made-up ids).
-- **Concurrency:** beyond ``max_concurrency`` requests at once, 429
+- **Concurrency:** ``max_concurrency`` is the account's limit, counted over every client of
+  this server together (several engine instances on one key share it, as on ElevenLabs):
+  a text-to-speech request arriving while that many are in flight is refused with 429
   ``too_many_concurrent_requests`` (with ``current-concurrent-requests`` and
-  ``maximum-concurrent-requests`` headers).
+  ``maximum-concurrent-requests`` headers; no ``Retry-After``). With
+  :attr:`ElevenLabsServer.concurrency_code` ``"concurrent_limit_exceeded"`` the refusal
+  takes the shape of ElevenLabs' current errors page instead: ``detail`` with ``code``,
+  ``status`` (legacy, the same), ``message`` and ``request_id``; the ``type`` that page also
+  names is left out, its value for this error not being documented there.
+  :attr:`ElevenLabsServer.concurrency_refusals` counts those refusals;
+  :attr:`ElevenLabsServer.peak_in_flight` is the most requests in flight at once, refused
+  ones included, :attr:`ElevenLabsServer.peak_admitted` the most being served at once
+  (never above ``max_concurrency``).
 - **Scripted faults:** :attr:`ElevenLabsServer.faults` is a queue; each text-to-speech
-  request takes the next :class:`Fault` (``too_many_concurrent_requests``, ``system_busy``,
-  each with or without ``retry_after``; ``quota_exceeded``; ``server_error`` (500 without
+  request takes the next :class:`Fault` (``too_many_concurrent_requests``,
+  ``concurrent_limit_exceeded`` (the newer shape above), ``system_busy``, each with or
+  without ``retry_after``; ``quota_exceeded``; ``server_error`` (500 without
   ``detail``); ``server_error_detail``; ``hang`` (no answer until the server stops);
   ``drop`` (half the audio, then the connection closes)).
 - **Latency:** ``latency`` seconds before each answer, like generation time.
@@ -66,9 +77,10 @@ __all__ = [
 DEFAULT_KEY = "sk_local_test_key"
 
 FaultKind = Literal[
-    "too_many_concurrent_requests", "system_busy", "quota_exceeded", "server_error",
-    "server_error_detail", "hang", "drop",
+    "too_many_concurrent_requests", "concurrent_limit_exceeded", "system_busy",
+    "quota_exceeded", "server_error", "server_error_detail", "hang", "drop",
 ]
+ConcurrencyCode = Literal["too_many_concurrent_requests", "concurrent_limit_exceeded"]
 
 # model id → characters per request (FACTS.md; the English v2 models: ElevenLabs' models page)
 MODELS: dict[str, int] = {
@@ -248,6 +260,10 @@ class ElevenLabsServer:
         self.issued: set[str] = set()  # request-ids answered, the ones stitching may name
         self.in_flight = 0
         self.peak_in_flight = 0
+        self.admitted = 0  # in flight and past the concurrency check
+        self.peak_admitted = 0
+        self.concurrency_refusals = 0
+        self.concurrency_code: ConcurrencyCode = "too_many_concurrent_requests"
         self.url = ""
         self.api_url = ""
         self._audio: dict[tuple[str, int], bytes] = {}
@@ -323,13 +339,30 @@ class ElevenLabsServer:
         limit = self.max_concurrency
         if limit is not None and self.in_flight > limit:
             entry.fault = "concurrency"
-            return _detail(
-                429, "too_many_concurrent_requests",
-                "Too many concurrent requests. Your current subscription is associated with a "
-                f"maximum of {limit} concurrent requests (running in parallel).",
-                **{"current-concurrent-requests": str(self.in_flight),
-                   "maximum-concurrent-requests": str(limit)},
-            )
+            self.concurrency_refusals += 1
+            return self._concurrency_refusal(
+                self.concurrency_code, **{"current-concurrent-requests": str(self.in_flight),
+                                          "maximum-concurrent-requests": str(limit)})
+        self.admitted += 1
+        self.peak_admitted = max(self.peak_admitted, self.admitted)
+        try:
+            return await self._admitted(request, entry)
+        finally:
+            self.admitted -= 1
+
+    def _concurrency_refusal(self, code: ConcurrencyCode, **headers: str) -> web.Response:
+        limit = headers.get("maximum-concurrent-requests")
+        message = "Too many concurrent requests." + (
+            "" if limit is None else f" Your current subscription is associated with a maximum "
+            f"of {limit} concurrent requests (running in parallel).")
+        if code == "too_many_concurrent_requests":
+            return _detail(429, code, message, **headers)
+        return web.json_response(
+            {"detail": {"code": code, "status": code, "message": message,
+                        "request_id": f"err{len(self.received):06d}"}},
+            status=429, headers=headers or None)
+
+    async def _admitted(self, request: web.Request, entry: Received) -> web.StreamResponse:
         try:
             body = await request.json()
         except ValueError as exc:
@@ -444,8 +477,11 @@ class ElevenLabsServer:
         self, fault: Fault, request: web.Request, text: str
     ) -> web.StreamResponse | None:
         headers = {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
-        if fault.kind == "too_many_concurrent_requests":
-            return _detail(429, fault.kind, "Too many concurrent requests.", **headers)
+        if fault.kind in ("too_many_concurrent_requests", "concurrent_limit_exceeded"):
+            code: ConcurrencyCode = (
+                "too_many_concurrent_requests" if fault.kind == "too_many_concurrent_requests"
+                else "concurrent_limit_exceeded")
+            return self._concurrency_refusal(code, **headers)
         if fault.kind == "system_busy":
             return _detail(429, fault.kind, "We're experiencing an unusually high volume of "
                            "requests. Please try again later.", **headers)
