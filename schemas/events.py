@@ -260,6 +260,7 @@ class GenerationCompleted(Event):
     character_id: str | None = None
     trigger_word: str | None = None
     lora_id: str | None = None
+    lora_location: str | None = None  # the registration in the shared store, if any
     # provenance
     model: str | None = None
     development_model: bool | None = None

@@ -38,6 +38,7 @@ class LoraHandler:
             character_id=outcome.character_id,
             trigger_word=outcome.trigger_word,
             lora_id=outcome.lora_id,
+            lora_location=outcome.location,
             model=self._model,
             development_model=self._development_model,
         )

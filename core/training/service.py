@@ -82,6 +82,7 @@ class TrainingOutcome:
     lora_id: str
     validation_image_url: str | None
     replayed: bool = False
+    location: str | None = None  # the registration in the shared store, if there is one
 
 
 @dataclass(eq=False)
@@ -363,7 +364,8 @@ class TrainingService:
                             request.request_id, training_id, info.lora_id)
                 await asyncio.to_thread(folder.remove)
                 self._board.put(_completed_status(info))
-                return _outcome(info, request.conversation_id, replayed=True)
+                return _outcome(info, request.conversation_id, replayed=True,
+                                registry=self._registry)
             if origin == "http" and (elsewhere := await self._running_elsewhere(training_id)):
                 logger.info("request_id=%s training %s runs on another instance: not "
                             "started here", request.request_id, training_id)
@@ -513,7 +515,8 @@ class TrainingService:
         logger.info("request_id=%s training %s completed: LoRA %s (probe loss %s → %s)",
                     spec.request_id, spec.training_id, info.lora_id,
                     _fmt(result.probe_start), _fmt(result.probe_end))
-        return _outcome(info, spec.conversation_id, replayed=False)
+        return _outcome(info, spec.conversation_id, replayed=False,
+                        registry=self._registry)
 
     async def _validation_image(self, spec: TrainingSpec, lora_id: str) -> str | None:
         request = ImageRequested(
@@ -604,15 +607,16 @@ def _completed_status(info: LoraInfo) -> TrainingStatus:
         validation_image_url=training.get("validation_image_url"), estimated_time_minutes=0)
 
 
-def _outcome(info: LoraInfo, conversation_id: str | None, *, replayed: bool
-             ) -> TrainingOutcome:
+def _outcome(info: LoraInfo, conversation_id: str | None, *, replayed: bool,
+             registry: LoraRegistry) -> TrainingOutcome:
     training = info.training or {}
     return TrainingOutcome(
         training_id=str(training.get("training_id", "")),
         request_id=str(training.get("request_id", "")), conversation_id=conversation_id,
         character_id=str(training.get("character_id", "")),
         trigger_word=info.trigger_word or "", lora_id=info.lora_id,
-        validation_image_url=training.get("validation_image_url"), replayed=replayed)
+        validation_image_url=training.get("validation_image_url"), replayed=replayed,
+        location=registry.shared.location(info.lora_id) if registry.shared else None)
 
 
 def _log_sweep(task: asyncio.Task[list[str]]) -> None:

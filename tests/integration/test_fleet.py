@@ -196,7 +196,7 @@ def owned_by(engine: Engine, topic: str, partitions: int = 3) -> str:
 
 
 async def test_a_lora_trained_on_one_instance_is_used_by_another_at_once(
-    make_fleet: MakeEngines, peer: PersonaPeer, settings: Settings,
+    make_fleet: MakeEngines, peer: PersonaPeer, settings: Settings, s3_store: StoreLocation,
 ) -> None:
     engines = await make_fleet(
         2, lora_train_steps=20, lora_resolution=64, lora_learning_rate=1e-3,
@@ -206,6 +206,7 @@ async def test_a_lora_trained_on_one_instance_is_used_by_another_at_once(
     done = (await peer.answers_for([training["request_id"]], timeout=120))[
         training["request_id"]]
     assert done.kind == "completed" and done.event["lora_id"] == "mia_v1", done.event
+    assert done.event["lora_location"] == f"{s3_store.url}/loras/mia_v1.json"  # where it is
     trainer = next(e for e in engines if (e.store.directory.parent / "loras" /
                                           "mia_v1.safetensors").exists())
     other = next(e for e in engines if e is not trainer)
@@ -336,3 +337,24 @@ async def test_an_http_training_retried_on_another_instance_is_not_trained_twice
     assert first.training is not None
     done = await first.training.wait(answers[0]["training_id"])
     assert done is not None and done.state == "completed" and done.lora_id == "mia_v1"
+
+
+async def test_nothing_is_lost_and_each_conversation_keeps_its_order_across_the_fleet(
+    make_fleet: MakeEngines, peer: PersonaPeer,
+) -> None:
+    engines = await make_fleet(3)
+    conversations = [f"fleet-order-{n}" for n in range(6)]
+    requests = [voice(conversations[n % 6]) | {"text": f"Line number {n}."}
+                for n in range(48)]
+    for request in requests[:24]:
+        await peer.publish("voice", request)
+    await peer.answers_for([r["request_id"] for r in requests[:8]], timeout=60)
+    await engines[0].stop()  # an instance goes away mid-stream: its partitions move
+    for request in requests[24:]:
+        await peer.publish("voice", request)
+    answers = await peer.answers_for([r["request_id"] for r in requests], timeout=120)
+    assert all(a.kind == "completed" for a in answers.values())  # nothing lost
+    for conversation in conversations:  # first answers in the order of the requests
+        mine = [r["request_id"] for r in requests if r["conversation_id"] == conversation]
+        firsts = sorted(mine, key=lambda rid: (answers[rid].partition, answers[rid].offset))
+        assert firsts == mine, conversation

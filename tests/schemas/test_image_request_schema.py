@@ -92,3 +92,14 @@ def test_completed_events_written_before_images_read_without_them() -> None:
         "image_id": "i", "seed": 7})
     event = EventCodec().decode(value, "avro/binary", GenerationCompleted)
     assert event.image_id == "i" and event.images is None
+
+
+def test_lora_events_written_before_their_location_read_without_it() -> None:
+    value = _old_record("GenerationCompleted.v2.avsc", {
+        "request_id": "r", "kind": "lora", "timestamp": "2024-01-01T00:00:00Z",
+        "lora_id": "mia_v2"})
+    event = EventCodec().decode(value, "avro/binary", GenerationCompleted)
+    assert event.lora_id == "mia_v2" and event.lora_location is None
+    located = event.model_copy(update={"lora_location": "s3://b/p/loras/mia_v2.json"})
+    codec = EventCodec()
+    assert codec.decode(codec.encode(located, "avro"), None, GenerationCompleted) == located
