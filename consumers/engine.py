@@ -125,9 +125,12 @@ class Engine:
         self.crashed: BaseException | None = None
 
     async def start(self) -> EngineAddresses:
-        """Starts HTTP first (so ``/health`` answers "starting"), then Kafka."""
+        """Checks the shared store (raises :class:`~core.storage.StorageError`), starts
+        HTTP (so ``/health`` answers "starting"), then Kafka."""
         settings = self._settings
         settings.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.objects is not None:  # unusable store: a clear error now, not per request
+            await asyncio.to_thread(self.objects.probe)
         self.health.gpu = probe_gpu()
         services = AppServices(
             health=self.health, metrics=self.metrics, store=self.store,

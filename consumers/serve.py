@@ -20,6 +20,7 @@ from core.image.devmodel import DEV_MODEL_NAME, build_dev_model, make_dev_lora
 from core.image.loader import ModelLoadError
 from core.lora.registry import LoraRegistry
 from core.settings import Settings
+from core.storage import StorageError
 from schemas.errors import UnknownLoraError
 
 __all__ = ["DEV_LORA_ID", "StartupError", "prepare_dev_model", "run_dev", "run_serve"]
@@ -84,6 +85,9 @@ async def _start(engine: Engine, bootstrap: str) -> EngineAddresses:
     except ModelLoadError as exc:
         await engine.stop()
         raise StartupError(f"cannot load the image model: {exc}") from exc
+    except StorageError as exc:
+        await engine.stop()
+        raise StartupError(f"cannot use the store at STORAGE_URL: {exc}") from exc
 
 
 def _announce(settings: Settings, text: str) -> None:
@@ -174,6 +178,7 @@ async def run_dev(settings: Settings) -> None:
             f"  LoRAs       {settings.lora_output_dir.resolve()} "
             f"({', '.join(i.lora_id for i in LoraRegistry(settings.lora_output_dir).list())})\n"
             f"  outputs     {settings.output_dir.resolve()}\n"
+            f"  store       {settings.storage_url or 'none: the local folders alone'}\n"
             "try:  multimodal-engine send voice \"Hello, I'm Sarah!\"\n"
             "      multimodal-engine send image \"portrait in a cafe\" --lora sarah_v1 "
             "--width 256 --height 256 --steps 8\n"

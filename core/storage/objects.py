@@ -15,6 +15,7 @@ thread hop); the event loop uses the async ones.
 from __future__ import annotations
 
 import datetime
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,17 @@ class ObjectStore:
 
     def __repr__(self) -> str:
         return f"ObjectStore({self._where})"
+
+    def probe(self) -> None:
+        """Writes, reads back and deletes one small object: the store is usable (found,
+        credentials accepted, writable). Raises :class:`StorageError` saying why not."""
+        key = f"probes/{uuid.uuid4().hex}.json"
+        self.put_bytes(key, b"{}")
+        try:
+            if self.get_bytes(key) != b"{}":
+                raise StorageError(f"{self._where} did not give back what was written")
+        finally:
+            self.delete(key)
 
     # --- writing (sync: worker threads) ---
 

@@ -134,3 +134,12 @@ def test_a_result_remembered_by_one_instance_answers_on_another(s3_store: StoreL
     assert other.get("cd34") is None
     voice = RememberedResults(tmp_path / "c", shared=objects, namespace="results/voice")
     assert voice.get("ab12") is None  # namespaces do not mix
+
+
+def test_a_store_without_its_bucket_fails_the_probe_naming_it(s3_server: S3Server,
+                                                              s3_store: StoreLocation) -> None:
+    objects_at(s3_store).probe()  # usable: nothing left behind
+    assert not objects_at(s3_store).keys("probes/")
+    missing = StoreLocation(s3_store.endpoint, "s3://no-such-bucket/x")
+    with pytest.raises(StorageError, match="no-such-bucket"):
+        objects_at(missing, storage_timeout=5).probe()
