@@ -9,6 +9,7 @@ is ever looked up there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from aiohttp import web
@@ -34,44 +35,52 @@ async def get_output(request: web.Request) -> web.StreamResponse:
         return web.FileResponse(path, headers=headers)
     if store.shared is None or not store.is_output_name(filename):
         raise web.HTTPNotFound(text="no such output")
-    try:
-        return await _from_store(request, store.shared, filename, headers)
-    except StorageError as exc:
-        logger.warning("output %s not read from the store: %s", filename, exc)
-        raise web.HTTPServiceUnavailable(text="output storage unavailable; retry",
-                                         headers={"Retry-After": "1"}) from None
+    return await _from_store(request, store.shared, filename, headers)
 
 
 async def _from_store(request: web.Request, shared: SharedOutputs, filename: str,
                       headers: dict[str, str]) -> web.StreamResponse:
-    """Streams ``filename`` from the store: whole, or the one range asked for (206)."""
+    """Streams ``filename`` from the store: whole, or the one range asked for (206). A
+    store that fails before the answer began is a 503; after, the connection is dropped
+    (a status can no longer be sent, and the client sees a short body, not a wrong one)."""
     try:
         wanted = request.http_range  # one range; a malformed header raises ValueError
     except ValueError:
         raise web.HTTPRequestRangeNotSatisfiable() from None
     start = end = None
-    if wanted.start is not None or wanted.stop is not None:
-        size = await shared.size(filename)
-        if size is None:
-            raise web.HTTPNotFound(text="no such output")
-        if wanted.start is not None and wanted.start < 0:  # the last -start bytes
-            start, end = max(0, size + wanted.start), size
-        else:
-            start, end = wanted.start or 0, min(size, wanted.stop or size)
-        if start >= end:
-            raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
-    read = await shared.open(filename, start=start, end=end)
+    try:
+        if wanted.start is not None or wanted.stop is not None:
+            size = await shared.size(filename)
+            if size is None:
+                raise web.HTTPNotFound(text="no such output")
+            if wanted.start is not None and wanted.start < 0:  # the last -start bytes
+                start, end = max(0, size + wanted.start), size
+            else:
+                start, end = wanted.start or 0, min(size, wanted.stop or size)
+            if start >= end:
+                raise web.HTTPRequestRangeNotSatisfiable(
+                    headers={"Content-Range": f"bytes */{size}"})
+        read = await shared.open(filename, start=start, end=end)
+    except StorageError as exc:
+        logger.warning("output %s not read from the store: %s", filename, exc)
+        raise web.HTTPServiceUnavailable(text="output storage unavailable; retry",
+                                         headers={"Retry-After": "1"}) from None
     if read is None:
         raise web.HTTPNotFound(text="no such output")
-    response = web.StreamResponse(status=206 if start is not None else 200, headers={
-        **headers, "Accept-Ranges": "bytes", "Content-Length": str(read.end - read.start)})
-    if start is not None:
-        response.headers["Content-Range"] = f"bytes {read.start}-{read.end - 1}/{read.size}"
-    await response.prepare(request)
-    if request.method == "HEAD":
-        await read.chunks.aclose()  # type: ignore[attr-defined]
-    else:
-        async for chunk in read.chunks:  # a store that breaks off aborts the response
-            await response.write(chunk)
-    await response.write_eof()
+    async with contextlib.aclosing(read.chunks) as chunks:  # closed if the client goes
+        response = web.StreamResponse(status=206 if start is not None else 200, headers={
+            **headers, "Accept-Ranges": "bytes",
+            "Content-Length": str(read.end - read.start)})
+        if start is not None:
+            response.headers["Content-Range"] = \
+                f"bytes {read.start}-{read.end - 1}/{read.size}"
+        await response.prepare(request)
+        if request.method != "HEAD":
+            try:
+                async for chunk in chunks:
+                    await response.write(chunk)
+            except StorageError as exc:
+                logger.warning("output %s broke off while served: %s", filename, exc)
+                raise ConnectionResetError("the store broke off") from exc
+        await response.write_eof()
     return response

@@ -31,6 +31,7 @@ from core.remembered import looked_up
 from core.scheduling import Placement
 from core.scheduling.gpu_queue import JobItem
 from core.shared_work import SharedWork
+from core.storage import StorageError, unavailable
 from schemas.errors import InternalError, InvalidRequestError, UnknownLoraError
 from schemas.events import ImageRequested
 
@@ -264,6 +265,8 @@ class ImageService:
             images = result if isinstance(result, list) else [result]
             try:
                 return await asyncio.to_thread(self._keep, key, images, kept)
+            except StorageError as exc:  # the store comes back: the request may retry
+                raise unavailable(exc) from exc
             except OSError as exc:
                 logger.warning("request_id=%s: image files not written: %s",
                                kept.request_id, exc)

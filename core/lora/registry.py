@@ -17,7 +17,6 @@ requests to the store: :meth:`LoraRegistry.fetch` them from a worker thread firs
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from core.lora._header import LoraShape, read_lora_shape
+from core.lora.hashing import file_sha256
 from core.lora.shared import SharedLoras
 from schemas.errors import InternalError, UnknownLoraError
 
@@ -39,7 +39,6 @@ __all__ = ["LoraInfo", "LoraRegistry", "file_sha256", "is_safe_lora_id"]
 logger = logging.getLogger(__name__)
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_HASH_CHUNK = 1 << 20
 
 
 def is_safe_lora_id(lora_id: str) -> bool:
@@ -98,11 +97,12 @@ class LoraRegistry:
         if self._shared is None:
             return
         for lora_id in lora_ids:
-            if is_safe_lora_id(lora_id) and \
-                    not (self._directory / f"{lora_id}.safetensors").is_file():
+            complete = all((self._directory / f"{lora_id}{suffix}").is_file()
+                           for suffix in (".safetensors", ".json"))
+            if is_safe_lora_id(lora_id) and not complete:
                 try:
                     self._shared.fetch(lora_id, self._directory)
-                except (OSError, ValueError, KeyError) as exc:
+                except (OSError, ValueError, KeyError, TypeError) as exc:
                     logger.warning("LoRA %s not fetched from the store: %s", lora_id, exc)
 
     def versions(self, character_id: str) -> list[int]:
@@ -118,14 +118,15 @@ class LoraRegistry:
 
     def made_by(self, training_id: str) -> LoraInfo | None:
         """The LoRA training ``training_id`` registered, here or in the store, or None
-        (blocking)."""
+        (blocking). Raises ``OSError`` when the store fails (unknown is not the same as
+        not found)."""
         for info in self.list():
             if info.training and info.training.get("training_id") == training_id:
                 return info
         if self._shared is None:
             return None
-        lora_id = self._shared.made_by(training_id)
-        if lora_id is None:
+        lora_id = self._shared.made_by(training_id)  # raises StorageError (an OSError)
+        if lora_id is None or not is_safe_lora_id(lora_id):
             return None
         self.fetch([lora_id])
         try:
@@ -134,8 +135,8 @@ class LoraRegistry:
             return None
 
     def get(self, lora_id: str) -> LoraInfo:
-        """The LoRA registered as ``lora_id`` (with a shared store, one missing here is
-        fetched from it first: blocking).
+        """The LoRA registered as ``lora_id`` here (with a shared store, :meth:`fetch` the
+        ones registered elsewhere first, from a worker thread).
 
         Raises :class:`UnknownLoraError` when the id is unsafe or has no weights file, and
         :class:`InternalError` when its metadata file exists but is unreadable.
@@ -143,8 +144,6 @@ class LoraRegistry:
         if not isinstance(lora_id, str) or not is_safe_lora_id(lora_id):
             raise UnknownLoraError(f"unknown LoRA {lora_id!r}: not a valid LoRA id")
         weights = self._directory / f"{lora_id}.safetensors"
-        if not weights.is_file():
-            self.fetch([lora_id])  # registered by another instance? (blocking)
         if not weights.is_file():
             raise UnknownLoraError(f"unknown LoRA {lora_id!r}")
         meta_file = self._directory / f"{lora_id}.json"
@@ -251,15 +250,6 @@ class LoraRegistry:
             alpha=shape.alpha, targets=shape.targets, base_model=None, sha256=self._hashes[key],
             created_at=datetime.fromtimestamp(stat.st_mtime, UTC).isoformat(),
         )
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _atomic_copy(source: Path, target: Path) -> str:

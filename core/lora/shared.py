@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from core.lora.hashing import file_sha256
 from core.storage import ObjectStore
 
 __all__ = ["SharedLoras"]
@@ -75,20 +76,28 @@ class SharedLoras:
         if raw is None:
             return False
         metadata = json.loads(raw)
+        digest = str(metadata["sha256"])
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError(f"registration of {lora_id} names no sha256")
         directory.mkdir(parents=True, exist_ok=True)
-        weights = directory / f"{lora_id}.safetensors"
         temporary = directory / f".{lora_id}.{uuid.uuid4().hex[:8]}.tmp"
+        weights = directory / f".{lora_id}.{uuid.uuid4().hex[:8]}.weights.tmp"
         try:
-            blob = f"{_PREFIX}blobs/{metadata['sha256']}.safetensors"
-            if not self._objects.download(blob, temporary):
+            blob = f"{_PREFIX}blobs/{digest}.safetensors"
+            if not self._objects.download(blob, weights):
                 logger.warning("LoRA %s is registered in the store without its weights %s",
                                lora_id, blob)
                 return False
-            os.replace(temporary, weights)
+            if file_sha256(weights) != digest:
+                raise ValueError(f"weights of {lora_id} in the store are not {digest}")
+            # the metadata first, the weights last: a reader that finds the weights
+            # always finds their metadata beside them (never a LoRA without its trigger)
             temporary.write_bytes(raw)
             os.replace(temporary, directory / f"{lora_id}.json")
+            os.replace(weights, directory / f"{lora_id}.safetensors")
         finally:
             temporary.unlink(missing_ok=True)
+            weights.unlink(missing_ok=True)
         logger.info("LoRA %s fetched from %s", lora_id, self.where)
         return True
 
@@ -101,4 +110,8 @@ class SharedLoras:
     def made_by(self, training_id: str) -> str | None:
         """The id of the LoRA training ``training_id`` registered, or ``None``."""
         raw = self._objects.get_bytes(f"{_PREFIX}trainings/{training_id}.json")
-        return str(json.loads(raw)["lora_id"]) if raw is not None else None
+        try:
+            found = json.loads(raw)["lora_id"] if raw is not None else None
+        except (ValueError, KeyError, TypeError):
+            return None
+        return found if isinstance(found, str) else None

@@ -8,7 +8,8 @@ none and the local folders are all there is, as for one instance.
 """
 
 from core.storage.factory import build_object_store
-from core.storage.objects import ObjectRead, ObjectStore, StorageError
+from core.storage.objects import ObjectRead, ObjectStore, StorageError, unavailable
 from core.storage.outputs import SharedOutputs
 
-__all__ = ["ObjectRead", "ObjectStore", "SharedOutputs", "StorageError", "build_object_store"]
+__all__ = ["ObjectRead", "ObjectStore", "SharedOutputs", "StorageError", "build_object_store",
+           "unavailable"]

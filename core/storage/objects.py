@@ -15,8 +15,9 @@ thread hop); the event loop uses the async ones.
 from __future__ import annotations
 
 import datetime
+import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,24 @@ from typing import Any
 import obstore
 from obstore.exceptions import AlreadyExistsError, BaseError, NotFoundError, PreconditionError
 
-__all__ = ["ObjectRead", "ObjectStore", "StorageError"]
+from schemas.errors import UpstreamUnavailableError
+
+__all__ = ["ObjectRead", "ObjectStore", "StorageError", "unavailable"]
+
+logger = logging.getLogger(__name__)
 
 _MISSING = (FileNotFoundError, NotFoundError)
 
 
 class StorageError(OSError):
     """The object store failed (unreachable, refused, timed out); ``__cause__`` says how."""
+
+
+def unavailable(error: StorageError) -> UpstreamUnavailableError:
+    """What a request is answered when the store fails: retryable (the store comes back),
+    and saying nothing of the store's internals; the log has them."""
+    logger.warning("shared store failed: %s", error)
+    return UpstreamUnavailableError("the shared store is unavailable; retry later")
 
 
 @dataclass(frozen=True)
@@ -43,7 +55,7 @@ class ObjectRead:
     start: int
     end: int
     metadata: Mapping[str, str]
-    chunks: AsyncIterator[bytes]
+    chunks: AsyncGenerator[bytes, None]
 
 
 class ObjectStore:
@@ -62,13 +74,19 @@ class ObjectStore:
         return f"ObjectStore({self._where})"
 
     def probe(self) -> None:
-        """Writes, reads back and deletes one small object: the store is usable (found,
-        credentials accepted, writable). Raises :class:`StorageError` saying why not."""
+        """Creates, reads back and deletes one small object: the store is usable (found,
+        credentials accepted, writable) and honours conditional creates (a second create
+        of the same key is refused: LoRA registrations rely on it). Raises
+        :class:`StorageError` saying why not."""
         key = f"probes/{uuid.uuid4().hex}.json"
-        self.put_bytes(key, b"{}")
+        if not self.create(key, b"{}"):
+            raise StorageError(f"{self._where}: a fresh probe key existed already")
         try:
             if self.get_bytes(key) != b"{}":
                 raise StorageError(f"{self._where} did not give back what was written")
+            if self.create(key, b"{}"):
+                raise StorageError(f"{self._where} ignores conditional creates "
+                                   "(If-None-Match: *); registrations could collide")
         finally:
             self.delete(key)
 
@@ -195,7 +213,7 @@ class ObjectStore:
         first, last = result.range
         where = self._where
 
-        async def chunks() -> AsyncIterator[bytes]:
+        async def chunks() -> AsyncGenerator[bytes, None]:
             try:
                 async for chunk in result.stream(min_chunk_size=256 * 1024):
                     yield bytes(chunk)

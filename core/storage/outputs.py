@@ -68,7 +68,7 @@ class SharedOutputs:
         read = await self._objects.open(_PREFIX + filename, start=start, end=end)
         if read is None or self._expired(read.metadata):
             if read is not None:
-                await read.chunks.aclose()  # type: ignore[attr-defined]
+                await read.chunks.aclose()
             return None
         return read
 

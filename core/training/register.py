@@ -41,9 +41,15 @@ def register_lora(
 ) -> LoraInfo:
     """Write ``weights`` as a LoRA file (in ``dtype``, with its adapter metadata) and
     register it under the next free ``{character_id}_v{n}`` with the trigger word, base
-    model and ``training`` metadata. Blocking. Raises ``OSError`` when a file cannot be
+    model and ``training`` metadata; the LoRA this training registered already (here or,
+    through the shared store, on another instance) when there is one. Blocking. Raises ``OSError`` when a file cannot be
     written, ``FileExistsError`` when no version could be taken."""
     for _ in range(_ATTEMPTS):
+        # the same training finished elsewhere first (two instances that both ran it):
+        # its LoRA is the one, never a second version of the same training
+        done = registry.made_by(spec.training_id)
+        if done is not None:
+            return done
         lora_id = f"{spec.character_id}_v{max([0, *registry.versions(spec.character_id)]) + 1}"
         weights_file = folder.write_lora(lora_id, weights, dtype)
         try:

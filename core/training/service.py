@@ -46,6 +46,7 @@ import torch
 
 from core.image.service import ImageService
 from core.lora.registry import LoraInfo, LoraRegistry
+from core.storage import StorageError, unavailable
 from core.training.checkpoint import TrainingFolder, TrainingStore
 from core.training.estimate import StepTimes
 from core.training.intake import Intake, spec_identity
@@ -225,7 +226,11 @@ class TrainingService:
         known = self._board.get(training_id)
         if known is not None:
             return known
-        info = await asyncio.to_thread(find_registered, self._registry, training_id)
+        try:
+            info = await asyncio.to_thread(find_registered, self._registry, training_id)
+        except OSError as exc:  # the store failing: what is known here still answers
+            logger.warning("training %s not looked up in the store: %s", training_id, exc)
+            info = None
         if info is not None:
             return self._board.put(_completed_status(info))
         folder = self._store.folder(training_id)
@@ -268,7 +273,11 @@ class TrainingService:
                 if spec is None:
                     continue
                 done = await asyncio.to_thread(self._store.folder(training_id).latest_step)
-                if spec.origin == "http":
+                if spec.origin == "http" and await self._running_elsewhere(training_id):
+                    logger.info("request_id=%s training %s left by a previous run is "
+                                "running on another instance now", spec.request_id,
+                                training_id)
+                elif spec.origin == "http":
                     logger.info("request_id=%s resuming training %s left by a previous run",
                                 spec.request_id, training_id)
                     self._start(spec, done)
@@ -300,7 +309,7 @@ class TrainingService:
         spec = await asyncio.to_thread(self._store.complete_spec, training_id)
         if spec is None:
             await self._remove(training_id, "no complete training inputs")
-        elif await asyncio.to_thread(find_registered, self._registry, training_id):
+        elif await self._registered_or_unknown(training_id):
             await self._remove(training_id, "registered already")
         elif await asyncio.to_thread(folder.idle_seconds) > self._orphan_ttl:
             await self._remove(training_id, "an orphan: idle for more than "
@@ -308,6 +317,16 @@ class TrainingService:
         else:
             return spec
         return None
+
+    async def _registered_or_unknown(self, training_id: str) -> bool:
+        """Whether ``training_id`` registered its LoRA; a store that fails says nothing,
+        so the folder is kept (False)."""
+        try:
+            return await asyncio.to_thread(find_registered, self._registry,
+                                           training_id) is not None
+        except OSError as exc:
+            logger.warning("training %s not looked up in the store: %s", training_id, exc)
+            return False
 
     async def _remove(self, training_id: str, why: str) -> None:
         logger.info("removing training folder %s: %s", training_id, why)
@@ -357,7 +376,10 @@ class TrainingService:
             running = self._runs.get(training_id)
             if running is not None:
                 return running
-            info = await asyncio.to_thread(find_registered, self._registry, training_id)
+            try:
+                info = await asyncio.to_thread(find_registered, self._registry, training_id)
+            except StorageError as exc:  # registered or not is unknown: not trained again
+                raise unavailable(exc) from exc
             folder = self._store.folder(training_id)
             if info is not None:
                 logger.info("request_id=%s training %s was done before: LoRA %s",
@@ -371,7 +393,7 @@ class TrainingService:
                             "started here", request.request_id, training_id)
                 return elsewhere
             spec = await asyncio.to_thread(folder.read_spec)
-            if spec is None and self._shared is not None:
+            if self._shared is not None and (spec is None or await self._behind(folder)):
                 spec = await self._restored(folder)
             if spec is not None and spec.request_id == request.request_id:
                 logger.info("request_id=%s training %s found on disk", request.request_id,
@@ -396,10 +418,23 @@ class TrainingService:
         return status if owner != self._owner and fresh and status.state in (
             "queued", "training") else None
 
+    async def _behind(self, folder: TrainingFolder) -> bool:
+        """Whether the store holds a later checkpoint than this folder (another instance
+        went on with the training since this one left it)."""
+        assert self._shared is not None
+        try:
+            stored = await asyncio.to_thread(self._shared.checkpoint_step,
+                                             folder.path.name)
+        except OSError:
+            return False  # the store failing: the local checkpoint is what there is
+        return stored is not None and stored > await asyncio.to_thread(folder.latest_step)
+
     async def _restored(self, folder: TrainingFolder) -> TrainingSpec | None:
         """The spec of the training's inputs and checkpoint brought from the store (another
-        instance began it), or None when the store has none (or fails: logged)."""
+        instance began it or went on with it), or None when the store has none (or fails:
+        logged). Whatever the folder held is replaced."""
         assert self._shared is not None
+        await asyncio.to_thread(folder.remove)
         try:
             step = await asyncio.to_thread(self._shared.restore, folder)
         except OSError as exc:
@@ -419,6 +454,9 @@ class TrainingService:
             await asyncio.to_thread(folder.write_inputs, spec, images)
             if self._shared is not None:  # the photos, kept for whoever resumes it
                 await asyncio.to_thread(self._shared.save_inputs, folder)
+        except StorageError as exc:
+            await asyncio.to_thread(folder.remove)
+            raise unavailable(exc) from exc
         except OSError as exc:
             await asyncio.to_thread(folder.remove)
             raise InternalError(f"training inputs could not be written: {exc}") from exc
@@ -499,16 +537,23 @@ class TrainingService:
             "probe_loss_start": result.probe_start, "probe_loss_end": result.probe_end,
             "resumed_from_step": result.resumed_from, "completed_at": utc_now_iso(),
         }
-        info = await asyncio.to_thread(
-            register_lora, self._registry, folder, spec, result.state.weights,
-            dtype=self._lora_dtype, base_model=self._base_model, training=training)
+        try:  # a failing store: retryable, the last checkpoint stays for the retry
+            info = await asyncio.to_thread(
+                register_lora, self._registry, folder, spec, result.state.weights,
+                dtype=self._lora_dtype, base_model=self._base_model, training=training)
+        except StorageError as exc:
+            raise unavailable(exc) from exc
         url = await self._validation_image(spec, info.lora_id)
         if url is not None:
             training["validation_image_url"] = url
-            info = await asyncio.to_thread(
-                self._registry.register, info.lora_id, info.path,
-                trigger_word=spec.trigger_word, base_model=self._base_model,
-                training=training, replace=True)
+            try:
+                info = await asyncio.to_thread(
+                    self._registry.register, info.lora_id, info.path,
+                    trigger_word=spec.trigger_word, base_model=self._base_model,
+                    training=training, replace=True)
+            except StorageError as exc:  # registered already: only the URL is missing
+                logger.warning("request_id=%s validation image of %s not recorded: %s",
+                               spec.request_id, info.lora_id, exc)
         await asyncio.to_thread(folder.remove)
         await self._discard_shared(spec.training_id)
         self._board.put(_completed_status(info))
@@ -558,9 +603,12 @@ class TrainingService:
             logger.warning("inputs of training %s left in the store: %s", training_id, exc)
 
     def _share_status(self, status: TrainingStatus) -> None:
-        """Writes ``status`` to the store in the background: one write per training at a
-        time, the latest status winning (a burst of progress is one or two writes)."""
+        """Writes ``status`` of a training running here to the store in the background:
+        one write per training at a time, the latest status winning (a burst of progress
+        is one or two writes)."""
         training_id = status.training_id
+        if training_id not in self._runs:
+            return  # a status read here of a training run elsewhere is not ours to write
         self._unwritten[training_id] = status
         if training_id not in self._status_writes:
             self._status_writes[training_id] = asyncio.get_running_loop().create_task(

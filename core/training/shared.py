@@ -27,7 +27,7 @@ import shutil
 import uuid
 from dataclasses import asdict, fields
 
-from core.storage import ObjectStore
+from core.storage import ObjectStore, StorageError
 from core.training.checkpoint import TrainingFolder
 from core.training.status import TrainingStatus
 
@@ -75,6 +75,11 @@ class SharedTrainings:
             if not key.startswith(f"{base}{_CHECKPOINTS}{name}/"):
                 self._objects.delete(key)
 
+    def checkpoint_step(self, training_id: str) -> int | None:
+        """The step of the training's latest complete checkpoint in the store, or None."""
+        marker = self._objects.get_bytes(_key(training_id, _MARKER))
+        return int(json.loads(marker)["step"]) if marker is not None else None
+
     def restore(self, folder: TrainingFolder) -> int | None:
         """Brings the training's inputs and its latest checkpoint from the store into
         ``folder`` (empty or absent); returns the checkpoint's step (0: none), or ``None``
@@ -85,8 +90,7 @@ class SharedTrainings:
         if spec is None:
             return None
         folder.path.mkdir(parents=True, exist_ok=True)
-        marker = self._objects.get_bytes(base + _MARKER)
-        step = int(json.loads(marker)["step"]) if marker is not None else 0
+        step = self.checkpoint_step(folder.path.name) or 0
         checkpoint = f"{base}{_CHECKPOINTS}step-{step:07d}/"
         staging = folder.path / f".tmp-{uuid.uuid4().hex[:8]}"
         try:
@@ -100,7 +104,8 @@ class SharedTrainings:
                 else:
                     target = folder.path / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
-                self._objects.download(key, target)
+                if not self._objects.download(key, target):  # deleted meanwhile: a newer
+                    raise StorageError(f"{key} went away while restoring")  # checkpoint
             if step:
                 (folder.path / "checkpoints").mkdir(exist_ok=True)
                 os.replace(staging / f"step-{step:07d}",
@@ -115,7 +120,7 @@ class SharedTrainings:
 
     def discard(self, training_id: str) -> None:
         """Deletes the training's inputs and checkpoints (its status stays)."""
-        base = f"trainings/{training_id}/"
+        base = _key(training_id, "")
         for key in self._objects.keys(base):
             if key != base + _STATUS:
                 self._objects.delete(key)
@@ -123,12 +128,12 @@ class SharedTrainings:
     # --- status ---
 
     def put_status(self, status: TrainingStatus, owner: str) -> None:
-        self._objects.put_bytes(f"trainings/{status.training_id}/{_STATUS}", json.dumps(
+        self._objects.put_bytes(_key(status.training_id, _STATUS), json.dumps(
             {"owner": owner, "status": asdict(status)}).encode())
 
     def get_status(self, training_id: str) -> tuple[TrainingStatus, str] | None:
         """The latest status written for ``training_id`` and its writer, or ``None``."""
-        raw = self._objects.get_bytes(f"trainings/{training_id}/{_STATUS}")
+        raw = self._objects.get_bytes(_key(training_id, _STATUS))
         if raw is None:
             return None
         try:
@@ -142,5 +147,9 @@ class SharedTrainings:
             return None
 
 
+def _key(training_id: str, name: str) -> str:
+    return f"trainings/{training_id}/{name}"
+
+
 def _base(folder: TrainingFolder) -> str:
-    return f"trainings/{folder.path.name}/"
+    return _key(folder.path.name, "")

@@ -26,6 +26,7 @@ from core.remembered import looked_up
 from core.retry_budget import RetryBudget
 from core.seeds import derive_seed
 from core.shared_work import SharedWork
+from core.storage import StorageError, unavailable
 from core.voice.backend import SEED_MAX, VoiceBackend, VoiceSettings
 from core.voice.emotion import EmotionInjector, shift_settings
 from core.voice.emotion_rules import RulesEmotionInjector
@@ -240,6 +241,8 @@ class VoiceService:
 
         try:
             stored = await self._store.write_with_async(write, "mp3")
+        except StorageError as exc:  # the store comes back: the request may retry
+            raise unavailable(exc) from exc
         except OSError as exc:
             raise InternalError(f"cannot write the voice output: {exc}") from exc
         logger.debug("voice %s: %d chars, %.3f s", stored.filename, len(spoken), duration)

@@ -37,7 +37,10 @@ def test_a_lora_registered_on_one_instance_is_usable_on_another(
     source = fake_lora(tmp_path / "trained.safetensors", rank=4, alpha=8)
     made = first.register("zoe_v1", source, trigger_word="zoexyz", base_model="flux-dev",
                           training={"training_id": "t-1"})
-    found = other.get("zoe_v1")  # nothing on b's disk: fetched from the store
+    with pytest.raises(UnknownLoraError):  # get never asks the store (the event loop's)
+        other.get("zoe_v1")
+    other.fetch(["zoe_v1", "zoe_v9", "../x"])  # what image requests do first, in a thread
+    found = other.get("zoe_v1")  # nothing was on b's disk: fetched from the store
     assert (found.sha256, found.trigger_word, found.rank) == (made.sha256, "zoexyz", 4)
     assert found.path.read_bytes() == source.read_bytes()
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
@@ -55,6 +58,7 @@ def test_the_store_decides_a_registration(s3_store: StoreLocation, tmp_path: Pat
     with pytest.raises(FileExistsError, match="in the store"):  # b's disk has no zoe_v1
         other.register("zoe_v1", fake_lora(tmp_path / "two.safetensors", fill=0.2),
                        trigger_word="zoe", base_model=None)
+    other.fetch(["zoe_v1"])
     assert other.get("zoe_v1").sha256 == first.get("zoe_v1").sha256  # the first one's
     assert other.versions("zoe") == [1]
 
@@ -100,4 +104,5 @@ def test_trainings_finishing_together_on_several_instances_get_distinct_versions
     assert sorted(made) == ["mia_v1", "mia_v2", "mia_v3", "mia_v4"]
     for n, registry in enumerate(instances):  # each training finds its own LoRA anywhere
         assert find_registered(instances[-1 - n], f"t{n}") is not None
+        registry.fetch([f"mia_v{n + 1}"])
         assert registry.get(f"mia_v{n + 1}").alpha == LORA_ALPHA
