@@ -5,9 +5,10 @@ Measures, on the embedded broker (or KAFKA_BOOTSTRAP_SERVERS):
   event received through the engine (a `multimodal-engine serve` subprocess); the
   difference is what Kafka and the consume loop add;
 - throughput: N requests over C conversations at once, requests per second both ways;
-- the read barrier on cancels (CANCEL_BARRIER_SECONDS): the latency through Kafka again
-  with the barrier off (0), on its own topics, in the same run; the difference is what the
-  barrier costs a voice request (one offsets lookup per fetch).
+- the read barrier on cancels (CANCEL_BARRIER_SECONDS): a second engine beside the first,
+  on its own topics, with the barrier off (0); latency samples alternate between the two,
+  so the difference is what the barrier costs a voice request (one offsets lookup per
+  fetch, on a connection of its own).
 
 Usage: .venv/bin/python bench/voice_kafka.py [--requests 300] [--latency-samples 100]
 Prints a table and the ratios; figures are recorded in docs/benchmarks.md.
@@ -69,45 +70,63 @@ async def direct(args: argparse.Namespace, workdir: Path) -> tuple[list[float], 
     return latencies, args.requests / (time.perf_counter() - started)
 
 
-async def through_kafka(args: argparse.Namespace, bootstrap: str, prefix: str, workdir: Path,
-                        *, barrier: bool = True, throughput: bool = True
-                        ) -> tuple[list[float], float]:
-    """Latencies, then (with ``throughput``) requests per second; 0.0 without."""
-    engine = EngineProcess({
+def engine_env(args: argparse.Namespace, bootstrap: str, prefix: str, workdir: Path,
+               **extra: str) -> dict[str, str]:
+    return {
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KAFKA_TOPIC_PREFIX": prefix,
         "KAFKA_GROUP_ID": f"{prefix}bench", "KAFKA_FETCH_MAX_WAIT_MS": str(args.fetch_wait_ms),
-        "SERVICE_PORT": "0", "OUTPUT_DIR": str(workdir / "kafka"), "VOICE_BACKEND": "local",
-        "LOG_LEVEL": "WARNING", "MAX_IN_FLIGHT_VOICE": str(args.concurrency),
+        "SERVICE_PORT": "0", "OUTPUT_DIR": str(workdir / prefix / "outputs"),
+        "VOICE_BACKEND": "local", "LOG_LEVEL": "WARNING",
+        "MAX_IN_FLIGHT_VOICE": str(args.concurrency),
         "KAFKA_SESSION_TIMEOUT_MS": "3000", "KAFKA_HEARTBEAT_INTERVAL_MS": "300",
         "FLUX_MODEL_PATH": str(build_dev_model(workdir / "dev-flux")),
-        "LORA_OUTPUT_DIR": str(workdir / "loras"),
-        **({} if barrier else {"CANCEL_BARRIER_SECONDS": "0"}),
-    }, workdir, "bench-engine")
-    await engine.start()
+        "LORA_OUTPUT_DIR": str(workdir / prefix / "loras"), **extra,
+    }
+
+
+async def one_request(peer: PersonaPeer, i: int) -> float:
+    """Publish → completed event received, for one voice request, in seconds."""
+    r = request(i, 1)
+    started = time.perf_counter()
+    await peer.publish("voice", r)
+    answer = (await peer.answers_for([str(r["request_id"])]))[str(r["request_id"])]
+    return answer.received_at - started
+
+
+async def through_kafka(args: argparse.Namespace, bootstrap: str, prefixes: list[str],
+                        workdir: Path) -> tuple[list[float], list[float], float]:
+    """Two engines side by side, each on its own topics: the read barrier on (the default)
+    and off (CANCEL_BARRIER_SECONDS=0). Latency samples alternate between them, one request
+    at a time, so both see the same machine; then the throughput of the first."""
+    engines = [EngineProcess(engine_env(args, bootstrap, prefixes[0], workdir), workdir,
+                             "bench-engine"),
+               EngineProcess(engine_env(args, bootstrap, prefixes[1], workdir,
+                                        CANCEL_BARRIER_SECONDS="0"), workdir,
+                             "bench-engine-nobarrier")]
+    for engine in engines:
+        await engine.start()
     try:
-        async with PersonaPeer(bootstrap, prefix) as peer:
-            warm = request(0, 1)  # waits for the group join before timing
-            await peer.publish("voice", warm)
-            await peer.answers_for([str(warm["request_id"])], timeout=60)
-            latencies = []
+        async with PersonaPeer(bootstrap, prefixes[0]) as barred, \
+                PersonaPeer(bootstrap, prefixes[1]) as bare:
+            for peer in (barred, bare):  # waits for the group joins before timing
+                await one_request(peer, 0)
+            with_barrier, without = [], []
             for i in range(args.latency_samples):
-                r = request(i, 1)
-                started = time.perf_counter()
-                await peer.publish("voice", r)
-                answer = (await peer.answers_for([str(r["request_id"])]))[str(r["request_id"])]
-                latencies.append(answer.received_at - started)
-            if not throughput:
-                return latencies, 0.0
+                order = [(barred, with_barrier), (bare, without)]
+                for peer, samples in order if i % 2 else reversed(order):
+                    samples.append(await one_request(peer, i))
             batch = [request(i, args.conversations) for i in range(args.requests)]
             started = time.perf_counter()
             for r in batch:
-                await peer.publish("voice", r)
-            answers = await peer.answers_for([str(r["request_id"]) for r in batch], timeout=300)
+                await barred.publish("voice", r)
+            answers = await barred.answers_for([str(r["request_id"]) for r in batch],
+                                               timeout=300)
             finished = max(a.received_at for a in answers.values())
-            return latencies, args.requests / (finished - started)
+            return with_barrier, without, args.requests / (finished - started)
     finally:
-        engine.send_signal(__import__("signal").SIGTERM)
-        await engine.wait()
+        for engine in engines:
+            engine.send_signal(__import__("signal").SIGTERM)
+            await engine.wait()
 
 
 async def main() -> None:
@@ -135,9 +154,8 @@ async def main() -> None:
             await ensure_topics(bootstrap, names, 6)
         try:
             core_lat, core_rps = await direct(args, workdir)
-            kafka_lat, kafka_rps = await through_kafka(args, bootstrap, prefix, workdir)
-            bare_lat, _ = await through_kafka(args, bootstrap, unbarred, workdir,
-                                              barrier=False, throughput=False)
+            kafka_lat, bare_lat, kafka_rps = await through_kafka(
+                args, bootstrap, [prefix, unbarred], workdir)
         finally:
             if broker is not None:
                 broker.stop()

@@ -36,14 +36,17 @@ logger = logging.getLogger(__name__)
 
 
 class ControlReader:
-    """Applies every control record of ``topic`` to ``pending``."""
+    """Applies every control record of ``topic`` to ``pending``; ``lookups`` (started and
+    stopped by the caller) looks up the end offsets for :meth:`mark`."""
 
     def __init__(self, consumer: AIOKafkaConsumer, topic: str, codec: EventCodec,
                  pending: PendingRequests, *, lookback: float,
-                 barrier_timeout: float = 2.0) -> None:
+                 barrier_timeout: float = 2.0, lookups: AIOKafkaConsumer | None = None
+                 ) -> None:
         if barrier_timeout < 0:
             raise ValueError(f"CANCEL_BARRIER_SECONDS must be >= 0, got {barrier_timeout}")
         self._consumer = consumer
+        self._lookups = lookups or consumer  # best a client of its own: see build_control_consumer
         self._topic = topic
         self._codec = codec
         self._pending = pending
@@ -124,7 +127,7 @@ class ControlReader:
     async def _end_offsets(self) -> dict[TopicPartition, int]:
         # bounded: no lookup outlives its marks while the control topic is not there yet
         await asyncio.wait_for(self._has_partitions.wait(), self._barrier_timeout)
-        ends: dict[TopicPartition, int] = await self._consumer.end_offsets(self._assigned)
+        ends: dict[TopicPartition, int] = await self._lookups.end_offsets(self._assigned)
         return ends
 
     async def _reach(self, ends: dict[TopicPartition, int]) -> None:

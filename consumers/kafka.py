@@ -59,13 +59,17 @@ def _sticky_assignor() -> type[StickyPartitionAssignor]:
     return type("StickyPartitionAssignor", (StickyPartitionAssignor,), {})
 
 
-def build_control_consumer(settings: Settings, bootstrap_servers: str) -> AIOKafkaConsumer:
+def build_control_consumer(settings: Settings, bootstrap_servers: str, *,
+                           purpose: str = "control") -> AIOKafkaConsumer:
     """A consumer outside any group, for ``generation.control``: every instance reads every
-    partition (it assigns them itself) and commits nothing."""
+    partition (it assigns them itself) and commits nothing. ``purpose`` names its client
+    (``control-offsets``: the read barrier's lookups, on a connection of their own, since
+    a broker answers a connection's requests in order and the reader's long-polling fetch
+    would hold every lookup back by up to its wait)."""
     return AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers,
         group_id=None,
-        client_id=f"{settings.service_name}-control",
+        client_id=f"{settings.service_name}-{purpose}",
         enable_auto_commit=False,
         auto_offset_reset="latest",
         fetch_max_wait_ms=max(settings.kafka_fetch_max_wait_ms, 100),
