@@ -45,6 +45,7 @@ from core.training import TrainingService, build_training_service
 from core.version import engine_version
 from core.voice import build_voice_service
 from http_files import AppServices, create_app
+from http_files.auth import access_policy, warn_if_open
 from http_files.uploads import upload_limits
 from schemas.codec import EventCodec
 from schemas.events import (
@@ -108,7 +109,8 @@ class Engine:
         self.voice = build_voice_service(settings, self.store, self.http, objects=self.objects)
         self.scheduling = build_scheduling(settings, self.metrics)
         self.health = EngineHealth(voice_backend=self.voice.backend.name,
-                                   queues=self.scheduling.pending.depths)
+                                   queues=self.scheduling.pending.depths,
+                                   gpu_stuck_seconds=settings.liveness_gpu_stuck_seconds)
         self.spans = build_spans(settings.otel_exporter_otlp_endpoint, settings.service_name)
         self.metrics.set_build(version=engine_version(), model="none", development_model=False,
                                device="none")
@@ -121,6 +123,7 @@ class Engine:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._control_consumer: AIOKafkaConsumer | None = None
+        self._control_lookups: AIOKafkaConsumer | None = None
         self.addresses: EngineAddresses | None = None
         self.crashed: BaseException | None = None
 
@@ -136,7 +139,8 @@ class Engine:
             health=self.health, metrics=self.metrics, store=self.store,
             codec=self.codec, voice=self.voice, scheduling=self.scheduling,
         )
-        app = create_app(services, upload_limits(settings))
+        access = access_policy(settings)
+        app = create_app(services, upload_limits(settings), access)
         # handler_cancellation: a client that goes away cancels its own queued request
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                      handler_cancellation=True, shutdown_timeout=2.0)
@@ -144,6 +148,7 @@ class Engine:
         site = web.TCPSite(self._runner, self._http_host, settings.service_port)
         await site.start()
         port = self._runner.addresses[0][1]
+        warn_if_open(self._http_host, port, access)
         host = "127.0.0.1" if self._http_host in ("0.0.0.0", "") else self._http_host
         http_url = f"http://{host}:{port}"
 
@@ -153,6 +158,7 @@ class Engine:
                 settings, self._model_path, self.store, self.http, self.metrics,
                 objects=self.objects)
             services.image = self.image
+            self.health.gpu_worker = self._worker.pulse  # for /health/live
             self.training = build_training_service(settings, self._worker, self.image,
                                                    self.http, self.objects)
             services.training = self.training
@@ -170,9 +176,12 @@ class Engine:
         producer = self._producer = build_producer(settings, self._bootstrap, idempotent=idempotent)
         consumer = self._consumer = build_consumer(settings, self._bootstrap)
         control = self._control_consumer = build_control_consumer(settings, self._bootstrap)
+        lookups = self._control_lookups = build_control_consumer(
+            settings, self._bootstrap, purpose="control-offsets")
         await producer.start()
         await consumer.start()
         await control.start()
+        await lookups.start()
         codec = self.codec
         publisher = EventPublisher(producer, codec, settings.event_encoding)
         control_topic = settings.topic("generation.control")
@@ -185,7 +194,8 @@ class Engine:
         services.broadcast_cancel = broadcast_cancel
         reader = ControlReader(control, control_topic, codec, self.scheduling.pending,
                                lookback=settings.cancel_memory_seconds,
-                               barrier_timeout=settings.cancel_barrier_seconds)
+                               barrier_timeout=settings.cancel_barrier_seconds,
+                               lookups=lookups)
         services.read_barrier = reader.mark
         routes: list[Route] = [] if settings.lora_training_only else [
             Route(settings.topic("generation.requested.voice"), "voice", VoiceRequested,
@@ -248,7 +258,9 @@ class Engine:
         return self.addresses
 
     def request_stop(self) -> None:
-        """Begins a graceful stop (safe to call from a signal handler)."""
+        """Begins a graceful stop (safe to call from a signal handler): readiness turns
+        false at once, before the drain."""
+        self.health.draining = True
         self._stop_requested.set()
         if self._loop is not None:
             self._loop.request_stop()
@@ -291,6 +303,7 @@ class Engine:
         # bounded: with the broker gone, leaving the group or flushing would wait forever
         for client, what in ((self._consumer, "leave the group"),
                              (self._control_consumer, "stop reading cancels"),
+                             (self._control_lookups, "stop looking up cancels"),
                              (self._producer, "flush")):
             if client is None:
                 continue

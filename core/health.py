@@ -1,7 +1,9 @@
-"""The engine's health, as ``/health`` reports it.
+"""The engine's health, as ``/health`` and the probes report it.
 
 Components report into one :class:`EngineHealth` (the consumer runtime its Kafka state,
-the entry point readiness); the HTTP layer only reads :meth:`EngineHealth.snapshot`.
+the entry point readiness and draining, the GPU worker its pulse); the HTTP layer only
+reads :meth:`EngineHealth.snapshot` (``/health``), :meth:`EngineHealth.liveness`
+(``/health/live``) and :meth:`EngineHealth.readiness` (``/health/ready``).
 Nothing secret is ever stored here.
 """
 
@@ -10,9 +12,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["EngineHealth", "GpuInfo", "ImageModelInfo", "VoiceQuota", "probe_gpu"]
+__all__ = ["EngineHealth", "GpuInfo", "ImageModelInfo", "VoiceQuota", "WorkerPulse",
+           "probe_gpu"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,16 @@ class VoiceQuota:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class WorkerPulse:
+    """What the GPU worker thread is doing: ``idle`` (waiting for work), ``busy`` on one
+    item for ``busy_seconds``, ``stopped`` on purpose, or ``dead`` (its thread ended
+    without a stop)."""
+
+    state: Literal["idle", "busy", "stopped", "dead"]
+    busy_seconds: float | None = None
+
+
 def probe_gpu() -> GpuInfo:
     """What torch sees of CUDA; a CPU-only build reports ``available: false``."""
     import torch
@@ -77,6 +90,9 @@ class EngineHealth:
     gpu: GpuInfo = field(default_factory=lambda: GpuInfo(available=False))
     voice_quota: VoiceQuota | None = None
     queues: Callable[[], dict[str, dict[str, int]]] | None = None  # waiting, kind → priority
+    draining: bool = False  # a stop was requested: readiness is false from then on
+    gpu_worker: Callable[[], WorkerPulse] | None = None  # None: no image model here
+    gpu_stuck_seconds: float = 900.0  # on one item longer than this: wedged
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
@@ -109,6 +125,32 @@ class EngineHealth:
         if self.kafka_enabled and not self.kafka_connected:
             return "degraded"
         return "ok"
+
+    def liveness(self) -> dict[str, Any]:
+        """``/health/live``: ``status`` ``live``, or ``wedged`` when the GPU worker thread
+        died or has been on one item (an image call, a training chunk) longer than
+        ``gpu_stuck_seconds``. Kafka, the model and draining do not count: a restart
+        would not mend them. (A wedged event loop cannot answer at all.)"""
+        pulse = self.gpu_worker() if self.gpu_worker is not None else None
+        if pulse is None:
+            worker: dict[str, Any] = {"state": "none", "busy_seconds": None}
+        else:
+            busy = pulse.busy_seconds
+            stuck = pulse.state == "busy" and busy is not None and busy > self.gpu_stuck_seconds
+            worker = {"state": "stuck" if stuck else pulse.state,
+                      "busy_seconds": None if busy is None else round(busy, 3)}
+        wedged = worker["state"] in ("stuck", "dead")
+        return {"status": "wedged" if wedged else "live", "gpu_worker": worker}
+
+    def readiness(self) -> dict[str, Any]:
+        """``/health/ready``: ``status`` ``ready`` once started (the image model loaded),
+        while Kafka is connected and no stop was requested; otherwise ``not_ready`` with
+        the ``reasons`` (``starting``, ``kafka_unreachable``, ``draining``)."""
+        reasons = [reason for reason, holds in (
+            ("starting", not self.started),
+            ("kafka_unreachable", self.kafka_enabled and not self.kafka_connected),
+            ("draining", self.draining)) if holds]
+        return {"status": "not_ready" if reasons else "ready", "reasons": reasons}
 
     def _voice(self) -> dict[str, Any]:
         voice: dict[str, Any] = {"backend": self.voice_backend}

@@ -7,6 +7,7 @@ message is one line naming the variable, the value and what is allowed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +19,7 @@ from core.net.policy import AllowedHosts
 
 __all__ = ["ConfigurationError", "Settings", "load_settings"]
 
-_SECRET_FIELDS = {"elevenlabs_api_key"}
+_SECRET_FIELDS = {"api_keys", "elevenlabs_api_key"}
 
 
 class ConfigurationError(Exception):
@@ -34,6 +35,16 @@ class Settings(BaseSettings):
     service_name: str = Field("multimodal_engine", min_length=1)
     service_port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 picks a free one")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    # --- HTTP: API keys (http_files/auth.py) and probes (http_files/health.py) ---
+    api_keys: SecretStr | None = Field(
+        None, description="comma-separated bearer keys, each plain or sha256:<64 hex>; "
+        "unset: the HTTP API is open")
+    metrics_require_key: bool = True
+    outputs_require_key: bool = False
+    liveness_gpu_stuck_seconds: float = Field(
+        900.0, gt=0, le=86400,
+        description="seconds the GPU worker may spend on one item before /health/live fails")
 
     # --- model ---
     flux_model_path: Path | None = None
@@ -187,6 +198,22 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _api_key_list(cls, value: object) -> object:
+        """Checks the form of each entry; the message never repeats one."""
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if not isinstance(text, str):
+            return value
+        if not text.strip():
+            return None
+        for number, entry in enumerate(text.split(","), start=1):
+            if not _API_KEY.fullmatch(entry.strip()):
+                raise ValueError(
+                    "comma-separated keys, each sha256:<64 hex digits> or at least 16 "
+                    f"characters of A-Z a-z 0-9 - . _ ~ + / (entry {number} is not)")
+        return text.strip()
+
     @field_validator("kafka_bootstrap_servers")
     @classmethod
     def _bootstrap_list(cls, value: str | None) -> str | None:
@@ -219,6 +246,9 @@ class Settings(BaseSettings):
         """The configured name of a contract topic (prefix + name)."""
         return f"{self.kafka_topic_prefix}{name}"
 
+
+# An RFC 6750 bearer token (b64token), so that it can be sent as it is, or its SHA-256
+_API_KEY = re.compile(r"sha256:[0-9a-fA-F]{64}|[A-Za-z0-9._~+/-]{16,}=*")
 
 _TYPE_WORDS = {
     "int_parsing": "an integer",

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from http_files.health import health
+from http_files.auth import AccessPolicy, require_api_key
+from http_files.health import health, live, ready
 from http_files.image import generate_image
 from http_files.metrics import metrics
 from http_files.openapi import serve_openapi
@@ -22,19 +23,26 @@ from http_files.voice import generate_voice
 __all__ = ["create_app"]
 
 
-def create_app(services: AppServices, uploads: UploadLimits | None = None) -> web.Application:
-    """Builds the HTTP app: ``/health``, ``/outputs/{filename}``, ``/metrics`` and the
-    original API's POST endpoints, all backed by ``services``; ``/train-lora`` uploads are
-    received under ``uploads`` (``upload_limits(settings)``; the defaults when None).
+def create_app(services: AppServices, uploads: UploadLimits | None = None,
+               access: AccessPolicy | None = None) -> web.Application:
+    """Builds the HTTP app: ``/health`` and its probes, ``/outputs/{filename}``,
+    ``/metrics`` and the original API's POST endpoints, all backed by ``services``;
+    ``/train-lora`` uploads are received under ``uploads`` (``upload_limits(settings)``;
+    the defaults when None); API keys are required as ``access`` says
+    (``access_policy(settings)``; None or no keys: the app is open).
 
     JSON bodies may have JSON_BODY_LIMIT bytes (the app's ``client_max_size``);
     ``/train-lora`` streams its multipart body with its own limits, which that one does
     not bind."""
-    app = web.Application(client_max_size=JSON_BODY_LIMIT)
+    access = access or AccessPolicy()
+    app = web.Application(client_max_size=JSON_BODY_LIMIT,
+                          middlewares=[require_api_key(access)] if access.enabled else [])
     app[SERVICES] = services
     app[UPLOADS] = Uploads(uploads or UploadLimits())
     app.cleanup_ctx.append(_uploads_cleared)
     app.router.add_get("/health", health)
+    app.router.add_get("/health/live", live)
+    app.router.add_get("/health/ready", ready)
     app.router.add_get("/outputs/{filename}", get_output)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/generate/voice", generate_voice)

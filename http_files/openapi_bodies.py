@@ -21,9 +21,13 @@ __all__ = [
     "FieldErrors",
     "HealthReport",
     "KafkaHealth",
+    "LiveReport",
     "NotHeldBody",
+    "ReadyReport",
     "TrainingAccepted",
+    "UnauthorizedBody",
     "VoiceHealth",
+    "WorkerLiveness",
 ]
 
 
@@ -118,3 +122,37 @@ class HealthReport(_Body):
     kafka: KafkaHealth
     voice: VoiceHealth
     queues: dict[str, dict[str, int]]
+
+
+class WorkerLiveness(_Body):
+    """The GPU worker thread: ``idle``, ``busy`` on one item for ``busy_seconds``,
+    ``stuck`` (busy longer than LIVENESS_GPU_STUCK_SECONDS), ``stopped`` (on purpose),
+    ``dead`` (its thread ended without a stop), ``none`` (no image model here)."""
+
+    state: Literal["idle", "busy", "stuck", "stopped", "dead", "none"]
+    busy_seconds: float | None
+
+
+class LiveReport(_Body):
+    """``GET /health/live``: 200 ``live``, 503 ``wedged`` (the GPU worker ``stuck`` or
+    ``dead``); Kafka, the model and draining do not count."""
+
+    status: Literal["live", "wedged"]
+    gpu_worker: WorkerLiveness
+
+
+class ReadyReport(_Body):
+    """``GET /health/ready``: 200 ``ready``, 503 ``not_ready`` with its ``reasons``:
+    ``starting`` (the model not loaded yet), ``kafka_unreachable``, ``draining`` (a stop
+    was requested)."""
+
+    status: Literal["ready", "not_ready"]
+    reasons: list[Literal["starting", "kafka_unreachable", "draining"]]
+
+
+class UnauthorizedBody(_Body):
+    """401: no ``Authorization: Bearer <key>``, or a key that is not one of API_KEYS."""
+
+    error_code: Literal["UNAUTHORIZED"]
+    message: str
+    retryable: bool

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import torch
 from PIL.Image import Image
 
+from core.health import WorkerPulse
 from core.image._call import Aborted, AllCancelled, call_pipeline
 from core.image.img2img import ImageToImage
 from core.image.job import ImageJob, batch_key
@@ -119,6 +120,7 @@ class GpuWorker:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._tiling: bool | None = None
+        self._busy_since: float | None = None  # monotonic start of the item at work
 
     @property
     def model(self) -> LoadedModel:
@@ -158,6 +160,19 @@ class GpuWorker:
             if thread.is_alive():  # an exclusive call that never returns
                 logger.error("GPU worker thread still busy after abort; leaving it")
                 self._fail_queued()
+
+    def pulse(self) -> WorkerPulse:
+        """What the worker thread is doing now (for the liveness probe); safe from any
+        thread."""
+        since = self._busy_since
+        thread = self._thread
+        if self._closed:
+            return WorkerPulse("stopped")
+        if thread is not None and not thread.is_alive():
+            return WorkerPulse("dead")
+        if since is None:
+            return WorkerPulse("idle")
+        return WorkerPulse("busy", max(0.0, time.monotonic() - since))
 
     def depth(self) -> dict[Priority, int]:
         """Items queued and not started, per priority (for metrics and admission)."""
@@ -244,6 +259,7 @@ class GpuWorker:
             work = self._queue.take(self._max_batch, self._window_s)
             if isinstance(work, StopItem):
                 break
+            self._busy_since = time.monotonic()
             try:
                 if isinstance(work, ExclusiveItem):
                     self._run_exclusive(work)
@@ -257,6 +273,8 @@ class GpuWorker:
                 for item in items:
                     if not item.future.done():
                         item.future.set_exception(_translate(exc))
+            finally:
+                self._busy_since = None
         self._fail_queued()
         logger.info("GPU worker stopped")
 
