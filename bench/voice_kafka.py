@@ -115,6 +115,8 @@ async def through_kafka(args: argparse.Namespace, bootstrap: str, prefixes: list
                 order = [(barred, with_barrier), (bare, without)]
                 for peer, samples in order if i % 2 else reversed(order):
                     samples.append(await one_request(peer, i))
+            engines[1].send_signal(__import__("signal").SIGTERM)  # throughput: one engine
+            await engines[1].wait()
             batch = [request(i, args.conversations) for i in range(args.requests)]
             started = time.perf_counter()
             for r in batch:
@@ -125,8 +127,7 @@ async def through_kafka(args: argparse.Namespace, bootstrap: str, prefixes: list
             return with_barrier, without, args.requests / (finished - started)
     finally:
         for engine in engines:
-            engine.send_signal(__import__("signal").SIGTERM)
-            await engine.wait()
+            await engine.stop()  # killed if still running (throughput done or a failure)
 
 
 async def main() -> None:
