@@ -14,10 +14,11 @@ thread hop); the event loop uses the async ones.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,15 @@ class ObjectStore:
     def __repr__(self) -> str:
         return f"ObjectStore({self._where})"
 
+    @contextlib.contextmanager
+    def _failing(self, doing: str, key: str) -> Iterator[None]:
+        """Turns the store's errors (and the disk's, for downloads) into one
+        :class:`StorageError` saying what failed on which key; the cause is kept."""
+        try:
+            yield
+        except (BaseError, OSError) as exc:
+            raise StorageError(f"cannot {doing} {key} in {self._where}: {_reason(exc)}") from exc
+
     def probe(self) -> None:
         """Creates, reads back and deletes one small object: the store is usable (found,
         credentials accepted, writable) and honours conditional creates (a second create
@@ -116,82 +126,68 @@ class ObjectStore:
     def _put(self, key: str, data: bytes | Path, content_type: str,
              metadata: Mapping[str, str] | None, mode: str) -> None:
         attributes = {"Content-Type": content_type, **(metadata or {})}
-        try:
+        with self._failing("write", key):
             obstore.put(self._store, key, data, attributes=attributes, mode=mode)  # type: ignore[arg-type]
-        except (BaseError, OSError) as exc:
-            raise StorageError(f"cannot write {key} to {self._where}: {_reason(exc)}") from exc
 
     def delete(self, key: str) -> None:
         """Deletes ``key``; a missing object is not an error."""
-        try:
+        with self._failing("delete", key), contextlib.suppress(*_MISSING):
             obstore.delete(self._store, key)
-        except _MISSING:
-            return
-        except (BaseError, OSError) as exc:
-            raise StorageError(f"cannot delete {key} in {self._where}: {_reason(exc)}") from exc
 
     # --- reading (sync: worker threads) ---
 
     def get_bytes(self, key: str) -> bytes | None:
         """The whole object (for small ones: JSON entries), or ``None``."""
-        try:
-            return bytes(obstore.get(self._store, key).bytes())
-        except _MISSING:
-            return None
-        except (BaseError, OSError) as exc:
-            raise StorageError(f"cannot read {key} from {self._where}: {_reason(exc)}") from exc
+        with self._failing("read", key):
+            try:
+                return bytes(obstore.get(self._store, key).bytes())
+            except _MISSING:
+                return None
 
     def download(self, key: str, path: Path) -> bool:
         """Streams the object into ``path`` (created or replaced); ``False`` when missing.
         A failed download leaves ``path`` partial: callers write a temporary name."""
-        try:
-            result = obstore.get(self._store, key)
+        with self._failing("read", key):
+            try:
+                result = obstore.get(self._store, key)
+            except _MISSING:
+                return False
             with path.open("wb") as out:
                 for chunk in result:
                     out.write(chunk)
-        except _MISSING:
-            return False
-        except (BaseError, OSError) as exc:
-            raise StorageError(f"cannot read {key} from {self._where}: {_reason(exc)}") from exc
         return True
 
     def metadata(self, key: str) -> Mapping[str, str] | None:
         """The attributes ``key`` was written with (one ranged read of its first byte: a
         plain HEAD does not carry them), or ``None`` when missing. For non-empty objects."""
-        try:
-            result = obstore.get(self._store, key, options={"range": (0, 1)})
+        with self._failing("read", key):
+            try:
+                result = obstore.get(self._store, key, options={"range": (0, 1)})
+            except _MISSING:
+                return None
             result.bytes()
-        except _MISSING:
-            return None
-        except (BaseError, OSError) as exc:
-            raise StorageError(f"cannot read {key} from {self._where}: {_reason(exc)}") from exc
         return {str(k): str(v) for k, v in result.attributes.items()}
 
     def keys(self, prefix: str) -> list[str]:
         """Every key under ``prefix`` (a folder: ``outputs/``)."""
-        try:
+        with self._failing("list", prefix):
             return [str(meta["path"]) for batch in obstore.list(self._store, prefix)
                     for meta in batch]
-        except (BaseError, OSError) as exc:
-            raise StorageError(f"cannot list {prefix} in {self._where}: {_reason(exc)}") from exc
 
     def sign_get(self, key: str, ttl: datetime.timedelta) -> str:
         """A presigned GET URL for ``key``, valid for ``ttl`` (computed locally)."""
-        try:
+        with self._failing("sign", key):
             return str(obstore.sign(self._store, "GET", key, ttl))
-        except (BaseError, OSError) as exc:
-            raise StorageError(f"cannot sign {key} in {self._where}: {_reason(exc)}") from exc
 
     # --- reading (async: the event loop) ---
 
     async def size(self, key: str) -> int | None:
         """The size of ``key`` in bytes, or ``None`` when missing."""
-        try:
-            meta = await obstore.head_async(self._store, key)
-        except _MISSING:
-            return None
-        except (BaseError, OSError) as exc:
-            raise StorageError(f"cannot read {key} from {self._where}: {_reason(exc)}") from exc
+        with self._failing("read", key):
+            try:
+                meta = await obstore.head_async(self._store, key)
+            except _MISSING:
+                return None
         return int(meta["size"])
 
     async def open(self, key: str, *, start: int | None = None, end: int | None = None
@@ -204,12 +200,11 @@ class ObjectStore:
             options["range"] = (start, end)
         elif start is not None:
             options["range"] = {"offset": start}
-        try:
-            result = await obstore.get_async(self._store, key, options=options)  # type: ignore[arg-type]
-        except _MISSING:
-            return None
-        except (BaseError, OSError) as exc:
-            raise StorageError(f"cannot read {key} from {self._where}: {_reason(exc)}") from exc
+        with self._failing("read", key):
+            try:
+                result = await obstore.get_async(self._store, key, options=options)  # type: ignore[arg-type]
+            except _MISSING:
+                return None
         first, last = result.range
         where = self._where
 
