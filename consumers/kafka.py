@@ -1,7 +1,9 @@
 """Building the Kafka clients from settings, and choosing idempotence honestly.
 
-The group consumer assigns with the sticky assignor and, with ``KAFKA_GROUP_INSTANCE_ID``, is
-a static member; what each broker makes of that is measured in docs/brokers.md.
+The group consumer assigns with :class:`~consumers.assignor.BalancedStickyAssignor` (every
+topic spread evenly, every partition left where it was within that) and, with
+``KAFKA_GROUP_INSTANCE_ID``, is a static member; what each broker makes of that is measured
+in docs/brokers.md.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ from __future__ import annotations
 import logging
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 
+from consumers.assignor import BalancedStickyAssignor
 from consumers.topics import probe_idempotence
 from core.settings import Settings
 
@@ -22,10 +24,11 @@ logger = logging.getLogger(__name__)
 def build_consumer(settings: Settings, bootstrap_servers: str) -> AIOKafkaConsumer:
     """A group consumer with manual commits; the consume loop subscribes it.
 
-    A member that joins takes partitions only from the others' surplus, and the others keep
-    the rest (sticky; aiokafka's rebalances stay eager: every member is still revoked
-    everything and reassigned). Every member of the group must offer ``sticky``: a member
-    offering only another assignor is refused (INCONSISTENT_GROUP_PROTOCOL).
+    A member that joins takes partitions only from the others' surplus, topic by topic, and
+    the others keep the rest (aiokafka's rebalances stay eager: every member is still
+    revoked everything and reassigned). Every member of the group must offer
+    ``balanced-sticky``: a member offering only another assignor is refused
+    (INCONSISTENT_GROUP_PROTOCOL).
 
     ``KAFKA_GROUP_INSTANCE_ID`` makes it a static member: ``stop()`` sends no LeaveGroup,
     so on Kafka a restart within the session timeout gets its partitions back without a
@@ -36,10 +39,11 @@ def build_consumer(settings: Settings, bootstrap_servers: str) -> AIOKafkaConsum
         bootstrap_servers=bootstrap_servers,
         group_id=settings.kafka_group_id,
         group_instance_id=settings.kafka_group_instance_id,
-        # sticky alone: aiokafka 0.14 sends one JoinGroup per assignor listed, each with a
-        # longer protocol list (aio-libs/aiokafka#1168), and a member whose protocols
-        # change between two JoinGroups makes the group rebalance again
-        partition_assignment_strategy=(_sticky_assignor(),),
+        # one assignor alone: aiokafka 0.14 sends one JoinGroup per assignor listed, each
+        # with a longer protocol list (aio-libs/aiokafka#1168), and a member whose
+        # protocols change between two JoinGroups makes the group rebalance again; an
+        # instance per consumer: its state is this member's
+        partition_assignment_strategy=(BalancedStickyAssignor(),),
         client_id=f"{settings.service_name}-consumer",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -50,13 +54,6 @@ def build_consumer(settings: Settings, bootstrap_servers: str) -> AIOKafkaConsum
         # records of aborted producer transactions are never answered
         isolation_level="read_committed",
     )
-
-
-def _sticky_assignor() -> type[StickyPartitionAssignor]:
-    """aiokafka's sticky assignor keeps the member's last assignment in class attributes,
-    which every consumer of a process would share (two engines in one test, a consumer
-    restarted in-process): a subclass per consumer keeps each member's own."""
-    return type("StickyPartitionAssignor", (StickyPartitionAssignor,), {})
 
 
 def build_control_consumer(settings: Settings, bootstrap_servers: str, *,
