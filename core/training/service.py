@@ -241,15 +241,20 @@ class TrainingService:
 
     async def _shared_status(self, training_id: str) -> TrainingStatus | None:
         """The status another instance wrote to the store (a training running there)."""
+        found = await self._stored_status(training_id)
+        return found[0] if found is not None else None
+
+    async def _stored_status(self, training_id: str) -> tuple[TrainingStatus, str] | None:
+        """The status in the store and its writer; None without a store, or when it has
+        none, or fails (logged: this instance then goes on as if alone)."""
         if self._shared is None:
             return None
         try:
-            found = await asyncio.to_thread(self._shared.get_status, training_id)
+            return await asyncio.to_thread(self._shared.get_status, training_id)
         except OSError as exc:
             logger.warning("status of training %s not read from the store: %s",
                            training_id, exc)
             return None
-        return found[0] if found is not None else None
 
     async def wait(self, training_id: str) -> TrainingStatus | None:
         """Wait until the training running here as ``training_id`` ends (at once when none
@@ -405,12 +410,7 @@ class TrainingService:
     async def _running_elsewhere(self, training_id: str) -> TrainingStatus | None:
         """The status of ``training_id`` when another instance runs it (its status in the
         store written by another owner, not finished, and fresh)."""
-        if self._shared is None:
-            return None
-        try:
-            found = await asyncio.to_thread(self._shared.get_status, training_id)
-        except OSError:
-            return None  # the store failing: this instance goes on as if alone
+        found = await self._stored_status(training_id)
         if found is None:
             return None
         status, owner = found

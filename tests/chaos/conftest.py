@@ -21,6 +21,7 @@ from consumers.engine import Engine
 from consumers.topics import CONTRACT_TOPICS
 from core.settings import Settings
 from tests.support.kafka_client import PersonaPeer
+from tests.support.mock_broker import module_mock_broker
 from tests.support.settings import engine_settings
 
 #: Partitions of every topic; the engine owns all of them once :func:`engine` returns.
@@ -31,12 +32,7 @@ SESSION_MS = 2000
 
 @pytest.fixture(scope="module")
 def _module_broker() -> Iterator[RdkafkaMockBroker]:
-    broker = RdkafkaMockBroker()
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
+    yield from module_mock_broker()
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from core.health import EngineHealth
 from core.settings import Settings
 from tests.support.dev_engine import dev_engine
 from tests.support.kafka_client import Answer, PersonaPeer
+from tests.support.mock_broker import module_mock_broker
 from tests.support.settings import engine_settings
 
 pytestmark = pytest.mark.kafka
@@ -91,12 +92,7 @@ async def test_live_and_ready_once_started_then_not_ready_from_the_stop_request_
 
 @pytest.fixture(scope="module")
 def mock_broker() -> Iterator[RdkafkaMockBroker]:
-    broker = RdkafkaMockBroker()
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
+    yield from module_mock_broker()
 
 
 @pytest.fixture
