@@ -129,12 +129,13 @@ class RecordAnswerer:
         placement = replace(pending.placement(),
                             keep_when_abandoned=lambda: not pending.cancelled.is_set())
 
-        async def progress(step: int, total: int, loss: float | None) -> None:
+        async def progress(step: int, total: int, loss: float | None, *,
+                           stream_url: str | None = None) -> None:
             topic = self._results.progress
             with self._spans.span(f"{topic} publish", request_trace, "producer") as trace:
                 await self._publisher.publish(topic, GenerationProgress(
                     request_id=request_id, conversation_id=pending.conversation_id,
-                    kind=route.kind, step=step, total=total, loss=loss,
+                    kind=route.kind, step=step, total=total, loss=loss, stream_url=stream_url,
                 ), record.key, request_id, trace=trace)
 
         async def attempt() -> GenerationCompleted:

@@ -100,8 +100,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(2)
     from core.telemetry import configure_logging
 
+    keys = settings.api_keys.get_secret_value().split(",") if settings.api_keys else []
     configure_logging(settings.log_level, settings.log_format, secrets=[
-        key.get_secret_value() for key in (settings.elevenlabs_api_key,) if key is not None])
+        *(key.get_secret_value() for key in (settings.elevenlabs_api_key,
+                                             settings.kafka_sasl_password) if key is not None),
+        *(key.strip() for key in keys)])
     _quiet_model_libraries()
     if args.command == "dev-model":
         from core.image.devmodel import build_dev_model
@@ -110,7 +113,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.command == "send":
         logging.getLogger("aiokafka").setLevel(logging.WARNING)  # keep the reply readable
-        sys.exit(asyncio.run(_send(args, settings)))
+        try:
+            sys.exit(asyncio.run(_send(args, settings)))
+        except ConfigurationError as exc:
+            print(f"multimodal-engine: {exc}", file=sys.stderr)
+            sys.exit(2)
     from diffusers.utils import logging as diffusers_logging
 
     from consumers.serve import StartupError, run_dev, run_serve
@@ -136,7 +143,10 @@ def _quiet_model_libraries() -> None:
 async def _send(args: argparse.Namespace, settings: object) -> int:
     from datetime import UTC, datetime, timedelta
 
+    from aiokafka.errors import KafkaConnectionError
+
     from consumers.devstate import read_state
+    from consumers.security import PLAINTEXT, KafkaSecurity, diagnose
     from consumers.send import send_and_wait
     from core.settings import Settings
     from schemas.codec import EventCodec
@@ -151,6 +161,8 @@ async def _send(args: argparse.Namespace, settings: object) -> int:
               "another shell, or set KAFKA_BOOTSTRAP_SERVERS", file=sys.stderr)
         return 2
     prefix = state.topic_prefix if state else settings.kafka_topic_prefix
+    # the dev engine's embedded broker is plaintext; a configured broker as configured
+    security = PLAINTEXT if state else KafkaSecurity.from_settings(settings)
     fields = {k: v for k, v in vars(args).items() if v is not None}
     body: dict[str, object] = {
         "request_id": args.request_id or str(uuid.uuid4()),
@@ -180,12 +192,18 @@ async def _send(args: argparse.Namespace, settings: object) -> int:
     except InvalidRequestError as exc:
         print(f"multimodal-engine: invalid request: {exc}", file=sys.stderr)
         return 2
-    reply = await send_and_wait(
-        bootstrap, f"{prefix}generation.requested.{args.kind}", event, args.conversation_id,
-        completed_topic=f"{prefix}generation.completed",
-        failed_topic=f"{prefix}generation.failed",
-        encoding=args.encoding, timeout=args.timeout, codec=codec,
-    )
+    try:
+        reply = await send_and_wait(
+            bootstrap, f"{prefix}generation.requested.{args.kind}", event,
+            args.conversation_id, completed_topic=f"{prefix}generation.completed",
+            failed_topic=f"{prefix}generation.failed",
+            encoding=args.encoding, timeout=args.timeout, codec=codec, security=security,
+        )
+    except KafkaConnectionError as exc:
+        why = await diagnose(bootstrap, security)
+        print(f"multimodal-engine: cannot reach Kafka at {bootstrap}: {why or exc}",
+              file=sys.stderr)
+        return 2
     if reply is None:
         print(f"multimodal-engine: no answer to request {body['request_id']} within "
               f"{args.timeout:.0f}s", file=sys.stderr)

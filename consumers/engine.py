@@ -26,10 +26,12 @@ from consumers.kafka import (
     build_producer,
     resolve_idempotence,
 )
+from consumers.login_backoff import install_login_backoff
 from consumers.publisher import EventPublisher
 from consumers.retry import RetryPolicy
 from consumers.routes import Route
 from consumers.runtime import ConsumeLoop, DeliveryConfig, ResultTopics
+from consumers.security import KafkaSecurity, diagnose
 from core.health import EngineHealth, ImageModelInfo, probe_gpu
 from core.image.factory import build_image_service
 from core.image.service import ImageService
@@ -63,6 +65,7 @@ __all__ = ["Engine", "EngineAddresses"]
 # each of these would otherwise wait for ever; the orchestrator's kill comes after it.
 _STOP_MARGIN = 10.0
 _CONTROL_CATCH_UP = 10.0  # seconds start-up waits for the recent cancels
+_DIAGNOSE_EVERY = 30.0  # seconds between lookups of why the broker refuses us
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +91,8 @@ class Engine:
     ) -> None:
         self._settings = settings
         self._bootstrap = bootstrap_servers
+        # raises ConfigurationError naming the setting when a certificate cannot be used
+        self.kafka_security = KafkaSecurity.from_settings(settings)
         self._http_host = http_host
         self._watch_interval = broker_watch_interval
         self._model_path = model_path
@@ -111,6 +116,7 @@ class Engine:
         self.health = EngineHealth(voice_backend=self.voice.backend.name,
                                    queues=self.scheduling.pending.depths,
                                    gpu_stuck_seconds=settings.liveness_gpu_stuck_seconds)
+        self.health.kafka_security = self.kafka_security.describe(user=False)
         self.spans = build_spans(settings.otel_exporter_otlp_endpoint, settings.service_name)
         self.metrics.set_build(version=engine_version(), model="none", development_model=False,
                                device="none")
@@ -156,7 +162,7 @@ class Engine:
             self.health.image_model = ImageModelInfo(name=str(self._model_path), loaded=False)
             self.image, self._worker = await build_image_service(
                 settings, self._model_path, self.store, self.http, self.metrics,
-                objects=self.objects)
+                objects=self.objects, health=self.health)
             services.image = self.image
             self.health.gpu_worker = self._worker.pulse  # for /health/live
             self.training = build_training_service(settings, self._worker, self.image,
@@ -172,12 +178,16 @@ class Engine:
                                    development_model=self.image.model.development_model,
                                    device=self._device())
 
-        idempotent = await resolve_idempotence(settings, self._bootstrap)
-        producer = self._producer = build_producer(settings, self._bootstrap, idempotent=idempotent)
-        consumer = self._consumer = build_consumer(settings, self._bootstrap)
-        control = self._control_consumer = build_control_consumer(settings, self._bootstrap)
+        security = self.kafka_security
+        install_login_backoff()  # a refused login is retried slowly (consumers/login_backoff.py)
+        idempotent = await resolve_idempotence(settings, self._bootstrap, security=security)
+        producer = self._producer = build_producer(settings, self._bootstrap,
+                                                   idempotent=idempotent, security=security)
+        consumer = self._consumer = build_consumer(settings, self._bootstrap, security=security)
+        control = self._control_consumer = build_control_consumer(
+            settings, self._bootstrap, security=security)
         lookups = self._control_lookups = build_control_consumer(
-            settings, self._bootstrap, purpose="control-offsets")
+            settings, self._bootstrap, security=security, purpose="control-offsets")
         await producer.start()
         await consumer.start()
         await control.start()
@@ -355,21 +365,39 @@ class Engine:
                          exc_info=error)
 
     async def _watch_broker(self) -> None:
-        """Keeps ``/health`` honest about the broker: a metadata request every interval."""
+        """Keeps ``/health`` honest about the broker: a metadata request every interval,
+        and while it fails, why (refused credentials, TLS, unreachable): looked up at the
+        outage's start and again every ``_DIAGNOSE_EVERY`` seconds, one login each."""
         assert self._consumer is not None
         interval = self._watch_interval
+        diagnosed_at: float | None = None
         while not self._stop_requested.is_set():
             try:
                 await asyncio.wait_for(self._consumer.topics(), timeout=interval)
                 self.health.kafka_connected = True
+                self.health.kafka_problem = None
+                diagnosed_at = None
             except Exception as exc:  # noqa: BLE001 - any failure means "unreachable" for /health
-                if self.health.kafka_connected:
-                    logger.warning("broker %s unreachable: %s", self._bootstrap, exc)
                 self.health.kafka_connected = False
+                now = asyncio.get_running_loop().time()
+                if diagnosed_at is None or now - diagnosed_at >= _DIAGNOSE_EVERY:
+                    first, diagnosed_at = diagnosed_at is None, now
+                    problem = await self._diagnose(interval)
+                    if first or problem != self.health.kafka_problem:
+                        logger.warning("broker %s unreachable: %s", self._bootstrap,
+                                       problem or exc)
+                    self.health.kafka_problem = problem
             try:
                 await asyncio.wait_for(self._stop_requested.wait(), timeout=interval)
             except TimeoutError:
                 pass
+
+    async def _diagnose(self, timeout: float) -> str | None:
+        try:
+            return await diagnose(self._bootstrap, self.kafka_security, timeout=timeout)
+        except Exception:  # a failed lookup of the reason must not end the watch
+            logger.exception("could not find out why the broker is unreachable")
+            return None
 
 
 def _observed_client(settings: Settings, metrics: EngineMetrics) -> httpx.AsyncClient:

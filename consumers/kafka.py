@@ -13,6 +13,7 @@ import logging
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from consumers.assignor import BalancedStickyAssignor
+from consumers.security import KafkaSecurity
 from consumers.topics import probe_idempotence
 from core.settings import Settings
 
@@ -21,7 +22,8 @@ __all__ = ["build_consumer", "build_control_consumer", "build_producer", "resolv
 logger = logging.getLogger(__name__)
 
 
-def build_consumer(settings: Settings, bootstrap_servers: str) -> AIOKafkaConsumer:
+def build_consumer(settings: Settings, bootstrap_servers: str, *,
+                   security: KafkaSecurity) -> AIOKafkaConsumer:
     """A group consumer with manual commits; the consume loop subscribes it.
 
     A member that joins takes partitions only from the others' surplus, topic by topic, and
@@ -53,10 +55,12 @@ def build_consumer(settings: Settings, bootstrap_servers: str) -> AIOKafkaConsum
         max_poll_interval_ms=max(300_000, int(settings.shutdown_grace_seconds * 1000) * 2),
         # records of aborted producer transactions are never answered
         isolation_level="read_committed",
+        **security.options(),
     )
 
 
 def build_control_consumer(settings: Settings, bootstrap_servers: str, *,
+                           security: KafkaSecurity,
                            purpose: str = "control") -> AIOKafkaConsumer:
     """A consumer outside any group, for ``generation.control``: every instance reads every
     partition (it assigns them itself) and commits nothing. ``purpose`` names its client
@@ -71,11 +75,12 @@ def build_control_consumer(settings: Settings, bootstrap_servers: str, *,
         auto_offset_reset="latest",
         fetch_max_wait_ms=max(settings.kafka_fetch_max_wait_ms, 100),
         isolation_level="read_committed",
+        **security.options(),
     )
 
 
 def build_producer(
-    settings: Settings, bootstrap_servers: str, *, idempotent: bool
+    settings: Settings, bootstrap_servers: str, *, idempotent: bool, security: KafkaSecurity
 ) -> AIOKafkaProducer:
     """A producer that waits for all in-sync replicas (acks=all)."""
     return AIOKafkaProducer(
@@ -85,15 +90,17 @@ def build_producer(
         enable_idempotence=idempotent,
         linger_ms=0,
         max_request_size=16 * 2**20,
+        **security.options(),
     )
 
 
-async def resolve_idempotence(settings: Settings, bootstrap_servers: str) -> bool:
+async def resolve_idempotence(settings: Settings, bootstrap_servers: str, *,
+                              security: KafkaSecurity) -> bool:
     """``KAFKA_IDEMPOTENCE``: on/off as set; auto asks the broker (InitProducerId) and
     says when it has to be off."""
     if settings.kafka_idempotence != "auto":
         return settings.kafka_idempotence == "on"
-    supported = await probe_idempotence(bootstrap_servers)
+    supported = await probe_idempotence(bootstrap_servers, security=security)
     if not supported:
         logger.warning(
             "broker at %s has no idempotent producer (InitProducerId failed): publishing "

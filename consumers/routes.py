@@ -7,7 +7,7 @@ the loop retries it).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -18,10 +18,16 @@ from schemas.events import Event, EventKind, GenerationCompleted
 
 __all__ = ["Handler", "HandlerContext", "ProgressReporter", "Route"]
 
-ProgressReporter = Callable[[int, int, float | None], Awaitable[None]]
+class ProgressReporter(Protocol):
+    """Publishes ``generation.progress``: ``step`` of ``total``, the training ``loss``,
+    and for voice the ``stream_url`` its audio plays from."""
+
+    def __call__(self, step: int, total: int, loss: float | None, *,
+                 stream_url: str | None = None) -> Awaitable[None]: ...
 
 
-async def _no_progress(step: int, total: int, loss: float | None) -> None:
+async def _no_progress(step: int, total: int, loss: float | None, *,
+                       stream_url: str | None = None) -> None:
     return None
 
 

@@ -12,6 +12,7 @@ from typing import Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from consumers.security import PLAINTEXT, KafkaSecurity
 from schemas.codec import EventCodec
 from schemas.errors import EngineError
 from schemas.events import Event
@@ -37,18 +38,20 @@ async def send_and_wait(
     encoding: Literal["avro", "json"] = "json",
     timeout: float = 60.0,
     codec: EventCodec | None = None,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> Reply | None:
     """Publishes ``event`` and returns its completed/failed reply, or None on timeout."""
     codec = codec or EventCodec()
     request_id: str = getattr(event, "request_id")  # noqa: B009  (every request has one)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
-        fetch_max_wait_ms=10,
+        fetch_max_wait_ms=10, **security.options(),
     )
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all")
-    await consumer.start()
-    await producer.start()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all",
+                                **security.options())
     try:
+        await consumer.start()
+        await producer.start()
         await consumer.topics()
         partitions = [
             TopicPartition(topic, p)

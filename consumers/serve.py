@@ -15,7 +15,8 @@ from aiokafka.errors import KafkaConnectionError
 from consumers.broker import launch_broker
 from consumers.devstate import DevState, clear_state, write_state
 from consumers.engine import Engine, EngineAddresses
-from consumers.topics import CONTRACT_TOPICS, ensure_topics
+from consumers.security import diagnose, without_security
+from consumers.topics import CONTRACT_TOPICS, Replication, ensure_topics
 from core.image.devmodel import DEV_MODEL_NAME, build_dev_model, make_dev_lora
 from core.image.loader import ModelLoadError
 from core.lora.registry import LoraRegistry
@@ -63,10 +64,8 @@ async def run_serve(settings: Settings) -> None:
             "tiny development model, and `multimodal-engine dev` uses it by itself"
         )
     bootstrap = settings.kafka_bootstrap_servers
-    await ensure_topics(
-        bootstrap, [settings.topic(t) for t in CONTRACT_TOPICS], settings.kafka_topic_partitions
-    )
     engine = Engine(settings, bootstrap, model_path=settings.flux_model_path)
+    await _ensure_topics(settings, engine, bootstrap)
     addresses = await _start(engine, bootstrap)
     _announce(settings, f"engine serving: kafka={addresses.bootstrap_servers} "
                         f"http={addresses.http_url} voice={engine.voice.backend.name} "
@@ -80,14 +79,25 @@ async def _start(engine: Engine, bootstrap: str) -> EngineAddresses:
         return await engine.start()
     except KafkaConnectionError as exc:
         await engine.stop()
+        why = await diagnose(bootstrap, engine.kafka_security)
         raise StartupError(
-            f"cannot reach Kafka at KAFKA_BOOTSTRAP_SERVERS={bootstrap}: {exc}") from exc
+            f"cannot reach Kafka at KAFKA_BOOTSTRAP_SERVERS={bootstrap}: {why or exc}") from exc
     except ModelLoadError as exc:
         await engine.stop()
         raise StartupError(f"cannot load the image model: {exc}") from exc
     except StorageError as exc:
         await engine.stop()
         raise StartupError(f"cannot use the store at STORAGE_URL: {exc}") from exc
+
+
+async def _ensure_topics(settings: Settings, engine: Engine, bootstrap: str) -> None:
+    """The contract's topics on a broker the engine does not own: best effort, replicated
+    as KAFKA_REPLICATION_FACTOR and KAFKA_MIN_INSYNC_REPLICAS say."""
+    await ensure_topics(
+        bootstrap, [settings.topic(t) for t in CONTRACT_TOPICS], settings.kafka_topic_partitions,
+        replication=Replication(settings.kafka_replication_factor,
+                                settings.kafka_min_insync_replicas),
+        security=engine.kafka_security)
 
 
 def _announce(settings: Settings, text: str) -> None:
@@ -140,11 +150,22 @@ def _embedded_group_timing(settings: Settings) -> Settings:
     return settings.model_copy(update=update)
 
 
+def _embedded_plaintext(settings: Settings) -> Settings:
+    """The embedded broker is plaintext on 127.0.0.1: Kafka security settings (meant for a
+    configured broker) are set aside, with a warning, rather than failing to connect."""
+    if settings.kafka_security_protocol == "PLAINTEXT":
+        return settings
+    logger.warning("KAFKA_SECURITY_PROTOCOL=%s is for KAFKA_BOOTSTRAP_SERVERS, which is "
+                   "unset: the embedded broker is plaintext on 127.0.0.1",
+                   settings.kafka_security_protocol)
+    return without_security(settings)
+
+
 async def run_dev(settings: Settings) -> None:
     """Everything on one machine: embedded broker unless configured, local voice without a
     key; prints what it started and records it for ``send``."""
     if settings.kafka_bootstrap_servers is None:
-        settings = _embedded_group_timing(settings)
+        settings = _embedded_plaintext(_embedded_group_timing(settings))
     with ExitStack() as stack:
         bootstrap = settings.kafka_bootstrap_servers
         broker_note = "external (KAFKA_BOOTSTRAP_SERVERS)"
@@ -156,11 +177,11 @@ async def run_dev(settings: Settings) -> None:
             broker.create_topics(topics, settings.kafka_topic_partitions)
             bootstrap = broker.bootstrap_servers
             broker_note = f"embedded {broker.name}"
-        else:
-            await ensure_topics(bootstrap, topics, settings.kafka_topic_partitions)
         model_path = settings.flux_model_path or await asyncio.to_thread(
             prepare_dev_model, settings)
         engine = Engine(settings, bootstrap, model_path=model_path, http_host="127.0.0.1")
+        if settings.kafka_bootstrap_servers is not None:
+            await _ensure_topics(settings, engine, bootstrap)
         addresses = await _start(engine, bootstrap)
         write_state(DevState(os.getpid(), bootstrap, addresses.http_url,
                              settings.kafka_topic_prefix))

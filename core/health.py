@@ -83,7 +83,10 @@ class EngineHealth:
     voice_backend: str
     kafka_enabled: bool = True
     started: bool = False
+    warming: bool = False  # the warm-up images are being made (core/image/warmup.py)
     kafka_connected: bool = False
+    kafka_problem: str | None = None  # why the broker refuses us (credentials, TLS), if known
+    kafka_security: str = "PLAINTEXT"  # protocol and mechanism, never a secret
     assigned: list[tuple[str, int]] = field(default_factory=list)
     paused_kinds: list[str] = field(default_factory=list)  # fetching held back: kind is full
     image_model: ImageModelInfo = field(default_factory=ImageModelInfo)
@@ -143,11 +146,14 @@ class EngineHealth:
         return {"status": "wedged" if wedged else "live", "gpu_worker": worker}
 
     def readiness(self) -> dict[str, Any]:
-        """``/health/ready``: ``status`` ``ready`` once started (the image model loaded),
-        while Kafka is connected and no stop was requested; otherwise ``not_ready`` with
-        the ``reasons`` (``starting``, ``kafka_unreachable``, ``draining``)."""
+        """``/health/ready``: ``status`` ``ready`` once started (the image model loaded
+        and warmed up: compiled, with COMPILE_TRANSFORMER), while Kafka is connected and no
+        stop was requested; otherwise ``not_ready`` with the ``reasons`` (``starting``,
+        ``warming``: the warm-up images are being made, ``kafka_unreachable``,
+        ``draining``)."""
         reasons = [reason for reason, holds in (
             ("starting", not self.started),
+            ("warming", self.warming),
             ("kafka_unreachable", self.kafka_enabled and not self.kafka_connected),
             ("draining", self.draining)) if holds]
         return {"status": "not_ready" if reasons else "ready", "reasons": reasons}
@@ -179,6 +185,8 @@ class EngineHealth:
             "kafka": {
                 "enabled": self.kafka_enabled,
                 "connected": self.kafka_connected,
+                "security": self.kafka_security,
+                "problem": self.kafka_problem,
                 "assigned_partitions": [
                     {"topic": topic, "partition": partition}
                     for topic, partition in sorted(self.assigned)

@@ -45,6 +45,8 @@ CONTENT_TYPES: Mapping[str, str] = MappingProxyType({
     "webp": "image/webp",
     "mp3": "audio/mpeg",
     "wav": "audio/wav",
+    "ogg": "audio/ogg",
+    "json": "application/json",
     "safetensors": "application/octet-stream",
 })
 """The suffixes the store writes, with the HTTP content type each is served as."""

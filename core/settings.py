@@ -19,7 +19,7 @@ from core.net.policy import AllowedHosts
 
 __all__ = ["ConfigurationError", "Settings", "load_settings"]
 
-_SECRET_FIELDS = {"api_keys", "elevenlabs_api_key"}
+_SECRET_FIELDS = {"api_keys", "elevenlabs_api_key", "kafka_sasl_password"}
 
 
 class ConfigurationError(Exception):
@@ -123,7 +123,9 @@ class Settings(BaseSettings):
     elevenlabs_api_key: SecretStr | None = None
     default_voice_id: str = Field("21m00Tcm4TlvDq8ikWAM", min_length=1)
     elevenlabs_model_id: str = Field("eleven_multilingual_v2", min_length=1)
-    elevenlabs_output_format: str = Field("mp3_44100_128", pattern=r"^mp3_\d+_\d+$")
+    # ElevenLabs' names (core/voice/formats.py): the format of a request that names none
+    elevenlabs_output_format: str = Field(
+        "mp3_44100_128", pattern=r"^(mp3_\d+_\d+|pcm_\d+|ulaw_8000|alaw_8000|opus_48000_\d+)$")
     elevenlabs_max_concurrency: int = Field(4, ge=1, le=100)
     # The account's limit, shared by every instance on its key (a fleet-wide figure): no
     # process exceeds it; each still adapts below it to the 429s the fleet meets.
@@ -131,6 +133,11 @@ class Settings(BaseSettings):
     elevenlabs_adaptive_concurrency: bool = True
     elevenlabs_timeout: float = Field(30.0, gt=0)
     voice_profiles_path: Path | None = None
+    # Live voice streams (core/voice/streams.py): where this instance is reached directly
+    # (unset: PUBLIC_BASE_URL) and its name in stream URLs (unset: the host name)
+    voice_stream_base_url: str | None = Field(None, pattern=r"^https?://")
+    voice_stream_instance: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,100}$")
+    voice_stream_linger_seconds: float = Field(60.0, ge=0, le=3600)
 
     # --- voice: the longest text (core/voice/service.py; sizes in docs/voice.md) ---
     # Above the largest per-request limit (40,000, flash/turbo v2.5), so that every model
@@ -159,6 +166,26 @@ class Settings(BaseSettings):
         None, min_length=1, max_length=249,
         pattern=r"^(?:\.*[A-Za-z0-9_-][A-Za-z0-9._-]*|\.{3,})$")
     kafka_idempotence: Literal["auto", "on", "off"] = "auto"
+    # Topics the engine creates (consumers/topics.py): unset, as many replicas as the
+    # cluster has brokers, up to 3, and min.insync.replicas one fewer from 3 replicas on
+    # (the broker's default below that).
+    kafka_replication_factor: int | None = Field(None, ge=1, le=32)
+    kafka_min_insync_replicas: int | None = Field(None, ge=1, le=32)
+    # Security (consumers/security.py): one set of options for every Kafka client
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
+        "PLAINTEXT")
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512",
+                                  "OAUTHBEARER"] | None = None
+    kafka_sasl_username: str | None = Field(None, min_length=1)
+    kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_oauth_token_file: Path | None = Field(
+        None, description="a file holding the current OAUTHBEARER token, read at every "
+        "(re)authentication, so the platform may refresh it")
+    kafka_ssl_ca_file: Path | None = Field(None, description="PEM; unset: the system's CAs")
+    kafka_ssl_cert_file: Path | None = Field(None, description="PEM client certificate "
+                                             "(mutual TLS), with KAFKA_SSL_KEY_FILE")
+    kafka_ssl_key_file: Path | None = None
+    kafka_ssl_check_hostname: bool = True
     event_encoding: Literal["avro", "json"] = "avro"
     embedded_broker: Literal["tansu", "rdkafka-mock"] = "tansu"
 
@@ -193,7 +220,11 @@ class Settings(BaseSettings):
         description="OTLP/HTTP collector; spans are exported with the otel extra installed")
 
     @field_validator("otel_exporter_otlp_endpoint", "step_cache_threshold", "storage_url",
-                     "storage_endpoint_url", "elevenlabs_account_concurrency", mode="before")
+                     "storage_endpoint_url", "elevenlabs_account_concurrency",
+                     "kafka_replication_factor", "kafka_min_insync_replicas",
+                     "kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password",
+                     "kafka_sasl_oauth_token_file", "kafka_ssl_ca_file", "kafka_ssl_cert_file",
+                     "kafka_ssl_key_file", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -295,8 +326,81 @@ def load_settings(**overrides: Any) -> Settings:
             f"invalid configuration: MIN_LORA_IMAGES={settings.min_lora_images!r} "
             f"(allowed: at most MAX_LORA_IMAGES={settings.max_lora_images})"
         )
+    _check_kafka_security(settings)
     if settings.output_urls == "presigned" and settings.storage_url is None:
         raise ConfigurationError(
             "invalid configuration: OUTPUT_URLS='presigned' (allowed: only with "
             "STORAGE_URL set; the local folders have no signed URLs)")
     return settings
+
+
+def _check_kafka_security(settings: Settings) -> None:
+    """The Kafka security settings fit together and their files can be read; the message
+    names the setting (never a secret's value)."""
+    protocol = settings.kafka_security_protocol
+    sasl, tls = protocol.startswith("SASL_"), protocol.endswith("SSL")
+    mechanism = settings.kafka_sasl_mechanism
+
+    def refuse(name: str, value: object, allowed: str) -> None:
+        raise ConfigurationError(f"invalid configuration: {name}={value!r} (allowed: {allowed})")
+
+    if sasl and mechanism is None:
+        refuse("KAFKA_SASL_MECHANISM", None, f"PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or "
+               f"OAUTHBEARER with KAFKA_SECURITY_PROTOCOL={protocol}")
+    if not sasl:
+        for name in ("kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password",
+                     "kafka_sasl_oauth_token_file"):
+            if getattr(settings, name) is not None:
+                value = "**********" if name in _SECRET_FIELDS else getattr(settings, name)
+                refuse(name.upper(), value, "only with KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT "
+                       f"or SASL_SSL (it is {protocol})")
+    if mechanism == "OAUTHBEARER":
+        if settings.kafka_sasl_oauth_token_file is None:
+            refuse("KAFKA_SASL_OAUTH_TOKEN_FILE", None, "a token file with "
+                   "KAFKA_SASL_MECHANISM=OAUTHBEARER")
+        for name in ("kafka_sasl_username", "kafka_sasl_password"):
+            if getattr(settings, name) is not None:
+                value = "**********" if name in _SECRET_FIELDS else getattr(settings, name)
+                refuse(name.upper(), value, "unset with KAFKA_SASL_MECHANISM=OAUTHBEARER "
+                       "(the token file is its credential)")
+    elif mechanism is not None:
+        if settings.kafka_sasl_oauth_token_file is not None:
+            refuse("KAFKA_SASL_OAUTH_TOKEN_FILE", str(settings.kafka_sasl_oauth_token_file),
+                   f"only with KAFKA_SASL_MECHANISM=OAUTHBEARER (it is {mechanism})")
+        if settings.kafka_sasl_username is None:
+            refuse("KAFKA_SASL_USERNAME", None, f"a user name with KAFKA_SASL_MECHANISM={mechanism}")
+        if settings.kafka_sasl_password is None:
+            refuse("KAFKA_SASL_PASSWORD", None, f"a password with KAFKA_SASL_MECHANISM={mechanism}")
+    files = {"KAFKA_SSL_CA_FILE": settings.kafka_ssl_ca_file,
+             "KAFKA_SSL_CERT_FILE": settings.kafka_ssl_cert_file,
+             "KAFKA_SSL_KEY_FILE": settings.kafka_ssl_key_file}
+    if not tls:
+        for name, path in files.items():
+            if path is not None:
+                refuse(name, str(path), "only with KAFKA_SECURITY_PROTOCOL=SSL or SASL_SSL "
+                       f"(it is {protocol}: nothing would use it)")
+    if (settings.kafka_ssl_cert_file is None) != (settings.kafka_ssl_key_file is None):
+        missing = "KAFKA_SSL_KEY_FILE" if settings.kafka_ssl_key_file is None \
+            else "KAFKA_SSL_CERT_FILE"
+        refuse(missing, None, "set with its pair: mutual TLS needs the client certificate "
+               "and its key")
+    files["KAFKA_SASL_OAUTH_TOKEN_FILE"] = settings.kafka_sasl_oauth_token_file
+    for name, path in files.items():
+        if path is not None:
+            _check_readable(name, path)
+    if (settings.kafka_replication_factor is not None
+            and settings.kafka_min_insync_replicas is not None
+            and settings.kafka_min_insync_replicas > settings.kafka_replication_factor):
+        refuse("KAFKA_MIN_INSYNC_REPLICAS", settings.kafka_min_insync_replicas,
+               f"at most KAFKA_REPLICATION_FACTOR={settings.kafka_replication_factor}")
+
+
+def _check_readable(name: str, path: Path) -> None:
+    try:
+        with path.open("rb") as file:
+            file.read(1)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigurationError(
+            f"invalid configuration: {name}={str(path)!r} (allowed: a readable file; "
+            f"{reason.lower()})") from None

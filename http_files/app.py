@@ -15,6 +15,7 @@ from http_files.openapi import serve_openapi
 from http_files.outputs import get_output
 from http_files.requests import cancel_request
 from http_files.services import SERVICES, AppServices
+from http_files.streams import get_stream
 from http_files.train import get_training, train_lora
 from http_files.uploads import UPLOADS, UploadLimits, Uploads
 from http_files.validation import JSON_BODY_LIMIT
@@ -46,6 +47,7 @@ def create_app(services: AppServices, uploads: UploadLimits | None = None,
     app.router.add_get("/outputs/{filename}", get_output)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/generate/voice", generate_voice)
+    app.router.add_get("/streams/voice/{instance}/{stream_id}", get_stream)
     app.router.add_post("/generate/image", generate_image)
     app.router.add_post("/train-lora", train_lora)
     app.router.add_get("/train-lora/{training_id}", get_training)

@@ -206,7 +206,7 @@ def _schemas() -> dict[str, Any]:
     schemas["ImageResult"] = _projection(schemas["GenerationCompleted"], _IMAGE_FIELDS,
                                          _IMAGE_OPTIONAL, "ImageResult")
     schemas["TrainingForm"] = _training_form(schemas)
-    schemas["VoiceResult"] = dataclass_schema(VoiceResult)
+    schemas["VoiceResult"] = dataclass_schema(VoiceResult, known=schemas)
     schemas["TrainingStatus"] = dataclass_schema(TrainingStatus)
     schemas["ErrorCode"] = error_code_schema()
     for name in ("ImageRequested", "VoiceRequested", "LoraTrainingRequested",
@@ -272,8 +272,28 @@ def _paths(schemas: dict[str, Any]) -> dict[str, Any]:
         "/generate/voice": {"post": _keyed({
             "operationId": "generateVoice", "summary": "Generate speech (synchronous)",
             "requestBody": {"required": True, "content": _json(_ref("VoiceRequest"))},
-            "responses": {"200": _response(200, "", _json(_ref("VoiceResult"))),
+            "description": "With `Accept: audio/*` (any audio type; the audio is in the "
+            "request's `output_format`) the answer is the audio itself, streamed chunked "
+            "from its first chunk, with `X-Request-Id` and `X-Stream-Url` (a failure after "
+            "the first chunk ends it without its last chunk); a replay answered from the "
+            "remembered results is its file, with `X-Audio-Url`. Otherwise the JSON result "
+            "once complete.",
+            "responses": {"200": _response(200, "", {
+                **_json(_ref("VoiceResult")),
+                **{kind: {} for kind in ("audio/mpeg", "audio/ogg", "audio/wav")}}),
                           **_errors(retry_after_on_503=True)}})},
+        "/streams/voice/{instance}/{stream_id}": {"get": _keyed({
+            "operationId": "getVoiceStream",
+            "summary": "A voice request's audio while it is made (chunked, from its start)",
+            "description": "The `stream_url` of a voice generation.progress event; served "
+            "by the instance making it (README, Streaming voice). A failed or cancelled "
+            "stream ends without its last chunk.",
+            "parameters": [_path("instance", "the instance making the stream"),
+                           _path("stream_id", "from the stream_url")],
+            "responses": {"200": _response(200, "the audio", {
+                kind: {} for kind in ("audio/mpeg", "audio/ogg", "audio/wav")}),
+                          "404": _response(404, "not here (ended, or another instance's)",
+                                           _json(_ref("EngineErrorBody")))}})},
         "/train-lora": {"post": _keyed({
             "operationId": "trainLora", "summary": "Start a character LoRA training",
             "requestBody": {"required": True, "content": {"multipart/form-data": {

@@ -97,10 +97,15 @@ class AssignedPartition(_Body):
 
 
 class KafkaHealth(_Body):
-    """``paused_kinds``: kinds whose fetching is held back because they are full."""
+    """``security``: the protocol and SASL mechanism (``SASL_SSL (SCRAM-SHA-512 as
+    engine)``), never a secret; ``problem``: why the broker refuses this instance
+    (credentials, TLS) when that is known; ``paused_kinds``: kinds whose fetching is held
+    back because they are full."""
 
     enabled: bool
     connected: bool
+    security: str
+    problem: str | None = None
     assigned_partitions: list[AssignedPartition]
     paused_kinds: list[str]
 

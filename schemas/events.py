@@ -35,7 +35,9 @@ __all__ = [
     "LoraTrainingRequested",
     "LoraWeight",
     "RequestPriority",
+    "VoiceOutputFormat",
     "VoiceRequested",
+    "WordTiming",
     "parse_instant",
     "utc_now_iso",
 ]
@@ -116,6 +118,13 @@ class Event(_Record):
 
 LoraScale = Annotated[float, Field(ge=0.0, le=2.0)]
 ImageFormat = Literal["png", "jpeg", "webp"]
+# ElevenLabs' output_format names (its OpenAPI document's enum), codec_samplerate[_bitrate]
+VoiceOutputFormat = Literal[
+    "mp3_22050_32", "mp3_44100_32", "mp3_44100_64", "mp3_44100_96", "mp3_44100_128",
+    "mp3_44100_192", "pcm_8000", "pcm_16000", "pcm_22050", "pcm_24000", "pcm_44100",
+    "pcm_48000", "ulaw_8000", "alaw_8000", "opus_48000_32", "opus_48000_64", "opus_48000_96",
+    "opus_48000_128", "opus_48000_192",
+]
 _MAX_LISTED_LORAS = 16  # a bound for any reader; MAX_LORAS_PER_REQUEST is checked by core
 
 
@@ -133,6 +142,16 @@ class GeneratedImage(_Record):
     filename: str
     url: str
     seed: Seed
+
+
+class WordTiming(_Record):
+    """When one word of the caller's text is spoken: ``text[char_start:char_end] == word``."""
+
+    word: str
+    start: Annotated[float, Field(ge=0.0)]
+    end: Annotated[float, Field(ge=0.0)]
+    char_start: Annotated[int, Field(ge=0)]
+    char_end: Annotated[int, Field(ge=0)]
 
 
 class ImageRequested(Event):
@@ -187,6 +206,8 @@ class VoiceRequested(Event):
     deadline: IsoDateTime | None = None
     # ElevenLabs' range ("integer between 0 and 4294967295"); absent: derived from request_id
     seed: Annotated[int, Field(ge=0, le=4_294_967_295)] | None = None
+    # absent: the engine's default (ELEVENLABS_OUTPUT_FORMAT)
+    output_format: VoiceOutputFormat | None = None
 
 
 class InlineImage(_Record):
@@ -255,6 +276,8 @@ class GenerationCompleted(Event):
     enhanced_text: str | None = None
     voice_id: str | None = None
     duration_seconds: Annotated[float, Field(ge=0.0)] | None = None
+    words: list[WordTiming] | None = None
+    alignment_url: str | None = None
     # lora
     training_id: str | None = None
     character_id: str | None = None
@@ -291,7 +314,8 @@ class GenerationFailed(Event):
 
 
 class GenerationProgress(Event):
-    """Progress of long work: ``step`` of ``total`` done, with the loss when training."""
+    """Progress of long work: ``step`` of ``total`` done, with the loss when training; for
+    voice, once, the ``stream_url`` the audio plays from while it is being made."""
 
     avro_name: ClassVar[str] = f"{NAMESPACE}.GenerationProgress"
 
@@ -301,4 +325,5 @@ class GenerationProgress(Event):
     step: Annotated[int, Field(ge=0)]
     total: Annotated[int, Field(ge=0)]
     loss: float | None = None
+    stream_url: str | None = None
     timestamp: IsoDateTime = Field(default_factory=utc_now_iso)

@@ -9,7 +9,7 @@ written as ``contentEncoding: base64``; reST literals in docstrings become Markd
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, TypeAdapter
@@ -42,11 +42,13 @@ def component_schemas(models: Iterable[tuple[type[BaseModel], Mode]]) -> dict[st
     return {name: _wire(defs[name]) for name in sorted(defs)}
 
 
-def dataclass_schema(kind: type[Any], mode: Mode = "serialization") -> dict[str, Any]:
+def dataclass_schema(kind: type[Any], mode: Mode = "serialization",
+                     known: Collection[str] = ()) -> dict[str, Any]:
     """The schema of a dataclass (or any type pydantic can describe) without nested
-    definitions; raises ``ValueError`` when it needs some."""
+    definitions but those named in ``known`` (already among the components); raises
+    ``ValueError`` when it needs others."""
     schema = TypeAdapter(kind).json_schema(mode=mode, ref_template=COMPONENT_REF)
-    if "$defs" in schema:
+    if set(schema.pop("$defs", {})) - set(known):
         raise ValueError(f"{kind.__name__} nests other types; describe it with a model")
     wired: dict[str, Any] = _wire(schema)
     return wired

@@ -2,7 +2,10 @@
 
 - ``broker_bootstrap`` (session): ``host:port`` of the broker. ``KAFKA_BOOTSTRAP_SERVERS``
   when set; otherwise an embedded broker (``EMBEDDED_BROKER``, default ``tansu``) started
-  on first use, once per session, and stopped at its end.
+  on first use, once per session, and stopped at its end. With
+  ``ENGINE_TEST_KAFKA_SECURITY=tls`` (or ``mtls``) that broker is reachable only over TLS
+  (mutual TLS); engine settings, clients and engine processes made for it by
+  tests/support use its TLS settings (tests/support/kafka_security.py).
 - ``topic_prefix``: unique per test (``t1a2b3c4d.``), so no two tests share a topic.
 - ``make_topics``: ``await make_topics(partitions=3)`` creates the six contract topics
   under ``topic_prefix`` and returns ``{contract name: real name}``.
@@ -23,19 +26,41 @@ import pytest
 
 from consumers.broker import EmbeddedBroker, launch_broker
 from consumers.topics import CONTRACT_TOPICS, ensure_topics
+from tests.support.kafka_security import SESSION_SECURITY, register, security_for
 from tests.support.s3_server import CREDENTIALS, S3Server, StoreLocation
 
 MakeTopics = Callable[..., Awaitable[dict[str, str]]]
 
 
 @pytest.fixture(scope="session")
-def _embedded_broker() -> Iterator[EmbeddedBroker | None]:
+def _embedded_broker(tmp_path_factory: pytest.TempPathFactory
+                     ) -> Iterator[EmbeddedBroker | None]:
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip():
         yield None
+        return
+    if SESSION_SECURITY:
+        yield from _tls_broker(tmp_path_factory.mktemp("kafka-tls"))
         return
     broker = launch_broker(os.environ.get("EMBEDDED_BROKER", "tansu"))
     broker.start()
     try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def _tls_broker(folder: Path) -> Iterator[EmbeddedBroker]:
+    """``ENGINE_TEST_KAFKA_SECURITY=tls|mtls``: the session's broker only over TLS (mutual
+    TLS too with ``mtls``), its settings registered for everything the tests build."""
+    from tests.support.tls_broker import CertificateSet, TlsBroker
+
+    if SESSION_SECURITY not in ("tls", "mtls"):
+        raise pytest.UsageError(
+            f"ENGINE_TEST_KAFKA_SECURITY={SESSION_SECURITY!r}: allowed are tls and mtls")
+    broker = TlsBroker(CertificateSet.make(folder), mutual=SESSION_SECURITY == "mtls")
+    broker.start()
+    try:
+        register(broker.bootstrap_servers, broker.client_settings())
         yield broker
     finally:
         broker.stop()
@@ -69,7 +94,8 @@ def make_topics(
     async def make(partitions: int = 3, names: Sequence[str] = CONTRACT_TOPICS) -> dict[str, str]:
         topics = {name: f"{topic_prefix}{name}" for name in names}
         if _embedded_broker is None:
-            await ensure_topics(broker_bootstrap, list(topics.values()), partitions)
+            await ensure_topics(broker_bootstrap, list(topics.values()), partitions,
+                                security=security_for(broker_bootstrap))
         else:
             await asyncio.to_thread(
                 _embedded_broker.create_topics, list(topics.values()), partitions

@@ -66,6 +66,9 @@ class TansuBroker(EmbeddedBroker):
     """A Tansu broker child with memory storage on a free port of 127.0.0.1.
 
     ``binary`` overrides where the executable is found (default: see ``_tansu_binary``).
+    ``advertised`` (``host:port``) is the address the broker names in its metadata instead
+    of its own, for a broker reached through a proxy or TLS terminator: clients then go
+    through it for every request, not only the first.
     """
 
     name = "tansu"
@@ -73,8 +76,9 @@ class TansuBroker(EmbeddedBroker):
         idempotent_producer=False, transactions=False, create_topics_api=True
     )
 
-    def __init__(self, binary: str | None = None) -> None:
+    def __init__(self, binary: str | None = None, *, advertised: str | None = None) -> None:
         self._binary = binary
+        self._advertised = advertised
         self._child: ChildProcess | None = None
         self._port: int | None = None
         self._lock = threading.Lock()
@@ -121,7 +125,7 @@ class TansuBroker(EmbeddedBroker):
             "--listener-url",
             url,
             "--advertised-listener-url",
-            url,
+            f"tcp://{self._advertised}" if self._advertised else url,
             "--storage-engine",
             "memory://tansu/",
             "--cluster-id",

@@ -1,4 +1,5 @@
-"""Building the image core from settings: model, GPU worker, LoRAs, prompts, results."""
+"""Building the image core from settings: model, GPU worker (warmed up), LoRAs, prompts,
+results."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ from pathlib import Path
 
 import httpx
 
+from core.health import EngineHealth
 from core.image.acceleration import Acceleration
 from core.image.init_image import InitImageLimits, InitImageLoader
-from core.image.loader import LoadedModel, load_pipeline
+from core.image.loader import LoadedModel, ModelLoadError, load_pipeline
 from core.image.params import ImageLimits
 from core.image.prompts import PromptOptimizer
 from core.image.results import ResultCache
 from core.image.service import ImageService, ModelIdentity
+from core.image.warmup import warm_up
 from core.image.worker import GpuWorker
 from core.llm import ChatClient
 from core.lora.registry import LoraRegistry
@@ -25,6 +28,7 @@ from core.outputs import OutputStore
 from core.remembered import RememberedResults
 from core.settings import Settings
 from core.storage import ObjectStore
+from schemas.errors import EngineError
 
 __all__ = ["acceleration_of", "build_image_service", "init_image_limits", "model_fingerprint"]
 
@@ -53,10 +57,16 @@ def acceleration_of(settings: Settings) -> Acceleration:
 async def build_image_service(
     settings: Settings, model_path: Path, store: OutputStore, http: httpx.AsyncClient,
     metrics: EngineMetrics, objects: ObjectStore | None = None,
+    health: EngineHealth | None = None,
 ) -> tuple[ImageService, GpuWorker]:
-    """Loads the model at ``model_path`` (in a thread: real weights take minutes) and
-    starts its GPU worker; ``objects``, the shared store, also keeps its result cache.
-    Raises ``ModelLoadError`` with what is missing or wrong."""
+    """Loads the model at ``model_path`` (in a thread: real weights take minutes), starts
+    its GPU worker and makes the warm-up images (:mod:`core.image.warmup`: with
+    COMPILE_TRANSFORMER, the compilation), so that the service returned serves at full
+    speed from its first request. ``health.warming`` (when given) is true meanwhile;
+    ``objects``, the shared store, also keeps the result cache.
+
+    Raises ``ModelLoadError`` with what is missing or wrong, or when a warm-up image fails
+    (the worker is stopped then)."""
     model: LoadedModel = await asyncio.to_thread(
         load_pipeline, model_path, device=settings.device, use_fp16=settings.use_fp16,
         memory_mode=settings.memory_mode, attention_backend=settings.attention_backend,
@@ -69,7 +79,21 @@ async def build_image_service(
         vae_tiling_threshold=settings.vae_tiling_threshold,
         max_sequence_length=settings.flux_max_sequence_length, metrics=metrics,
     )
+    limits = ImageLimits(
+        max_image_size=settings.max_image_size,
+        max_inference_steps=settings.max_inference_steps,
+        default_steps=settings.default_inference_steps,
+        default_guidance=settings.default_guidance_scale,
+        default_negative_prompt=settings.default_negative_prompt,
+        max_loras=settings.max_loras_per_request,
+        max_batch_size=settings.max_batch_size,
+    )
     worker.start()
+    try:
+        await _warm(worker, limits, model_path, health)
+    except BaseException:
+        await asyncio.to_thread(worker.stop)
+        raise
     llm = (ChatClient(http, settings.persona_engine_url, settings.persona_engine_model,
                       settings.persona_engine_timeout)
            if settings.persona_engine_url else None)
@@ -85,20 +109,29 @@ async def build_image_service(
         ResultCache(RememberedResults(settings.output_dir / ".results",
                                       max_entries=settings.result_cache_max_entries,
                                       shared=objects, namespace="results/image")),
-        ImageLimits(
-            max_image_size=settings.max_image_size,
-            max_inference_steps=settings.max_inference_steps,
-            default_steps=settings.default_inference_steps,
-            default_guidance=settings.default_guidance_scale,
-            default_negative_prompt=settings.default_negative_prompt,
-            max_loras=settings.max_loras_per_request,
-            max_batch_size=settings.max_batch_size,
-        ),
-        identity, true_cfg_scale=settings.true_cfg_scale,
+        limits, identity, true_cfg_scale=settings.true_cfg_scale,
         progress_interval=settings.progress_interval,
         init_images=InitImageLoader(http, init_image_limits(settings)),
     )
     return service, worker
+
+
+async def _warm(worker: GpuWorker, limits: ImageLimits, model_path: Path,
+                health: EngineHealth | None) -> None:
+    # the size a request without one gets, when MAX_IMAGE_SIZE allows it
+    side = min(limits.default_size, limits.max_image_size)
+    if health is not None:
+        health.warming = True
+    try:
+        await warm_up(worker, size=side - side % 16, max_batch_size=limits.max_batch_size,
+                      guidance=limits.default_guidance)
+    except Exception as exc:  # the model cannot serve: say so at start-up, not per request
+        why = exc.message if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
+        raise ModelLoadError(f"image model at {model_path} failed its warm-up: {why}",
+                             path=model_path) from exc
+    finally:
+        if health is not None:
+            health.warming = False
 
 
 def init_image_limits(settings: Settings) -> InitImageLimits:

@@ -275,14 +275,30 @@ def _set_attention_backend(pipeline: Any, backend: str, path: Path) -> None:
 
 
 def _compile(pipeline: Any) -> str:
-    """Prepare the LoRA hotswap slot, then compile the transformer in place.
+    """Prepare the LoRA hotswap slot, then compile the transformer's repeated blocks.
 
-    The slot must exist before compilation (peft refuses to prepare a compiled model);
-    compilation itself happens on the first call, which is slow (≈30 s for the tiny
-    model on a CPU, minutes for FLUX.1 on a GPU).
+    The slot must exist before compilation (peft refuses to prepare a compiled model).
+    Regional compilation (diffusers' ``compile_repeated_blocks``: FLUX's double and single
+    blocks, its ``_repeated_blocks``) compiles each block's ``forward``, and the blocks of a
+    kind share its graphs (their weights are inputs, not guards): FLUX.1's 57 blocks cost a
+    few block-sized compilations instead of one of the whole transformer (on the CPU, with
+    FLUX.1's block count, 90 s instead of 594 s: docs/image.md). The first block of a kind
+    gets its inputs laid out otherwise than the next ones (a contiguous tensor, then a view
+    of the joint sequence), which is a second graph for that kind. The embedders and the
+    output layer around the blocks stay eager.
+
+    Shapes are dynamic from the start (``dynamic=True``, and no "duck sizing", which would
+    tie an image's token count to any other dimension that happens to be equal), so other
+    image sizes do not recompile. Sizes 0 and 1 are always specialised by torch: a batch of
+    one image and a batch of several have graphs of their own. Compilation happens at the
+    first calls, which the warm-up (:mod:`core.image.warmup`) makes before the engine is
+    ready.
     """
+    import torch.fx.experimental._config as fx_config
+
     from core.lora.adapters import HOTSWAP_SLOT, prepare_hotswap_slot
 
     prepare_hotswap_slot(pipeline, rank=HOTSWAP_RANK, slot=HOTSWAP_SLOT)
-    pipeline.transformer.compile()
+    fx_config.use_duck_shape = False  # read when a graph is traced (process-wide)
+    pipeline.transformer.compile_repeated_blocks(dynamic=True)
     return HOTSWAP_SLOT

@@ -105,13 +105,16 @@ class GpuWorker:
         self._max_sequence_length = max_sequence_length
         self._metrics = metrics
         self._oom_injector = oom_injector
+        self._observed = True  # False during warm_up(): those images are no one's
         self._adapters = AdapterSet(
             model.pipeline,
             capacity=lora_cache_size,
             hotswap_slot=model.hotswap_slot,
-            on_switch=metrics.lora_switch_seconds.observe if metrics else None,
+            on_switch=self._when_observed(metrics.lora_switch_seconds.observe)
+            if metrics else None,
             on_evict=metrics.lora_evictions.inc if metrics else None,
-            on_load=metrics.lora_load_seconds.observe if metrics else None,
+            on_load=self._when_observed(metrics.lora_load_seconds.observe)
+            if metrics else None,
         )
         self._queue = WorkQueue(batch_key, size=_images_of)
         self._img2img = ImageToImage(model.pipeline)
@@ -215,6 +218,18 @@ class GpuWorker:
             item.withdraw()
             raise
         return result if isinstance(result, list) else [result]
+
+    async def warm_up(self, job: ImageJob) -> list[Image]:
+        """Make ``job``'s images before the worker serves anyone (a compiled model compiles
+        its graphs in its first calls; see :mod:`core.image.warmup`), like
+        :meth:`generate_all`, but unseen by metrics: no request asked for them. Call it
+        only while nothing else is queued (work running meanwhile would go uncounted too).
+        Raises what :meth:`generate_all` raises."""
+        self._observed = False
+        try:
+            return await self.generate_all(job)
+        finally:
+            self._observed = True
 
     def submit_exclusive(self, fn: Callable[[Any], T],
                          placement: Placement = _ANY_OWNER) -> Future[T]:
@@ -338,7 +353,7 @@ class GpuWorker:
         images = call_pipeline(pipeline, jobs,
                                max_sequence_length=self._max_sequence_length, abort=self._abort,
                                cancelled=[item.cancelled for item in items])
-        if self._metrics is not None:  # once per call that made images (not a failed one)
+        if self._metrics is not None and self._observed:  # once per call that made images
             self._metrics.image_batch_size.observe(sum(job.count for job in jobs))
             self._metrics.image_batch_seconds.observe(time.perf_counter() - started)
         if image_to_image and self._model.memory_mode == "model_offload":
@@ -346,6 +361,12 @@ class GpuWorker:
             # model back on the CPU, as its own calls do at their end
             self._model.pipeline.maybe_free_model_hooks()
         return images
+
+    def _when_observed(self, observe: Callable[[float], None]) -> Callable[[float], None]:
+        def maybe(value: float) -> None:
+            if self._observed:
+                observe(value)
+        return maybe
 
     def _set_tiling(self, on: bool) -> None:
         if on != self._tiling:

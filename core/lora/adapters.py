@@ -9,10 +9,15 @@ Used only by the GPU worker's thread, between pipeline calls. Two modes:
   and takes < 1 ms, where ``unload_lora_weights`` would force reloading the next time.
   The least recently used adapter is deleted when a new one does not fit.
 - **Hotswap slot** (compiled transformer): one adapter slot, prepared by
-  :func:`prepare_hotswap_slot` before compilation; each LoRA is hot-swapped into it
-  (``load_lora_weights(..., hotswap=True)``), so switching never recompiles. One slot
-  holds one LoRA at scale 1: stacking or scaling would recompile, so the image service
-  refuses such requests on a compiled model.
+  :func:`prepare_hotswap_slot` before compilation and never disabled; each LoRA is
+  hot-swapped into it (``load_lora_weights(..., hotswap=True)``), and "no LoRA" sets the
+  slot's scaling tensors to zero (the LoRA's output times 0 adds exactly nothing), so
+  neither switching LoRAs nor going to or from the base model changes anything torch.compile
+  guards on: no recompilation. (``disable_lora`` would flip a flag and ``requires_grad`` on
+  every layer, each a guard: a second set of graphs.) Going back to the LoRA in the slot
+  copies its scalings back, without reading its file. One slot holds one LoRA at scale 1:
+  stacking or scaling would recompile, so the image service refuses such requests on a
+  compiled model.
 
 A LoRA that fails to load raises :class:`LoraLoadError`: the request never silently runs
 on the base model.
@@ -81,6 +86,8 @@ class AdapterSet:
         self._on_load = on_load
         self._loaded: OrderedDict[_Key, str] = OrderedDict()  # key -> adapter name
         self._slot_content: _Key | None = None  # what the hotswap slot holds
+        self._scalings: list[Any] = []  # the LoRA's own scalings, given back after silence
+        self._silenced = False
         # the adapters the next call runs with: (key, scale) pairs ("()": the base model),
         # or _UNKNOWN
         self._state: tuple[tuple[_Key, float], ...] | object = ()
@@ -116,7 +123,9 @@ class AdapterSet:
         self._state = _UNKNOWN
         try:
             if not adapters:
-                if self._loaded or self._slot is not None:
+                if self._slot is not None:
+                    self._silence_slot()
+                elif self._loaded:
                     self._pipeline.disable_lora()
             elif self._slot is not None:
                 self._hotswap(_one_at_full_scale(adapters))
@@ -137,10 +146,10 @@ class AdapterSet:
             self.reset()
 
     def reset(self) -> None:
-        """Unload every adapter (a hotswap slot stays, disabled): the plain base model."""
+        """Unload every adapter (a hotswap slot stays, silenced): the plain base model."""
         if self._slot is not None:
-            self._pipeline.disable_lora()
             self._slot_content = None
+            self._silence_slot()
         elif self._present():
             self._pipeline.unload_lora_weights()
         self._loaded.clear()
@@ -224,27 +233,42 @@ class AdapterSet:
 
     def _hotswap(self, lora: LoraInfo) -> None:
         key = (lora.lora_id, lora.fingerprint)
-        if key != self._slot_content:
-            _verify_file(lora)
-            self._slot_content = None  # unknown if the swap fails half-way
-            started = time.perf_counter()
-            try:
-                self._pipeline.load_lora_weights(
-                    str(lora.path), adapter_name=self._slot, hotswap=True
-                )
-                self._loaded_in(time.perf_counter() - started)
-            except Exception as exc:
-                self._pipeline.disable_lora()
-                if _is_out_of_memory(exc):
-                    raise
-                raise LoraLoadError(
-                    f"LoRA {lora.lora_id!r} could not be hot-swapped in (a compiled model "
-                    f"takes LoRAs of rank <= its slot's on {', '.join(_HOTSWAP_TARGETS)}): "
-                    f"{exc}",
-                    lora.lora_id,
-                ) from exc
-            self._slot_content = key
-            self._loaded = OrderedDict([(key, str(self._slot))])
+        if key == self._slot_content:
+            if self._silenced:  # its weights are still there: give back its scalings
+                _copy_into(_slot_scalings(self._pipeline, str(self._slot)), self._scalings)
+                self._silenced = False
+            self._pipeline.enable_lora()  # (a no-op unless foreign code disabled it)
+            return
+        _verify_file(lora)
+        self._slot_content = None  # unknown if the swap fails half-way
+        started = time.perf_counter()
+        try:
+            # sets the slot's scalings to this LoRA's, the silenced ones included
+            self._pipeline.load_lora_weights(str(lora.path), adapter_name=self._slot,
+                                             hotswap=True)
+            self._loaded_in(time.perf_counter() - started)
+        except Exception as exc:
+            self._silence_slot()
+            if _is_out_of_memory(exc):
+                raise
+            raise LoraLoadError(
+                f"LoRA {lora.lora_id!r} could not be hot-swapped in (a compiled model "
+                f"takes LoRAs of rank <= its slot's on {', '.join(_HOTSWAP_TARGETS)}): "
+                f"{exc}",
+                lora.lora_id,
+            ) from exc
+        self._scalings = [value.clone() for value in
+                          _slot_scalings(self._pipeline, str(self._slot))]
+        self._silenced = False
+        self._slot_content = key
+        self._loaded = OrderedDict([(key, str(self._slot))])
+        self._pipeline.enable_lora()
+
+    def _silence_slot(self) -> None:
+        """The base model on a compiled transformer: the slot's scalings at zero (its
+        weights stay, for a switch back), the slot enabled as always."""
+        _zero(_slot_scalings(self._pipeline, str(self._slot)))
+        self._silenced = True
         self._pipeline.enable_lora()
 
 
@@ -280,11 +304,13 @@ def _verify_file(lora: LoraInfo) -> None:
 
 def prepare_hotswap_slot(pipeline: Any, *, rank: int = 16, slot: str = HOTSWAP_SLOT) -> None:
     """Before compiling the transformer: enable hotswap for ranks up to ``rank`` and load
-    an all-zero LoRA of that rank on the attention projections into ``slot``, disabled.
+    an all-zero LoRA of that rank on the attention projections into ``slot``, enabled.
 
     peft must wrap the layers before compilation (``prepare_model_for_compiled_hotswap``
-    refuses a compiled model), so the slot exists from the start; the zero adapter is a
-    no-op, and disabled the outputs are the base model's.
+    refuses a compiled model), so the slot exists from the start; its scalings become
+    tensors (swapping or silencing one changes a value, never a graph). The zero adapter
+    adds exactly nothing, so the outputs are the base model's. The slot stays enabled for
+    good: :class:`AdapterSet` silences it for the base model instead of disabling it.
     """
     import torch
 
@@ -300,7 +326,45 @@ def prepare_hotswap_slot(pipeline: Any, *, rank: int = 16, slot: str = HOTSWAP_S
             )
     pipeline.enable_lora_hotswap(target_rank=rank)
     pipeline.load_lora_weights(state, adapter_name=slot)
-    pipeline.disable_lora()
+    pipeline.enable_lora()  # the very state every later call runs in
+    scalings = _slot_scalings(pipeline, slot)
+    if not scalings:
+        raise InternalError(f"no LoRA layer holds the hotswap slot {slot!r} after loading it")
+    _zero(scalings)
+
+
+def _slot_scalings(pipeline: Any, slot: str) -> list[Any]:
+    """The slot's scaling tensor of every LoRA layer of the transformer (peft turns them
+    into tensors for a compiled hotswap; a float here would be a guard, so it is an
+    error)."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    found: list[torch.Tensor] = []
+    for name, module in pipeline.transformer.named_modules():
+        if isinstance(module, LoraLayer) and slot in module.scaling:
+            value = module.scaling[slot]
+            if not isinstance(value, torch.Tensor):
+                raise InternalError(f"the hotswap slot's scaling in {name} is a "
+                                    f"{type(value).__name__}, not a tensor: it would recompile")
+            found.append(value)
+    return found
+
+
+def _zero(tensors: Sequence[Any]) -> None:
+    import torch
+
+    with torch.no_grad():
+        for tensor in tensors:
+            tensor.zero_()
+
+
+def _copy_into(tensors: Sequence[Any], values: Sequence[Any]) -> None:
+    import torch
+
+    with torch.no_grad():
+        for tensor, value in zip(tensors, values, strict=True):
+            tensor.copy_(value)
 
 
 def _is_target(module_name: str) -> bool:

@@ -1,4 +1,4 @@
-"""Voice: text to an MP3 output, through ElevenLabs or the local espeak-ng engine.
+"""Voice: text to an audio output (MP3, Opus, WAV), streamed as it is made, through ElevenLabs or the local espeak-ng engine.
 
 :class:`VoiceService` is the one entry; backends (:class:`VoiceBackend`: ElevenLabs,
 local), emotion injectors (:class:`EmotionInjector`: rules, the Persona Engine's LLM),
@@ -22,6 +22,7 @@ from core.voice.emotion_llm import LLMEmotionInjector
 from core.voice.emotion_rules import RulesEmotionInjector
 from core.voice.espeak import EspeakSynthesizer
 from core.voice.factory import build_voice_service
+from core.voice.formats import DEFAULT_OUTPUT_FORMAT, OUTPUT_FORMATS, OutputFormat, format_named
 from core.voice.local import LocalVoiceBackend
 from core.voice.models import ModelFacts, model_facts
 from core.voice.mp3 import audio_duration, write_mp3
@@ -29,14 +30,22 @@ from core.voice.mp3join import join_mp3
 from core.voice.profiles import VoiceProfile, VoiceProfiles
 from core.voice.quota import QuotaMonitor
 from core.voice.results import RememberedVoice, VoiceResults, voice_fingerprint
-from core.voice.service import VoiceJob, VoiceRequestLike, VoiceResult, VoiceService
+from core.voice.service import OnStream, VoiceJob, VoiceRequestLike, VoiceResult, VoiceService
+from core.voice.streams import AudioSink, AudioStream, AudioStreams, StreamAborted
 from core.voice.tags import strip_audio_tags
+from core.voice.timing import Alignment, word_timings
 
 __all__ = [
+    "DEFAULT_OUTPUT_FORMAT",
     "EMOTIONS",
     "KNOWN_TAGS",
     "MAX_DICTIONARIES",
+    "OUTPUT_FORMATS",
     "SEED_MAX",
+    "Alignment",
+    "AudioSink",
+    "AudioStream",
+    "AudioStreams",
     "BackoffPolicy",
     "ElevenLabsBackend",
     "ElevenLabsError",
@@ -51,10 +60,13 @@ __all__ = [
     "LLMEmotionInjector",
     "LocalVoiceBackend",
     "ModelFacts",
+    "OnStream",
+    "OutputFormat",
     "PronunciationDictionary",
     "QuotaMonitor",
     "RememberedVoice",
     "RulesEmotionInjector",
+    "StreamAborted",
     "Subscription",
     "VoiceBackend",
     "VoiceJob",
@@ -67,9 +79,11 @@ __all__ = [
     "VoiceSettings",
     "audio_duration",
     "build_voice_service",
+    "format_named",
     "join_mp3",
     "model_facts",
     "strip_audio_tags",
     "voice_fingerprint",
+    "word_timings",
     "write_mp3",
 ]

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Protocol
 
 from core.voice.dictionaries import PronunciationDictionary
+from core.voice.streams import AudioSink
+from core.voice.timing import Alignment
 
 __all__ = ["SEED_MAX", "VoiceBackend", "VoiceSettings"]
 
@@ -26,7 +28,8 @@ class VoiceSettings:
     How it is to be spoken as well: ``seed`` (0..:data:`SEED_MAX`, ``None``: the engine
     samples freely) asks for the same audio again, ``pronunciation_dictionaries`` (at most
     3, the character's) fix how words are said. The local engine is deterministic and
-    ignores both."""
+    ignores both. ``output_format`` is ElevenLabs' name of the file to write
+    (:mod:`core.voice.formats`; ``None``: the backend's default)."""
 
     voice_id: str
     model_id: str | None = None
@@ -37,10 +40,11 @@ class VoiceSettings:
     use_speaker_boost: bool | None = None
     seed: int | None = None
     pronunciation_dictionaries: tuple[PronunciationDictionary, ...] = ()
+    output_format: str | None = None
 
 
 class VoiceBackend(Protocol):
-    """A speech engine that writes one MP3 file per call."""
+    """A speech engine that writes one audio file per call, streaming it as it goes."""
 
     @property
     def name(self) -> str:
@@ -60,9 +64,20 @@ class VoiceBackend(Protocol):
         (ElevenLabs v3) instead of reading them aloud; if not, the service strips them."""
         ...
 
-    async def synthesize_to(self, path: Path, text: str, settings: VoiceSettings) -> None:
-        """Speak ``text`` into a new MP3 file at ``path``.
+    @property
+    def default_output_format(self) -> str:
+        """The format of a request that names none (ElevenLabs' name)."""
+        ...
 
+    async def synthesize_to(self, path: Path, text: str, settings: VoiceSettings,
+                            sink: AudioSink | None = None) -> Alignment | None:
+        """Speak ``text`` into a new file at ``path`` in ``settings.output_format``, writing
+        the audio to ``sink`` as it is made (when given), and return when each character
+        of ``text`` is spoken (``None``: the engine does not say).
+
+        The bytes written to ``sink`` are those of the file: a header that needs the end
+        (a WAV file's sizes, a joined MP3's counts) is written over the sink's start with
+        ``sink.rewrite`` when the file is complete (:mod:`core.voice.assembly`).
         Raises an :class:`~schemas.errors.EngineError` on failure; the caller removes a
         partly written file.
         """

@@ -1,10 +1,13 @@
 """ElevenLabs text to speech over HTTP, on the engine's one shared ``httpx.AsyncClient``.
 
-``POST {api_url}/text-to-speech/{voice_id}?output_format=…`` with the ``xi-api-key`` header
-and the JSON body of ElevenLabs' OpenAPI document (``text``, ``model_id``,
-``voice_settings``, ``seed``, ``pronunciation_dictionary_locators``, and for long text
-``previous_request_ids`` or ``previous_text``/``next_text``); the answer is the MP3 itself,
-with the ``request-id`` header that names it for stitching.
+``POST {api_url}/text-to-speech/{voice_id}/stream/with-timestamps?output_format=…`` with
+the ``xi-api-key`` header and the JSON body of ElevenLabs' OpenAPI document (``text``,
+``model_id``, ``voice_settings``, ``seed``, ``pronunciation_dictionary_locators``, and for
+long text ``previous_request_ids`` or ``previous_text``/``next_text``); the answer is a
+stream of JSON lines, each an audio chunk (``audio_base64``) with the timing of the
+characters it speaks (``alignment``), and the ``request-id`` header that names it for
+stitching. Each chunk goes to the request's stream (:mod:`core.voice.streams`) the moment
+it arrives; the characters' timings come back from :meth:`ElevenLabsBackend.synthesize_to`.
 
 - **Concurrency:** at most ``max_concurrency`` requests are in flight, and never more than
   ``account_concurrency`` (the account's limit, when known); a request waiting out a
@@ -23,26 +26,35 @@ with the ``request-id`` header that names it for stitching.
   budget, so the consume loop's retries and these share one bound. A read timeout is
   ``ElevenLabsTimeoutError`` at once (retryable, but a hang costs a whole timeout, so only
   the caller's outer retries try again). 400/401/404/422 are permanent; quota exhaustion is
-  ``QUOTA_EXCEEDED``. Every error carries ``attempts`` (the request's so far).
+  ``QUOTA_EXCEEDED``. Every error carries ``attempts`` (the request's so far). Once audio
+  has gone out to the request's listeners nothing is asked for again (they heard its
+  start): a failure then is final, ``retryable`` false, and the stream is aborted.
 - **Budget:** :meth:`ElevenLabsBackend.with_budget` gives a view of the backend that
   spends a request's budget; a call without one gets a budget of its own from
   ``retry`` (the RETRY_* settings).
 - **Long text:** split at sentence boundaries within the model's limit
-  (:mod:`core.voice.models`, :mod:`core.voice.chunking`) and joined into one MP3
-  (:func:`core.voice.mp3join.join_mp3`). On models that take request stitching the parts
+  (:mod:`core.voice.models`, :mod:`core.voice.chunking`) and joined into one stream
+  (:mod:`core.voice.assembly`: MP3 frame by frame, Opus page by page, raw under one WAV
+  header). On models that take request stitching the parts
   are requested one after the other, each with the ``request-id`` of up to
   :data:`MAX_STITCHED` parts before it as ``previous_request_ids`` and the start of the
   next part as ``next_text`` (a part whose answer had no ``request-id`` is followed by one
   that gets ``previous_text`` instead). On the others (``eleven_v3``) they are requested
   concurrently, each with its neighbours as ``previous_text``/``next_text``. Every part
   carries the same ``seed`` and dictionaries.
-- **One file per call:** the file is written once, after every part's body arrived whole.
+- **One file per call:** the file is the stream the parts made, written as it goes out and
+  completed once every part arrived whole (a WAV header's sizes, a joined MP3's counts are
+  written then); a failure leaves it to the caller to remove. The parts' character
+  timings become one timeline, each part's shifted to where its audio plays in the file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import copy
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -55,6 +67,7 @@ from pydantic import SecretStr
 
 from core.backoff import Backoff
 from core.retry_budget import RetryBudget
+from core.voice.assembly import PartsStream
 from core.voice.backend import VoiceSettings
 from core.voice.chunking import context, split_text
 from core.voice.concurrency import AdaptiveLimit
@@ -65,9 +78,11 @@ from core.voice.elevenlabs_faults import (
     ElevenLabsUnavailableError,
     error_for_response,
 )
+from core.voice.formats import OutputFormat, format_named
 from core.voice.models import model_facts
-from core.voice.mp3join import join_mp3
-from schemas.errors import InternalError
+from core.voice.streams import AudioSink
+from core.voice.timing import Alignment
+from schemas.errors import InternalError, InvalidRequestError
 
 __all__ = ["GROW_AFTER", "MAX_STITCHED", "ElevenLabsBackend", "Subscription"]
 
@@ -110,7 +125,7 @@ class ElevenLabsBackend:
     ``sleep`` how retries wait; ``max_concurrency``, ``account_concurrency`` and
     ``adaptive_concurrency`` bound the requests in flight (see the module docstring).
     Raises ``ValueError`` naming the argument for an empty key, a URL that is not http(s),
-    an output format other than ``mp3_*``, or ``max_concurrency`` or
+    an output format ElevenLabs does not list, or ``max_concurrency`` or
     ``account_concurrency`` < 1.
     """
 
@@ -133,8 +148,10 @@ class ElevenLabsBackend:
             raise ValueError("api_key must not be empty")
         if not api_url.startswith(("http://", "https://")):
             raise ValueError(f"api_url must be an http(s) URL, got {api_url!r}")
-        if not output_format.startswith("mp3_"):
-            raise ValueError(f"output_format must be an mp3_* format, got {output_format!r}")
+        try:
+            format_named(output_format)
+        except InvalidRequestError as exc:
+            raise ValueError(str(exc)) from None
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         if account_concurrency is not None and account_concurrency < 1:
@@ -166,6 +183,10 @@ class ElevenLabsBackend:
         return self._default_model_id
 
     @property
+    def default_output_format(self) -> str:
+        return self._output_format
+
+    @property
     def audio_variant(self) -> str:
         """The API and the output format (ELEVENLABS_API_URL, ELEVENLABS_OUTPUT_FORMAT):
         another format is other bytes, another API possibly other audio."""
@@ -187,32 +208,41 @@ class ElevenLabsBackend:
         view._budget = budget
         return view
 
-    async def synthesize_to(self, path: Path, text: str, settings: VoiceSettings) -> None:
-        """Speak ``text`` into an MP3 at ``path`` (see the module docstring).
+    async def synthesize_to(self, path: Path, text: str, settings: VoiceSettings,
+                            sink: AudioSink | None = None) -> Alignment | None:
+        """Speak ``text`` into a file at ``path`` in ``settings.output_format`` (the
+        backend's default when ``None``), streaming it to ``sink`` (see the module
+        docstring); returns the characters' timings on one timeline.
 
         Raises an :class:`~core.voice.elevenlabs_faults.ElevenLabsError` subclass for an
         upstream failure and :class:`InternalError` when the parts cannot be joined.
         """
         budget = self._budget if self._budget is not None else RetryBudget(self._retry)
+        fmt = format_named(settings.output_format or self._output_format)
         model_id = settings.model_id or self._default_model_id
         facts = model_facts(model_id)
         chunks = split_text(text, facts.chunk_chars)
         if not chunks:
             raise InternalError("nothing to speak")
-        if len(chunks) == 1:
-            audio, _ = await self._convert(
-                settings.voice_id, self._body(chunks[0], model_id, settings), budget)
-        else:
-            stitch = self._stitched if facts.stitching else self._with_context
-            parts = await stitch(chunks, model_id, settings, budget)
-            audio = await asyncio.to_thread(join_mp3, parts)
-        await asyncio.to_thread(path.write_bytes, audio)
+        live = PartsStream(path, sink, fmt, len(chunks))
+        try:
+            call = _Call(settings.voice_id, fmt, budget, live)
+            if len(chunks) == 1:
+                answers = [await self._convert(call, 0, self._body(chunks[0], model_id,
+                                                                   settings))]
+            else:
+                stitch = self._stitched if facts.stitching else self._with_context
+                answers = await stitch(chunks, model_id, settings, call)
+            await live.finish()
+        finally:
+            live.close()
+        return await asyncio.to_thread(_timeline, text, chunks, answers, live.part_starts())
 
     async def _stitched(self, chunks: list[str], model_id: str, settings: VoiceSettings,
-                        budget: RetryBudget) -> list[bytes]:
+                        call: _Call) -> list[_Answer]:
         """The parts one after the other, each stitched to the ones before it by their
         ``request-id`` (see the module docstring)."""
-        parts: list[bytes] = []
+        parts: list[_Answer] = []
         ids: list[str] = []
         for i, chunk in enumerate(chunks):
             following = context(chunks[i + 1], before=False) if i + 1 < len(chunks) else None
@@ -221,13 +251,13 @@ class ElevenLabsBackend:
                 body["previous_request_ids"] = ids[-MAX_STITCHED:]
             elif i > 0:  # the part before came without a request-id: its text instead
                 body["previous_text"] = context(chunks[i - 1], before=True)
-            audio, request_id = await self._convert(settings.voice_id, body, budget)
-            parts.append(audio)
-            ids = [*ids, request_id] if request_id else []
+            answer = await self._convert(call, i, body)
+            parts.append(answer)
+            ids = [*ids, answer.request_id] if answer.request_id else []
         return parts
 
     async def _with_context(self, chunks: list[str], model_id: str, settings: VoiceSettings,
-                            budget: RetryBudget) -> list[bytes]:
+                            call: _Call) -> list[_Answer]:
         """The parts concurrently, each with its neighbours' text as context."""
         bodies = [
             self._body(
@@ -237,9 +267,7 @@ class ElevenLabsBackend:
             )
             for i, chunk in enumerate(chunks)
         ]
-        answers = await _all_or_nothing(
-            [self._convert(settings.voice_id, b, budget) for b in bodies])
-        return [audio for audio, _ in answers]
+        return await _all_or_nothing([self._convert(call, i, b) for i, b in enumerate(bodies)])
 
     async def subscription(self) -> Subscription:
         """The account's subscription (one request, no retries).
@@ -301,55 +329,136 @@ class ElevenLabsBackend:
             body["next_text"] = following
         return body
 
-    async def _convert(self, voice_id: str, body: dict[str, Any], budget: RetryBudget
-                       ) -> tuple[bytes, str | None]:
-        """The audio for one request body and its ``request-id`` (``None`` when upstream
-        sent none), retried as the module docstring says."""
-        url = f"{self._api_url}/text-to-speech/{quote(voice_id, safe='')}"
-        params = {"output_format": self._output_format}
+    async def _convert(self, call: _Call, part: int, body: dict[str, Any]) -> _Answer:
+        """Part ``part``'s audio, its ``request-id`` (``None`` when upstream sent none) and
+        its characters' timings, its chunks streamed as they come; retried as the module
+        docstring says."""
+        url = (f"{self._api_url}/text-to-speech/{quote(call.voice_id, safe='')}"
+               "/stream/with-timestamps")
+        params = {"output_format": call.fmt.name}
+        budget = call.budget
         while True:
             error: ElevenLabsError
+            call.live.restart(part)
             async with self._slots.slot() as slot:
                 budget.attempt()
                 try:
-                    response = await self._client.post(
-                        url, params=params, json=body, headers=self._headers("audio/mpeg"),
-                        timeout=self._timeout,
-                    )
+                    async with self._client.stream(
+                        "POST", url, params=params, json=body,
+                        headers=self._headers("application/json"), timeout=self._timeout,
+                    ) as response:
+                        if response.status_code == 200:
+                            answer = await self._received(response, call, part)
+                            if answer is not None:
+                                slot.succeeded()
+                                await call.live.done(part)
+                                return answer
+                            error = ElevenLabsUnavailableError(
+                                "ElevenLabs answered 200 without audio", http_status=200,
+                                attempts=budget.attempts,
+                            )
+                        else:
+                            content = await response.aread()
+                            error = error_for_response(
+                                response.status_code, content, response.headers,
+                                attempts=budget.attempts, secret=self._key.get_secret_value(),
+                            )
+                            if (error.http_status == 429
+                                    and error.upstream_status in _CONCURRENCY_REFUSALS):
+                                slot.overloaded()
                 except httpx.ReadTimeout as exc:
-                    raise ElevenLabsTimeoutError(
+                    raise _final(ElevenLabsTimeoutError(
                         f"ElevenLabs sent no audio within {self._timeout.read}s",
                         attempts=budget.attempts,
-                    ) from exc
+                    ), call) from exc
                 except httpx.RequestError as exc:  # connect, write, pool, dropped body
                     error = ElevenLabsUnavailableError(
                         f"ElevenLabs unreachable: {type(exc).__name__}",
                         attempts=budget.attempts,
                     )
                     error.__cause__ = exc
-                else:
-                    if response.status_code == 200 and response.content:
-                        slot.succeeded()
-                        return response.content, response.headers.get("request-id") or None
-                    if response.status_code == 200:
-                        error = ElevenLabsUnavailableError(
-                            "ElevenLabs answered 200 without audio", http_status=200,
-                            attempts=budget.attempts,
-                        )
-                    else:
-                        error = error_for_response(
-                            response.status_code, response.content, response.headers,
-                            attempts=budget.attempts, secret=self._key.get_secret_value(),
-                        )
-                        if (error.http_status == 429
-                                and error.upstream_status in _CONCURRENCY_REFUSALS):
-                            slot.overloaded()
+            if call.live.started:  # listeners heard the start: asking again would repeat it
+                raise _final(error, call)
             wait = budget.retry(error)
             if wait is None:
                 raise error
             logger.warning("%s (attempt %d, at most %d for one request); retrying in %.2fs",
                            error.message, budget.attempts, budget.max_attempts, wait)
             await self._sleep(wait)
+
+    async def _received(self, response: httpx.Response, call: _Call, part: int
+                        ) -> _Answer | None:
+        """The JSON lines of a 200 answer, each chunk streamed as it comes; ``None`` when
+        they held no audio. Raises ``httpx.RequestError`` when the connection drops and
+        :class:`ElevenLabsUnavailableError` for a line that is not one of upstream's."""
+        received = 0
+        characters: list[str] = []
+        starts: list[float] = []
+        ends: list[float] = []
+        async for line in response.aiter_lines():
+            if not line.strip():
+                continue
+            try:
+                chunk = json.loads(line)
+                data = base64.b64decode(chunk.get("audio_base64") or "", validate=True)
+                timed = chunk.get("alignment") or {}
+                characters += [str(c) for c in timed.get("characters", [])]
+                starts += [float(t) for t in timed.get("character_start_times_seconds", [])]
+                ends += [float(t) for t in timed.get("character_end_times_seconds", [])]
+            except (ValueError, TypeError, AttributeError, binascii.Error) as exc:
+                raise ElevenLabsUnavailableError(
+                    f"ElevenLabs sent a stream line that is not an audio chunk: "
+                    f"{type(exc).__name__}", http_status=200,
+                    attempts=call.budget.attempts) from exc
+            if data:
+                received += len(data)
+                await call.live.write(part, data)
+        if not received:
+            return None
+        return _Answer(response.headers.get("request-id") or None,
+                       (characters, starts, ends) if characters else None)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One :meth:`ElevenLabsBackend.synthesize_to`: its voice, format, budget and stream."""
+
+    voice_id: str
+    fmt: OutputFormat
+    budget: RetryBudget
+    live: PartsStream
+
+
+@dataclass(frozen=True)
+class _Answer:
+    request_id: str | None
+    timed: tuple[list[str], list[float], list[float]] | None  # upstream's alignment
+
+
+def _final(error: ElevenLabsError, call: _Call) -> ElevenLabsError:
+    """``error``, not to be retried once listeners heard audio."""
+    if call.live.started:
+        error.retryable = False
+        error.message = f"{error.message} (after audio was streamed: not asked again)"
+        error.args = (error.message,)
+    return error
+
+
+def _timeline(text: str, chunks: list[str], answers: list[_Answer], starts: list[float]
+              ) -> Alignment | None:
+    """The parts' alignments as one of ``text``, each shifted to where its audio starts
+    in the file (``starts``); ``None`` when a part came without one."""
+    if any(answer.timed is None for answer in answers):
+        return None
+    placed: list[tuple[int, Alignment]] = []
+    position = 0
+    for chunk, answer, start in zip(chunks, answers, starts, strict=True):
+        assert answer.timed is not None
+        position = text.find(chunk, position)
+        aligned = Alignment.of_characters(chunk, *answer.timed)
+        placed.append((max(0, position), aligned.shifted(start)))
+        position += len(chunk)
+    return Alignment.joined(text, placed)
 
 
 async def _all_or_nothing(calls: list[Awaitable[_T]]) -> list[_T]:

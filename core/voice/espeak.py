@@ -35,8 +35,22 @@ _CHARS_UTF8 = 1
 _EE_OK = 0
 _PARAM_RATE, _PARAM_PITCH, _PARAM_RANGE = 1, 3, 4
 
+_EVENT_LIST_TERMINATED, _EVENT_WORD = 0, 1
+
+
+class _Event(ctypes.Structure):
+    """speak_lib.h's espeak_EVENT."""
+
+    _fields_ = [
+        ("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint),
+        ("text_position", ctypes.c_int), ("length", ctypes.c_int),
+        ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
+        ("user_data", ctypes.c_void_p), ("id", ctypes.c_char * 8),
+    ]
+
+
 _SynthCallback = ctypes.CFUNCTYPE(
-    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event)
 )
 
 _LOCK = threading.Lock()
@@ -74,16 +88,26 @@ class _Engine:
         self.data_path = data_path
         self.sample_rate = int(sample_rate)
         self.chunks: list[bytes] = []
+        # word events of the synthesis under way: (text position, 1-based), length, ms
+        self.words: list[tuple[int, int, int]] = []
         # ctypes does not keep the C function pointer alive: the library calls it on every
         # synthesis, so this reference must live as long as the library.
         self._callback = _SynthCallback(self._on_audio)
         lib.espeak_SetSynthCallback(self._callback)
 
     def _on_audio(
-        self, wav: ctypes._Pointer[ctypes.c_short], count: int, _events: int | None
+        self, wav: ctypes._Pointer[ctypes.c_short], count: int,
+        events: ctypes._Pointer[_Event] | None,
     ) -> int:
         if count > 0 and wav:
             self.chunks.append(ctypes.string_at(wav, count * 2))
+        if events:
+            i = 0
+            while events[i].type != _EVENT_LIST_TERMINATED:
+                event = events[i]
+                if event.type == _EVENT_WORD:
+                    self.words.append((event.text_position, event.length, event.audio_position))
+                i += 1
         return 0  # 0: go on synthesizing
 
 
@@ -144,6 +168,20 @@ class EspeakSynthesizer:
         means espeak's default. Raises ``ValueError`` for a value out of range and
         :class:`InternalError` for an unknown voice or a failing synthesis.
         """
+        samples, sample_rate, _ = self.synthesize_timed(text, voice, rate, pitch, pitch_range)
+        return samples, sample_rate
+
+    def synthesize_timed(
+        self,
+        text: str,
+        voice: str = "en-us",
+        rate: int | None = None,
+        pitch: int | None = None,
+        pitch_range: int | None = None,
+    ) -> tuple[npt.NDArray[np.int16], int, list[tuple[int, int, float]]]:
+        """:meth:`synthesize`, with espeak-ng's word events: ``(start, length, seconds)``
+        per word, ``text[start:start + length]`` being the word as espeak read it and
+        ``seconds`` when its sound begins. Raises as :meth:`synthesize`."""
         rate = _checked("rate", rate, DEFAULT_RATE, 80, 450)
         pitch = _checked("pitch", pitch, DEFAULT_PITCH, 0, 100)
         pitch_range = _checked("pitch_range", pitch_range, DEFAULT_PITCH_RANGE, 0, 100)
@@ -158,18 +196,22 @@ class EspeakSynthesizer:
                                      (_PARAM_RANGE, pitch_range)):  # fmt: skip
                 lib.espeak_SetParameter(parameter, value, 0)
             engine.chunks.clear()
+            engine.words.clear()
             try:
                 status = lib.espeak_Synth(data, len(data), 0, _POS_CHARACTER, 0, _CHARS_UTF8,
                                           None, None)  # fmt: skip
                 if status == _EE_OK:
                     status = lib.espeak_Synchronize()
                 pcm = b"".join(engine.chunks)
+                words = list(engine.words)
             finally:
                 engine.chunks.clear()
+                engine.words.clear()
         if status != _EE_OK:
             raise InternalError(f"espeak-ng synthesis failed with status {status}")
         # the callback delivers C shorts, so native byte order is right
-        return np.frombuffer(pcm, dtype=np.int16), engine.sample_rate
+        return (np.frombuffer(pcm, dtype=np.int16), engine.sample_rate,
+                [(position - 1, length, ms / 1000) for position, length, ms in words])
 
 
 def _checked(name: str, value: int | None, default: int, low: int, high: int) -> int:

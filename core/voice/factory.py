@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 import httpx
 
@@ -19,11 +20,13 @@ from core.voice.emotion import EmotionInjector
 from core.voice.emotion_llm import LLMEmotionInjector
 from core.voice.emotion_rules import RulesEmotionInjector
 from core.voice.espeak import EspeakSynthesizer
+from core.voice.formats import OUTPUT_FORMATS
 from core.voice.local import LocalVoiceBackend
 from core.voice.profiles import VoiceProfiles
 from core.voice.quota import QuotaMonitor
 from core.voice.results import VoiceResults
 from core.voice.service import VoiceService
+from core.voice.streams import AudioStreams
 
 __all__ = ["build_voice_service"]
 
@@ -48,6 +51,9 @@ def build_voice_service(
     - Profiles: read from VOICE_PROFILES_PATH when set.
     - Remembered results: ``{store}/.voice-results``, at most RESULT_CACHE_MAX_ENTRIES.
     - Texts of at most VOICE_MAX_TEXT_CHARS characters.
+    - Live streams spooled in ``{store}/.voice-streams``, named
+      ``{VOICE_STREAM_BASE_URL or PUBLIC_BASE_URL}/streams/voice/{VOICE_STREAM_INSTANCE or
+      the host name}/{id}``, kept VOICE_STREAM_LINGER_SECONDS after they end.
 
     ``http`` is the engine's shared client (the caller closes it); ``sleep`` is how the
     ElevenLabs backend waits between retries (tests pass a recorder). Its retries follow
@@ -55,7 +61,8 @@ def build_voice_service(
     a Kafka request brings the loop's budget, an HTTP one gets its own.
 
     Raises :class:`ConfigurationError` (one line) when ElevenLabs is selected with an empty
-    key or no key, or the profiles file is unreadable or invalid; ``ValueError`` when
+    key or no key, ELEVENLABS_OUTPUT_FORMAT is not one of ElevenLabs' formats, or the
+    profiles file is unreadable or invalid; ``ValueError`` when
     ElevenLabs is selected but no ``http`` client is given. (Without ``http`` the LLM is
     not used: the rules alone inject emotion, and a warning says so.)
     """
@@ -83,6 +90,11 @@ def build_voice_service(
                 f"VOICE_BACKEND={settings.voice_backend!r} selects ElevenLabs (allowed: a "
                 "non-empty key, or VOICE_BACKEND='local' with the key unset)"
             )
+        if settings.elevenlabs_output_format not in OUTPUT_FORMATS:
+            raise ConfigurationError(
+                f"invalid configuration: ELEVENLABS_OUTPUT_FORMAT="
+                f"{settings.elevenlabs_output_format!r} is not one of ElevenLabs' formats "
+                f"({', '.join(OUTPUT_FORMATS)})")
         elevenlabs = ElevenLabsBackend(
             _require(http),
             settings.elevenlabs_api_url,
@@ -105,9 +117,19 @@ def build_voice_service(
     results = VoiceResults(RememberedResults(store.directory / ".voice-results",
                                              max_entries=settings.result_cache_max_entries,
                                              shared=objects, namespace="results/voice"))
+    instance = settings.voice_stream_instance or _host_name()
+    streams = AudioStreams(store.directory / ".voice-streams",
+                           settings.voice_stream_base_url or settings.public_base_url, instance,
+                           linger=settings.voice_stream_linger_seconds)
     return VoiceService(backend, store, settings.default_voice_id, injector,
                         settings.voice_max_text_chars, profiles=profiles, quota=quota,
-                        results=results)
+                        results=results, streams=streams)
+
+
+def _host_name() -> str:
+    """This host's name, as a stream URL may carry it."""
+    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())
+    return name[:100] or "engine"
 
 
 def _require(http: httpx.AsyncClient | None) -> httpx.AsyncClient:

@@ -1,15 +1,16 @@
-"""Joining MP3 files into one, frame by frame, without re-encoding.
+"""Joining MP3 parts into one stream, frame by frame, as they arrive, without re-encoding.
 
-ElevenLabs speaks a long text in several requests; their MP3 answers become one file. MPEG
-audio frames can be concatenated as they are (every encoder starts a file with an empty bit
+ElevenLabs speaks a long text in several requests, and the local voice a text sentence by
+sentence; their MP3 answers become one stream, and the file is that stream. MPEG audio
+frames can be concatenated as they are (every encoder starts a file with an empty bit
 reservoir), but the tags around them cannot: an ID3v2 tag before the frames, an ID3v1 tag
 after them, and above all the Xing/Info header frame (with LAME's gapless delay and
 padding) that tells readers the frame count, i.e. the duration. A header copied from the
 first part would make the joined file as long as that part; a header left inside would be
 decoded as a silent frame.
 
-So :func:`join_mp3` drops every part's tags and header frame and writes one new header
-frame in front of all audio frames: ``Xing`` (``Info`` when every frame has the same
+So :class:`Mp3Joiner` drops every part's tags and header frame and puts one header frame of
+its own in front of all audio frames: ``Xing`` (``Info`` when every frame has the same
 bitrate) with the total frame and byte counts, plus a LAME extension with the first part's
 encoder delay and the last part's padding when the parts had them. A reader then reports
 ``frames * samples_per_frame - delay - padding``, which exceeds the sum of the parts'
@@ -18,20 +19,22 @@ joint (at most 0.05 s at 44.1 kHz; the encoder's start-up and final-frame silenc
 as a short pause between sentences). Frames cannot be trimmed without re-encoding, since a
 frame may borrow bits from the one before it.
 
-Memory: the parts' frames are found in place and copied once, straight into the result,
-so a join holds the parts and the result, twice the audio (docs/voice.md, "The longest
-text").
+The counts are known only at the end, so the header frame goes out first with none (a
+``Xing`` frame with no fields, the LAME extension with the first part's delay and no
+padding: what a player of a live stream needs) and :meth:`Mp3Joiner.finish` gives the
+same frame with the counts, of the same length, to write over it. Frames go out as soon
+as each is complete (a frame is 26 ms of audio at 44.1 kHz).
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from schemas.errors import InternalError
 
-__all__ = ["join_mp3"]
+__all__ = ["Mp3Joiner", "join_mp3"]
 
 # Layer III bitrates in kbit/s by index, for MPEG-1 and for MPEG-2/2.5 (0 = free format).
 _BITRATES_V1 = (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
@@ -76,7 +79,7 @@ def _frame_length(version: int, bitrate_index: int, sample_rate: int, padding: i
     return (144_000 if version == 3 else 72_000) * kbps // sample_rate + padding
 
 
-def _header_at(data: bytes, pos: int) -> _Header | None:
+def _header_at(data: bytes | bytearray, pos: int) -> _Header | None:
     """The Layer III frame header at ``pos``, or ``None`` when there is none."""
     if pos + 4 > len(data):
         return None
@@ -112,12 +115,11 @@ class _Part:
     lame_fields: bytes | None = None  # the 27 bytes after it
     delay: int = 0
     padding: int = 0
-    # the audio frames, contiguous: a view of the part, no copy
-    audio: memoryview = field(default_factory=lambda: memoryview(b""))
     frame_count: int = 0
+    audio_bytes: int = 0
 
 
-def _skip_id3v2(data: bytes) -> int:
+def _skip_id3v2(data: bytes | bytearray) -> int:
     if data[:3] != b"ID3" or len(data) < 10:
         return 0
     size = 0
@@ -125,32 +127,6 @@ def _skip_id3v2(data: bytes) -> int:
         size = (size << 7) | (byte & 0x7F)
     footer = 10 if data[5] & 0x10 else 0
     return 10 + size + footer
-
-
-def _parse(data: bytes, index: int) -> _Part:
-    pos = _skip_id3v2(data)
-    end = len(data) - 128 if data[-128:-125] == b"TAG" else len(data)
-    part: _Part | None = None
-    start = pos  # of the first audio frame; the frames follow one another
-    while True:
-        header = _header_at(data, pos)
-        if header is None or pos + header.length > end:
-            break  # the end of the frames: a trailing tag, junk, or a cut-off last frame
-        if part is None:
-            part = _Part(first=header, bitrates=set())
-            if _read_vbr_header(data[pos : pos + header.length], header, part):
-                pos += header.length
-                start = pos
-                continue
-        elif header.stream != part.first.stream:
-            raise InternalError(f"MP3 part {index} changes its sample rate or channels")
-        part.frame_count += 1
-        part.bitrates.add(header.bitrate_index)
-        pos += header.length
-    if part is None or not part.frame_count:
-        raise InternalError(f"MP3 part {index} holds no MPEG Layer III audio frame")
-    part.audio = memoryview(data)[start:pos]
-    return part
 
 
 def _read_vbr_header(frame: bytes, header: _Header, part: _Part) -> bool:
@@ -182,13 +158,14 @@ def _crc16(data: bytes) -> int:
     return crc
 
 
-def _header_frame(parts: Sequence[_Part], frame_count: int, audio_bytes: int) -> bytes:
+def _header_frame(parts: Sequence[_Part], frame_count: int | None, audio_bytes: int) -> bytes:
+    """The joined stream's header frame; ``frame_count`` ``None``: the placeholder that
+    goes out first (no counts, no padding), of the same length as the final one."""
     first, last = parts[0], parts[-1]
     template = first.first
     lame = first.lame_version is not None and first.lame_fields is not None
     needed = 4 + template.side_info + 16 + (_LAME_EXTENSION if lame else 0)
-    bitrates = set().union(*(part.bitrates for part in parts))
-    index = min(bitrates)
+    index = template.bitrate_index
     while _frame_length(template.version, index, template.sample_rate, 0) < needed:
         index += 1  # a low-bitrate frame can be too small for the header; 14 always fits
     length = _frame_length(template.version, index, template.sample_rate, 0)
@@ -198,25 +175,148 @@ def _header_frame(parts: Sequence[_Part], frame_count: int, audio_bytes: int) ->
     frame = bytearray(length)
     frame[:4] = header  # no CRC (bit 1 set), no padding; side information stays zero
     offset = 4 + template.side_info
-    tag = b"Info" if len(bitrates) == 1 else b"Xing"
-    struct.pack_into(">4sIII", frame, offset, tag, _XING_FLAGS, frame_count, length + audio_bytes)
+    if frame_count is None:
+        struct.pack_into(">4sI", frame, offset, b"Xing", 0)
+        offset += 8
+        padding, music = 0, 0
+    else:
+        bitrates = set().union(*(part.bitrates for part in parts))
+        tag = b"Info" if len(bitrates) == 1 else b"Xing"
+        struct.pack_into(">4sIII", frame, offset, tag, _XING_FLAGS, frame_count,
+                         length + audio_bytes)
+        offset += 16
+        padding, music = last.padding, length + audio_bytes
     if lame:
         assert first.lame_version is not None and first.lame_fields is not None
-        offset += 16
         fields = bytearray(first.lame_fields)
         fields[2:10] = bytes(8)  # peak and gains described the first part only
         fields[12:15] = bytes(((first.delay >> 4), ((first.delay & 0x0F) << 4)
-                               | (last.padding >> 8), last.padding & 0xFF))
+                               | (padding >> 8), padding & 0xFF))
         fields[16] = 0  # MP3 gain
-        struct.pack_into(">IH", fields, 19, length + audio_bytes, 0)  # music length, CRC
+        struct.pack_into(">IH", fields, 19, music, 0)  # music length, CRC
         frame[offset : offset + 9] = first.lame_version
         frame[offset + 9 : offset + 36] = fields
         struct.pack_into(">H", frame, offset + 34, _crc16(bytes(frame[: offset + 34])))
     return bytes(frame)
 
 
+class Mp3Joiner:
+    """MP3 parts, given in order as their bytes arrive, as one stream (see the module
+    docstring): :meth:`feed` the current part's bytes and send what it returns,
+    :meth:`end_part` at each part's end, then :meth:`finish` for the header frame to write
+    over the stream's first bytes.
+
+    Raises :class:`InternalError` when a part holds no MPEG Layer III frame or the parts
+    differ in sample rate or channels (from :meth:`feed` or :meth:`end_part`).
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[_Part] = []
+        self._frames_before: list[int] = []  # per part: audio frames of the parts before it
+        self._placeholder: bytes | None = None
+        self._restart()
+
+    def _restart(self) -> None:
+        self._pending = bytearray()
+        self._skip: int | None = None  # ID3v2 bytes still to skip; None: not known yet
+        self._part: _Part | None = None
+        self._tail = False  # past the last frame: a trailing tag or junk, dropped
+
+    def restart_part(self) -> None:
+        """Forget what the current part sent (it is asked for again): the caller drops what
+        this part made go out."""
+        if not self._parts:
+            self._placeholder = None  # it went out with the first part's first frame
+        self._restart()
+
+    def feed(self, data: bytes) -> bytes:
+        """What of the stream can go out now that ``data`` of the current part came:
+        its complete audio frames (the first time, the header frame before them)."""
+        if self._tail:
+            return b""
+        pending = self._pending
+        pending += data
+        out = bytearray()
+        if self._skip is None:
+            if len(pending) < 10:
+                return b""
+            self._skip = _skip_id3v2(pending)
+        if self._skip:
+            dropped = min(self._skip, len(pending))
+            del pending[:dropped]
+            self._skip -= dropped
+            if self._skip:
+                return b""
+        while len(pending) >= 4:
+            header = _header_at(pending, 0)
+            if header is None:  # the end of the frames: a trailing tag, or junk
+                self._tail = True
+                pending.clear()
+                break
+            if len(pending) < header.length:
+                break
+            frame = bytes(pending[: header.length])
+            del pending[: header.length]
+            if self._audio_frame(frame, header):
+                if self._placeholder is None:
+                    assert self._part is not None
+                    self._placeholder = _header_frame([self._part], None, 0)
+                    out += self._placeholder
+                out += frame
+        return bytes(out)
+
+    def _audio_frame(self, frame: bytes, header: _Header) -> bool:
+        """Counts ``frame`` into the current part; ``False`` for its header frame."""
+        index = len(self._parts)
+        part = self._part
+        if part is None:
+            part = self._part = _Part(first=header, bitrates=set())
+            if self._parts and header.stream != self._parts[0].first.stream:
+                raise InternalError("MP3 parts differ in sample rate or channels")
+            if _read_vbr_header(frame, header, part):
+                return False
+        elif header.stream != part.first.stream:
+            raise InternalError(f"MP3 part {index} changes its sample rate or channels")
+        part.frame_count += 1
+        part.bitrates.add(header.bitrate_index)
+        part.audio_bytes += len(frame)
+        return True
+
+    def end_part(self) -> bytes:
+        """The current part is complete (a cut-off last frame or a tag after the frames
+        is dropped). Returns what goes out now: nothing, every frame went out whole."""
+        index = len(self._parts)
+        if self._part is None or not self._part.frame_count:
+            raise InternalError(f"MP3 part {index} holds no MPEG Layer III audio frame")
+        self._frames_before.append(sum(p.frame_count for p in self._parts))
+        self._parts.append(self._part)
+        self._restart()
+        return b""
+
+    def finish(self) -> bytes:
+        """The header frame with the counts, to write over the first bytes of the stream
+        (the placeholder, of the same length). Raises :class:`InternalError` without
+        parts."""
+        if not self._parts:
+            raise InternalError("no MP3 parts to join")
+        frames = sum(p.frame_count for p in self._parts)
+        audio = sum(p.audio_bytes for p in self._parts)
+        return _header_frame(self._parts, frames, audio)
+
+    def part_starts(self) -> list[float]:
+        """Where each part's own time 0 plays in the joined stream, in seconds: after
+        the frames before it, its own encoder delay in, the first part's taken out."""
+        if not self._parts:
+            return []
+        first = self._parts[0]
+        rate, spf = first.first.sample_rate, first.first.samples
+        return [(before * spf + part.delay - first.delay) / rate
+                for before, part in zip(self._frames_before, self._parts, strict=True)]
+
+
 def join_mp3(parts: Sequence[bytes]) -> bytes:
-    """One MP3 stream playing ``parts`` one after the other (see the module docstring).
+    """One MP3 stream playing ``parts`` one after the other (see the module docstring):
+    what :class:`Mp3Joiner` streams, with its final header frame.
 
     A single part is returned unchanged. Raises :class:`InternalError` when a part holds
     no MPEG Layer III frame or the parts differ in sample rate or channels.
@@ -225,12 +325,11 @@ def join_mp3(parts: Sequence[bytes]) -> bytes:
         raise InternalError("no MP3 parts to join")
     if len(parts) == 1:
         return bytes(parts[0])
-    parsed = [_parse(bytes(data), index) for index, data in enumerate(parts)]
-    stream = parsed[0].first.stream
-    if any(part.first.stream != stream for part in parsed):
-        raise InternalError("MP3 parts differ in sample rate or channels")
-    # one copy of the audio, into the result: the parts and it are all a join holds
-    frame_count = sum(part.frame_count for part in parsed)
-    audio_bytes = sum(len(part.audio) for part in parsed)
-    header = _header_frame(parsed, frame_count, audio_bytes)
-    return b"".join([header, *(part.audio for part in parsed)])
+    joiner = Mp3Joiner()
+    out = bytearray()
+    for data in parts:
+        out += joiner.feed(bytes(data))
+        out += joiner.end_part()
+    header = joiner.finish()
+    out[: len(header)] = header
+    return bytes(out)

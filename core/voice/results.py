@@ -38,6 +38,7 @@ class RememberedVoice:
     spoken: str
     duration_seconds: float
     settings: VoiceSettings
+    alignment_filename: str | None = None  # the characters' timings, a JSON output
 
 
 def voice_fingerprint(text: str, inject_emotion: bool, settings: VoiceSettings,
@@ -77,6 +78,7 @@ class VoiceResults:
                 audio_id=str(raw["audio_id"]), filename=str(raw["filename"]),
                 spoken=str(raw["spoken"]), duration_seconds=float(raw["duration_seconds"]),
                 settings=VoiceSettings(**settings, pronunciation_dictionaries=dictionaries),
+                alignment_filename=raw.get("alignment_filename"),
             )
         except (KeyError, TypeError, ValueError):
             return None

@@ -1,4 +1,5 @@
-"""The one entry for voice work: a validated request in, an MP3 output and its result out.
+"""The one entry for voice work: a validated request in, an audio output (streamed as it is
+made) and its result out.
 
 The Kafka consumer and the HTTP endpoint both call :meth:`VoiceService.generate`, so the
 two paths cannot drift apart. The service resolves the voice (request, then the character's
@@ -14,8 +15,10 @@ so that its retries and the backend's share one bound).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,14 +33,21 @@ from core.storage import StorageError, unavailable
 from core.voice.backend import SEED_MAX, VoiceBackend, VoiceSettings
 from core.voice.emotion import EmotionInjector, shift_settings
 from core.voice.emotion_rules import RulesEmotionInjector
+from core.voice.formats import DEFAULT_OUTPUT_FORMAT, format_named
 from core.voice.mp3 import audio_duration
 from core.voice.profiles import VoiceProfiles
 from core.voice.quota import QuotaMonitor
 from core.voice.results import RememberedVoice, VoiceResults, voice_fingerprint
+from core.voice.streams import AudioStream, AudioStreams
 from core.voice.tags import strip_audio_tags
-from schemas.errors import InternalError, InvalidRequestError
+from core.voice.timing import Alignment, word_timings
+from schemas.errors import EngineError, InternalError, InvalidRequestError
+from schemas.events import WordTiming
 
-__all__ = ["VoiceJob", "VoiceRequestLike", "VoiceResult", "VoiceService"]
+__all__ = ["OnStream", "VoiceJob", "VoiceRequestLike", "VoiceResult", "VoiceService"]
+
+OnStream = Callable[[AudioStream, str], Awaitable[None]]
+"""Told of a request's live stream and its URL, once, when its first audio is in it."""
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +104,7 @@ class VoiceJob:
     character_id: str | None = None
     seed: int | None = None
     request_id: str | None = None
+    output_format: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,10 +123,14 @@ class VoiceResult:
     duration_seconds: float
     timestamp: str
     seed: int | None = None
+    words: list[WordTiming] | None = None
+    alignment_url: str | None = None
+    output_format: str | None = None
 
 
 class VoiceService:
-    """Turns voice requests into MP3 outputs in ``store`` through ``backend``.
+    """Turns voice requests into audio outputs in ``store`` through ``backend``, streamed
+    through ``streams`` (none: not streamed).
 
     ``default_voice_id`` is used when neither a request nor its character's profile (in
     ``profiles``) names a voice; the model falls back to the backend's default. ``injector``
@@ -138,6 +153,7 @@ class VoiceService:
         profiles: VoiceProfiles | None = None,
         quota: QuotaMonitor | None = None,
         results: VoiceResults | None = None,
+        streams: AudioStreams | None = None,
     ) -> None:
         if not default_voice_id:
             raise ValueError("default_voice_id must not be empty")
@@ -151,6 +167,7 @@ class VoiceService:
         self._profiles = profiles if profiles is not None else VoiceProfiles()
         self._quota = quota
         self._results = results
+        self._streams = streams
         self._making: SharedWork[tuple[RememberedVoice, float]] = SharedWork()
 
     @property
@@ -158,13 +175,30 @@ class VoiceService:
         return self._backend
 
     @property
+    def _default_format(self) -> str:
+        # a backend written before formats existed makes MP3
+        return str(getattr(self._backend, "default_output_format", DEFAULT_OUTPUT_FORMAT))
+
+    @property
+    def streams(self) -> AudioStreams | None:
+        """This instance's live streams (``None``: requests are not streamed)."""
+        return self._streams
+
+    @property
     def quota(self) -> QuotaMonitor | None:
         """The provider's quota monitor (ElevenLabs), ``None`` for the local voice."""
         return self._quota
 
-    async def generate(self, request: VoiceRequestLike, *, budget: RetryBudget | None = None
-                       ) -> VoiceResult:
-        """Speak ``request.text`` into a new MP3 output and describe it.
+    async def generate(self, request: VoiceRequestLike, *, budget: RetryBudget | None = None,
+                       on_stream: OnStream | None = None) -> VoiceResult:
+        """Speak ``request.text`` into a new output in ``request.output_format`` (the
+        backend's default when absent) and describe it, with its words' timings.
+
+        With ``on_stream`` and the service's ``streams``, the audio is streamed as it is
+        made: ``on_stream(stream, url)`` is awaited once, when the first audio is in the
+        stream; the stream is finished when the file is complete and aborted when the
+        request fails or is cancelled (a request answered from the remembered results is
+        not streamed: its file is there).
 
         ``budget`` is the request's retry budget: the backend's upstream calls and retries
         are counted and bounded by it (``None``: the backend's own, one per call).
@@ -184,7 +218,8 @@ class VoiceService:
 
         Raises :class:`InvalidRequestError` (before any work) for a text that is empty once
         audio tags are removed, or too long, a voice setting outside 0..1, a seed outside
-        0..4294967295, or a blank ``voice_id``/``model_id``; the backend's
+        0..4294967295, a blank ``voice_id``/``model_id`` or an ``output_format``
+        ElevenLabs does not list; the backend's
         :class:`~schemas.errors.EngineError` as raised (ElevenLabs: the subclasses of
         :class:`~core.voice.elevenlabs_faults.ElevenLabsError`, carrying ``attempts``);
         :class:`InternalError` when the output cannot be written or read back. A failed
@@ -193,8 +228,9 @@ class VoiceService:
         settings, explicit = self._settings(request)
         plain = self._checked_text(request.text)
         if settings.seed is None or self._results is None:
-            made = await self._make(request, plain, settings, explicit, budget)
-            return self._result(request.text, *made)
+            made = await self._make(request, plain, settings, explicit, budget,
+                                    on_stream=on_stream)
+            return await self._answer(request.text, *made)
         model = settings.model_id or getattr(self._backend, "default_model_id", None)
         key = voice_fingerprint(request.text, request.inject_emotion, settings,
                                 self._backend.name, model, self._backend.audio_variant)
@@ -203,22 +239,23 @@ class VoiceService:
             shared=self._results.shared or self._store.shared is not None)
         if remembered is not None and current:
             logger.debug("voice answered from the remembered results: %s", remembered.filename)
-            return self._result(request.text, remembered, None)
+            return await self._answer(request.text, remembered, None)
         if remembered is not None:
             logger.info("voice output %s was cleaned up: speaking it again with seed %s",
                         remembered.filename, settings.seed)
 
         async def make() -> tuple[RememberedVoice, float]:
-            made = await self._make(request, plain, settings, explicit, budget, remembered)
+            made = await self._make(request, plain, settings, explicit, budget, remembered,
+                                    on_stream=on_stream)
             await self._remember(key, made[0])
             return made
 
-        return self._result(request.text, *await self._making.run(key, make))
+        return await self._answer(request.text, *await self._making.run(key, make))
 
     async def _make(
         self, request: VoiceRequestLike, plain: str, settings: VoiceSettings,
         explicit: frozenset[str], budget: RetryBudget | None,
-        remembered: RememberedVoice | None = None,
+        remembered: RememberedVoice | None = None, *, on_stream: OnStream | None = None,
     ) -> tuple[RememberedVoice, float]:
         """A new output for ``request`` and when it was made; ``remembered`` says what to
         speak and how (a replay after cleanup), else emotion is injected now."""
@@ -226,30 +263,77 @@ class VoiceService:
             spoken, settings = remembered.spoken, remembered.settings
         else:
             spoken, settings = await self._expressed(request, plain, settings, explicit)
+        fmt = format_named(settings.output_format or self._default_format)
 
         duration = 0.0
+        alignment: Alignment | None = None
 
         backend = self._backend
         if budget is not None and isinstance(backend, _SpendsBudget):
             backend = backend.with_budget(budget)
+        stream = _Announcer(self._streams, fmt.content_type, on_stream) \
+            if on_stream is not None and self._streams is not None else None
 
         async def write(path: Path) -> None:
-            nonlocal duration
-            await backend.synthesize_to(path, spoken, settings)
+            nonlocal duration, alignment
+            if stream is None:  # the older signature, which simple backends still have
+                alignment = await backend.synthesize_to(path, spoken, settings)
+            else:
+                alignment = await backend.synthesize_to(path, spoken, settings, stream)
             # from the file itself, not from the samples: a header read, ~0.1 ms
             duration = audio_duration(path)
 
         try:
-            stored = await self._store.write_with_async(write, "mp3")
-        except StorageError as exc:  # the store comes back: the request may retry
-            raise unavailable(exc) from exc
-        except OSError as exc:
-            raise InternalError(f"cannot write the voice output: {exc}") from exc
+            try:
+                stored = await self._store.write_with_async(write, fmt.suffix)
+            except StorageError as exc:  # the store comes back: the request may retry
+                raise unavailable(exc) from exc
+            except OSError as exc:
+                raise InternalError(f"cannot write the voice output: {exc}") from exc
+        except EngineError as exc:
+            _ended(stream, f"{exc.code}: {exc}")
+            if stream is not None and stream.started and exc.retryable:
+                _heard(exc)  # asked again it would be a second stream, its start repeated
+            raise
+        except BaseException as exc:  # cancelled, or a bug: listeners see the stream end
+            _ended(stream, f"{type(exc).__name__}: {exc}")
+            raise
+        _ended(stream, None)
+        timings = await self._timings_file(alignment)
         logger.debug("voice %s: %d chars, %.3f s", stored.filename, len(spoken), duration)
         made = RememberedVoice(audio_id=stored.file_id, filename=stored.filename,
                                spoken=spoken, duration_seconds=round(duration, 3),
-                               settings=settings)
+                               settings=settings, alignment_filename=timings)
         return made, stored.created_at
+
+    async def _timings_file(self, alignment: Alignment | None) -> str | None:
+        """The characters' timings as a JSON output beside the audio (its name), or
+        ``None`` without timings or when it cannot be written (the audio is fine)."""
+        if alignment is None:
+            return None
+        data = json.dumps({"text": alignment.text, **alignment.as_json()}).encode()
+        try:
+            stored = await asyncio.to_thread(self._store.write, data, "json")
+        except (OSError, StorageError) as exc:
+            logger.warning("voice timings not written: %s", exc)
+            return None
+        return stored.filename
+
+    async def _words(self, text: str, made: RememberedVoice) -> list[WordTiming] | None:
+        if made.alignment_filename is None:
+            return None
+        path = self._store.resolve(made.alignment_filename)
+        if path is None:
+            return None
+        try:
+            raw = json.loads(await asyncio.to_thread(path.read_bytes))
+            alignment = Alignment.of_characters(
+                raw["text"], raw["characters"], raw["character_start_times_seconds"],
+                raw["character_end_times_seconds"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("voice timings %s unreadable: %s", made.alignment_filename, exc)
+            return None
+        return word_timings(text, alignment)
 
     async def _expressed(self, request: VoiceRequestLike, plain: str, settings: VoiceSettings,
                          explicit: frozenset[str]) -> tuple[str, VoiceSettings]:
@@ -275,8 +359,9 @@ class VoiceService:
         except OSError as exc:  # the output is fine; only a replay will cost again
             logger.warning("voice result not remembered: %s", exc)
 
-    def _result(self, text: str, made: RememberedVoice, created_at: float | None
-                ) -> VoiceResult:
+    async def _answer(self, text: str, made: RememberedVoice, created_at: float | None
+                      ) -> VoiceResult:
+        words = await self._words(text, made)
         return VoiceResult(
             audio_id=made.audio_id,
             filename=made.filename,
@@ -287,6 +372,10 @@ class VoiceService:
             duration_seconds=made.duration_seconds,
             timestamp=_iso_utc(time.time() if created_at is None else created_at),
             seed=made.settings.seed,
+            words=words,
+            alignment_url=self._store.url_for(made.alignment_filename)
+            if words is not None and made.alignment_filename else None,
+            output_format=made.settings.output_format,
         )
 
     def _settings(self, request: VoiceRequestLike) -> tuple[VoiceSettings, frozenset[str]]:
@@ -304,6 +393,9 @@ class VoiceService:
         if seed is not None and (isinstance(seed, bool) or not 0 <= seed <= SEED_MAX):
             raise InvalidRequestError(f"seed must be within 0..{SEED_MAX}, got {seed}",
                                       field="seed")
+        fmt = getattr(request, "output_format", None)
+        if fmt is not None:
+            format_named(fmt)  # an unknown name: INVALID_REQUEST naming output_format
         if seed is None and request.request_id:
             seed = derive_seed(request.request_id, SEED_MAX)  # a replay asks for the same audio
         profile = self._profiles.get(getattr(request, "character_id", None))
@@ -328,6 +420,7 @@ class VoiceService:
             use_speaker_boost=pick("use_speaker_boost"),
             seed=seed,
             pronunciation_dictionaries=profile.pronunciation_dictionaries if profile else (),
+            output_format=fmt or self._default_format,
         )
         return settings, explicit
 
@@ -348,3 +441,47 @@ class VoiceService:
 def _iso_utc(seconds: float) -> str:
     moment = datetime.fromtimestamp(seconds, UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _Announcer:
+    """A request's stream as its backend's sink: on the first audio written, the listener
+    is told where to play it (``on_stream``), after the audio is in the stream."""
+
+    def __init__(self, streams: AudioStreams, content_type: str, on_stream: OnStream) -> None:
+        self._streams = streams
+        self.stream = streams.open(content_type)
+        self._on_stream: OnStream | None = on_stream
+
+    async def write(self, data: bytes) -> None:
+        await self.stream.write(data)
+        if self._on_stream is not None and self.stream.first_audio.is_set():
+            announce, self._on_stream = self._on_stream, None
+            await announce(self.stream, self._streams.url_for(self.stream))
+
+    async def rewrite(self, offset: int, data: bytes) -> None:
+        await self.stream.rewrite(offset, data)
+
+    @property
+    def started(self) -> bool:
+        """Whether listeners may have heard some of it."""
+        return self.stream.first_audio.is_set()
+
+    def end(self, failure: str | None) -> None:
+        if failure is None:
+            self.stream.finish()
+        else:
+            self.stream.abort(failure)
+        self._streams.close(self.stream)
+
+
+def _ended(announcer: _Announcer | None, failure: str | None) -> None:
+    if announcer is not None:
+        announcer.end(failure)
+
+
+def _heard(error: EngineError) -> None:
+    """``error``, once audio went out: final (a retry would start the audio again)."""
+    error.retryable = False
+    if "after audio was streamed" not in error.message:
+        error.message = f"{error.message} (after audio was streamed: not asked again)"
+        error.args = (error.message,)

@@ -33,7 +33,8 @@ class _Report(ConsumerRebalanceListener):  # type: ignore[misc]
         _emit("assigned", partitions=sorted(tp.partition for tp in assigned))
 
 
-async def _run(bootstrap: str, topic: str, group: str, session_ms: int, heartbeat_ms: int) -> None:
+async def _run(bootstrap: str, topic: str, group: str, session_ms: int, heartbeat_ms: int,
+               secure: bool) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     stdin = sys.stdin.fileno()
@@ -44,8 +45,13 @@ async def _run(bootstrap: str, topic: str, group: str, session_ms: int, heartbea
             stop.set()
 
     loop.add_reader(stdin, on_stdin)
+    from consumers.security import PLAINTEXT, KafkaSecurity
+    from core.settings import load_settings
+
+    security = KafkaSecurity.from_settings(load_settings()) if secure else PLAINTEXT
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
+        **security.options(),
         group_id=group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -68,4 +74,6 @@ async def _run(bootstrap: str, topic: str, group: str, session_ms: int, heartbea
 
 if __name__ == "__main__":
     bootstrap, topic, group, session_ms, heartbeat_ms = sys.argv[1:6]
-    asyncio.run(_run(bootstrap, topic, group, int(session_ms), int(heartbeat_ms)))
+    # "secure": an external broker, reached as the engine's settings in the environment say
+    secure = sys.argv[6:7] == ["secure"]
+    asyncio.run(_run(bootstrap, topic, group, int(session_ms), int(heartbeat_ms), secure))

@@ -28,7 +28,8 @@ class Member:
 
     @classmethod
     async def spawn(
-        cls, label: str, bootstrap: str, topic: str, group: str, session_ms: int, heartbeat_ms: int
+        cls, label: str, bootstrap: str, topic: str, group: str, session_ms: int,
+        heartbeat_ms: int, security: str = "plaintext",
     ) -> Member:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -38,6 +39,7 @@ class Member:
             group,
             str(session_ms),
             str(heartbeat_ms),
+            security,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -22,7 +23,9 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from consumers.broker import KNOWN_BROKERS, BrokerCapabilities, EmbeddedBroker, launch_broker
+from consumers.security import PLAINTEXT, KafkaSecurity
 from consumers.topics import ensure_topics, probe_idempotence
+from core.settings import load_settings
 
 from ._members import Member
 
@@ -63,13 +66,20 @@ class Target:
     bootstrap: str
     capabilities: BrokerCapabilities | None
     broker: EmbeddedBroker | None
+    # an external broker as the engine's settings say (KAFKA_SECURITY_PROTOCOL, ...); the
+    # embedded ones are plaintext
+    security: KafkaSecurity = PLAINTEXT
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.security.options()
 
     async def topic(self, partitions: int) -> str:
         name = f"conf.{uuid.uuid4().hex[:10]}"
         if self.broker is not None:
             await asyncio.to_thread(self.broker.create_topics, [name], partitions)
         else:
-            await ensure_topics(self.bootstrap, [name], partitions)
+            await ensure_topics(self.bootstrap, [name], partitions, security=self.security)
         return name
 
 
@@ -77,7 +87,8 @@ class Target:
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     kind: str = request.param
     if kind == "external":
-        yield Target("external", _EXTERNAL, None, None)
+        yield Target("external", _EXTERNAL, None, None,
+                     KafkaSecurity.from_settings(load_settings()))
         return
     with launch_broker(kind) as broker:
         yield Target(kind, broker.bootstrap_servers, broker.capabilities, broker)
@@ -90,6 +101,7 @@ def _report(target: Target, what: str, seconds: float) -> None:
 def _consumer(target: Target, group: str | None = None) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         bootstrap_servers=target.bootstrap,
+        **target.options,
         group_id=group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -101,7 +113,7 @@ def _consumer(target: Target, group: str | None = None) -> AIOKafkaConsumer:
 
 async def _produce(target: Target, topic: str, counts: dict[int, int]) -> None:
     """``counts[p]`` records ``b"0"``, ``b"1"``, … to each partition ``p``."""
-    producer = AIOKafkaProducer(bootstrap_servers=target.bootstrap)
+    producer = AIOKafkaProducer(bootstrap_servers=target.bootstrap, **target.options)
     await producer.start()
     try:
         for partition, count in counts.items():
@@ -166,7 +178,7 @@ async def test_keys_and_headers_round_trip(target: Target) -> None:
         ("conv-1", b"", [("empty", b""), ("dup", b"1"), ("dup", b"2")]),
         ("conv-1", b"third", []),
     ]
-    producer = AIOKafkaProducer(bootstrap_servers=target.bootstrap)
+    producer = AIOKafkaProducer(bootstrap_servers=target.bootstrap, **target.options)
     await producer.start()
     try:
         metas = [
@@ -252,7 +264,8 @@ async def test_two_members_split_the_partitions(
 async def test_a_crashed_members_partitions_move(target: Target) -> None:
     topic = await target.topic(partitions=3)
     group = f"{topic}.g"
-    args = (target.bootstrap, topic, group, SESSION_MS, HEARTBEAT_MS)
+    args = (target.bootstrap, topic, group, SESSION_MS, HEARTBEAT_MS,
+            "secure" if target.broker is None else "plaintext")
     survivor = await Member.spawn("survivor", *args)
     victim: Member | None = None
     try:
@@ -278,7 +291,8 @@ async def test_a_crashed_members_partitions_move(target: Target) -> None:
 async def test_a_restart_after_sigkill_gets_an_assignment(target: Target) -> None:
     topic = await target.topic(partitions=3)
     group = f"{topic}.g"
-    args = (target.bootstrap, topic, group, SESSION_MS, HEARTBEAT_MS)
+    args = (target.bootstrap, topic, group, SESSION_MS, HEARTBEAT_MS,
+            "secure" if target.broker is None else "plaintext")
     crashed = await Member.spawn("crashed", *args)
     restarted: Member | None = None
     try:
@@ -312,7 +326,7 @@ async def _end_offsets(target: Target, topic: str, partitions: int) -> dict[int,
 async def test_end_offsets_after_single_record_batches(target: Target) -> None:
     topic = await target.topic(partitions=3)
     counts = {0: 7, 1: 3, 2: 0}
-    producer = AIOKafkaProducer(bootstrap_servers=target.bootstrap)
+    producer = AIOKafkaProducer(bootstrap_servers=target.bootstrap, **target.options)
     await producer.start()
     try:
         for partition, count in counts.items():
@@ -336,14 +350,16 @@ async def test_end_offsets_after_multi_record_batches(
 
 async def test_idempotent_producer_claim_matches_the_broker(target: Target) -> None:
     started = time.monotonic()
-    granted = await probe_idempotence(target.bootstrap, timeout=5.0)
+    granted = await probe_idempotence(target.bootstrap, timeout=5.0,
+                                      security=target.security)
     _report(target, f"probe_idempotence -> {granted}", time.monotonic() - started)
     if target.capabilities is not None:
         assert granted is target.capabilities.idempotent_producer
     if not granted:
         return
     topic = await target.topic(partitions=1)
-    producer = AIOKafkaProducer(bootstrap_servers=target.bootstrap, enable_idempotence=True)
+    producer = AIOKafkaProducer(bootstrap_servers=target.bootstrap, enable_idempotence=True,
+                                **target.options)
     await producer.start()
     try:
         meta = await producer.send_and_wait(topic, b"once", key=b"k")
@@ -357,8 +373,8 @@ async def test_create_topics_api_claim_matches_the_broker(
 ) -> None:
     name = f"conf.{uuid.uuid4().hex[:10]}"
     with caplog.at_level(logging.WARNING, logger="consumers.topics"):
-        created = await ensure_topics(target.bootstrap, [name], 2)
-        again = await ensure_topics(target.bootstrap, [name], 5)
+        created = await ensure_topics(target.bootstrap, [name], 2, security=target.security)
+        again = await ensure_topics(target.bootstrap, [name], 5, security=target.security)
     warnings = [r for r in caplog.records if r.name == "consumers.topics"]
     if target.capabilities is None:
         assert again == []

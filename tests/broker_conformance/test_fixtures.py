@@ -8,6 +8,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from consumers.topics import CONTRACT_TOPICS
+from tests.support.kafka_security import client_options
 
 pytestmark = pytest.mark.kafka
 
@@ -20,7 +21,7 @@ async def test_make_topics_creates_the_contract_topics_under_the_prefix(
     topics = await make_topics(partitions=2)
     assert topics == {name: f"{topic_prefix}{name}" for name in CONTRACT_TOPICS}
     assert await make_topics(partitions=2) == topics  # existing topics are fine
-    admin = AIOKafkaAdminClient(bootstrap_servers=broker_bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker_bootstrap, **client_options(broker_bootstrap))
     await admin.start()
     try:
         described = await admin.describe_topics(list(topics.values()))

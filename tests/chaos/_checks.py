@@ -12,6 +12,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tests.support.kafka_client import Answer, PersonaPeer
+from tests.support.kafka_security import client_options
 
 __all__ = ["answered_twice", "assert_all_committed", "assert_in_order",
            "assert_nothing_lost", "eventually", "voice_requests"]
@@ -97,7 +98,7 @@ async def assert_all_committed(bootstrap: str, group: str, topic: str, partition
                                timeout: float = 20.0) -> None:
     """Waits until ``group`` has committed each of the ``partitions`` of ``topic`` up to
     its end: nothing left for a restarted engine to redo, the lag is 0."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, **client_options(bootstrap),
                                 enable_auto_commit=False)
     await consumer.start()
     try:

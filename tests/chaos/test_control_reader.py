@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer
 
 from consumers.control import ControlReader
 from consumers.kafka import build_control_consumer
+from consumers.security import KafkaSecurity
 from core.scheduling import PendingRequests
 from core.settings import Settings
 from schemas.codec import EventCodec
@@ -31,7 +32,8 @@ pytestmark = pytest.mark.kafka
 @pytest.fixture
 async def control_consumer(settings: Settings) -> AsyncIterator[AIOKafkaConsumer]:
     assert settings.kafka_bootstrap_servers is not None
-    consumer = build_control_consumer(settings, settings.kafka_bootstrap_servers)
+    consumer = build_control_consumer(settings, settings.kafka_bootstrap_servers,
+                                      security=KafkaSecurity.from_settings(settings))
     await consumer.start()
     try:
         yield consumer

@@ -29,6 +29,7 @@ from schemas.events import ImageRequested, VoiceRequested
 from tests.chaos._checks import assert_all_committed, assert_nothing_lost, voice_requests
 from tests.chaos.conftest import PARTITIONS
 from tests.support.kafka_client import PersonaPeer
+from tests.support.kafka_security import client_options
 
 pytestmark = pytest.mark.kafka
 
@@ -157,7 +158,8 @@ class FailedReader:
         self._complete = asyncio.Event()
         self._consumer = AIOKafkaConsumer(
             failed_topic, bootstrap_servers=bootstrap, group_id=None,
-            auto_offset_reset="earliest", enable_auto_commit=False, fetch_max_wait_ms=10)
+            auto_offset_reset="earliest", enable_auto_commit=False, fetch_max_wait_ms=10,
+            **client_options(bootstrap))
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
@@ -200,7 +202,8 @@ class FailedReader:
 async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
     instance = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers,
                                 acks="all", enable_idempotence=True,
-                                max_request_size=8 * 2**20)
+                                max_request_size=8 * 2**20,
+                                **client_options(settings.kafka_bootstrap_servers or ""))
     await instance.start()
     try:
         yield instance

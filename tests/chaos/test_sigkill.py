@@ -27,6 +27,7 @@ from tests.chaos._checks import (
 from tests.chaos.conftest import PARTITIONS, SESSION_MS
 from tests.support.engine_process import EngineProcess
 from tests.support.kafka_client import PersonaPeer
+from tests.support.kafka_security import security_env
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -41,6 +42,7 @@ async def spawn(settings: Settings, tmp_path: Path, dev_model_dir: Path
     async def make(name: str) -> EngineProcess:
         env = {
             "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers or "",
+            **security_env(settings.kafka_bootstrap_servers or ""),
             "KAFKA_TOPIC_PREFIX": settings.kafka_topic_prefix,
             "KAFKA_GROUP_ID": settings.kafka_group_id,
             "KAFKA_SESSION_TIMEOUT_MS": str(SESSION_MS),

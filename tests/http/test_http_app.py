@@ -76,7 +76,8 @@ async def test_generate_voice_keeps_the_original_response_fields(client: TestCli
     assert response.status == 200, await response.text()
     body = await response.json()
     assert set(body) == {"audio_id", "filename", "text", "enhanced_text", "voice_id", "url",
-                         "duration_seconds", "timestamp", "seed"}  # the original's, + seed
+                         "duration_seconds", "timestamp", "seed", "words", "alignment_url",
+                         "output_format"}  # the original's, + seed, timings and format
     assert body["voice_id"] == request["voice_id"] and body["text"] == request["text"]
     assert body["url"] == f"/outputs/{body['audio_id']}.mp3"
     audio = await client.get(body["url"])

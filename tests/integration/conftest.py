@@ -17,6 +17,7 @@ from consumers.publisher import EventPublisher
 from consumers.retry import RetryPolicy
 from consumers.routes import Route
 from consumers.runtime import ConsumeLoop, DeliveryConfig, ResultTopics
+from consumers.security import KafkaSecurity
 from core.health import EngineHealth
 from core.metrics import EngineMetrics
 from core.scheduling import Scheduling, build_scheduling
@@ -86,10 +87,12 @@ class LoopHarness:
         s = self.settings
         bootstrap = s.kafka_bootstrap_servers
         assert bootstrap is not None
+        security = KafkaSecurity.from_settings(s)
         self.producer = build_producer(
-            s, bootstrap, idempotent=await resolve_idempotence(s, bootstrap)
+            s, bootstrap, security=security,
+            idempotent=await resolve_idempotence(s, bootstrap, security=security),
         )
-        self.consumer = build_consumer(s, bootstrap)
+        self.consumer = build_consumer(s, bootstrap, security=security)
         await self.producer.start()
         await self.consumer.start()
         codec = EventCodec()

@@ -11,6 +11,7 @@ from aiokafka import AIOKafkaProducer
 
 from core.settings import Settings
 from tests.support.kafka_client import PersonaPeer
+from tests.support.kafka_security import client_options
 
 pytestmark = pytest.mark.kafka
 
@@ -27,7 +28,8 @@ async def _publish_and_see_it_caught(settings: Settings, peer: PersonaPeer) -> N
     assert settings.kafka_bootstrap_servers is not None
     wrong = {"request_id": "not-documented", "conversation_id": "c", "kind": "image",
              "timestamp": "2024-01-01T00:00:00Z", "thumbnail": "a field nobody documented"}
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers,
+                                **client_options(settings.kafka_bootstrap_servers or ""))
     await producer.start()
     try:
         await producer.send_and_wait(

@@ -32,6 +32,7 @@ from tests.core.test_training_images import photos
 from tests.integration.test_lora_training import lora_request
 from tests.support.engine_process import EngineProcess
 from tests.support.kafka_client import PersonaPeer
+from tests.support.kafka_security import security_env
 from tests.support.s3_server import S3Server, StoreLocation
 
 pytestmark = pytest.mark.kafka
@@ -256,6 +257,7 @@ async def test_a_training_whose_instance_is_killed_resumes_on_another_from_its_c
     own = tmp_path / "killed"
     first = EngineProcess({
         "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers or "",
+        **security_env(settings.kafka_bootstrap_servers or ""),
         "KAFKA_TOPIC_PREFIX": settings.kafka_topic_prefix,
         "KAFKA_GROUP_ID": settings.kafka_group_id, "KAFKA_SESSION_TIMEOUT_MS": "2000",
         "KAFKA_HEARTBEAT_INTERVAL_MS": "200", "KAFKA_FETCH_MAX_WAIT_MS": "10",

@@ -23,6 +23,7 @@ from aiokafka import TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 
 from consumers.kafka import build_consumer
+from consumers.security import KafkaSecurity
 from core.settings import Settings
 from tests.conftest import MakeTopics
 from tests.support.settings import engine_settings
@@ -56,7 +57,8 @@ class _Member(ConsumerRebalanceListener):  # type: ignore[misc]
                  ) -> None:
         assert settings.kafka_bootstrap_servers is not None
         self.label = label
-        self.consumer = build_consumer(settings, settings.kafka_bootstrap_servers)
+        self.consumer = build_consumer(settings, settings.kafka_bootstrap_servers,
+                                       security=KafkaSecurity.from_settings(settings))
         self.events: list[tuple[str, frozenset[int]]] = []
         self.error: BaseException | None = None
         self._topic = topic

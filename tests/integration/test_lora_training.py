@@ -28,6 +28,7 @@ from core.settings import Settings
 from tests.core.test_training_images import bomb_png, noise_png, photos
 from tests.support.engine_process import EngineProcess
 from tests.support.kafka_client import Answer, PersonaPeer
+from tests.support.kafka_security import security_env
 
 pytestmark = pytest.mark.kafka
 
@@ -279,6 +280,7 @@ async def test_a_sigkilled_engine_resumes_the_training_from_its_checkpoint(
 ) -> None:
     env = {
         "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers or "",
+        **security_env(settings.kafka_bootstrap_servers or ""),
         "KAFKA_TOPIC_PREFIX": settings.kafka_topic_prefix,
         "KAFKA_GROUP_ID": settings.kafka_group_id, "KAFKA_SESSION_TIMEOUT_MS": "3000",
         "KAFKA_HEARTBEAT_INTERVAL_MS": "300", "KAFKA_FETCH_MAX_WAIT_MS": "10",

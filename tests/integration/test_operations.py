@@ -31,6 +31,7 @@ from tests.support.dev_engine import dev_engine
 from tests.support.elevenlabs_server import DEFAULT_KEY, ElevenLabsServer
 from tests.support.engine_process import LINE_LIMIT, EngineProcess
 from tests.support.kafka_client import Answer, PersonaPeer
+from tests.support.kafka_security import security_env
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -218,6 +219,7 @@ async def test_dev_with_json_logs_writes_only_json_lines(
     env = {
         "LOG_FORMAT": "json", "LOG_LEVEL": "DEBUG",
         "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers or "",
+        **security_env(settings.kafka_bootstrap_servers or ""),
         "KAFKA_TOPIC_PREFIX": settings.kafka_topic_prefix,
         "KAFKA_GROUP_ID": settings.kafka_group_id, "SERVICE_PORT": "0",
         "KAFKA_SESSION_TIMEOUT_MS": "3000", "KAFKA_HEARTBEAT_INTERVAL_MS": "300",

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from consumers.engine import Engine
 from consumers.kafka import build_consumer
+from consumers.security import KafkaSecurity
 from consumers.serve import prepare_dev_model
 from core.settings import Settings
 from tests.support.kafka_client import PersonaPeer
@@ -46,7 +47,8 @@ async def test_an_image_running_at_a_revoke_is_computed_once(
         # a second member joins the group: the engine's partitions are revoked while the
         # image runs (grace 0.2 s), and some go to the newcomer ...
         # (the engine's own consumer: a member that offers another assignor is refused)
-        intruder = build_consumer(configured, configured.kafka_bootstrap_servers)
+        intruder = build_consumer(configured, configured.kafka_bootstrap_servers,
+                                  security=KafkaSecurity.from_settings(configured))
         await intruder.start()
         intruder.subscribe(
             [configured.topic(f"generation.requested.{k}") for k in ("image", "voice", "lora")])

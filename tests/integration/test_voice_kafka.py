@@ -14,6 +14,7 @@ import pytest
 
 from consumers.engine import Engine
 from tests.support.kafka_client import PersonaPeer
+from tests.support.settings import plaintext
 
 pytestmark = pytest.mark.kafka
 
@@ -164,7 +165,7 @@ async def test_health_turns_503_when_the_broker_becomes_unreachable(
     broker.start()
     try:
         broker.create_topics([settings.topic(t) for t in CONTRACT_TOPICS], 1)
-        engine = Engine(settings, broker.bootstrap_servers, http_host="127.0.0.1",
+        engine = Engine(plaintext(settings), broker.bootstrap_servers, http_host="127.0.0.1",
                         registry=CollectorRegistry(), broker_watch_interval=0.2)
         await engine.start()
         try:

@@ -2,8 +2,29 @@
 error shapes of ElevenLabs' OpenAPI document (``shared/reference/elevenlabs-openapi-tts.json``)
 and of its observed errors, with faults a test can script.
 
-Paths (under ``/v1``): ``POST /text-to-speech/{voice_id}`` (and ``…/stream``),
-``GET /user/subscription``, ``GET /voices``, ``GET /models``.
+Paths (under ``/v1``): ``POST /text-to-speech/{voice_id}``, ``…/stream``,
+``…/with-timestamps`` and ``…/stream/with-timestamps``, ``GET /user/subscription``,
+``GET /voices``, ``GET /models``.
+
+- **Formats:** every ``output_format`` of the document: ``mp3_*`` as MP3 at that sample rate
+  (LAME's variable bitrate, not the named one), ``pcm_*`` raw 16-bit little-endian mono,
+  ``ulaw_8000``/``alaw_8000`` raw G.711 bytes, ``opus_48000_*`` Ogg Opus, like ElevenLabs.
+- **Timestamps:** ``…/with-timestamps`` answers one JSON object
+  (``AudioWithTimestampsResponseModel``: ``audio_base64``, ``alignment`` and
+  ``normalized_alignment``, each ``characters``, ``character_start_times_seconds``,
+  ``character_end_times_seconds``); ``…/stream/with-timestamps`` a stream of such objects,
+  one per line (``StreamingAudioChunkWithTimestampsResponseModel``), each with its audio
+  chunk and the characters that start within it (``alignment`` null when none), times in
+  seconds from the start of the request's audio. The characters are the text as sent,
+  spread evenly over the audio; the normalized alignment is the text with its white space
+  collapsed, as this server "speaks" it.
+- **Streaming:** the ``…/stream`` paths answer chunked: the first chunk after
+  :attr:`ElevenLabsServer.time_to_first_chunk` seconds (``latency`` when it is ``None``;
+  the audio is made meanwhile, so only a text that takes longer to make is later),
+  then one chunk of ``chunk_bytes`` audio bytes every ``chunk_interval`` seconds.
+  :attr:`ElevenLabsServer.first_chunk_at` records when each stream's first chunk left,
+  and a stream whose client went away before its end is marked ``cut_short`` and put on
+  :attr:`ElevenLabsServer.abandoned`.
 
 - **Auth:** header ``xi-api-key``; missing → 401 ``needs_authorization``, wrong → 401
   ``invalid_api_key``, as ``{"detail": {"status", "message"}}``.
@@ -41,10 +62,11 @@ Paths (under ``/v1``): ``POST /text-to-speech/{voice_id}`` (and ``…/stream``),
   ``concurrent_limit_exceeded`` (the newer shape above), ``system_busy``, each with or
   without ``retry_after``; ``quota_exceeded``; ``server_error`` (500 without
   ``detail``); ``server_error_detail``; ``hang`` (no answer until the server stops);
-  ``drop`` (half the audio, then the connection closes)).
+  ``drop`` (half the audio, then the connection closes; on a streaming path: half the
+  chunks)).
 - **Latency:** ``latency`` seconds before each answer, like generation time.
-- **Audio:** a deterministic MP3 (a tone whose pitch follows the text), ``seconds_per_char``
-  seconds per character, at the sample rate of ``output_format``; cached per text.
+- **Audio:** deterministic (a tone whose pitch follows the text), ``seconds_per_char``
+  seconds per character, in ``output_format``; cached per text and format.
 - **Log:** :attr:`ElevenLabsServer.received` lists every request (never the key itself)
   with its JSON body (``seed``, ``pronunciation_dictionary_locators``, stitching fields as
   sent) and the ``request-id`` answered; :attr:`ElevenLabsServer.tts_calls` counts the
@@ -60,7 +82,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import io
+import json
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -138,6 +162,8 @@ class Received:
     seconds: float | None = None  # how long the server took to answer
     traceparent: str | None = None  # the W3C trace header the caller sent, if any
     request_id: str | None = None  # the request-id header of an audio answer
+    chunks_sent: int = 0  # streaming paths: audio chunks written
+    cut_short: bool = False  # streaming paths: the client went away before the end
 
 
 class RecordingSleep:
@@ -245,9 +271,19 @@ class ElevenLabsServer:
         seconds_per_char: float = 0.06,
         character_limit: int = 1_000_000,
         tier: str = "creator",
+        time_to_first_chunk: float | None = None,
+        chunk_interval: float = 0.0,
+        chunk_bytes: int = 4096,
     ) -> None:
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
         self.api_key = api_key
         self.latency = latency
+        self.time_to_first_chunk = time_to_first_chunk
+        self.chunk_interval = chunk_interval
+        self.chunk_bytes = chunk_bytes
+        self.first_chunk_at: list[float] = []  # monotonic, one per stream, in order
+        self.abandoned: asyncio.Queue[Received] = asyncio.Queue()
         self.max_concurrency = max_concurrency
         self.seconds_per_char = seconds_per_char
         self.character_limit = character_limit
@@ -266,7 +302,7 @@ class ElevenLabsServer:
         self.concurrency_code: ConcurrencyCode = "too_many_concurrent_requests"
         self.url = ""
         self.api_url = ""
-        self._audio: dict[tuple[str, int], bytes] = {}
+        self._audio: dict[tuple[str, str], bytes] = {}
         self._release = asyncio.Event()
         self._runner: web.AppRunner | None = None
 
@@ -276,6 +312,8 @@ class ElevenLabsServer:
         app = web.Application()
         app.router.add_post("/v1/text-to-speech/{voice_id}", self._tts)
         app.router.add_post("/v1/text-to-speech/{voice_id}/stream", self._tts)
+        app.router.add_post("/v1/text-to-speech/{voice_id}/with-timestamps", self._tts)
+        app.router.add_post("/v1/text-to-speech/{voice_id}/stream/with-timestamps", self._tts)
         app.router.add_get("/v1/user/subscription", self._subscription)
         app.router.add_get("/v1/voices", self._voices)
         app.router.add_get("/v1/models", self._models)
@@ -296,9 +334,18 @@ class ElevenLabsServer:
     def tts_requests(self) -> list[Received]:
         return [r for r in self.received if "/text-to-speech/" in r.path]
 
-    def audio_sent(self, text: str, rate: int = 44100) -> bytes:
-        """The MP3 bytes this server answered for ``text`` at ``rate`` (KeyError if none)."""
-        return self._audio[(text, rate)]
+    def audio_sent(self, text: str, rate: int | str = 44100) -> bytes:
+        """The audio bytes this server answered for ``text``: ``rate`` an MP3 sample rate,
+        or an ``output_format`` name (KeyError if none)."""
+        fmt = rate if isinstance(rate, str) else f"mp3_{rate}_128"
+        if fmt.startswith("mp3_"):  # the bitrate makes no difference here
+            fmt = "mp3_" + fmt.split("_")[1]
+        return self._audio[(text, fmt)]
+
+    def alignment(self, text: str) -> dict[str, list[Any]]:
+        """The character alignment this server answers for ``text`` (see the module
+        docstring): every character, spread evenly over the audio."""
+        return _alignment(text, self.audio_seconds(text))
 
     def audio_seconds(self, text: str) -> float:
         """The duration of the audio this server makes for ``text``."""
@@ -403,10 +450,18 @@ class ElevenLabsServer:
                 return answer
         if self.character_count + len(text) > self.character_limit:
             return self._quota(len(text))
-        if self.latency:
-            await asyncio.sleep(self.latency)
-        rate = int(request.query.get("output_format", "mp3_44100_128").split("_")[1])
-        audio = await self._audio_for(text, rate)
+        streaming = request.path.endswith(("/stream", "/stream/with-timestamps"))
+        wait = self.latency
+        if streaming and self.time_to_first_chunk is not None:
+            wait = self.time_to_first_chunk
+        fmt = request.query.get("output_format", "mp3_44100_128")
+        making = asyncio.ensure_future(self._audio_for(text, fmt))  # while it waits
+        try:
+            if wait:
+                await asyncio.sleep(wait)
+            audio = await making
+        finally:
+            making.cancel()
         self.character_count += len(text)
         entry.audio_seconds = self.audio_seconds(text)
         headers = {"character-cost": str(len(text))}
@@ -414,7 +469,59 @@ class ElevenLabsServer:
             entry.request_id = f"req{len(self.received):06d}"
             self.issued.add(entry.request_id)
             headers["request-id"] = entry.request_id
-        return web.Response(body=audio, content_type="audio/mpeg", headers=headers)
+        timestamps = request.path.endswith("/with-timestamps")
+        if streaming:
+            return await self._stream(request, entry, text, audio, fmt, headers,
+                                      timestamps=timestamps)
+        if timestamps:
+            return web.json_response(
+                _timed_chunk(audio, _alignment(text, entry.audio_seconds),
+                             _alignment(_normalized(text), entry.audio_seconds)),
+                headers=headers)
+        return web.Response(body=audio, content_type=_content_type(fmt), headers=headers)
+
+    async def _stream(self, request: web.Request, entry: Received, text: str, audio: bytes,
+                      fmt: str, headers: dict[str, str], *, timestamps: bool,
+                      fraction: float = 1.0) -> web.StreamResponse:
+        """``audio`` in paced chunks (JSON lines with their characters' timings when
+        ``timestamps``); only the first ``fraction`` of the chunks when dropping."""
+        response = web.StreamResponse(headers={
+            **headers, "Content-Type": "application/json" if timestamps else _content_type(fmt)})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        step = self.chunk_bytes
+        starts = list(range(0, len(audio), step))
+        if fraction < 1.0:
+            starts = starts[: max(1, int(len(starts) * fraction))]
+        seconds = self.audio_seconds(text)
+        aligned = _alignment(text, seconds)
+        normalized = _alignment(_normalized(text), seconds)
+        try:
+            for i, start in enumerate(starts):
+                if i and self.chunk_interval:
+                    await asyncio.sleep(self.chunk_interval)
+                chunk = audio[start : start + step]
+                if timestamps:
+                    lo, hi = start / len(audio) * seconds, (start + step) / len(audio) * seconds
+                    line = _timed_chunk(chunk, _within(aligned, lo, hi),
+                                        _within(normalized, lo, hi))
+                    chunk = json.dumps(line).encode() + b"\n"
+                if request.transport is None or request.transport.is_closing():
+                    raise ConnectionResetError("the client went away")
+                await response.write(chunk)
+                entry.chunks_sent += 1
+                if i == 0:
+                    self.first_chunk_at.append(time.monotonic())
+            if fraction < 1.0:
+                assert request.transport is not None
+                request.transport.close()
+                return response
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            entry.cut_short = True
+            self.abandoned.put_nowait(entry)
+            raise
+        return response
 
     def _validate(self, body: Any, query: Any) -> web.Response | None:
         errors: list[dict[str, Any]] = []
@@ -461,9 +568,6 @@ class ElevenLabsServer:
         if fmt is not None and fmt not in _OUTPUT_FORMATS:
             errors.append({"type": "enum", "loc": ["query", "output_format"], "input": fmt,
                            "msg": "Input should be one of the supported output formats"})
-        elif fmt is not None and not fmt.startswith("mp3_"):
-            errors.append({"type": "enum", "loc": ["query", "output_format"], "input": fmt,
-                           "msg": "this local server only makes mp3_* formats"})
         return _invalid(errors) if errors else None
 
     def _quota(self, needed: int) -> web.Response:
@@ -494,8 +598,14 @@ class ElevenLabsServer:
         if fault.kind == "hang":
             await self._release.wait()
             return web.Response(status=503)
+        if fault.kind == "drop" and request.path.endswith(("/stream", "/stream/with-timestamps")):
+            fmt = request.query.get("output_format", "mp3_44100_128")
+            audio = await self._audio_for(text, fmt)
+            return await self._stream(request, Received("POST", request.path, {}, "ok"), text,
+                                      audio, fmt, {}, fraction=0.5,
+                                      timestamps=request.path.endswith("/with-timestamps"))
         if fault.kind == "drop":
-            audio = await self._audio_for(text, 44100)
+            audio = await self._audio_for(text, "mp3_44100_128")
             response = web.StreamResponse(headers={"Content-Type": "audio/mpeg",
                                                    "Content-Length": str(len(audio))})
             await response.prepare(request)
@@ -505,11 +615,12 @@ class ElevenLabsServer:
             return response
         return None
 
-    async def _audio_for(self, text: str, rate: int) -> bytes:
-        key = (text, rate)
+    async def _audio_for(self, text: str, fmt: str) -> bytes:
+        codec, rate = fmt.split("_")[:2]
+        key = (text, f"{codec}_{rate}" if codec == "mp3" else fmt)
         if key not in self._audio:
-            samples = _tone(text, self.audio_seconds(text), rate)
-            self._audio[key] = await asyncio.to_thread(_encode, samples, rate)
+            samples = _tone(text, self.audio_seconds(text), int(rate))
+            self._audio[key] = await asyncio.to_thread(_encode, samples, int(rate), codec)
         return self._audio[key]
 
     async def _subscription(self, request: web.Request) -> web.Response:
@@ -558,15 +669,55 @@ class ElevenLabsServer:
         ])
 
 
-def _encode(samples: np.ndarray[Any, np.dtype[np.int16]], rate: int) -> bytes:
+def _encode(samples: np.ndarray[Any, np.dtype[np.int16]], rate: int, codec: str) -> bytes:
+    if codec == "pcm":
+        return samples.astype("<i2").tobytes()
     buffer = io.BytesIO()
-    soundfile.write(buffer, samples, rate, format="MP3")
+    if codec in ("ulaw", "alaw"):
+        soundfile.write(buffer, samples, rate, format="RAW", subtype=codec.upper())
+    elif codec == "opus":
+        soundfile.write(buffer, samples, rate, format="OGG", subtype="OPUS")
+    else:
+        soundfile.write(buffer, samples, rate, format="MP3")
     return buffer.getvalue()
+
+
+def _content_type(fmt: str) -> str:
+    codec = fmt.split("_")[0]
+    return {"mp3": "audio/mpeg", "opus": "audio/ogg", "pcm": "audio/pcm",
+            "ulaw": "audio/basic", "alaw": "audio/x-alaw-basic"}[codec]
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _alignment(text: str, seconds: float) -> dict[str, list[Any]]:
+    per = seconds / max(1, len(text))
+    return {"characters": list(text),
+            "character_start_times_seconds": [round(i * per, 6) for i in range(len(text))],
+            "character_end_times_seconds": [round((i + 1) * per, 6) for i in range(len(text))]}
+
+
+def _within(alignment: dict[str, list[Any]], lo: float, hi: float) -> dict[str, list[Any]] | None:
+    """The characters of ``alignment`` starting within ``[lo, hi)``; ``None`` when none."""
+    keep = [i for i, t in enumerate(alignment["character_start_times_seconds"]) if lo <= t < hi]
+    if not keep:
+        return None
+    return {name: [values[i] for i in keep] for name, values in alignment.items()}
+
+
+def _timed_chunk(audio: bytes, alignment: dict[str, list[Any]] | None,
+                 normalized: dict[str, list[Any]] | None) -> dict[str, Any]:
+    return {"audio_base64": base64.b64encode(audio).decode("ascii"), "alignment": alignment,
+            "normalized_alignment": normalized}
 
 
 async def _serve(args: argparse.Namespace) -> None:
     server = ElevenLabsServer(args.api_key, latency=args.latency,
-                              max_concurrency=args.max_concurrency)
+                              max_concurrency=args.max_concurrency,
+                              time_to_first_chunk=args.time_to_first_chunk,
+                              chunk_interval=args.chunk_interval)
     url = await server.start(args.host, args.port)
     print(f"local ElevenLabs on {url}  (ELEVENLABS_API_URL={url} "
           f"ELEVENLABS_API_KEY={args.api_key}); Ctrl-C stops", flush=True)
@@ -583,6 +734,10 @@ def main() -> None:
     parser.add_argument("--api-key", default=DEFAULT_KEY, help="the key it accepts")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per answer")
     parser.add_argument("--max-concurrency", type=int, default=None)
+    parser.add_argument("--time-to-first-chunk", type=float, default=None,
+                        help="streaming: seconds before the first chunk (default: --latency)")
+    parser.add_argument("--chunk-interval", type=float, default=0.0,
+                        help="streaming: seconds between chunks")
     try:
         asyncio.run(_serve(parser.parse_args()))
     except KeyboardInterrupt:

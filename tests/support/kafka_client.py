@@ -19,6 +19,7 @@ from schemas.events import (
     VoiceRequested,
 )
 from tests.support.asyncapi_check import EventChecker
+from tests.support.kafka_security import client_options
 
 __all__ = ["Answer", "PersonaPeer"]
 
@@ -57,12 +58,13 @@ class PersonaPeer:
         self.checker = EventChecker(prefix)
         self.violations: list[str] = []
         self._arrived = asyncio.Condition()
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+                                          **client_options(bootstrap))
         self._consumer = AIOKafkaConsumer(
             f"{prefix}generation.completed", f"{prefix}generation.failed",
             f"{prefix}generation.progress", f"{prefix}generation.control",
             bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
-            enable_auto_commit=False, fetch_max_wait_ms=10,
+            enable_auto_commit=False, fetch_max_wait_ms=10, **client_options(bootstrap),
         )
         self._reader: asyncio.Task[None] | None = None
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from consumers.security import without_security
 from core.settings import Settings, load_settings
+from tests.support.kafka_security import settings_overrides
 
-__all__ = ["engine_settings"]
+__all__ = ["engine_settings", "plaintext"]
 
 
 def engine_settings(tmp_path: Path, bootstrap: str, topic_prefix: str, **overrides: Any
@@ -28,6 +30,12 @@ def engine_settings(tmp_path: Path, bootstrap: str, topic_prefix: str, **overrid
         "retry_base_delay": 0.01,
         "retry_max_delay": 0.05,
         "shutdown_grace_seconds": 10,
+        **settings_overrides(bootstrap),
         **overrides,
     })
 
+
+def plaintext(settings: Settings) -> Settings:
+    """``settings`` for a broker a test starts for itself, which is plaintext whatever
+    security the session's broker has (ENGINE_TEST_KAFKA_SECURITY)."""
+    return without_security(settings)

@@ -1,0 +1,198 @@
+"""Streamed voice over HTTP, on a real server on 127.0.0.1 against the local ElevenLabs:
+``POST /generate/voice`` with ``Accept: audio/*`` answers with the audio from its first
+chunk; ``GET`` on the stream's URL gives any listener, early or late, the whole stream from
+its start, the bytes of the file; a failure after the first chunk cuts the answer short; a
+replay answered from the remembered results is its file; a stream not here is a 404."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import httpx
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
+from yarl import URL
+
+from core.health import EngineHealth
+from core.metrics import EngineMetrics
+from core.outputs import OutputStore
+from core.remembered import RememberedResults
+from core.scheduling import build_scheduling
+from core.settings import load_settings
+from core.voice import (
+    AudioStreams,
+    ElevenLabsBackend,
+    EspeakSynthesizer,
+    LocalVoiceBackend,
+    VoiceResults,
+    VoiceService,
+)
+from http_files import AppServices, create_app
+from http_files.uploads import UploadLimits
+from schemas.codec import EventCodec
+from tests.support.elevenlabs_server import DEFAULT_KEY, ElevenLabsServer, Fault
+
+TEXT = "Hello there, my friend. It is good to hear you again! Tell me about your day."
+AUDIO = {"Accept": "audio/mpeg"}
+
+
+@dataclass
+class Streaming:
+    """``client`` checks every exchange against docs/openapi.json, reading each body whole
+    first; ``session`` is a plain client, for what happens while a body arrives."""
+
+    client: TestClient
+    session: aiohttp.ClientSession
+    upstream: ElevenLabsServer
+    store: OutputStore
+
+    def url(self, path: str) -> str:
+        return str(self.client.make_url(path))
+
+    def files(self, suffix: str = ".mp3") -> list[Path]:
+        return [p for p in self.store.directory.iterdir() if p.name.endswith(suffix)]
+
+
+@pytest.fixture
+async def streaming(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                    ) -> AsyncIterator[Streaming]:
+    """The app over an ElevenLabs voice that streams (first chunk after 0.2 s, then a
+    1 KiB chunk every 20 ms), its stream URLs naming the app's own address."""
+    monkeypatch.chdir(tmp_path)
+    upstream = ElevenLabsServer(seconds_per_char=0.02, time_to_first_chunk=0.2,
+                                chunk_interval=0.02, chunk_bytes=1024)
+    await upstream.start()
+    store = OutputStore(tmp_path / "outputs", cleanup_delay=3600)
+    metrics = EngineMetrics(CollectorRegistry())
+    local = VoiceService(LocalVoiceBackend(EspeakSynthesizer()), store, "21m00Tcm4TlvDq8ikWAM")
+    services = AppServices(health=EngineHealth(voice_backend="elevenlabs"), metrics=metrics,
+                           store=store, codec=EventCodec(), voice=local,
+                           scheduling=build_scheduling(load_settings(), metrics))
+    app = create_app(services, UploadLimits(tmp_path / "temp" / "uploads"))
+    async with httpx.AsyncClient() as http, aiohttp.ClientSession() as session, \
+            TestClient(TestServer(app, host="127.0.0.1")) as client:
+        backend = ElevenLabsBackend(http, upstream.api_url, SecretStr(DEFAULT_KEY),
+                                    timeout=httpx.Timeout(5.0))
+        streams = AudioStreams(tmp_path / "streams", str(client.make_url("")), "engine-1",
+                               linger=30)
+        results = VoiceResults(RememberedResults(tmp_path / "results"))
+        services.voice = VoiceService(backend, store, "21m00Tcm4TlvDq8ikWAM", streams=streams,
+                                      results=results)
+        try:
+            yield Streaming(client, session, upstream, store)
+        finally:
+            await upstream.stop()
+
+
+def path_of(url: str) -> str:
+    return URL(url).path
+
+
+async def test_accept_audio_answers_with_the_stream_from_its_first_chunk(
+    streaming: Streaming,
+) -> None:
+    started = time.monotonic()
+    response = await streaming.session.post(streaming.url("/generate/voice"),
+                                            json={"text": TEXT * 3}, headers=AUDIO)
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "audio/mpeg"
+    assert response.headers["Transfer-Encoding"] == "chunked"
+    assert response.headers["X-Request-Id"]
+    first = await response.content.readany()
+    first_at = time.monotonic() - started
+    body = first + await response.read()
+    done_at = time.monotonic() - started
+    chunks = -(-len(body) // 1024)  # upstream paces them 20 ms apart
+    assert chunks > 10 and 0.2 <= first_at  # upstream's time to first chunk
+    assert done_at - first_at >= 0.5 * 0.02 * (chunks - 1)  # heard long before the end
+
+    (file,) = streaming.files()
+    assert body == file.read_bytes() == streaming.upstream.audio_sent(TEXT * 3)
+    stream_url = response.headers["X-Stream-Url"]
+    assert stream_url.startswith(str(streaming.client.make_url("/streams/voice/engine-1/")))
+    late = await streaming.client.get(path_of(stream_url))  # after the end, in the linger
+    assert late.status == 200 and await late.read() == body
+
+
+async def test_a_listener_joining_mid_stream_gets_it_all_from_the_start(
+    streaming: Streaming,
+) -> None:
+    response = await streaming.session.post(streaming.url("/generate/voice"),
+                                            json={"text": TEXT * 4}, headers=AUDIO)
+    first = await response.content.readany()
+    joined = await streaming.session.get(response.headers["X-Stream-Url"])
+    assert joined.status == 200 and joined.headers["Content-Type"] == "audio/mpeg"
+    assert streaming.upstream.tts_requests()[0].status is None  # upstream still streaming
+    heard = await joined.read()
+    told = first + await response.read()
+    (file,) = streaming.files()
+    assert heard == told == file.read_bytes()
+
+
+async def test_a_failure_after_the_first_chunk_cuts_the_answer_short(
+    streaming: Streaming,
+) -> None:
+    streaming.upstream.faults = [Fault("drop")]  # half the chunks, then the connection closes
+    response = await streaming.session.post(streaming.url("/generate/voice"),
+                                            json={"text": TEXT * 2}, headers=AUDIO)
+    assert response.status == 200
+    assert await response.content.readany()
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()  # no final chunk: a player never takes it for all the audio
+    assert len(streaming.upstream.tts_requests()) == 1 and streaming.files() == []
+
+
+async def test_a_replay_asking_for_audio_gets_its_file(streaming: Streaming) -> None:
+    body = {"text": TEXT, "seed": 7, "output_format": "pcm_16000"}
+    first = await streaming.client.post("/generate/voice", json=body,
+                                        headers={"Accept": "audio/*"})
+    streamed = await first.read()
+    assert first.headers["Content-Type"] == "audio/wav"
+    again = await streaming.client.post("/generate/voice", json=body,
+                                        headers={"Accept": "audio/*"})
+    assert again.status == 200 and again.headers["Content-Type"] == "audio/wav"
+    assert "X-Stream-Url" not in again.headers  # nothing made: no stream
+    (file,) = streaming.files(".wav")
+    assert again.headers["X-Audio-Url"].endswith(f"/outputs/{file.name}")
+    assert await again.read() == file.read_bytes()
+    assert streamed[44:] == file.read_bytes()[44:]  # the header's sizes came at the end
+    assert len(streaming.upstream.tts_requests()) == 1
+
+
+async def test_without_accept_audio_the_answer_is_the_json_result(
+    streaming: Streaming,
+) -> None:
+    response = await streaming.client.post(
+        "/generate/voice", json={"text": TEXT},
+        headers={"Accept": "application/json, audio/mpeg;q=0"})
+    assert response.status == 200
+    result = await response.json()
+    assert result["url"].endswith(".mp3") and result["words"][0]["word"] == "Hello"
+    assert result["alignment_url"].endswith(".json")
+
+
+async def test_a_stream_that_is_not_here_is_a_404_saying_where(streaming: Streaming) -> None:
+    elsewhere = await streaming.client.get("/streams/voice/engine-2/abc")
+    assert elsewhere.status == 404
+    assert "engine-2" in (await elsewhere.json())["message"]
+    unknown = await streaming.client.get("/streams/voice/engine-1/no-such-stream")
+    assert unknown.status == 404
+    assert "completed event" in (await unknown.json())["message"]
+
+
+async def test_a_client_leaving_ends_the_request_and_its_upstream_call(
+    streaming: Streaming,
+) -> None:
+    response = await streaming.session.post(streaming.url("/generate/voice"),
+                                            json={"text": TEXT * 4}, headers=AUDIO)
+    assert await response.content.readany()
+    response.close()  # the player goes away
+    left = await asyncio.wait_for(streaming.upstream.abandoned.get(), timeout=5)
+    assert left.cut_short and streaming.files() == []
