@@ -41,6 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
@@ -79,6 +80,8 @@ class Report:
     images: list[dict[str, Any]] = field(default_factory=list)
     switches: list[dict[str, Any]] = field(default_factory=list)
     training: list[dict[str, Any]] = field(default_factory=list)
+    # the first timed row's images, by seed: what every other row's pixels are compared to
+    reference: list[np.ndarray] = field(default_factory=list)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -275,7 +278,10 @@ def measure_images(report: Report, label: str, model: LoadedModel, lora: LoraInf
     try:
         _reset_peak(plan)
         with running(model) as (worker, _):
-            row = _time_images(plan, label, worker, lora)
+            row, pixels = _time_images(plan, label, worker, lora)
+        if not report.reference:
+            report.reference = pixels
+        row.update(deviation(report.reference, pixels))
     except Exception as exc:  # noqa: BLE001
         traceback.print_exc()
         row = {"config": label, "error": f"{type(exc).__name__}: {exc}"}
@@ -283,8 +289,21 @@ def measure_images(report: Report, label: str, model: LoadedModel, lora: LoraInf
     print(f"{label}: {row}", flush=True)
 
 
-def _time_images(plan: Plan, label: str, worker: GpuWorker, lora: LoraInfo) -> dict[str, Any]:
+def deviation(reference: list[np.ndarray], pixels: list[np.ndarray]) -> dict[str, Any]:
+    """How far ``pixels`` are from ``reference`` (the same seeds through the first row):
+    ``psnr_db`` over every channel of every image (``None`` when identical) and
+    ``max_abs_diff``, the largest difference of one channel in 0-255."""
+    ours = np.stack(pixels).astype(np.float64)
+    theirs = np.stack(reference).astype(np.float64)
+    mse = float(np.mean((ours - theirs) ** 2))
+    return {"psnr_db": round(10 * math.log10(255.0**2 / mse), 2) if mse > 0 else None,
+            "max_abs_diff": int(np.max(np.abs(ours - theirs)))}
+
+
+def _time_images(plan: Plan, label: str, worker: GpuWorker, lora: LoraInfo
+                 ) -> tuple[dict[str, Any], list[np.ndarray]]:
     times: list[float] = []
+    pixels: list[np.ndarray] = []
     first = None
     for index in range(plan.warmup + plan.reps):
         started = time.perf_counter()
@@ -299,9 +318,10 @@ def _time_images(plan: Plan, label: str, worker: GpuWorker, lora: LoraInfo) -> d
             times.append(seconds)
         if image.size != (plan.image, plan.image):
             raise RuntimeError(f"image of {image.size}, asked {plan.image}²")
+        pixels.append(np.asarray(image.convert("RGB")))
     return {"config": label, "median_s": round(statistics.median(times), 3),
             "times_s": [round(t, 3) for t in times], "warmup_s": round(first or 0, 1),
-            "peak_gib": _peak_gib(plan)}
+            "peak_gib": _peak_gib(plan)}, pixels
 
 
 def measure_switches(report: Report, label: str, model: LoadedModel,
@@ -394,7 +414,8 @@ def measure_fp8(report: Report, pipeline: Any, lora: LoraInfo) -> None:
     if not report.fits(150):
         report.images.append({"config": label, "skipped": "over the time budget"})
         return
-    fresh = build_random_flux(plan.size, device=plan.device, dtype=plan.dtype, seed=7)
+    # the same seed as the first build: the same weights, so its pixels compare with eager's
+    fresh = build_random_flux(plan.size, device=plan.device, dtype=plan.dtype)
     pipeline.register_modules(transformer=fresh.transformer)  # no adapters, not compiled
     del fresh
     gc.collect()
@@ -411,15 +432,18 @@ def print_tables(report: Report) -> None:
     print(f"\n{env.get('gpu', plan.device)} · {plan.size} · {plan.image}² · {plan.steps} "
           f"steps · median of {plan.reps} after {plan.warmup} warm-up")
     baseline = next((row.get("median_s") for row in report.images if "median_s" in row), None)
-    print("\n| configuration | s/image | × vs first | warm-up s | peak GiB |")
-    print("|---|---|---|---|---|")
+    print("\n| configuration | s/image | × vs first | warm-up s | peak GiB "
+          "| PSNR dB vs first | max abs diff |")
+    print("|---|---|---|---|---|---|---|")
     for row in report.images:
         if "median_s" in row:
             ratio = f"{baseline / row['median_s']:.2f}" if baseline else "-"
+            psnr = "identical" if row["psnr_db"] is None else f"{row['psnr_db']:.2f}"
             print(f"| {row['config']} | {row['median_s']:.3f} | {ratio} | {row['warmup_s']} "
-                  f"| {row['peak_gib'] if row['peak_gib'] is not None else '-'} |")
+                  f"| {row['peak_gib'] if row['peak_gib'] is not None else '-'} "
+                  f"| {psnr} | {row['max_abs_diff']} |")
         else:
-            print(f"| {row['config']} | {row.get('skipped') or row.get('error')} | | | |")
+            print(f"| {row['config']} | {row.get('skipped') or row.get('error')} | | | | | |")
     print("\n| LoRA switch | switches | mean ms | recompilations |")
     print("|---|---|---|---|")
     for row in report.switches:

@@ -23,7 +23,8 @@ def test_the_smoke_run_prints_every_table_with_figures(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     text = done.stdout
-    for header in ("| configuration | s/image | × vs first | warm-up s | peak GiB |",
+    for header in (("| configuration | s/image | × vs first | warm-up s | peak GiB "
+                    "| PSNR dB vs first | max abs diff |"),
                    "| LoRA switch | switches | mean ms | recompilations |",
                    "| training step | s/step | peak GiB |"):
         assert header in text
@@ -32,6 +33,16 @@ def test_the_smoke_run_prints_every_table_with_figures(tmp_path: Path) -> None:
     assert set(timed) == {"eager", "step cache taylorseer", "step cache first_block",
                           "step cache mag", "compiled (hotswap slot)"}, report["images"]
     assert all(row["median_s"] > 0 and len(row["times_s"]) == 2 for row in timed.values())
+    # every row's pixels against the first's, on the same seeds and weights
+    assert timed["eager"]["psnr_db"] is None and timed["eager"]["max_abs_diff"] == 0
+    for cache in ("taylorseer", "first_block", "mag"):
+        assert {"psnr_db", "max_abs_diff"} <= timed[f"step cache {cache}"].keys()
+    # taylorseer predicts one step in five whatever the image: other pixels, measured
+    taylor = timed["step cache taylorseer"]
+    assert taylor["max_abs_diff"] > 0 and taylor["psnr_db"] is not None
+    assert 0 < taylor["psnr_db"] < 200
+    compiled = timed["compiled (hotswap slot)"]
+    assert compiled["psnr_db"] is None or compiled["psnr_db"] > 30, compiled  # float noise
     fp8 = next(row for row in report["images"] if row["config"].startswith("fp8"))
     assert "needs CUDA" in fp8["skipped"]  # said, not silently left out
     switches = {row["mode"]: row for row in report["lora_switch"]}
