@@ -427,8 +427,8 @@ def _filenames(entry: CachedResult) -> list[str]:
 
 def _check_compiled(params: ImageParams, lora: LoraInfo | None,
                     stacked: tuple[ActiveLora, ...]) -> None:
-    """A compiled model swaps one LoRA into its slot at scale 1 (core/lora/adapters.py):
-    other scales or stacking would recompile it."""
+    """A compiled model swaps one LoRA, at any scale, into its slot
+    (core/lora/adapters.py): stacking would recompile it."""
     active = [scale for scale in ([params.lora_scale] if lora else []) if scale > 0]
     active += [scale for _, scale in stacked if scale > 0]
     if len(active) > 1:
@@ -436,11 +436,6 @@ def _check_compiled(params: ImageParams, lora: LoraInfo | None,
             "loras: this engine runs a compiled model (COMPILE_TRANSFORMER=true), which "
             "applies one LoRA per request; stacked LoRAs need COMPILE_TRANSFORMER=false",
             field="loras")
-    if active and active[0] != 1.0:
-        field = "lora_scale" if lora is not None and params.lora_scale > 0 else "loras"
-        raise InvalidRequestError(
-            f"{field}: this engine runs a compiled model (COMPILE_TRANSFORMER=true), which "
-            "applies a LoRA at scale 1 or 0 only", field=field)
 
 
 def _now() -> str:

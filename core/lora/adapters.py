@@ -15,9 +15,10 @@ Used only by the GPU worker's thread, between pipeline calls. Two modes:
   neither switching LoRAs nor going to or from the base model changes anything torch.compile
   guards on: no recompilation. (``disable_lora`` would flip a flag and ``requires_grad`` on
   every layer, each a guard: a second set of graphs.) Going back to the LoRA in the slot
-  copies its scalings back, without reading its file. One slot holds one LoRA at scale 1:
-  stacking or scaling would recompile, so the image service refuses such requests on a
-  compiled model.
+  copies its scalings back, without reading its file; a ``lora_scale`` other than 1 writes
+  the LoRA's scalings times the scale into the same tensors (values, not guards). One slot
+  holds one LoRA: stacking would recompile, so the image service refuses it on a compiled
+  model.
 
 A LoRA that fails to load raises :class:`LoraLoadError`: the request never silently runs
 on the base model.
@@ -88,6 +89,7 @@ class AdapterSet:
         self._slot_content: _Key | None = None  # what the hotswap slot holds
         self._scalings: list[Any] = []  # the LoRA's own scalings, given back after silence
         self._silenced = False
+        self._slot_scale = 1.0  # the scale the slot's LoRA runs at now
         # the adapters the next call runs with: (key, scale) pairs ("()": the base model),
         # or _UNKNOWN
         self._state: tuple[tuple[_Key, float], ...] | object = ()
@@ -128,7 +130,7 @@ class AdapterSet:
                 elif self._loaded:
                     self._pipeline.disable_lora()
             elif self._slot is not None:
-                self._hotswap(_one_at_full_scale(adapters))
+                self._hotswap(*_one_lora(adapters))
             else:
                 self._switch(adapters)
         finally:
@@ -231,12 +233,11 @@ class AdapterSet:
             self._pipeline.unload_lora_weights()
             self._loaded.clear()
 
-    def _hotswap(self, lora: LoraInfo) -> None:
+    def _hotswap(self, lora: LoraInfo, scale: float) -> None:
         key = (lora.lora_id, lora.fingerprint)
         if key == self._slot_content:
-            if self._silenced:  # its weights are still there: give back its scalings
-                _copy_into(_slot_scalings(self._pipeline, str(self._slot)), self._scalings)
-                self._silenced = False
+            if self._silenced or scale != self._slot_scale:  # its weights are still there
+                self._scale_slot(scale)
             self._pipeline.enable_lora()  # (a no-op unless foreign code disabled it)
             return
         _verify_file(lora)
@@ -259,10 +260,19 @@ class AdapterSet:
             ) from exc
         self._scalings = [value.clone() for value in
                           _slot_scalings(self._pipeline, str(self._slot))]
-        self._silenced = False
+        self._silenced, self._slot_scale = False, 1.0
+        if scale != 1.0:
+            self._scale_slot(scale)
         self._slot_content = key
         self._loaded = OrderedDict([(key, str(self._slot))])
         self._pipeline.enable_lora()
+
+    def _scale_slot(self, scale: float) -> None:
+        """The slot's LoRA at ``scale``: its own scalings times ``scale``, written into the
+        scaling tensors in place (values, not a graph change: nothing recompiles)."""
+        _copy_into(_slot_scalings(self._pipeline, str(self._slot)),
+                   [value * scale for value in self._scalings])
+        self._silenced, self._slot_scale = False, scale
 
     def _silence_slot(self) -> None:
         """The base model on a compiled transformer: the slot's scalings at zero (its
@@ -272,14 +282,14 @@ class AdapterSet:
         self._pipeline.enable_lora()
 
 
-def _one_at_full_scale(adapters: Sequence[tuple[LoraInfo, float]]) -> LoraInfo:
-    """The one LoRA a hotswap slot can hold: scales and stacking would recompile."""
+def _one_lora(adapters: Sequence[tuple[LoraInfo, float]]) -> tuple[LoraInfo, float]:
+    """The one LoRA a hotswap slot can hold, at its scale: stacking would recompile."""
     lora, scale = adapters[0]
-    if len(adapters) > 1 or scale != 1.0:
+    if len(adapters) > 1:
         raise LoraLoadError(
-            f"a compiled model (COMPILE_TRANSFORMER=true) runs one LoRA at scale 1; asked "
-            f"for {len(adapters)} at {', '.join(f'{s:g}' for _, s in adapters)}", lora.lora_id)
-    return lora
+            f"a compiled model (COMPILE_TRANSFORMER=true) runs one LoRA at a time; asked "
+            f"for {len(adapters)}", lora.lora_id)
+    return lora, scale
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -132,6 +132,10 @@ async def test_compiled_before_ready_then_no_recompilation_across_loras_sizes_an
             (first,) = await pixels(worker, job(lora=sarah))  # the first LoRA after base
             assert same(await pixels(worker, job()), base)  # back to the base model
             assert same(await pixels(worker, job(lora=sarah)), first)  # back, not reloaded
+            # a scale other than 1: the slot's scaling values, not a new graph
+            (half,) = await pixels(worker, dataclasses.replace(job(lora=sarah),
+                                                               lora_scale=0.5))
+            assert same(await pixels(worker, job(lora=sarah)), first)  # back to scale 1
             (second,) = await pixels(worker, job(lora=emma))
             assert same(await pixels(worker, job(lora=sarah)), first)  # reloaded into the slot
             assert same(await pixels(worker, job()), base)
@@ -148,6 +152,8 @@ async def test_compiled_before_ready_then_no_recompilation_across_loras_sizes_an
         assert compiled_graphs() == graphs
         assert np.abs(first - base).mean() > 1.0 and np.abs(second - base).mean() > 1.0
         assert not np.array_equal(first, second)
+        # half the LoRA: between the base and the full LoRA
+        assert 0 < np.abs(half - base).mean() < np.abs(first - base).mean()
         # the silenced slot is the base model: the eager model's pixels, within float noise
         eager = await eager_worker(settings, dev_model_dir)
         try:
