@@ -14,6 +14,7 @@ from http_files.metrics import metrics
 from http_files.openapi import serve_openapi
 from http_files.outputs import get_output
 from http_files.requests import cancel_request
+from http_files.schemas import get_schema
 from http_files.services import SERVICES, AppServices
 from http_files.streams import get_stream
 from http_files.train import get_training, train_lora
@@ -27,7 +28,8 @@ __all__ = ["create_app"]
 def create_app(services: AppServices, uploads: UploadLimits | None = None,
                access: AccessPolicy | None = None) -> web.Application:
     """Builds the HTTP app: ``/health`` and its probes, ``/outputs/{filename}``,
-    ``/metrics`` and the original API's POST endpoints, all backed by ``services``;
+    ``/metrics``, ``/schemas/{fingerprint}`` and the original API's POST endpoints, all
+    backed by ``services``;
     ``/train-lora`` uploads are received under ``uploads`` (``upload_limits(settings)``;
     the defaults when None); API keys are required as ``access`` says
     (``access_policy(settings)``; None or no keys: the app is open).
@@ -53,6 +55,7 @@ def create_app(services: AppServices, uploads: UploadLimits | None = None,
     app.router.add_get("/train-lora/{training_id}", get_training)
     app.router.add_delete("/requests/{request_id}", cancel_request)
     app.router.add_get("/openapi.json", serve_openapi())
+    app.router.add_get("/schemas/{fingerprint}", get_schema)
     return app
 
 

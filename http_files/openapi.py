@@ -264,6 +264,22 @@ def _paths(schemas: dict[str, Any]) -> dict[str, Any]:
         "/openapi.json": {"get": _keyed({
             "operationId": "getOpenapi", "summary": "This document",
             "responses": {"200": _response(200, "", _json({"type": "object"}))}})},
+        "/schemas/{fingerprint}": {"get": _keyed({
+            "operationId": "getWriterSchema",
+            "summary": "The Avro writer schema of a single-object fingerprint",
+            "description": "Every schema the engine knows, current or earlier, as its "
+            "`.avsc` file has it: a reader meeting an unknown fingerprint resolves the record "
+            "with this writer schema and the schema it holds (README, Schema evolution).",
+            "parameters": [{**_path("fingerprint", "16 hex digits: the 8 bytes after `C3 01` "
+                                    "in an Avro single-object record, in their order"),
+                            "schema": {"type": "string", "pattern": "^[0-9A-Fa-f]{16}$"}}],
+            "responses": {"200": _response(200, "the writer schema (an Avro record schema)",
+                                           _json({"type": "object"}), {"Cache-Control": {
+                                               "schema": {"type": "string"}}}),
+                          "400": _response(400, "not 16 hex digits",
+                                           _json(_ref("EngineErrorBody"))),
+                          "404": _response(404, "no schema of the engine has it",
+                                           _json(_ref("EngineErrorBody")))}})},
         "/generate/image": {"post": _keyed({
             "operationId": "generateImage", "summary": "Generate an image (synchronous)",
             "requestBody": {"required": True, "content": _json(_ref("ImageRequest"))},

@@ -48,6 +48,7 @@ class _Schema:
     name: str
     parsed: Any  # fastavro's parsed form (a dict it annotates for itself)
     fingerprint: bytes
+    text: str  # the schema as JSON, as written (docs and defaults kept): what readers fetch
 
 
 def schema_fingerprint(schema: Mapping[str, Any]) -> bytes:
@@ -60,6 +61,7 @@ def schema_fingerprint(schema: Mapping[str, Any]) -> bytes:
 
 
 def _parse(schema: Mapping[str, Any]) -> _Schema:
+    text = json.dumps(schema, ensure_ascii=False)  # before fastavro sees it
     # A fresh name table per schema: two versions of one record must not collide.
     try:
         parsed = fastavro.parse_schema(dict(schema), named_schemas={})
@@ -69,7 +71,7 @@ def _parse(schema: Mapping[str, Any]) -> _Schema:
         raise ValueError(f"an event schema must be an Avro record, not {schema.get('type')!r}")
     # fastavro gives the hex of the little-endian bytes, the order of the single-object header.
     fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
-    return _Schema(name=str(parsed["name"]), parsed=parsed, fingerprint=fp)
+    return _Schema(name=str(parsed["name"]), parsed=parsed, fingerprint=fp, text=text)
 
 
 def _load_dir(directory: Path) -> list[_Schema]:
@@ -99,6 +101,13 @@ class EventCodec:
         older = _load_dir(_AVRO_DIR / "history") + [_parse(s) for s in extra_writer_schemas]
         self._writers: dict[bytes, _Schema] = {s.fingerprint: s for s in older}
         self._writers.update({s.fingerprint: s for s in self._current.values()})
+
+    def writer_schema(self, fingerprint: bytes) -> str | None:
+        """The writer schema (JSON text, as its ``.avsc`` file has it) of the single-object
+        ``fingerprint`` (8 bytes, header order), current or earlier; ``None`` when this
+        codec does not know it."""
+        schema = self._writers.get(fingerprint)
+        return None if schema is None else schema.text
 
     # --- encoding -------------------------------------------------------------------------
 
