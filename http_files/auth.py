@@ -1,6 +1,8 @@
 """API keys: with ``API_KEYS`` set, every route but the probes needs
-``Authorization: Bearer <key>``; ``/metrics`` and ``/outputs/{filename}`` each by their own
-setting (``METRICS_REQUIRE_KEY``, ``OUTPUTS_REQUIRE_KEY``).
+``Authorization: Bearer <key>``; ``/metrics`` and the files (``/outputs/{filename}`` and the
+live ``/streams/voice/{instance}/{stream_id}``) each by their own setting
+(``METRICS_REQUIRE_KEY``, ``OUTPUTS_REQUIRE_KEY``). A stream's URL is a capability URL like
+an output's (a random uuid4), and the players that open it cannot send headers.
 
 A key is configured plain or as ``sha256:<hex>`` of it, so that the environment need not
 hold the keys themselves. Only SHA-256 digests are kept: a presented key is hashed and
@@ -33,7 +35,7 @@ logger = logging.getLogger(__name__)
 PROBE_PATHS = frozenset({"/health", "/health/live", "/health/ready"})
 """Routes that never need a key: an orchestrator's probes carry none."""
 _METRICS = "/metrics"
-_OUTPUTS = "/outputs/{filename}"
+_OUTPUTS = frozenset({"/outputs/{filename}", "/streams/voice/{instance}/{stream_id}"})
 _HASHED = "sha256:"
 _CHALLENGE = 'Bearer realm="multimodal-engine"'
 
@@ -41,8 +43,8 @@ _CHALLENGE = 'Bearer realm="multimodal-engine"'
 @dataclass(frozen=True)
 class AccessPolicy:
     """Who may call what: ``digests`` are the SHA-256 digests of the keys (none: the app
-    is open); ``/metrics`` and ``/outputs/{filename}`` need a key only when their flag
-    says so (and keys are configured)."""
+    is open); ``/metrics`` and the files (``/outputs/{filename}``, voice streams) need a
+    key only when their flag says so (and keys are configured)."""
 
     digests: tuple[bytes, ...] = ()
     metrics_require_key: bool = True
@@ -58,9 +60,9 @@ class AccessPolicy:
 
     def open_paths(self) -> frozenset[str]:
         """The routes (as aiohttp's canonical paths) that need no key."""
-        return PROBE_PATHS | {path for path, required in (
-            (_METRICS, self.metrics_require_key), (_OUTPUTS, self.outputs_require_key))
-            if not required}
+        metrics = frozenset() if self.metrics_require_key else frozenset({_METRICS})
+        files = frozenset() if self.outputs_require_key else _OUTPUTS
+        return PROBE_PATHS | metrics | files
 
     def accepts(self, key: str) -> bool:
         """Whether ``key`` is one of the configured keys, in constant time over them."""

@@ -68,8 +68,8 @@ original (FastAPI) shape naming the field (`detail[].loc`); a failure in the eng
 
 Authentication: with `API_KEYS` set, every operation but the probes (`/health`,
 `/health/live`, `/health/ready`) needs `Authorization: Bearer <key>`; `/metrics` too unless
-`METRICS_REQUIRE_KEY=false`, `/outputs/{filename}` only with `OUTPUTS_REQUIRE_KEY=true`
-(output URLs are unguessable capability URLs). Without `API_KEYS` nothing needs a key,
+`METRICS_REQUIRE_KEY=false`, `/outputs/{filename}` and `/streams/voice/...` only with
+`OUTPUTS_REQUIRE_KEY=true` (output and stream URLs are unguessable capability URLs). Without `API_KEYS` nothing needs a key,
 hence the empty alternative `{}` in each operation's `security`; `x-key-required` says when
 the key is needed. A missing or wrong key is a 401 with `WWW-Authenticate: Bearer`.
 
@@ -292,11 +292,18 @@ def _paths(schemas: dict[str, Any]) -> dict[str, Any]:
             "request's `output_format`) the answer is the audio itself, streamed chunked "
             "from its first chunk, with `X-Request-Id` and `X-Stream-Url` (a failure after "
             "the first chunk ends it without its last chunk); a replay answered from the "
-            "remembered results is its file, with `X-Audio-Url`. Otherwise the JSON result "
+            "remembered results is its file, with `X-Audio-Url` (a 307 to it when the file "
+            "is in the shared store, not on this instance). Otherwise the JSON result "
             "once complete.",
             "responses": {"200": _response(200, "", {
                 **_json(_ref("VoiceResult")),
                 **{kind: {} for kind in ("audio/mpeg", "audio/ogg", "audio/wav")}}),
+                          "307": _response(307, "with `Accept: audio/*`, a replay whose "
+                                           "file is in the shared store: its URL", None, {
+                                               name: {"required": True,
+                                                      "schema": {"type": "string"}}
+                                               for name in ("Location", "X-Audio-Url",
+                                                            "X-Request-Id")}),
                           **_errors(retry_after_on_503=True)}})},
         "/streams/voice/{instance}/{stream_id}": {"get": _keyed({
             "operationId": "getVoiceStream",
@@ -309,7 +316,8 @@ def _paths(schemas: dict[str, Any]) -> dict[str, Any]:
             "responses": {"200": _response(200, "the audio", {
                 kind: {} for kind in ("audio/mpeg", "audio/ogg", "audio/wav")}),
                           "404": _response(404, "not here (ended, or another instance's)",
-                                           _json(_ref("EngineErrorBody")))}})},
+                                           _json(_ref("EngineErrorBody")))}},
+            f"{_KEY_NEEDED} and OUTPUTS_REQUIRE_KEY=true", key_first=False)},
         "/train-lora": {"post": _keyed({
             "operationId": "trainLora", "summary": "Start a character LoRA training",
             "requestBody": {"required": True, "content": {"multipart/form-data": {

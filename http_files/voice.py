@@ -5,8 +5,9 @@ With ``Accept: audio/*`` (or any ``audio/…`` type: the audio is in the request
 first chunk (chunked, as ``GET`` on a ``stream_url`` serves it), with ``X-Request-Id`` and
 ``X-Stream-Url`` headers; a failure before any audio is the usual JSON error, one after it
 cuts the response short (no final chunk). A request answered from the remembered results
-(a replay) is its file, with ``X-Request-Id`` and ``X-Audio-Url``. Otherwise the JSON
-result, once the file is complete.
+(a replay) is its file, with ``X-Request-Id`` and ``X-Audio-Url`` (a 307 to that URL when
+the file is in the shared store and not here). Otherwise the JSON result, once the file is
+complete.
 """
 
 from __future__ import annotations
@@ -42,15 +43,15 @@ def _wants_audio(request: web.Request) -> bool:
 
 
 def _file(request: web.Request, result: VoiceResult, request_id: str) -> web.StreamResponse:
-    """``result``'s file as the answer to a request for audio (a JSON result when this
-    instance does not hold the file)."""
+    """``result``'s file as the answer to a request for audio: from here, else a redirect
+    to its URL (in the shared store: any instance, or the store itself, serves it)."""
     store = request.app[SERVICES].store
+    headers = {"X-Request-Id": request_id, "X-Audio-Url": result.url}
     path = store.resolve(result.filename)
     if path is None:
-        return web.json_response(_as_json(result))
+        return web.Response(status=307, headers={**headers, "Location": result.url})
     return web.FileResponse(path, headers={
-        "Content-Type": store.content_type(result.filename), "X-Request-Id": request_id,
-        "X-Audio-Url": result.url})
+        "Content-Type": store.content_type(result.filename), **headers})
 
 
 def _as_json(result: VoiceResult) -> dict[str, Any]:

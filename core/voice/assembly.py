@@ -129,9 +129,14 @@ class PartsStream:
         self._current = 0
         self._held: dict[int, bytearray] = {}
         self._done: set[int] = set()
-        self.started = False
-        """Whether any audio went out to the sink: from then on a part cannot be asked
-        for again (listeners heard its start)."""
+
+    def heard(self, part: int) -> bool:
+        """Whether any of ``part``'s own audio went out to the sink: from then on that part
+        cannot be asked for again (the stream holds its start). A later part's bytes that
+        wait in memory have not: they are dropped when it is asked again."""
+        if self._sink is None:
+            return False
+        return part < self._current or (part == self._current and self._size > self._part_start)
 
     async def write(self, part: int, data: bytes) -> None:
         """``data`` of ``part``, out now if every part before it is done."""
@@ -141,8 +146,9 @@ class PartsStream:
             self._held.setdefault(part, bytearray()).extend(data)
 
     def restart(self, part: int) -> None:
-        """``part`` is asked for again: forget what it sent (only before anything of it
-        went to the sink; what went into the file is cut off)."""
+        """``part`` is asked for again: forget what it sent (only while :meth:`heard` is
+        false for it: its bytes held in memory are dropped, what went into the file alone
+        is cut off)."""
         self._held.pop(part, None)
         if part == self._current and self._file is not None and self._size > self._part_start:
             self._file.truncate(self._part_start)
@@ -203,5 +209,4 @@ class PartsStream:
         self._file.write(data)  # a regular file: written whole
         self._size += len(data)
         if self._sink is not None:
-            self.started = True
             await self._sink.write(data)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["CONTEXT_CHARS", "context", "split_text"]
+__all__ = ["CONTEXT_CHARS", "SENTENCE_END", "context", "split_text"]
 
 CONTEXT_CHARS = 1_000  # of each neighbour; continuity needs the nearby words, not all
 
-_SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)]*\s+")
+SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)]*\s+")
+"""The end of a sentence: its punctuation, closing quotes or brackets, and the blanks after."""
 _CLAUSE_END = re.compile(r"[,;:—–]\s+")
 # white space that is not inside an audio tag (no "]" before the next "[")
 _WORD_GAP = re.compile(r"\s+(?![^\[]*\])")
@@ -42,7 +43,7 @@ def _fit(text: str, span: tuple[int, int], max_chars: int, level: int) -> list[t
         return [span]
     if level == 0:
         return [(i, min(i + max_chars, end)) for i in range(start, end, max_chars)]
-    boundary = (_SENTENCE_END, _CLAUSE_END, _WORD_GAP)[3 - level]
+    boundary = (SENTENCE_END, _CLAUSE_END, _WORD_GAP)[3 - level]
     pieces = _pieces(text, start, end, boundary)
     if len(pieces) == 1:
         return _fit(text, span, max_chars, level - 1)

@@ -26,9 +26,13 @@ it arrives; the characters' timings come back from :meth:`ElevenLabsBackend.synt
   budget, so the consume loop's retries and these share one bound. A read timeout is
   ``ElevenLabsTimeoutError`` at once (retryable, but a hang costs a whole timeout, so only
   the caller's outer retries try again). 400/401/404/422 are permanent; quota exhaustion is
-  ``QUOTA_EXCEEDED``. Every error carries ``attempts`` (the request's so far). Once audio
-  has gone out to the request's listeners nothing is asked for again (they heard its
-  start): a failure then is final, ``retryable`` false, and the stream is aborted.
+  ``QUOTA_EXCEEDED``. Every error carries ``attempts`` (the request's so far). A part
+  whose own audio already went out to the request's stream is not asked for again (the
+  stream holds its start): its failure is raised at once, and the caller decides whether
+  it is final (:class:`~core.voice.service.VoiceService`: once a listener could have
+  heard it). A later part that fails before any of its audio went out (its bytes waiting
+  in memory behind the parts before it, or none yet) is retried like any part: what it
+  sent is dropped.
 - **Budget:** :meth:`ElevenLabsBackend.with_budget` gives a view of the backend that
   spends a request's budget; a call without one gets a budget of its own from
   ``retry`` (the RETRY_* settings).
@@ -367,18 +371,18 @@ class ElevenLabsBackend:
                                     and error.upstream_status in _CONCURRENCY_REFUSALS):
                                 slot.overloaded()
                 except httpx.ReadTimeout as exc:
-                    raise _final(ElevenLabsTimeoutError(
+                    raise ElevenLabsTimeoutError(
                         f"ElevenLabs sent no audio within {self._timeout.read}s",
                         attempts=budget.attempts,
-                    ), call) from exc
+                    ) from exc
                 except httpx.RequestError as exc:  # connect, write, pool, dropped body
                     error = ElevenLabsUnavailableError(
                         f"ElevenLabs unreachable: {type(exc).__name__}",
                         attempts=budget.attempts,
                     )
                     error.__cause__ = exc
-            if call.live.started:  # listeners heard the start: asking again would repeat it
-                raise _final(error, call)
+            if call.live.heard(part):  # the stream holds its start: asking again repeats it
+                raise error
             wait = budget.retry(error)
             if wait is None:
                 raise error
@@ -433,15 +437,6 @@ class _Call:
 class _Answer:
     request_id: str | None
     timed: tuple[list[str], list[float], list[float]] | None  # upstream's alignment
-
-
-def _final(error: ElevenLabsError, call: _Call) -> ElevenLabsError:
-    """``error``, not to be retried once listeners heard audio."""
-    if call.live.started:
-        error.retryable = False
-        error.message = f"{error.message} (after audio was streamed: not asked again)"
-        error.args = (error.message,)
-    return error
 
 
 def _timeline(text: str, chunks: list[str], answers: list[_Answer], starts: list[float]

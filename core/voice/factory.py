@@ -51,7 +51,7 @@ def build_voice_service(
     - Profiles: read from VOICE_PROFILES_PATH when set.
     - Remembered results: ``{store}/.voice-results``, at most RESULT_CACHE_MAX_ENTRIES.
     - Texts of at most VOICE_MAX_TEXT_CHARS characters.
-    - Live streams spooled in ``{store}/.voice-streams``, named
+    - Live streams spooled in ``{store}/.voice-streams/{instance}``, named
       ``{VOICE_STREAM_BASE_URL or PUBLIC_BASE_URL}/streams/voice/{VOICE_STREAM_INSTANCE or
       the host name}/{id}``, kept VOICE_STREAM_LINGER_SECONDS after they end.
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ import numpy.typing as npt
 
 from core.voice.assembly import PartsStream
 from core.voice.backend import VoiceSettings
+from core.voice.chunking import SENTENCE_END
 from core.voice.espeak import DEFAULT_RATE, EspeakSynthesizer
 from core.voice.formats import (
     DEFAULT_OUTPUT_FORMAT,
@@ -52,7 +52,6 @@ logger = logging.getLogger(__name__)
 PREFERRED_VOICE = "en-us+f3"  # a female variant, closer to the companion than the default
 FALLBACK_VOICE = "en-us"
 
-_SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)]*\s+")
 
 
 class LocalVoiceBackend:
@@ -144,7 +143,7 @@ def _sentences(text: str) -> list[tuple[int, int]]:
     """Spans of ``text``'s sentences (each with its end punctuation, no trailing blanks)."""
     spans: list[tuple[int, int]] = []
     start = 0
-    for match in _SENTENCE_END.finditer(text):
+    for match in SENTENCE_END.finditer(text):
         spans.append((start, match.end()))
         start = match.end()
     spans.append((start, len(text)))

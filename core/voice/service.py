@@ -15,6 +15,7 @@ so that its retries and the backend's share one bound).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -24,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from core.outputs import OutputStore
+from core.outputs import OutputStore, StoredFile
 from core.remembered import looked_up
 from core.retry_budget import RetryBudget
 from core.seeds import derive_seed
@@ -47,7 +48,8 @@ from schemas.events import WordTiming
 __all__ = ["OnStream", "VoiceJob", "VoiceRequestLike", "VoiceResult", "VoiceService"]
 
 OnStream = Callable[[AudioStream, str], Awaitable[None]]
-"""Told of a request's live stream and its URL, once, when its first audio is in it."""
+"""Told of a request's live stream and its URL, once, when its first audio is in it (the
+audio keeps coming meanwhile)."""
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +170,7 @@ class VoiceService:
         self._quota = quota
         self._results = results
         self._streams = streams
-        self._making: SharedWork[tuple[RememberedVoice, float]] = SharedWork()
+        self._making: SharedWork[_Made] = SharedWork()
 
     @property
     def backend(self) -> VoiceBackend:
@@ -195,10 +197,14 @@ class VoiceService:
         backend's default when absent) and describe it, with its words' timings.
 
         With ``on_stream`` and the service's ``streams``, the audio is streamed as it is
-        made: ``on_stream(stream, url)`` is awaited once, when the first audio is in the
-        stream; the stream is finished when the file is complete and aborted when the
-        request fails or is cancelled (a request answered from the remembered results is
-        not streamed: its file is there).
+        made: ``on_stream(stream, url)`` is called once, when the first audio is in the
+        stream, and runs while the audio keeps coming; it has returned before this does
+        (so a progress event it publishes precedes the completed one), and its failure is
+        the request's. The stream is finished when the file is complete and aborted when
+        the request fails or is cancelled (a request answered from the remembered results
+        is not streamed: its file is there). A failure is final (``retryable`` false) once
+        ``on_stream`` returned: a listener may have heard the audio's start, which a
+        retry would repeat.
 
         ``budget`` is the request's retry budget: the backend's upstream calls and retries
         are counted and bounded by it (``None``: the backend's own, one per call).
@@ -230,7 +236,7 @@ class VoiceService:
         if settings.seed is None or self._results is None:
             made = await self._make(request, plain, settings, explicit, budget,
                                     on_stream=on_stream)
-            return await self._answer(request.text, *made)
+            return self._answer(request.text, made)
         model = settings.model_id or getattr(self._backend, "default_model_id", None)
         key = voice_fingerprint(request.text, request.inject_emotion, settings,
                                 self._backend.name, model, self._backend.audio_variant)
@@ -239,25 +245,27 @@ class VoiceService:
             shared=self._results.shared or self._store.shared is not None)
         if remembered is not None and current:
             logger.debug("voice answered from the remembered results: %s", remembered.filename)
-            return await self._answer(request.text, remembered, None)
+            words = await self._words(request.text, remembered)
+            return self._answer(request.text, _Made(remembered, time.time(), words))
         if remembered is not None:
             logger.info("voice output %s was cleaned up: speaking it again with seed %s",
                         remembered.filename, settings.seed)
 
-        async def make() -> tuple[RememberedVoice, float]:
+        async def make() -> _Made:
             made = await self._make(request, plain, settings, explicit, budget, remembered,
                                     on_stream=on_stream)
-            await self._remember(key, made[0])
+            await self._remember(key, made.voice)
             return made
 
-        return await self._answer(request.text, *await self._making.run(key, make))
+        return self._answer(request.text, await self._making.run(key, make))
 
     async def _make(
         self, request: VoiceRequestLike, plain: str, settings: VoiceSettings,
         explicit: frozenset[str], budget: RetryBudget | None,
         remembered: RememberedVoice | None = None, *, on_stream: OnStream | None = None,
-    ) -> tuple[RememberedVoice, float]:
-        """A new output for ``request`` and when it was made; ``remembered`` says what to
+    ) -> _Made:
+        """A new output for ``request``, when it was made and its words' timings (from the
+        backend's alignment in memory, off the event loop); ``remembered`` says what to
         speak and how (a replay after cleanup), else emotion is injected now."""
         if remembered is not None:
             spoken, settings = remembered.spoken, remembered.settings
@@ -280,6 +288,7 @@ class VoiceService:
                 alignment = await backend.synthesize_to(path, spoken, settings)
             else:
                 alignment = await backend.synthesize_to(path, spoken, settings, stream)
+                await stream.announced()  # its progress before the completed event
             # from the file itself, not from the samples: a header read, ~0.1 ms
             duration = audio_duration(path)
 
@@ -291,49 +300,83 @@ class VoiceService:
             except OSError as exc:
                 raise InternalError(f"cannot write the voice output: {exc}") from exc
         except EngineError as exc:
-            _ended(stream, f"{exc.code}: {exc}")
-            if stream is not None and stream.started and exc.retryable:
-                _heard(exc)  # asked again it would be a second stream, its start repeated
+            if stream is not None:
+                await stream.end(f"{exc.code}: {exc}")
+                if stream.heard and exc.retryable:
+                    _heard(exc)  # asked again it would be a second stream, its start repeated
             raise
         except BaseException as exc:  # cancelled, or a bug: listeners see the stream end
-            _ended(stream, f"{type(exc).__name__}: {exc}")
+            if stream is not None:
+                stream.cancel(f"{type(exc).__name__}: {exc}")
             raise
-        _ended(stream, None)
+        if stream is not None:
+            await stream.end(None)
         timings = await self._timings_file(alignment)
+        words = None if alignment is None else \
+            await asyncio.to_thread(word_timings, request.text, alignment)
         logger.debug("voice %s: %d chars, %.3f s", stored.filename, len(spoken), duration)
         made = RememberedVoice(audio_id=stored.file_id, filename=stored.filename,
                                spoken=spoken, duration_seconds=round(duration, 3),
                                settings=settings, alignment_filename=timings)
-        return made, stored.created_at
+        return _Made(made, stored.created_at, words)
 
     async def _timings_file(self, alignment: Alignment | None) -> str | None:
         """The characters' timings as a JSON output beside the audio (its name), or
         ``None`` without timings or when it cannot be written (the audio is fine)."""
         if alignment is None:
             return None
-        data = json.dumps({"text": alignment.text, **alignment.as_json()}).encode()
+
+        def write() -> StoredFile:
+            data = json.dumps({"text": alignment.text, **alignment.as_json()}).encode()
+            return self._store.write(data, "json")
+
         try:
-            stored = await asyncio.to_thread(self._store.write, data, "json")
+            stored = await asyncio.to_thread(write)
         except (OSError, StorageError) as exc:
             logger.warning("voice timings not written: %s", exc)
             return None
         return stored.filename
 
     async def _words(self, text: str, made: RememberedVoice) -> list[WordTiming] | None:
+        """``text``'s words timed by ``made``'s timings file (a remembered result), read
+        here or from the shared store; ``None`` without one or when it cannot be read."""
         if made.alignment_filename is None:
             return None
-        path = self._store.resolve(made.alignment_filename)
-        if path is None:
-            return None
         try:
-            raw = json.loads(await asyncio.to_thread(path.read_bytes))
-            alignment = Alignment.of_characters(
+            data = await self._read_output(made.alignment_filename)
+        except (OSError, StorageError) as exc:
+            logger.warning("voice timings %s not read: %s", made.alignment_filename, exc)
+            return None
+        if data is None:
+            return None
+
+        def timed() -> list[WordTiming]:
+            raw = json.loads(data)
+            alignment = Alignment.of_characters(  # every character written: no matching
                 raw["text"], raw["characters"], raw["character_start_times_seconds"],
                 raw["character_end_times_seconds"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return word_timings(text, alignment)
+
+        try:
+            return await asyncio.to_thread(timed)
+        except (ValueError, KeyError, TypeError) as exc:
             logger.warning("voice timings %s unreadable: %s", made.alignment_filename, exc)
             return None
-        return word_timings(text, alignment)
+
+    async def _read_output(self, filename: str) -> bytes | None:
+        """The bytes of the current output ``filename``, held here or in the shared store
+        (``None``: in neither). Raises ``OSError`` or :class:`StorageError`."""
+        path = self._store.resolve(filename)
+        if path is not None:
+            return await asyncio.to_thread(path.read_bytes)
+        shared = self._store.shared
+        if shared is None or not self._store.is_output_name(filename):
+            return None
+        read = await shared.open(filename)
+        if read is None:
+            return None
+        async with contextlib.aclosing(read.chunks) as chunks:
+            return b"".join([chunk async for chunk in chunks])
 
     async def _expressed(self, request: VoiceRequestLike, plain: str, settings: VoiceSettings,
                          explicit: frozenset[str]) -> tuple[str, VoiceSettings]:
@@ -359,9 +402,8 @@ class VoiceService:
         except OSError as exc:  # the output is fine; only a replay will cost again
             logger.warning("voice result not remembered: %s", exc)
 
-    async def _answer(self, text: str, made: RememberedVoice, created_at: float | None
-                      ) -> VoiceResult:
-        words = await self._words(text, made)
+    def _answer(self, text: str, answered: _Made) -> VoiceResult:
+        made, words = answered.voice, answered.words
         return VoiceResult(
             audio_id=made.audio_id,
             filename=made.filename,
@@ -370,7 +412,7 @@ class VoiceService:
             voice_id=made.settings.voice_id,
             url=self._store.url_for(made.filename),
             duration_seconds=made.duration_seconds,
-            timestamp=_iso_utc(time.time() if created_at is None else created_at),
+            timestamp=_iso_utc(answered.created_at),
             seed=made.settings.seed,
             words=words,
             alignment_url=self._store.url_for(made.alignment_filename)
@@ -443,30 +485,74 @@ def _iso_utc(seconds: float) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+@dataclass(frozen=True)
+class _Made:
+    """An output as answered: what was made, when (or when answered from the remembered
+    results), and its words' timings."""
+
+    voice: RememberedVoice
+    created_at: float
+    words: list[WordTiming] | None
+
+
 class _Announcer:
     """A request's stream as its backend's sink: on the first audio written, the listener
-    is told where to play it (``on_stream``), after the audio is in the stream."""
+    is told where to play it (``on_stream``, after the audio is in the stream), in a task
+    of its own, so that the upstream's audio keeps coming meanwhile; a failed announce
+    stops the writes that follow."""
 
     def __init__(self, streams: AudioStreams, content_type: str, on_stream: OnStream) -> None:
         self._streams = streams
         self.stream = streams.open(content_type)
-        self._on_stream: OnStream | None = on_stream
+        self._on_stream = on_stream
+        self._announcing: asyncio.Task[None] | None = None
 
     async def write(self, data: bytes) -> None:
+        self._raise_if_failed()
         await self.stream.write(data)
-        if self._on_stream is not None and self.stream.first_audio.is_set():
-            announce, self._on_stream = self._on_stream, None
-            await announce(self.stream, self._streams.url_for(self.stream))
+        if self._announcing is None and self.stream.first_audio.is_set():
+            self._announcing = asyncio.ensure_future(
+                self._on_stream(self.stream, self._streams.url_for(self.stream)))
 
     async def rewrite(self, offset: int, data: bytes) -> None:
         await self.stream.rewrite(offset, data)
 
-    @property
-    def started(self) -> bool:
-        """Whether listeners may have heard some of it."""
-        return self.stream.first_audio.is_set()
+    async def announced(self) -> None:
+        """Wait for the announce to return; raises what it raised."""
+        if self._announcing is not None:
+            await self._announcing
 
-    def end(self, failure: str | None) -> None:
+    @property
+    def heard(self) -> bool:
+        """Whether the announce returned: from then on a listener may have heard some of
+        the audio (before, nobody had its URL)."""
+        task = self._announcing
+        return task is not None and task.done() and not task.cancelled() \
+            and task.exception() is None
+
+    def _raise_if_failed(self) -> None:
+        task = self._announcing
+        if task is not None and task.done() and not task.cancelled():
+            failure = task.exception()
+            if failure is not None:
+                raise failure
+
+    async def end(self, failure: str | None) -> None:
+        """The stream ends, complete (``failure`` ``None``) or aborted; an announce still
+        under way is waited for first (then :attr:`heard` says whether it got through)."""
+        if self._announcing is not None and not self._announcing.done():
+            await asyncio.wait([self._announcing])
+        if self._announcing is not None and not self._announcing.cancelled():
+            self._announcing.exception()  # seen here: its failure is the request's, if any
+        self._close(failure)
+
+    def cancel(self, failure: str) -> None:
+        """The request stops now: the announce too, and listeners see the stream end."""
+        if self._announcing is not None:
+            self._announcing.cancel()
+        self._close(failure)
+
+    def _close(self, failure: str | None) -> None:
         if failure is None:
             self.stream.finish()
         else:
@@ -474,13 +560,9 @@ class _Announcer:
         self._streams.close(self.stream)
 
 
-def _ended(announcer: _Announcer | None, failure: str | None) -> None:
-    if announcer is not None:
-        announcer.end(failure)
-
-
 def _heard(error: EngineError) -> None:
-    """``error``, once audio went out: final (a retry would start the audio again)."""
+    """``error``, once a listener may have heard the audio: final (a retry would start the
+    audio again)."""
     error.retryable = False
     if "after audio was streamed" not in error.message:
         error.message = f"{error.message} (after audio was streamed: not asked again)"

@@ -164,7 +164,9 @@ class AudioStream:
 
 
 class AudioStreams:
-    """The live streams of this instance: ``directory`` holds their spool files,
+    """The live streams of this instance: their spool files are in ``directory``'s
+    subfolder named ``instance`` (several instances may share ``directory``, as a fleet
+    shares OUTPUT_DIR: at start each removes only its own previous run's spools),
     ``base_url`` is where this instance is reached (VOICE_STREAM_BASE_URL, else
     PUBLIC_BASE_URL) and ``instance`` its name in stream URLs; a stream is kept ``linger``
     seconds after it ended. Raises ``ValueError`` naming the argument for an instance name
@@ -176,8 +178,9 @@ class AudioStreams:
             raise ValueError(f"instance must be 1..100 of [A-Za-z0-9._-], got {instance!r}")
         if linger < 0:
             raise ValueError(f"linger must be >= 0 seconds, got {linger}")
+        directory = directory / instance  # "." and ".." are names no host has
         directory.mkdir(parents=True, exist_ok=True)
-        for old in directory.glob("*.part"):  # a previous run's: nobody reads them now
+        for old in directory.glob("*.part"):  # this instance's previous run's: unread now
             old.unlink(missing_ok=True)
         self._directory = directory
         self._base_url = base_url.rstrip("/")

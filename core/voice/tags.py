@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["strip_audio_tags"]
+__all__ = ["AUDIO_TAG", "strip_audio_tags"]
 
 # A tag is a short bracketed group of letters, spaces, hyphens and apostrophes starting with
 # a letter; bracketed digits or punctuation ("[1]", "[...]") are left alone.
 _TAG = r"\[[A-Za-z][A-Za-z '\-]{0,29}\]"
+AUDIO_TAG = re.compile(_TAG)
+"""One audio tag, anywhere in a text."""
 # A tag right before punctuation goes with the blanks before it ("Hi [laughs]!" -> "Hi!").
 _TAG_BEFORE_PUNCTUATION = re.compile(rf"\s*{_TAG}(?=[,.!?;:])")
-_TAG_ANYWHERE = re.compile(_TAG)
 _BLANKS = re.compile(r"\s+")
 
 
@@ -25,5 +26,5 @@ def strip_audio_tags(text: str) -> str:
     Text without tags only has its whitespace normalised.
     """
     text = _TAG_BEFORE_PUNCTUATION.sub("", text)
-    text = _TAG_ANYWHERE.sub(" ", text)
+    text = AUDIO_TAG.sub(" ", text)
     return _BLANKS.sub(" ", text).strip()

@@ -4,28 +4,39 @@ A backend reports an :class:`Alignment` of the text it spoke (ElevenLabs: its
 ``alignment`` of every character sent; the local voice: espeak-ng's word events, the
 word's time given to each of its characters). Parts of a stitched text are joined into one
 timeline with :meth:`Alignment.joined`, each part's times shifted by the audio before it.
+:meth:`Alignment.as_json` writes every character, with ``null`` times for those without
+one, so that reading it back (:meth:`Alignment.of_characters`) needs no matching.
 
 :func:`word_timings` maps the spoken text's timings back onto the caller's text: the words
 of both texts (audio tags excluded) are matched in order, so that words the engine added
 (emotion injection) or punctuation it changed never appear, and every word of the caller's
 text does, with its position in that text. A caller's word that matches no spoken word
 (an injector that rephrased it) takes the time between its neighbours.
+
+Matching is one walk through both sequences in order (:func:`_in_order`), linear in their
+lengths: the texts differ only where the engine added or changed a little, so a bounded
+look-ahead finds where they agree again.
 """
 
 from __future__ import annotations
 
-import difflib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
+from core.voice.tags import AUDIO_TAG
 from schemas.events import WordTiming
 
 __all__ = ["Alignment", "word_timings"]
 
 # a word: letters/digits with inner apostrophes or hyphens ("don't", "well-known")
 _WORD = re.compile(r"\w+(?:['’\-]\w+)*")
-_TAG = re.compile(r"\[[A-Za-z][A-Za-z '\-]{0,29}\]")
+_T = TypeVar("_T")
+
+LOOKAHEAD = 32
+"""How far ahead (items) :func:`_in_order` looks for where two sequences agree again."""
+_TIE_BREAK = 4  # items compared to choose between two places that agree
 
 
 @dataclass(frozen=True)
@@ -38,26 +49,28 @@ class Alignment:
     ends: tuple[float | None, ...]
 
     @staticmethod
-    def of_characters(text: str, characters: Sequence[str], starts: Sequence[float],
-                      ends: Sequence[float]) -> Alignment:
+    def of_characters(text: str, characters: Sequence[str],
+                      starts: Sequence[float | None], ends: Sequence[float | None]
+                      ) -> Alignment:
         """``text``'s alignment from timed ``characters`` that spell it (ElevenLabs'
-        ``alignment``); characters are matched to ``text`` where they differ."""
-        spelled = "".join(characters)
-        if spelled == text and len(characters) == len(text):
+        ``alignment``, or :meth:`as_json` read back; a time may be ``None``). Where they
+        spell it differently, they are matched in order, in linear time."""
+        if len(characters) == len(text) == len(starts) == len(ends) \
+                and "".join(characters) == text:
             return Alignment(text, tuple(starts), tuple(ends))
         # one timed entry per character of ``spelled``, even if upstream grouped some
-        flat_starts: list[float] = []
-        flat_ends: list[float] = []
-        for char, start, end in zip(characters, starts, ends, strict=False):
-            flat_starts += [start] * len(char)
-            flat_ends += [end] * len(char)
+        spelled: list[str] = []
+        flat_starts: list[float | None] = []
+        flat_ends: list[float | None] = []
+        for group, start, end in zip(characters, starts, ends, strict=False):
+            spelled += group
+            flat_starts += [start] * len(group)
+            flat_ends += [end] * len(group)
         mine: list[float | None] = [None] * len(text)
         mine_end: list[float | None] = [None] * len(text)
-        matcher = difflib.SequenceMatcher(None, text, spelled, autojunk=False)
-        for a, b, size in matcher.get_matching_blocks():
-            for k in range(size):
-                if b + k < len(flat_starts):
-                    mine[a + k], mine_end[a + k] = flat_starts[b + k], flat_ends[b + k]
+        for a, b in _in_order(text, spelled):
+            if b < len(flat_starts):
+                mine[a], mine_end[a] = flat_starts[b], flat_ends[b]
         return Alignment(text, tuple(mine), tuple(mine_end))
 
     @property
@@ -81,19 +94,58 @@ class Alignment:
         return Alignment(text, tuple(starts[: len(text)]), tuple(ends[: len(text)]))
 
     def as_json(self) -> dict[str, list[object]]:
-        """ElevenLabs' shape, for the characters that have a time."""
-        kept = [i for i, s in enumerate(self.starts) if s is not None]
-        return {"characters": [self.text[i] for i in kept],
-                "character_start_times_seconds": [round(self.starts[i] or 0.0, 4) for i in kept],
-                "character_end_times_seconds": [round(self.ends[i] or 0.0, 4) for i in kept]}
+        """ElevenLabs' shape, every character of :attr:`text` in order (``null`` times for
+        one without a time), so that :meth:`of_characters` reads it back as it is."""
+        return {"characters": list(self.text),
+                "character_start_times_seconds": [None if s is None else round(s, 4)
+                                                  for s in self.starts],
+                "character_end_times_seconds": [None if e is None else round(e, 4)
+                                                for e in self.ends]}
+
+
+def _in_order(a: Sequence[_T], b: Sequence[_T]) -> Iterator[tuple[int, int]]:
+    """Pairs ``(i, j)`` with ``a[i] == b[j]``, increasing in both, from one walk through
+    both. Where they differ, the walk resumes at the nearest place within
+    :data:`LOOKAHEAD` items where they agree again, skipping what one of them added (the
+    longer agreement wins a tie between the two); with none, both step on (an item
+    changed). At most ``2 * LOOKAHEAD * _TIE_BREAK`` comparisons a step: linear in their
+    lengths."""
+    def agreeing(i: int, j: int) -> int:  # how many items agree from a[i], b[j]
+        n = 0
+        while n < _TIE_BREAK and i + n < len(a) and j + n < len(b) and a[i + n] == b[j + n]:
+            n += 1
+        return n
+
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if a[i] == b[j]:
+            yield i, j
+            i += 1
+            j += 1
+            continue
+        for k in range(1, LOOKAHEAD + 1):
+            added_in_b = agreeing(i, j + k)
+            added_in_a = agreeing(i + k, j)
+            if added_in_b or added_in_a:
+                if added_in_b >= added_in_a:
+                    j += k
+                else:
+                    i += k
+                break
+        else:
+            i += 1
+            j += 1
 
 
 def _words(text: str) -> list[tuple[int, int]]:
     """Spans of the words of ``text``, audio tags left out."""
     spans: list[tuple[int, int]] = []
-    tags = [m.span() for m in _TAG.finditer(text)]
+    tags = iter([m.span() for m in AUDIO_TAG.finditer(text)])
+    tag = next(tags, None)
     for match in _WORD.finditer(text):
-        if not any(a <= match.start() < b for a, b in tags):
+        while tag is not None and tag[1] <= match.start():
+            tag = next(tags, None)
+        if tag is None or not tag[0] <= match.start():
             spans.append(match.span())
     return spans
 
@@ -104,22 +156,24 @@ def word_timings(caller_text: str, alignment: Alignment) -> list[WordTiming]:
     mine = _words(caller_text)
     spoken = _words(alignment.text)
     times: list[tuple[float, float] | None] = [None] * len(mine)
-    matcher = difflib.SequenceMatcher(
-        None, [caller_text[a:b].lower() for a, b in mine],
-        [alignment.text[a:b].lower() for a, b in spoken], autojunk=False)
-    for i, j, size in matcher.get_matching_blocks():
-        for k in range(size):
-            a, b = spoken[j + k]
-            starts = [s for s in alignment.starts[a:b] if s is not None]
-            ends = [e for e in alignment.ends[a:b] if e is not None]
-            if starts and ends:
-                times[i + k] = (min(starts), max(ends))
+    for i, j in _in_order([caller_text[a:b].lower() for a, b in mine],
+                          [alignment.text[a:b].lower() for a, b in spoken]):
+        a, b = spoken[j]
+        starts = [s for s in alignment.starts[a:b] if s is not None]
+        ends = [e for e in alignment.ends[a:b] if e is not None]
+        if starts and ends:
+            times[i] = (min(starts), max(ends))
+    following: list[float | None] = [None] * len(mine)  # the next timed word's start
+    for index in range(len(mine) - 2, -1, -1):
+        timed_after = times[index + 1]
+        following[index] = timed_after[0] if timed_after is not None \
+            else following[index + 1]
     words: list[WordTiming] = []
     floor = 0.0
     for index, (a, b) in enumerate(mine):
         timed = times[index]
         if timed is None:  # between its neighbours
-            after = next((t[0] for t in times[index + 1:] if t is not None), None)
+            after = following[index]
             timed = (floor, floor if after is None else max(floor, after))
         start = max(floor, timed[0])
         end = max(start, timed[1])

@@ -345,3 +345,17 @@ async def test_without_listeners_a_dropped_stream_is_asked_again(
     assert [r.fault for r in paced.tts_requests()] == ["drop", None]
     path = store.resolve(result.filename)
     assert path is not None and path.read_bytes() == paced.audio_sent(TEXT)
+
+
+async def test_an_instance_starting_on_a_shared_folder_leaves_the_others_streams(
+    tmp_path: Path
+) -> None:
+    shared = tmp_path / "streams"  # OUTPUT_DIR/.voice-streams, shared by a fleet
+    one = AudioStreams(shared, "http://engine-1:8000", "engine-1")
+    stream = one.open("audio/mpeg")
+    await stream.write(b"live audio")
+    stream.finish()
+    AudioStreams(shared, "http://engine-2:8000", "engine-2")  # another instance starts
+    assert await drain(stream) == b"live audio"
+    AudioStreams(shared, "http://engine-1:8000", "engine-1")  # engine-1 itself restarts
+    assert list((shared / "engine-1").glob("*.part")) == []

@@ -54,6 +54,8 @@ SCHEMAS = K8S / "schemas"
 EXAMPLE_SECRET = K8S / "secret.example.yaml"  # applied by hand, never by the kustomization
 KUBERNETES_VERSIONS = ("1.32", "1.34")  # kubernetes-validate bundles their schemas
 POD_NAME = "multimodal-engine-7c9f6d8b5d-x2x9k"  # what a Deployment's pod is called
+POD_IP = "10.244.3.17"
+_POD_FIELDS = {"metadata.name": POD_NAME, "status.podIP": POD_IP}  # the downward API's
 APP_KEY = "k8s-manifest-test-key-0123456789"  # API_KEYS of the app the probes are tried on
 # CONTRACT.md, "Pinned for the fleet, production and streaming voice": Kafka settings whose
 # names are fixed, known here whether or not core/settings.py has them yet.
@@ -173,12 +175,23 @@ def env_names(made: list[Resource]) -> dict[str, str]:
         ref = source["configMapRef"]
         for name in find(made, "ConfigMap", ref["name"]).get("data", {}):
             where[name] = f"ConfigMap {ref['name']}"
-    for entry in container.get("env", []):
+    env = container.get("env", [])
+    for entry in env:
         where[entry["name"]] = "the container's env"
+    for helper in _helpers(env):  # not the engine's: only expanded into another value
+        where.pop(helper)
     for name, _, commented, _ in env_entries(K8S / "engine.env"):
         if commented:
             where.setdefault(name, "engine.env, commented out")
     return where
+
+
+def _helpers(env: list[dict[str, Any]]) -> set[str]:
+    """The container's variables used only as ``$(NAME)`` in a later entry's value (the
+    pod's IP in VOICE_STREAM_BASE_URL)."""
+    used = {name for entry in env for name in re.findall(r"\$\(([A-Z0-9_]+)\)",
+                                                           entry.get("value", ""))}
+    return {entry["name"] for entry in env if entry["name"] in used}
 
 
 def unknown_env_names(made: list[Resource]) -> dict[str, str]:
@@ -194,13 +207,15 @@ def pod_environment(made: list[Resource]) -> dict[str, str]:
         env.update(find(made, "ConfigMap", source["configMapRef"]["name"])["data"])
     secrets = example_secrets()
     for entry in container.get("env", []):
-        if "value" in entry:
-            env[entry["name"]] = entry["value"]
+        if "value" in entry:  # $(NAME): an entry before it, as Kubernetes expands it
+            env[entry["name"]] = re.sub(r"\$\(([A-Z0-9_]+)\)", lambda m: env[m[1]],
+                                        entry["value"])
             continue
         source = entry["valueFrom"]
         if "fieldRef" in source:
-            assert source["fieldRef"]["fieldPath"] == "metadata.name", entry
-            env[entry["name"]] = POD_NAME
+            field_path = source["fieldRef"]["fieldPath"]
+            assert field_path in _POD_FIELDS, entry
+            env[entry["name"]] = _POD_FIELDS[field_path]
         else:
             ref = source["secretKeyRef"]
             value = secrets.get(ref["name"], {}).get(ref["key"])
@@ -634,6 +649,7 @@ def test_the_pod_environment_loads_as_settings(made: list[Resource],
     env = engine_container(made)["env"]
     instance = next(e for e in env if e["name"] == "KAFKA_GROUP_INSTANCE_ID")
     assert instance["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert pod_settings.voice_stream_base_url == f"http://{POD_IP}:8000"  # the pod itself
     assert find(made, "Deployment")["spec"]["template"]["spec"]["enableServiceLinks"] is False
 
 

@@ -36,6 +36,7 @@ HASH_ENTRY = f"sha256:{hashlib.sha256(HASHED_KEY.encode()).hexdigest()}"
 API_KEYS = f"{PLAIN_KEY}, {HASH_ENTRY}"
 WRONG_KEY = "wrong-key-0123456789abcdef-WRONG"
 UNKNOWN_OUTPUT = "/outputs/00000000-0000-4000-8000-000000000000.mp3"
+UNKNOWN_STREAM = "/streams/voice/engine-1/00000000-0000-4000-8000-000000000000"
 SECRETS = (PLAIN_KEY, HASHED_KEY, WRONG_KEY, HASH_ENTRY.removeprefix("sha256:"))
 
 Start = Callable[..., Awaitable[Client]]
@@ -154,6 +155,16 @@ async def test_outputs_need_a_key_with_outputs_require_key(keyed: Start) -> None
     await assert_refused(await call(client, output, WRONG_KEY), wrong=True)
     assert (await call(client, output, PLAIN_KEY)).status == 200
     assert (await call(client, Route("GET", UNKNOWN_OUTPUT, 404), PLAIN_KEY)).status == 404
+
+
+async def test_voice_streams_are_capability_urls_like_outputs(keyed: Start) -> None:
+    client = await keyed()  # a player opening a stream_url sends no header
+    assert (await client.get(UNKNOWN_STREAM)).status == 404
+    client = await keyed(outputs_require_key=True)
+    stream = Route("GET", UNKNOWN_STREAM, 404)
+    await assert_refused(await call(client, stream, None), wrong=False)
+    await assert_refused(await call(client, stream, WRONG_KEY), wrong=True)
+    assert (await call(client, stream, PLAIN_KEY)).status == 404
 
 
 async def test_metrics_are_open_with_metrics_require_key_false(keyed: Start) -> None:

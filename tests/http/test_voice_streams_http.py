@@ -26,6 +26,7 @@ from core.outputs import OutputStore
 from core.remembered import RememberedResults
 from core.scheduling import build_scheduling
 from core.settings import load_settings
+from core.storage import SharedOutputs, build_object_store
 from core.voice import (
     AudioStreams,
     ElevenLabsBackend,
@@ -38,6 +39,7 @@ from http_files import AppServices, create_app
 from http_files.uploads import UploadLimits
 from schemas.codec import EventCodec
 from tests.support.elevenlabs_server import DEFAULT_KEY, ElevenLabsServer, Fault
+from tests.support.s3_server import StoreLocation
 
 TEXT = "Hello there, my friend. It is good to hear you again! Tell me about your day."
 AUDIO = {"Accept": "audio/mpeg"}
@@ -196,3 +198,50 @@ async def test_a_client_leaving_ends_the_request_and_its_upstream_call(
     response.close()  # the player goes away
     left = await asyncio.wait_for(streaming.upstream.abandoned.get(), timeout=5)
     assert left.cut_short and streaming.files() == []
+
+
+async def test_a_replay_asking_for_audio_whose_file_is_in_the_store_is_sent_to_it(
+    s3_store: StoreLocation, tmp_path: Path
+) -> None:
+    upstream = ElevenLabsServer(seconds_per_char=0.004)
+    await upstream.start()
+    objects = build_object_store(load_settings(storage_url=s3_store.url,
+                                               storage_endpoint_url=s3_store.endpoint))
+    assert objects is not None
+    body = {"text": TEXT, "seed": 11}
+    try:
+        async with httpx.AsyncClient() as http:
+            answers = []
+            for name in ("a", "b"):  # two instances of a fleet, one store
+                store = OutputStore(tmp_path / name / "outputs", shared=SharedOutputs(objects))
+                metrics = EngineMetrics(CollectorRegistry())
+                voice = VoiceService(
+                    ElevenLabsBackend(http, upstream.api_url, SecretStr(DEFAULT_KEY),
+                                      timeout=httpx.Timeout(5.0)),
+                    store, "21m00Tcm4TlvDq8ikWAM",
+                    streams=AudioStreams(tmp_path / name / "streams", "http://x", name),
+                    results=VoiceResults(RememberedResults(
+                        tmp_path / name / "results", shared=objects, namespace="results/voice")))
+                services = AppServices(health=EngineHealth(voice_backend="elevenlabs"),
+                                       metrics=metrics, store=store, codec=EventCodec(),
+                                       voice=voice,
+                                       scheduling=build_scheduling(load_settings(), metrics))
+                app = create_app(services, UploadLimits(tmp_path / name / "uploads"))
+                async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+                    # a: the JSON answer (once remembered); b: a replay asking for audio
+                    response = await client.post("/generate/voice", json=body,
+                                                 headers=AUDIO if name == "b" else {},
+                                                 allow_redirects=False)
+                    answers.append((response.status, response.headers.copy(),
+                                    await response.read()))
+                    if name == "b":  # and the URL it names serves the file from the store
+                        followed = await client.get(response.headers["Location"])
+                        (file,) = (tmp_path / "a" / "outputs").glob("*.mp3")
+                        assert await followed.read() == file.read_bytes()
+    finally:
+        await upstream.stop()
+    (made, _, _), (status, headers, _) = answers
+    assert made == 200
+    assert status == 307 and headers["Location"] == headers["X-Audio-Url"]
+    assert headers["Location"].startswith("/outputs/") and headers["X-Request-Id"]
+    assert len(upstream.tts_requests()) == 1

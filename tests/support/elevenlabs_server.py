@@ -58,7 +58,7 @@ Paths (under ``/v1``): ``POST /text-to-speech/{voice_id}``, ``…/stream``,
   ones included, :attr:`ElevenLabsServer.peak_admitted` the most being served at once
   (never above ``max_concurrency``).
 - **Scripted faults:** :attr:`ElevenLabsServer.faults` is a queue; each text-to-speech
-  request takes the next :class:`Fault` (``too_many_concurrent_requests``,
+  request takes the next :class:`Fault` (``None``: answered as usual; ``too_many_concurrent_requests``,
   ``concurrent_limit_exceeded`` (the newer shape above), ``system_busy``, each with or
   without ``retry_after``; ``quota_exceeded``; ``server_error`` (500 without
   ``detail``); ``server_error_detail``; ``hang`` (no answer until the server stops);
@@ -289,7 +289,7 @@ class ElevenLabsServer:
         self.character_limit = character_limit
         self.character_count = 0
         self.tier = tier
-        self.faults: list[Fault] = []
+        self.faults: list[Fault | None] = []
         self.received: list[Received] = []
         self.tts_calls = 0
         self.send_request_ids = True  # False: answers without the request-id header
