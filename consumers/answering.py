@@ -51,6 +51,7 @@ from schemas.errors import (
     UndecodableError,
 )
 from schemas.events import Event, GenerationCompleted, GenerationProgress, parse_instant
+from schemas.registry import SchemaRegistryError, SchemaRegistryUnavailable
 
 __all__ = ["Answer", "RecordAnswerer", "ResultTopics"]
 
@@ -93,6 +94,7 @@ class RecordAnswerer:
         where = f"topic={record.topic} partition={record.partition} offset={record.offset}"
         raw: dict[str, Any] = {}
         try:
+            await self._writer_schema(record.value, where)
             schema_name, raw = self._codec.decode_raw(record.value, content_type(record.headers))
             event = self._codec.validate(route.model, raw, schema_name)
         except (UndecodableError, InvalidRequestError) as exc:
@@ -108,6 +110,25 @@ class RecordAnswerer:
                          conversation_id=getattr(event, "conversation_id", None)):
             return await self._answer_valid(record, route, turn, mark, event, raw,
                                             f"{where} request_id={request_id}")
+
+    async def _writer_schema(self, value: bytes | None, where: str) -> None:
+        """Fetches a Confluent-framed record's writer schema from the Schema Registry,
+        waiting (capped backoff, for as long as it takes) while the registry is out of
+        reach: a registry outage delays records, it never fails them. Raises
+        :class:`UndecodableError` when the registry answers but not with a usable schema."""
+        outage = 0
+        while True:
+            try:
+                await self._codec.resolve_writer(value)
+                return
+            except SchemaRegistryUnavailable as exc:
+                outage += 1
+                wait = self._retry.jittered(min(outage, 30)) or 0.01
+                logger.warning("%s waiting for the Schema Registry (try %d): %s; retrying "
+                               "in %.2fs", where, outage, exc, wait)
+                await self._sleep(wait)
+            except SchemaRegistryError as exc:
+                raise UndecodableError(f"writer schema not found: {exc}") from exc
 
     async def _answer_valid(self, record: ConsumerRecord[bytes, bytes], route: Route,
                             turn: Turn, mark: ReadMark | None, event: Any,

@@ -103,7 +103,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     keys = settings.api_keys.get_secret_value().split(",") if settings.api_keys else []
     configure_logging(settings.log_level, settings.log_format, secrets=[
         *(key.get_secret_value() for key in (settings.elevenlabs_api_key,
-                                             settings.kafka_sasl_password) if key is not None),
+                                             settings.kafka_sasl_password,
+                                             settings.schema_registry_user_info)
+           if key is not None),
         *(key.strip() for key in keys)])
     _quiet_model_libraries()
     if args.command == "dev-model":

@@ -29,6 +29,7 @@ from core.scheduling import PendingRequests
 from schemas.codec import EventCodec
 from schemas.errors import InvalidRequestError, UndecodableError
 from schemas.events import GenerationControl
+from schemas.registry import SchemaRegistryError, SchemaRegistryUnavailable
 
 __all__ = ["ControlMark", "ControlReader"]
 
@@ -107,8 +108,9 @@ class ControlReader:
                                                    else 1000)
             for records in batches.values():
                 for record in records:
-                    self._apply(record.value, record.headers, record.timestamp,
-                                f"partition={record.partition} offset={record.offset}")
+                    where = f"partition={record.partition} offset={record.offset}"
+                    await self._writer_schema(record.value, where)
+                    self._apply(record.value, record.headers, record.timestamp, where)
             await self._advance(partitions)
 
     async def _advance(self, partitions: list[TopicPartition]) -> None:
@@ -155,6 +157,23 @@ class ControlReader:
                 return [TopicPartition(self._topic, p) for p in sorted(parts)]
             logger.warning("control topic %s not found yet; waiting for it", self._topic)
             await asyncio.sleep(2.0)
+
+    async def _writer_schema(self, value: bytes | None, where: str) -> None:
+        """A cancel written in the Schema Registry's framing waits for its writer schema
+        while the registry is out of reach (a cancel is never skipped for an outage); one
+        the registry does not know is skipped by ``_apply`` as undecodable."""
+        outage = 0
+        while True:
+            try:
+                await self._codec.resolve_writer(value)
+                return
+            except SchemaRegistryUnavailable as exc:
+                outage += 1
+                logger.warning("topic=%s %s waiting for the Schema Registry (try %d): %s",
+                               self._topic, where, outage, exc)
+                await asyncio.sleep(min(2.0 ** min(outage, 5) * 0.1, 5.0))
+            except SchemaRegistryError:
+                return
 
     def _apply(self, value: bytes | None, headers: Iterable[tuple[str, bytes | None]] | None,
                timestamp: int, where: str) -> None:

@@ -51,12 +51,17 @@ from http_files.auth import access_policy, warn_if_open
 from http_files.uploads import upload_limits
 from schemas.codec import EventCodec
 from schemas.events import (
+    Event,
+    GenerationCompleted,
     GenerationControl,
+    GenerationFailed,
+    GenerationProgress,
     ImageRequested,
     LoraTrainingRequested,
     VoiceRequested,
     utc_now_iso,
 )
+from schemas.registry import RegistryFraming, register_writer_schemas
 
 __all__ = ["Engine", "EngineAddresses"]
 
@@ -100,7 +105,16 @@ class Engine:
         self._worker: GpuWorker | None = None
         self.training: TrainingService | None = None
         self.metrics = EngineMetrics(registry or CollectorRegistry())
-        self.codec = EventCodec()
+        self._registry_http: httpx.AsyncClient | None = None
+        self.registry: RegistryFraming | None = None
+        if settings.schema_registry_url is not None:  # Avro in Confluent's wire format
+            self._registry_http = httpx.AsyncClient(timeout=settings.schema_registry_timeout)
+            user_info = settings.schema_registry_user_info
+            self.registry = RegistryFraming(
+                settings.schema_registry_url, self._registry_http,
+                user_info=None if user_info is None else user_info.get_secret_value(),
+                on_reachable=self._registry_seen)
+        self.codec = EventCodec(framing=self.registry)
         self.objects = build_object_store(settings)  # None: the local folders alone
         self.store = OutputStore(
             settings.output_dir,
@@ -117,6 +131,7 @@ class Engine:
                                    queues=self.scheduling.pending.depths,
                                    gpu_stuck_seconds=settings.liveness_gpu_stuck_seconds)
         self.health.kafka_security = self.kafka_security.describe(user=False)
+        self.health.schema_registry_url = settings.schema_registry_url
         self.spans = build_spans(settings.otel_exporter_otlp_endpoint, settings.service_name)
         self.metrics.set_build(version=engine_version(), model="none", development_model=False,
                                device="none")
@@ -177,6 +192,11 @@ class Engine:
             self.metrics.set_build(version=engine_version(), model=self.image.model.name,
                                    development_model=self.image.model.development_model,
                                    device=self._device())
+
+        if self.registry is not None:  # raises SchemaRegistryError: serve.py says it in a line
+            await register_writer_schemas(self.registry, self._published_schemas(), RetryPolicy(
+                max_attempts=settings.retry_max_attempts, base_delay=settings.retry_base_delay,
+                max_delay=settings.retry_max_delay))
 
         security = self.kafka_security
         install_login_backoff()  # a refused login is retried slowly (consumers/login_backoff.py)
@@ -340,10 +360,29 @@ class Engine:
         if self._runner is not None:
             await self._runner.cleanup()
         await self.http.aclose()
+        if self._registry_http is not None:
+            await self._registry_http.aclose()
         try:  # what spans are pending go to the collector, bounded (it may be gone)
             await asyncio.wait_for(asyncio.to_thread(self.spans.shutdown), timeout=left(5.0))
         except TimeoutError:
             logger.warning("spans not exported in time; dropping them")
+
+    def _published_schemas(self) -> list[tuple[str, str, str]]:
+        """``(topic, schema name, writer schema)`` of every event this engine publishes."""
+        topic = self._settings.topic
+        published: list[tuple[str, type[Event]]] = [
+            ("generation.completed", GenerationCompleted),
+            ("generation.failed", GenerationFailed),
+            ("generation.progress", GenerationProgress),
+            ("generation.control", GenerationControl)]
+        return [(topic(name), event.avro_name, self.codec.current_schema(event.avro_name))
+                for name, event in published]
+
+    def _registry_seen(self, reachable: bool) -> None:
+        self.health.schema_registry_reachable = reachable
+        if not reachable:
+            logger.warning("the Schema Registry at %s is unreachable; records in its wire "
+                           "format wait for it", self._settings.schema_registry_url)
 
     def _device(self) -> str:
         """Where the image model computes (``cuda:0``, ``cpu``), or ``none``."""

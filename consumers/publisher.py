@@ -54,7 +54,7 @@ class EventPublisher:
         Transient broker errors are retried until acknowledged (or cancelled); a
         permanent one (``retriable`` false: too large, not authorized, unknown topic) is
         raised at once."""
-        value = self._codec.encode(event, self._encoding)
+        value = self._codec.encode(event, self._encoding, topic)
         headers = [
             ("content-type", self._content_type),
             ("request_id", (request_id or "").encode()),

@@ -23,6 +23,7 @@ from core.lora.registry import LoraRegistry
 from core.settings import Settings
 from core.storage import StorageError
 from schemas.errors import UnknownLoraError
+from schemas.registry import SchemaRegistryError
 
 __all__ = ["DEV_LORA_ID", "StartupError", "prepare_dev_model", "run_dev", "run_serve"]
 
@@ -88,6 +89,9 @@ async def _start(engine: Engine, bootstrap: str) -> EngineAddresses:
     except StorageError as exc:
         await engine.stop()
         raise StartupError(f"cannot use the store at STORAGE_URL: {exc}") from exc
+    except SchemaRegistryError as exc:  # incompatible subject, unreachable, refused
+        await engine.stop()
+        raise StartupError(f"SCHEMA_REGISTRY_URL: {exc}") from exc
 
 
 async def _ensure_topics(settings: Settings, engine: Engine, bootstrap: str) -> None:

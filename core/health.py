@@ -96,6 +96,8 @@ class EngineHealth:
     draining: bool = False  # a stop was requested: readiness is false from then on
     gpu_worker: Callable[[], WorkerPulse] | None = None  # None: no image model here
     gpu_stuck_seconds: float = 900.0  # on one item longer than this: wedged
+    schema_registry_url: str | None = None  # SCHEMA_REGISTRY_URL (never credentials)
+    schema_registry_reachable: bool | None = None  # None until the first call
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
@@ -195,4 +197,8 @@ class EngineHealth:
             },
             "voice": self._voice(),
             "queues": self.queues() if self.queues is not None else {},
+            "schema_registry": None if self.schema_registry_url is None else {
+                "url": self.schema_registry_url,
+                "reachable": self.schema_registry_reachable,
+            },
         }

@@ -19,7 +19,8 @@ from core.net.policy import AllowedHosts
 
 __all__ = ["ConfigurationError", "Settings", "load_settings"]
 
-_SECRET_FIELDS = {"api_keys", "elevenlabs_api_key", "kafka_sasl_password"}
+_SECRET_FIELDS = {"api_keys", "elevenlabs_api_key", "kafka_sasl_password",
+                  "schema_registry_user_info"}
 
 
 class ConfigurationError(Exception):
@@ -144,7 +145,8 @@ class Settings(BaseSettings):
     # that stitches speaks a longer text in stitched parts; at most ≈ 100 min of speech.
     voice_max_text_chars: int = Field(
         50_000, ge=1, le=100_000,
-        description="characters of one voice request (≈ 2 MB of memory per 1,000 at 128 kbps)")
+        description="characters of one voice request (≈ 1 MB of MP3 on disk per 1,000 at "
+                    "128 kbps; memory stays bounded: docs/voice.md)")
 
     # --- Persona Engine ---
     persona_engine_url: str | None = Field(None, pattern=r"^https?://")
@@ -189,6 +191,15 @@ class Settings(BaseSettings):
     event_encoding: Literal["avro", "json"] = "avro"
     embedded_broker: Literal["tansu", "rdkafka-mock"] = "tansu"
 
+    # --- Schema Registry (schemas/registry.py): unset, Avro single-object encoding ---
+    schema_registry_url: str | None = Field(
+        None, pattern=r"^https?://[^\s/@]+(/\S*)?$",
+        description="Confluent Schema Registry; Avro then uses Confluent's wire format")
+    schema_registry_user_info: SecretStr | None = Field(
+        None, description="user:password, sent as HTTP basic auth")
+    schema_registry_timeout: float = Field(5.0, gt=0, le=120,
+                                           description="seconds per registry call")
+
     # --- delivery and scheduling ---
     max_in_flight_image: int = Field(16, ge=1, le=10000,
                                      description="images taken in at once (GPU queue)")
@@ -224,7 +235,8 @@ class Settings(BaseSettings):
                      "kafka_replication_factor", "kafka_min_insync_replicas",
                      "kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password",
                      "kafka_sasl_oauth_token_file", "kafka_ssl_ca_file", "kafka_ssl_cert_file",
-                     "kafka_ssl_key_file", mode="before")
+                     "kafka_ssl_key_file", "schema_registry_url", "schema_registry_user_info",
+                     mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -244,6 +256,13 @@ class Settings(BaseSettings):
                     "comma-separated keys, each sha256:<64 hex digits> or at least 16 "
                     f"characters of A-Z a-z 0-9 - . _ ~ + / (entry {number} is not)")
         return text.strip()
+
+    @field_validator("schema_registry_user_info")
+    @classmethod
+    def _user_info(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and ":" not in value.get_secret_value():
+            raise ValueError("user:password")  # the message never repeats the value
+        return value
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod

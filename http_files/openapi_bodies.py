@@ -24,6 +24,7 @@ __all__ = [
     "LiveReport",
     "NotHeldBody",
     "ReadyReport",
+    "SchemaRegistryHealth",
     "TrainingAccepted",
     "UnauthorizedBody",
     "VoiceHealth",
@@ -117,9 +118,19 @@ class VoiceHealth(_Body):
     quota: VoiceQuota | None = None
 
 
+class SchemaRegistryHealth(_Body):
+    """SCHEMA_REGISTRY_URL (no credentials) and whether its last call was answered
+    (``null`` before the first); records whose writer schema it must give wait while it
+    is unreachable."""
+
+    url: str
+    reachable: bool | None
+
+
 class HealthReport(_Body):
     """``GET /health``: 200 when ``ok``, 503 while ``starting`` or ``degraded``;
-    ``queues`` counts waiting requests by kind and priority."""
+    ``queues`` counts waiting requests by kind and priority; ``schema_registry`` is
+    ``null`` without SCHEMA_REGISTRY_URL."""
 
     status: Literal["ok", "starting", "degraded"]
     gpu: GpuInfo
@@ -127,6 +138,7 @@ class HealthReport(_Body):
     kafka: KafkaHealth
     voice: VoiceHealth
     queues: dict[str, dict[str, int]]
+    schema_registry: SchemaRegistryHealth | None = None
 
 
 class WorkerLiveness(_Body):

@@ -2,7 +2,9 @@
 
 Avro records are ``C3 01`` + the 8-byte little-endian CRC-64-AVRO fingerprint of the writer
 schema's Parsing Canonical Form + the Avro binary body (the Avro specification's
-"single-object encoding"). A reader finds the writer schema by its fingerprint among the
+"single-object encoding"). With a Schema Registry (:class:`~schemas.registry.RegistryFraming`)
+records are written in Confluent's wire format instead (``00`` + the 4-byte big-endian
+schema id + the body); readers take both framings on the same topic. A reader finds the writer schema by its fingerprint among the
 current ``.avsc`` files, ``schemas/avro/history/*.avsc`` and any extra writer schemas it was
 given, and resolves it against the *current* schema of the same name, so records written
 with an older version of a schema still read (added fields take their defaults).
@@ -18,6 +20,7 @@ import io
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar
 
@@ -27,6 +30,7 @@ from pydantic import ValidationError
 
 from schemas.errors import InvalidRequestError, UndecodableError
 from schemas.events import Event
+from schemas.registry import CONFLUENT_HEADER_LEN, CONFLUENT_MAGIC, RegistryFraming
 
 __all__ = ["AVRO_CONTENT_TYPE", "JSON_CONTENT_TYPE", "Encoding", "EventCodec", "schema_fingerprint"]
 
@@ -74,6 +78,12 @@ def _parse(schema: Mapping[str, Any]) -> _Schema:
     return _Schema(name=str(parsed["name"]), parsed=parsed, fingerprint=fp, text=text)
 
 
+@lru_cache(maxsize=256)
+def _parse_text(text: str) -> _Schema:
+    """A registry's writer schema, parsed once however many records name it."""
+    return _parse(json.loads(text))
+
+
 def _load_dir(directory: Path) -> list[_Schema]:
     if not directory.is_dir():
         return []
@@ -86,9 +96,12 @@ class EventCodec:
     Immutable after construction, so one instance may be shared by every task and thread.
     """
 
-    def __init__(self, extra_writer_schemas: Iterable[Mapping[str, Any]] = ()) -> None:
+    def __init__(self, extra_writer_schemas: Iterable[Mapping[str, Any]] = (),
+                 framing: RegistryFraming | None = None) -> None:
         """Load the current schemas (``schemas/avro/*.avsc``) and, for reading only, the
-        older ones in ``schemas/avro/history/`` and ``extra_writer_schemas``.
+        older ones in ``schemas/avro/history/`` and ``extra_writer_schemas``. With
+        ``framing`` (a Schema Registry), Avro is written in Confluent's wire format for the
+        topics whose schemas were registered, and Confluent-framed records are read.
 
         Raises ``ValueError`` when a schema is not valid Avro or two current schemas share
         a name.
@@ -101,6 +114,12 @@ class EventCodec:
         older = _load_dir(_AVRO_DIR / "history") + [_parse(s) for s in extra_writer_schemas]
         self._writers: dict[bytes, _Schema] = {s.fingerprint: s for s in older}
         self._writers.update({s.fingerprint: s for s in self._current.values()})
+        self.framing = framing
+
+    def current_schema(self, name: str) -> str:
+        """The current writer schema (JSON text) of the event named ``name`` (its Avro
+        full name); ``KeyError`` when there is none."""
+        return self._current[name].text
 
     def writer_schema(self, fingerprint: bytes) -> str | None:
         """The writer schema (JSON text, as its ``.avsc`` file has it) of the single-object
@@ -120,9 +139,11 @@ class EventCodec:
             return JSON_CONTENT_TYPE
         raise ValueError(f"unknown encoding {encoding!r}; expected 'avro' or 'json'")
 
-    def encode(self, event: Event, encoding: Encoding) -> bytes:
+    def encode(self, event: Event, encoding: Encoding, topic: str | None = None) -> bytes:
         """The record value of ``event``: compact UTF-8 JSON with every field (nulls
-        included), or Avro single-object encoding with the event's current schema.
+        included), or Avro with the event's current schema: in Confluent's wire format when
+        this codec has a registry and the schema was registered for ``topic``, else in
+        single-object encoding (which every reader takes).
 
         Raises ``ValueError`` for an unknown encoding or an event type without a schema;
         fastavro's errors when the event does not fit its schema (a programming error: the
@@ -136,7 +157,10 @@ class EventCodec:
         if schema is None:
             raise ValueError(f"no Avro schema named {type(event).avro_name}")
         out = io.BytesIO()
-        out.write(_MAGIC + schema.fingerprint)
+        header = None
+        if self.framing is not None and topic is not None:
+            header = self.framing.header(topic, schema.name)
+        out.write(header if header is not None else _MAGIC + schema.fingerprint)
         # strict: a field of the model missing from the schema (or back) fails loudly here
         fastavro.schemaless_writer(out, schema.parsed, event.model_dump(mode="python"), strict=True)
         return out.getvalue()
@@ -152,11 +176,14 @@ class EventCodec:
         The encoding is the ``content-type`` header's, given as text or as the header's raw
         bytes (``avro/binary``, ``application/json`` or ``application/*+json``, parameters
         and case ignored); without one (``None`` or empty) it is sniffed:
-        ``C3 01`` is Avro, a first non-blank ``{`` is JSON.
+        ``C3 01`` or ``00`` (Confluent's wire format) is Avro, a first non-blank ``{`` is JSON.
+        A Confluent-framed record's writer schema must have been fetched first
+        (:meth:`resolve_writer`).
 
         Raises :class:`UndecodableError` for an empty value, an unsupported content type,
         bytes that are neither encoding, an unknown writer fingerprint, a truncated or
-        corrupt Avro body or bytes after it, and invalid UTF-8, invalid JSON or JSON that is
+        corrupt Avro body or bytes after it, a Confluent-framed record without a registry
+        or with an id the registry does not have, and invalid UTF-8, invalid JSON or JSON that is
         not an object.
         """
         if not value:
@@ -185,7 +212,21 @@ class EventCodec:
         schema_name, raw = self.decode_raw(value, content_type)
         return self.validate(model, raw, schema_name)
 
-    def _decode_avro(self, value: bytes) -> tuple[str, dict[str, Any]]:
+    async def resolve_writer(self, value: bytes | None) -> None:
+        """Fetches (once, then cached) the writer schema of a Confluent-framed ``value``
+        from the registry; a no-op without a registry and for other values.
+
+        Raises :class:`~schemas.registry.SchemaRegistryUnavailable` while the registry
+        cannot answer (transient: the record waits) and
+        :class:`~schemas.registry.SchemaRegistryError` for another failure.
+        """
+        if self.framing is not None and value:
+            await self.framing.resolve(value)
+
+    def _writer_of(self, value: bytes) -> tuple[_Schema, int]:
+        """The writer schema of an Avro ``value`` and where its body starts."""
+        if value.startswith(CONFLUENT_MAGIC):
+            return self._registry_writer(value), CONFLUENT_HEADER_LEN
         if len(value) < _HEADER_LEN or not value.startswith(_MAGIC):
             raise UndecodableError(
                 "not Avro single-object encoding: expected C3 01 and an 8-byte fingerprint"
@@ -194,9 +235,35 @@ class EventCodec:
         writer = self._writers.get(fp)
         if writer is None:
             raise UndecodableError(f"unknown Avro writer schema fingerprint {fp.hex()}")
+        return writer, _HEADER_LEN
+
+    def _registry_writer(self, value: bytes) -> _Schema:
+        if len(value) < CONFLUENT_HEADER_LEN:
+            raise UndecodableError("Confluent wire format without its 4-byte schema id")
+        schema_id = int.from_bytes(value[1:CONFLUENT_HEADER_LEN], "big")
+        if self.framing is None:
+            raise UndecodableError(
+                f"record is in Confluent's wire format (schema id {schema_id}) but "
+                "SCHEMA_REGISTRY_URL is not set: its writer schema cannot be found")
+        text = self.framing.cached(schema_id)
+        if text is None:  # resolve_writer was not awaited: a caller's bug, said as such
+            raise UndecodableError(f"writer schema id {schema_id} was not fetched from the "
+                                   "Schema Registry")
+        if not text:
+            raise UndecodableError(
+                f"the Schema Registry at {self.framing.url} has no Avro schema with id "
+                f"{schema_id}")
+        try:
+            return _parse_text(text)
+        except ValueError as exc:  # json's errors included
+            raise UndecodableError(f"the Schema Registry's schema id {schema_id} is not "
+                                   f"usable: {exc}") from exc
+
+    def _decode_avro(self, value: bytes) -> tuple[str, dict[str, Any]]:
+        writer, start = self._writer_of(value)
         reader = self._current.get(writer.name, writer)
         body = io.BytesIO(value)
-        body.seek(_HEADER_LEN)
+        body.seek(start)
         try:
             record = fastavro.schemaless_reader(
                 body, writer.parsed, None if reader is writer else reader.parsed
@@ -233,12 +300,12 @@ def _encoding_of(content_type: str | bytes | None, value: bytes) -> Encoding:
             f"unsupported content-type {media[:100]!r}; expected {AVRO_CONTENT_TYPE} or "
             f"{JSON_CONTENT_TYPE}"
         )
-    if value.startswith(_MAGIC):
+    if value.startswith((_MAGIC, CONFLUENT_MAGIC)):
         return "avro"
     if value.lstrip()[:1] == b"{":
         return "json"
     raise UndecodableError(
-        f"no content-type and the value is neither Avro (C3 01) nor a JSON object: "
+        f"no content-type and the value is neither Avro (C3 01 or 00) nor a JSON object: "
         f"starts with {value[:8].hex(' ')}"
     )
 

@@ -23,7 +23,8 @@ Paths:
 Ids are global and the same schema (by Avro Parsing Canonical Form) has one id in every
 subject, as in Confluent's registry. Answers are ``application/vnd.schemaregistry.v1+json``;
 errors ``{"error_code", "message"}``. With ``user_info`` (``user:password``) every request
-needs HTTP basic auth (``401`` otherwise). Compatibility is Apache Avro's own checker
+needs HTTP basic auth (``401`` otherwise). Setting :attr:`SchemaRegistryServer.unavailable`
+makes every request answer ``503`` until it is cleared (an outage, for tests). Compatibility is Apache Avro's own checker
 (``avro.compatibility``), which is what the Java registry runs. Not modelled: JSON Schema
 and Protobuf, references, contexts, modes, soft deletes.
 """
@@ -69,6 +70,7 @@ class SchemaRegistryServer:
     subjects: dict[str, list[_Stored]] = field(default_factory=dict)
     subject_levels: dict[str, str] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)
+    unavailable: bool = False  # the fault switch: every request answers 503 while set
     url: str | None = None  # once started
     _by_id: dict[int, _Stored] = field(default_factory=dict)
     _by_canonical: dict[str, _Stored] = field(default_factory=dict)
@@ -110,6 +112,8 @@ class SchemaRegistryServer:
     @web.middleware
     async def _authenticated(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.requests.append((request.method, request.path))
+        if self.unavailable:
+            return _error(503, 50003, "Service Unavailable")
         if self.user_info is not None:
             expected = "Basic " + base64.b64encode(self.user_info.encode()).decode()
             if request.headers.get("Authorization") != expected:
