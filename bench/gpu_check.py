@@ -5,7 +5,8 @@ Builds FLUX.1-dev's architecture with random bf16 weights directly on the GPU
 
 - seconds per 1024² image at 28 steps with a rank-16 LoRA active, median of 3 after a
   warm-up, and peak GPU memory, for: bf16 eager; each step cache at its default
-  (first_block, taylorseer, mag); bf16 compiled (with the LoRA hotswap slot); fp8 compiled
+  (first_block, taylorseer, mag); bf16 compiled (with the LoRA hotswap slot); compiled with
+  MagCache and with TaylorSeer on the compiled blocks (``compiled + step cache …``); fp8 compiled
   (when torchao is installed and the GPU has float8 tensor cores);
 - LoRA switch seconds between two loaded LoRAs (eager: the LRU set) and between two LoRAs
   hot-swapped into a compiled transformer, with the number of recompilations it caused;
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -45,7 +47,7 @@ import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
-from core.image.acceleration import Acceleration
+from core.image.acceleration import Acceleration, hook_step_cache
 from core.image.job import ImageJob
 from core.image.loader import LoadedModel, prepare_model
 from core.image.random_flux import ModelSize, build_random_flux, write_random_lora
@@ -160,6 +162,15 @@ def run(report: Report, skip: set[str]) -> None:
                 measure_images(report, "compiled (hotswap slot)", compiled, loras[0])
                 if "switch" not in skip:
                     measure_switches(report, "compiled hotswap", compiled, loras)
+                for cache in ("mag", "taylorseer"):
+                    if f"compiled+{cache}" in skip:
+                        continue
+                    label = f"compiled + step cache {cache}"
+                    cached = guarded(report, label, lambda cache=cache: with_step_cache(
+                        compiled, Acceleration(step_cache=cache)))
+                    if cached is not None:
+                        measure_images(report, label, cached, loras[0])
+                        pipeline.transformer.disable_cache()
         if "fp8" not in skip:
             measure_fp8(report, pipeline, loras[0])
         if "training" not in skip:  # last: a CUDA fault here leaves the figures above
@@ -209,6 +220,13 @@ def model_of(pipeline: Any, plan: Plan, acceleration: Acceleration, *,
     return prepare_model(pipeline, name=f"random {plan.size}", path=Path(plan.size),
                          development_model=plan.size == "dev", device=plan.device,
                          compile_transformer=compiled, acceleration=acceleration)
+
+
+def with_step_cache(compiled: LoadedModel, acceleration: Acceleration) -> LoadedModel:
+    """``compiled`` with a step cache hooked around its compiled blocks, as the loader
+    does for COMPILE_TRANSFORMER=true with STEP_CACHE (the blocks' graphs are kept)."""
+    step_cache = hook_step_cache(compiled.pipeline, acceleration, compiled=True)
+    return dataclasses.replace(compiled, acceleration=acceleration, step_cache=step_cache)
 
 
 def _unload_loras(pipeline: Any) -> None:

@@ -14,6 +14,9 @@ Two settings, both measured by ``bench/gpu_check.py``:
   is never batched with another (:attr:`Acceleration.batch_dependent`), which would make its
   pixels depend on its neighbours.
 
+Every step cache also runs on a compiled transformer (COMPILE_TRANSFORMER=true), its hooks
+eager between the compiled graphs: :class:`StepCache` says how.
+
 :meth:`StepCache.before_call` resets the hooks' state before every pipeline call (a call
 cut short by a cancel leaves it half filled) and sizes MagCache's ratios to the call's
 step count, so the same request always gives the same pixels.
@@ -22,14 +25,15 @@ step count, so the same request always gives the same pixels.
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 __all__ = [
-    "NO_ACCELERATION", "Acceleration", "AccelerationError", "StepCache", "apply_acceleration",
-    "check_acceleration",
+    "NO_ACCELERATION", "Acceleration", "AccelerationError", "StepCache", "check_acceleration",
+    "hook_step_cache", "quantize",
 ]
 
 _FP8_CAPABILITY = (8, 9)  # Ada and Hopper: the first with float8 tensor cores
@@ -93,10 +97,10 @@ class Acceleration:
 NO_ACCELERATION = Acceleration()
 
 
-def check_acceleration(acceleration: Acceleration, *, device: str,
-                       compile_transformer: bool) -> None:
+def check_acceleration(acceleration: Acceleration, *, device: str) -> None:
     """Raises :class:`AccelerationError` (one line, naming the setting) for what ``device``
-    (resolved: ``cpu``, ``cuda:N``) cannot run; before any weight is loaded."""
+    (resolved: ``cpu``, ``cuda:N``) cannot run; before any weight is loaded. Every step
+    cache runs on a compiled transformer too (:class:`StepCache`)."""
     if acceleration.quantization == "fp8":
         if not device.startswith("cuda"):
             raise AccelerationError(
@@ -113,14 +117,6 @@ def check_acceleration(acceleration: Acceleration, *, device: str,
             raise AccelerationError(
                 "QUANTIZATION=fp8 needs torchao (pip install 'multimodal-engine[gpu]')",
                 setting="QUANTIZATION")
-    if acceleration.step_cache != "none" and compile_transformer:
-        # The cache hooks run Python control flow around every block, per step: the
-        # compiled graph breaks at each of them and the LoRA hotswap slot's guarantee of
-        # no recompilation no longer holds.
-        raise AccelerationError(
-            f"STEP_CACHE={acceleration.step_cache} and COMPILE_TRANSFORMER=true conflict "
-            "(the cache's per-block hooks break the compiled graph and its LoRA hotswap); "
-            "choose one", setting="STEP_CACHE")
     if acceleration.step_cache == "mag" and acceleration.threshold is not None \
             and acceleration.threshold > 0.5:
         raise AccelerationError("STEP_CACHE_THRESHOLD above 0.5 makes MagCache skip almost "
@@ -128,13 +124,37 @@ def check_acceleration(acceleration: Acceleration, *, device: str,
 
 
 class StepCache:
-    """The step cache hooked on a transformer; :meth:`before_call` before every call."""
+    """The step cache hooked on a transformer; :meth:`before_call` before every call.
 
-    def __init__(self, transformer: Any, acceleration: Acceleration) -> None:
+    With ``compiled`` (the repeated blocks' ``forward`` already compiled, by
+    :func:`core.image.loader.prepare_model`), the cache's Python runs eagerly between
+    compiled graphs, never inside one: traced, its per-step state (step counters, whether a
+    step is skipped, the Taylor factors' dict) would be guarded on and recompile at every
+    step until torch gives up and runs the blocks eagerly. ``first_block`` and ``mag`` hook
+    whole blocks: their hooks wrap the compiled ``forward`` (diffusers' hooks call the
+    ``forward`` they found, and put it back when removed). ``taylorseer`` hooks the
+    attention inside each block: the attention's ``forward`` is compiled before it is
+    hooked, and the hooked one is excluded from the block's graph
+    (``torch.compiler.disable``), so each block runs as two graphs (before and after its
+    attention) around the eager hook and the compiled attention. No CUDA graphs: the
+    cache's tensors live from one step to the next.
+    """
+
+    def __init__(self, transformer: Any, acceleration: Acceleration, *,
+                 compiled: bool = False) -> None:
         self._transformer = transformer
         self._acceleration = acceleration
         self._mag_steps: int | None = None
-        if acceleration.step_cache != "mag":  # MagCache is sized per call
+        if acceleration.step_cache == "mag":
+            return  # sized per call
+        if compiled and acceleration.step_cache == "taylorseer":
+            attentions = _taylorseer_targets(transformer)
+            for module in attentions:
+                module.forward = torch.compile(module.forward, dynamic=True)
+            transformer.enable_cache(_config(acceleration, steps=None))
+            for module in attentions:
+                module.forward = _outside_graphs(module.forward)
+        else:
             transformer.enable_cache(_config(acceleration, steps=None))
 
     def before_call(self, steps: int) -> None:
@@ -147,6 +167,28 @@ class StepCache:
         self._transformer._reset_stateful_cache()
 
 
+# TaylorSeer's modules on FLUX: diffusers' default (the attention of every block), named
+# here so that a compiled transformer compiles exactly the modules it hooks
+_TAYLORSEER_TARGETS = (r"^transformer_blocks.*attn", r"^single_transformer_blocks.*attn")
+
+
+def _outside_graphs(hooked: Any) -> Any:
+    """``hooked`` as a call the enclosing compiled graph breaks at and runs eagerly. A new
+    function, not ``torch.compiler.disable(hooked)`` itself: diffusers' hooked ``forward``
+    is ``functools``-wrapped around the original one, and dynamo followed that to the
+    original, leaving the hook out of the graph (and the cache off)."""
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return hooked(*args, **kwargs)
+
+    disable: Any = torch.compiler.disable  # untyped in torch
+    return disable(forward)
+
+
+def _taylorseer_targets(transformer: Any) -> list[Any]:
+    return [module for name, module in transformer.named_modules()
+            if any(re.fullmatch(pattern, name) for pattern in _TAYLORSEER_TARGETS)]
+
+
 def _config(acceleration: Acceleration, *, steps: int | None) -> Any:
     import diffusers.hooks
 
@@ -155,7 +197,8 @@ def _config(acceleration: Acceleration, *, steps: int | None) -> Any:
     if acceleration.step_cache == "first_block":
         return hooks.FirstBlockCacheConfig(threshold=threshold)
     if acceleration.step_cache == "taylorseer":
-        return hooks.TaylorSeerCacheConfig(cache_interval=acceleration.interval)
+        return hooks.TaylorSeerCacheConfig(cache_interval=acceleration.interval,
+                                           cache_identifiers=list(_TAYLORSEER_TARGETS))
     from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
     # FLUX.1-dev's ratios, measured at 28 steps; diffusers interpolates them to ``steps``
@@ -163,10 +206,9 @@ def _config(acceleration: Acceleration, *, steps: int | None) -> Any:
                                 mag_ratios=FLUX_MAG_RATIOS)
 
 
-def apply_acceleration(pipeline: Any, acceleration: Acceleration) -> StepCache | None:
-    """Quantizes the transformer (before any LoRA is added: the adapters then wrap the fp8
-    layers) and hooks the step cache; returns the cache to call before each call."""
-    transformer = pipeline.transformer
+def quantize(pipeline: Any, acceleration: Acceleration) -> None:
+    """fp8 weights for the transformer, when asked: before any LoRA is added (the adapters,
+    the hotswap slot's included, then wrap the fp8 layers) and before compiling."""
     if acceleration.quantization == "fp8":
         from torchao.quantization import (  # type: ignore[import-not-found,unused-ignore]
             Float8DynamicActivationFloat8WeightConfig,
@@ -174,7 +216,14 @@ def apply_acceleration(pipeline: Any, acceleration: Acceleration) -> StepCache |
             quantize_,
         )
 
-        quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        quantize_(pipeline.transformer,
+                  Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+
+
+def hook_step_cache(pipeline: Any, acceleration: Acceleration, *,
+                    compiled: bool = False) -> StepCache | None:
+    """Hooks the step cache on the transformer, after compilation when ``compiled``
+    (see :class:`StepCache`); returns the cache to call before each call."""
     if acceleration.step_cache == "none":
         return None
-    return StepCache(transformer, acceleration)
+    return StepCache(pipeline.transformer, acceleration, compiled=compiled)

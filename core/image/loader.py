@@ -23,8 +23,9 @@ from core.image.acceleration import (
     Acceleration,
     AccelerationError,
     StepCache,
-    apply_acceleration,
     check_acceleration,
+    hook_step_cache,
+    quantize,
 )
 from core.image.devmodel import read_dev_marker
 
@@ -186,8 +187,12 @@ def prepare_model(
             pipeline.enable_sequential_cpu_offload(device=resolved)
         else:
             pipeline.to(resolved)
-        step_cache = apply_acceleration(pipeline, acceleration)
-        return step_cache, (_compile(pipeline) if compile_transformer else None)
+        quantize(pipeline, acceleration)
+        # order: fp8 layers, the hotswap slot around them, compilation, then the step
+        # cache's hooks around the compiled blocks (StepCache says why)
+        slot = (_compile(pipeline, hooked=acceleration.step_cache != "none")
+                if compile_transformer else None)
+        return hook_step_cache(pipeline, acceleration, compiled=slot is not None), slot
 
     step_cache, slot = run_in_fresh_thread(prepare)
     dtype = pipeline.transformer.dtype
@@ -210,7 +215,7 @@ def _check_machine(device: str, memory_mode: str, compile_transformer: bool,
                              setting="DEVICE")
     _check_memory_mode(memory_mode, is_cuda, path)
     try:
-        check_acceleration(acceleration, device=resolved, compile_transformer=compile_transformer)
+        check_acceleration(acceleration, device=resolved)
     except AccelerationError as exc:
         raise ModelLoadError(str(exc), path=path, setting=exc.setting) from None
     return resolved
@@ -274,18 +279,28 @@ def _set_attention_backend(pipeline: Any, backend: str, path: Path) -> None:
                              path=path, setting="ATTENTION_BACKEND") from exc
 
 
-def _compile(pipeline: Any) -> str:
+def _compile(pipeline: Any, *, hooked: bool) -> str:
     """Prepare the LoRA hotswap slot, then compile the transformer's repeated blocks.
 
     The slot must exist before compilation (peft refuses to prepare a compiled model).
-    Regional compilation (diffusers' ``compile_repeated_blocks``: FLUX's double and single
-    blocks, its ``_repeated_blocks``) compiles each block's ``forward``, and the blocks of a
-    kind share its graphs (their weights are inputs, not guards): FLUX.1's 57 blocks cost a
-    few block-sized compilations instead of one of the whole transformer (on the CPU, with
-    FLUX.1's block count, 90 s instead of 594 s: docs/image.md). The first block of a kind
-    gets its inputs laid out otherwise than the next ones (a contiguous tensor, then a view
-    of the joint sequence), which is a second graph for that kind. The embedders and the
-    output layer around the blocks stay eager.
+    Regional compilation: the ``forward`` of each of FLUX's double and single blocks (its
+    ``_repeated_blocks``) is compiled, and the blocks of a kind share its graphs (their
+    weights are inputs, not guards): FLUX.1's 57 blocks cost a few block-sized compilations
+    instead of one of the whole transformer (on the CPU, with FLUX.1's block count, 90 s
+    instead of 594 s: docs/image.md). The first block of a kind gets its inputs laid out
+    otherwise than the next ones (a contiguous tensor, then a view of the joint sequence),
+    which is a second graph for that kind. The embedders and the output layer around the
+    blocks stay eager.
+
+    Without a step cache: diffusers' ``compile_repeated_blocks`` (``nn.Module.compile`` of
+    each block: its call, which traces whatever ``forward`` is at call time). With one
+    (``hooked``): each block's ``forward`` itself is compiled, because the cache's hooks,
+    added afterwards, replace ``forward`` with Python that calls the one they found: they
+    then run eagerly around the graphs instead of being traced into them, which would
+    recompile at every step (:class:`core.image.acceleration.StepCache`). Caveat of that
+    form, seen on the tiny model: when an image's token count equals the attention's head
+    size (16 tokens, a 64×64 image, on the tiny model; 128 tokens on FLUX.1), torch ties the
+    two and the next other size compiles once more.
 
     Shapes are dynamic from the start (``dynamic=True``, and no "duck sizing", which would
     tie an image's token count to any other dimension that happens to be equal), so other
@@ -300,5 +315,12 @@ def _compile(pipeline: Any) -> str:
 
     prepare_hotswap_slot(pipeline, rank=HOTSWAP_RANK, slot=HOTSWAP_SLOT)
     fx_config.use_duck_shape = False  # read when a graph is traced (process-wide)
-    pipeline.transformer.compile_repeated_blocks(dynamic=True)
+    transformer = pipeline.transformer
+    if not hooked:
+        transformer.compile_repeated_blocks(dynamic=True)
+        return HOTSWAP_SLOT
+    repeated = tuple(transformer._repeated_blocks)
+    for module in transformer.modules():
+        if type(module).__name__ in repeated:
+            module.forward = torch.compile(module.forward, dynamic=True)
     return HOTSWAP_SLOT

@@ -31,7 +31,9 @@ def test_the_smoke_run_prints_every_table_with_figures(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     timed = {row["config"]: row for row in report["images"] if "median_s" in row}
     assert set(timed) == {"eager", "step cache taylorseer", "step cache first_block",
-                          "step cache mag", "compiled (hotswap slot)"}, report["images"]
+                          "step cache mag", "compiled (hotswap slot)",
+                          "compiled + step cache mag", "compiled + step cache taylorseer"
+                          }, report["images"]
     assert all(row["median_s"] > 0 and len(row["times_s"]) == 2 for row in timed.values())
     # every row's pixels against the first's, on the same seeds and weights
     assert timed["eager"]["psnr_db"] is None and timed["eager"]["max_abs_diff"] == 0
@@ -43,6 +45,11 @@ def test_the_smoke_run_prints_every_table_with_figures(tmp_path: Path) -> None:
     assert 0 < taylor["psnr_db"] < 200
     compiled = timed["compiled (hotswap slot)"]
     assert compiled["psnr_db"] is None or compiled["psnr_db"] > 30, compiled  # float noise
+    # a step cache on the compiled blocks: the eager model's pixels with the same cache
+    for cache in ("mag", "taylorseer"):
+        on_compiled, eager_cache = (timed[f"compiled + step cache {cache}"],
+                                    timed[f"step cache {cache}"])
+        assert abs(on_compiled["max_abs_diff"] - eager_cache["max_abs_diff"]) <= 1, cache
     fp8 = next(row for row in report["images"] if row["config"].startswith("fp8"))
     assert "needs CUDA" in fp8["skipped"]  # said, not silently left out
     switches = {row["mode"]: row for row in report["lora_switch"]}

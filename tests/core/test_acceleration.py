@@ -1,5 +1,6 @@
 """QUANTIZATION and STEP_CACHE: refused at start-up where they cannot run, and with a step
-cache the GPU worker still gives the same pixels for the same request, at its size."""
+cache the GPU worker still gives the same pixels for the same request, at its size; every
+step cache runs on a compiled transformer with the eager model's pixels."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from prometheus_client import CollectorRegistry
 
 from core.image import GpuWorker, ImageJob, build_dev_model, load_pipeline
 from core.image.acceleration import Acceleration
 from core.image.factory import acceleration_of
 from core.image.loader import LoadedModel, ModelLoadError
+from core.image.warmup import compiled_graphs
 from core.metrics import EngineMetrics
 from core.settings import ConfigurationError, load_settings
 from schemas.errors import RequestCancelledError
@@ -76,11 +79,38 @@ def test_fp8_without_cuda_is_refused_naming_quantization(model_dir: Path) -> Non
     assert "QUANTIZATION=fp8" in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_a_step_cache_with_compilation_is_refused_naming_step_cache(model_dir: Path) -> None:
-    with pytest.raises(ModelLoadError) as caught:
-        load(model_dir, Acceleration(step_cache="taylorseer"), compile_transformer=True)
-    assert caught.value.setting == "STEP_CACHE"
-    assert "COMPILE_TRANSFORMER" in str(caught.value)
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch")  # inductor's own imports
+@pytest.mark.parametrize(("cache", "threshold"), [
+    ("taylorseer", None), ("first_block", 0.5), ("mag", 0.5)])
+def test_a_step_cache_on_compiled_blocks_gives_the_eager_pixels_without_recompiling(
+    model_dir: Path, cache: str, threshold: float | None
+) -> None:
+    # thresholds high enough that the tiny model skips steps: the cache is really on
+    acceleration = Acceleration(step_cache=cache, threshold=threshold, interval=2)
+    compiled = load(model_dir, acceleration, compile_transformer=True)
+    eager = load(model_dir, acceleration)
+    plain = load(model_dir, Acceleration())
+    call(compiled, steps=1)  # compiles, as the warm-up does
+    graphs = compiled_graphs()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        made = {(steps, size): call(compiled, steps=steps, size=size)
+                for steps, size in ((4, 80), (3, 96))}
+    assert compiled_graphs() == graphs
+    noise = max(np.abs(image - call(eager, steps=steps, size=size)).max()
+                for (steps, size), image in made.items())
+    assert noise <= 2.0  # float noise, in 0-255 levels
+    # without the cache, other pixels: far more than the noise
+    assert np.abs(made[(4, 80)] - call(plain, steps=4, size=80)).max() > max(0.2, 20 * noise)
+
+
+def call(model: LoadedModel, *, steps: int, size: int = 80) -> np.ndarray:
+    model.before_call(steps)
+    images = model.pipeline(prompt="a lighthouse", width=size, height=size,
+                            num_inference_steps=steps, guidance_scale=3.5, output_type="np",
+                            generator=torch.Generator().manual_seed(7)).images
+    return np.asarray(images, dtype=np.float64) * 255
 
 
 @pytest.mark.parametrize(("name", "value"), [
