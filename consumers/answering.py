@@ -51,7 +51,7 @@ from schemas.errors import (
     UndecodableError,
 )
 from schemas.events import Event, GenerationCompleted, GenerationProgress, parse_instant
-from schemas.registry import SchemaRegistryError, SchemaRegistryUnavailable
+from schemas.registry import SchemaRegistryError
 
 __all__ = ["Answer", "RecordAnswerer", "ResultTopics"]
 
@@ -116,19 +116,16 @@ class RecordAnswerer:
         waiting (capped backoff, for as long as it takes) while the registry is out of
         reach: a registry outage delays records, it never fails them. Raises
         :class:`UndecodableError` when the registry answers but not with a usable schema."""
-        outage = 0
-        while True:
-            try:
-                await self._codec.resolve_writer(value)
-                return
-            except SchemaRegistryUnavailable as exc:
-                outage += 1
-                wait = self._retry.jittered(min(outage, 30)) or 0.01
-                logger.warning("%s waiting for the Schema Registry (try %d): %s; retrying "
-                               "in %.2fs", where, outage, exc, wait)
-                await self._sleep(wait)
-            except SchemaRegistryError as exc:
-                raise UndecodableError(f"writer schema not found: {exc}") from exc
+        async def pause(outage: int, exc: Exception) -> None:
+            wait = self._retry.jittered(min(outage, 30)) or 0.01
+            logger.warning("%s waiting for the Schema Registry (try %d): %s; retrying "
+                           "in %.2fs", where, outage, exc, wait)
+            await self._sleep(wait)
+
+        try:
+            await self._codec.resolve_writer_waiting(value, pause)
+        except SchemaRegistryError as exc:
+            raise UndecodableError(f"writer schema not found: {exc}") from exc
 
     async def _answer_valid(self, record: ConsumerRecord[bytes, bytes], route: Route,
                             turn: Turn, mark: ReadMark | None, event: Any,

@@ -17,6 +17,7 @@ at most ``barrier_timeout`` seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -29,7 +30,7 @@ from core.scheduling import PendingRequests
 from schemas.codec import EventCodec
 from schemas.errors import InvalidRequestError, UndecodableError
 from schemas.events import GenerationControl
-from schemas.registry import SchemaRegistryError, SchemaRegistryUnavailable
+from schemas.registry import SchemaRegistryError
 
 __all__ = ["ControlMark", "ControlReader"]
 
@@ -162,18 +163,13 @@ class ControlReader:
         """A cancel written in the Schema Registry's framing waits for its writer schema
         while the registry is out of reach (a cancel is never skipped for an outage); one
         the registry does not know is skipped by ``_apply`` as undecodable."""
-        outage = 0
-        while True:
-            try:
-                await self._codec.resolve_writer(value)
-                return
-            except SchemaRegistryUnavailable as exc:
-                outage += 1
-                logger.warning("topic=%s %s waiting for the Schema Registry (try %d): %s",
-                               self._topic, where, outage, exc)
-                await asyncio.sleep(min(2.0 ** min(outage, 5) * 0.1, 5.0))
-            except SchemaRegistryError:
-                return
+        async def pause(outage: int, exc: Exception) -> None:
+            logger.warning("topic=%s %s waiting for the Schema Registry (try %d): %s",
+                           self._topic, where, outage, exc)
+            await asyncio.sleep(min(2.0 ** min(outage, 5) * 0.1, 5.0))
+
+        with contextlib.suppress(SchemaRegistryError):
+            await self._codec.resolve_writer_waiting(value, pause)
 
     def _apply(self, value: bytes | None, headers: Iterable[tuple[str, bytes | None]] | None,
                timestamp: int, where: str) -> None:

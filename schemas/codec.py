@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,7 +30,12 @@ from pydantic import ValidationError
 
 from schemas.errors import InvalidRequestError, UndecodableError
 from schemas.events import Event
-from schemas.registry import CONFLUENT_HEADER_LEN, CONFLUENT_MAGIC, RegistryFraming
+from schemas.registry import (
+    CONFLUENT_HEADER_LEN,
+    CONFLUENT_MAGIC,
+    RegistryFraming,
+    SchemaRegistryUnavailable,
+)
 
 __all__ = ["AVRO_CONTENT_TYPE", "JSON_CONTENT_TYPE", "Encoding", "EventCodec", "schema_fingerprint"]
 
@@ -222,6 +227,22 @@ class EventCodec:
         """
         if self.framing is not None and value:
             await self.framing.resolve(value)
+
+    async def resolve_writer_waiting(
+        self, value: bytes | None, pause: Callable[[int, Exception], Awaitable[None]]
+    ) -> None:
+        """:meth:`resolve_writer`, waiting out a registry outage for as long as it lasts:
+        after each failed try ``pause(tries, error)`` is awaited (the caller's backoff and
+        log line). A registry outage delays a record, it never fails it; raises
+        :class:`~schemas.registry.SchemaRegistryError` for any other failure."""
+        tries = 0
+        while True:
+            try:
+                await self.resolve_writer(value)
+                return
+            except SchemaRegistryUnavailable as exc:
+                tries += 1
+                await pause(tries, exc)
 
     def _writer_of(self, value: bytes) -> tuple[_Schema, int]:
         """The writer schema of an Avro ``value`` and where its body starts."""
