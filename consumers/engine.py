@@ -188,7 +188,9 @@ class Engine:
                 development_model=self.image.model.development_model,
                 dtype=self._worker.model.dtype_name,
                 acceleration={**self._worker.model.acceleration.describe(),
-                              "compiled": self._worker.model.compiled})
+                              "compiled": self._worker.model.compiled,
+                              "fused_qkv": self._worker.model.fused_qkv,
+                              "attention_backend": self._worker.model.attention_backend})
             self.metrics.set_build(version=engine_version(), model=self.image.model.name,
                                    development_model=self.image.model.development_model,
                                    device=self._device())

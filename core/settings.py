@@ -58,13 +58,17 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(4, ge=1, le=64)
     max_inference_steps: int = Field(100, ge=1, le=1000)
     memory_mode: Literal["none", "model_offload", "sequential_offload"] = "none"
-    attention_backend: str = Field("native", pattern=r"^[a-z0-9_]+$")
+    attention_backend: str = Field("auto", pattern=r"^[a-z0-9_]+$",
+                                   description="auto: the fastest kernel this machine runs "
+                                   "(core/image/attention.py)")
     vae_tiling_threshold: int = Field(1536, ge=64, description="pixels per side")
     flux_max_sequence_length: int = Field(512, ge=16, le=512)
     true_cfg_scale: float = Field(4.0, gt=1.0, le=30.0)
     batch_window_ms: int = Field(20, ge=0, le=10000)
     lora_cache_size: int = Field(4, ge=1, le=64)
     compile_transformer: bool = False
+    fuse_qkv: bool = Field(True, description="with COMPILE_TRANSFORMER: one projection for "
+                           "query, key and value, LoRAs kept (core/image/fused_qkv.py)")
     # --- GPU speed (core/image/acceleration.py): what bench/gpu_check.py measures ---
     quantization: Literal["none", "fp8"] = "none"
     step_cache: Literal["none", "first_block", "taylorseer", "mag"] = "none"

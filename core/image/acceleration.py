@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "NO_ACCELERATION", "Acceleration", "AccelerationError", "StepCache", "check_acceleration",
-    "hook_step_cache", "quantize",
+    "NO_ACCELERATION", "Acceleration", "AccelerationError", "StepCache",
+    "acceleration_warnings", "check_acceleration", "hook_step_cache", "quantize",
 ]
 
 _FP8_CAPABILITY = (8, 9)  # Ada and Hopper: the first with float8 tensor cores
@@ -121,6 +121,16 @@ def check_acceleration(acceleration: Acceleration, *, device: str) -> None:
             and acceleration.threshold > 0.5:
         raise AccelerationError("STEP_CACHE_THRESHOLD above 0.5 makes MagCache skip almost "
                                 "every step", setting="STEP_CACHE_THRESHOLD")
+
+
+def acceleration_warnings(acceleration: Acceleration, *, compiled: bool) -> list[str]:
+    """What runs but does not pay, one line each, for the log at start-up."""
+    if acceleration.quantization == "fp8" and not compiled:
+        return [("QUANTIZATION=fp8 without COMPILE_TRANSFORMER=true saves memory but is "
+                 "slower than bf16: torchao quantizes every activation in its own kernels "
+                 "unless compilation fuses them (published: slower than bf16 eager); set "
+                 "COMPILE_TRANSFORMER=true for speed")]
+    return []
 
 
 class StepCache:
@@ -216,8 +226,11 @@ def quantize(pipeline: Any, acceleration: Acceleration) -> None:
             quantize_,
         )
 
+        from core.image.fused_qkv import quantizable
+
         quantize_(pipeline.transformer,
-                  Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+                  Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+                  filter_fn=quantizable(pipeline.transformer))
 
 
 def hook_step_cache(pipeline: Any, acceleration: Acceleration, *,

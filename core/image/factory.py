@@ -71,7 +71,7 @@ async def build_image_service(
         load_pipeline, model_path, device=settings.device, use_fp16=settings.use_fp16,
         memory_mode=settings.memory_mode, attention_backend=settings.attention_backend,
         compile_transformer=settings.compile_transformer,
-        acceleration=acceleration_of(settings),
+        acceleration=acceleration_of(settings), fuse_qkv=settings.fuse_qkv,
     )
     worker = GpuWorker(
         model, max_batch_size=settings.max_batch_size, batch_window_ms=settings.batch_window_ms,

@@ -4,7 +4,9 @@
 is missing), never touches the network, picks the dtype (:func:`choose_precision`: bf16 on
 CUDA, also when USE_FP16 asks for fp16, which FLUX cannot run in; fp32 on CPU), and
 applies the memory mode, the attention backend, the speed settings (fp8, a step cache:
-:mod:`core.image.acceleration`) and, when asked, compilation with a LoRA hotswap slot. The tiny development model is recognised by its marker file.
+:mod:`core.image.acceleration`) and, when asked, compilation with a LoRA hotswap slot and
+fused QKV projections (:mod:`core.image.fused_qkv`). The tiny development model is
+recognised by its marker file.
 """
 
 from __future__ import annotations
@@ -23,11 +25,18 @@ from core.image.acceleration import (
     Acceleration,
     AccelerationError,
     StepCache,
+    acceleration_warnings,
     check_acceleration,
     hook_step_cache,
     quantize,
 )
+from core.image.attention import (
+    AttentionBackendError,
+    resolve_attention_backend,
+    set_attention_backend,
+)
 from core.image.devmodel import read_dev_marker
+from core.image.fused_qkv import fuse_projections, release_projection_weights
 
 __all__ = [
     "LoadedModel", "ModelLoadError", "Precision", "choose_precision", "load_pipeline",
@@ -73,6 +82,8 @@ class LoadedModel:
     precision_note: str | None = None
     acceleration: Acceleration = NO_ACCELERATION
     step_cache: StepCache | None = None
+    fused_qkv: bool = False
+    attention_backend: str = "native"
 
     def before_call(self, steps: int) -> None:
         """Called by the GPU worker before each pipeline call of ``steps`` steps."""
@@ -128,6 +139,7 @@ def load_pipeline(
     attention_backend: str,
     compile_transformer: bool,
     acceleration: Acceleration = NO_ACCELERATION,
+    fuse_qkv: bool = True,
 ) -> LoadedModel:
     """Load the ``FluxPipeline`` in ``path`` for ``device`` (``auto``, ``cpu``, ``cuda[:n]``).
 
@@ -156,7 +168,7 @@ def load_pipeline(
         pipeline, name=str(marker["name"]) if marker else path.name, path=path,
         development_model=marker is not None, device=resolved, memory_mode=memory_mode,
         attention_backend=attention_backend, compile_transformer=compile_transformer,
-        acceleration=acceleration, precision_note=precision.note,
+        acceleration=acceleration, precision_note=precision.note, fuse_qkv=fuse_qkv,
     )
 
 
@@ -172,36 +184,55 @@ def prepare_model(
     compile_transformer: bool = False,
     acceleration: Acceleration = NO_ACCELERATION,
     precision_note: str | None = None,
+    fuse_qkv: bool = True,
 ) -> LoadedModel:
     """Make a constructed ``FluxPipeline`` (already in its dtype) ready for the GPU worker:
     what :func:`load_pipeline` does after reading the folder. ``bench/gpu_check.py`` uses
-    it for a full-size FLUX.1-dev with random weights built directly on the GPU."""
-    resolved = _check_machine(device, memory_mode, compile_transformer, acceleration, path)
+    it for a full-size FLUX.1-dev with random weights built directly on the GPU.
 
-    def prepare() -> tuple[StepCache | None, str | None]:
+    ``fuse_qkv`` (FUSE_QKV) fuses the attention projections of a compiled model kept on
+    its device (:mod:`core.image.fused_qkv`); an eager model's LoRA set rebuilds the
+    projections' layers, and offloading moves weights that fusion shares, so neither is
+    fused (``LoadedModel.fused_qkv`` says which)."""
+    resolved = _check_machine(device, memory_mode, compile_transformer, acceleration, path)
+    fused = fuse_qkv and compile_transformer and memory_mode == "none"
+    for warning in acceleration_warnings(acceleration, compiled=compile_transformer):
+        logger.warning("%s", warning)
+
+    def prepare() -> tuple[StepCache | None, str | None, str]:
         pipeline.set_progress_bar_config(disable=True)
-        _set_attention_backend(pipeline, attention_backend, path)
+        backend = resolve_attention_backend(attention_backend, device=resolved,
+                                            dtype=pipeline.transformer.dtype)
+        try:
+            set_attention_backend(pipeline, backend)
+        except AttentionBackendError as exc:
+            raise ModelLoadError(str(exc), path=path, setting="ATTENTION_BACKEND") from exc
         if memory_mode == "model_offload":
             pipeline.enable_model_cpu_offload(device=resolved)
         elif memory_mode == "sequential_offload":
             pipeline.enable_sequential_cpu_offload(device=resolved)
         else:
             pipeline.to(resolved)
+        if fused:
+            fuse_projections(pipeline.transformer)
         quantize(pipeline, acceleration)
-        # order: fp8 layers, the hotswap slot around them, compilation, then the step
-        # cache's hooks around the compiled blocks (StepCache says why)
-        slot = (_compile(pipeline, hooked=acceleration.step_cache != "none")
+        # order: fused projections, fp8 layers, the hotswap slot around them, compilation,
+        # then the step cache's hooks around the compiled blocks (StepCache says why)
+        slot = (_compile(pipeline, hooked=acceleration.step_cache != "none", fused=fused)
                 if compile_transformer else None)
-        return hook_step_cache(pipeline, acceleration, compiled=slot is not None), slot
+        return (hook_step_cache(pipeline, acceleration, compiled=slot is not None), slot,
+                backend)
 
-    step_cache, slot = run_in_fresh_thread(prepare)
+    step_cache, slot, backend = run_in_fresh_thread(prepare)
     dtype = pipeline.transformer.dtype
-    logger.info("loaded image model %s from %s on %s (%s, memory mode %s, %s%s)", name, path,
-                resolved, dtype, memory_mode, acceleration.key, ", compiled" if slot else "")
+    logger.info("loaded image model %s from %s on %s (%s, memory mode %s, %s, attention %s%s%s)",
+                name, path, resolved, dtype, memory_mode, acceleration.key, backend,
+                ", compiled" if slot else "", ", fused QKV" if fused else "")
     return LoadedModel(
         pipeline=pipeline, name=name, development_model=development_model, device=resolved,
         dtype=dtype, memory_mode=memory_mode, compiled=slot is not None, hotswap_slot=slot,
         precision_note=precision_note, acceleration=acceleration, step_cache=step_cache,
+        fused_qkv=fused, attention_backend=backend,
     )
 
 
@@ -246,40 +277,7 @@ def _from_pretrained(path: Path, dtype: torch.dtype) -> Any:
         raise ModelLoadError(f"image model at {path} failed to load: {exc}", path=path) from exc
 
 
-def _set_attention_backend(pipeline: Any, backend: str, path: Path) -> None:
-    from diffusers.models.attention_dispatch import AttentionBackendName
-
-    if backend == "native":
-        return  # diffusers' default (torch SDPA); setting it would only log a warning
-    known = sorted(name.value for name in AttentionBackendName if not name.value.startswith("_"))
-    if backend not in {name.value for name in AttentionBackendName}:
-        raise ModelLoadError(
-            f"ATTENTION_BACKEND={backend!r} is unknown (allowed: {', '.join(known)})",
-            path=path, setting="ATTENTION_BACKEND",
-        )
-    if backend.endswith("_hub"):
-        raise ModelLoadError(
-            f"ATTENTION_BACKEND={backend!r} downloads its kernel from the Hub at start-up; "
-            "the engine runs offline",
-            path=path, setting="ATTENTION_BACKEND",
-        )
-    if backend == "xformers":
-        import importlib.util
-
-        if importlib.util.find_spec("xformers") is None:
-            raise ModelLoadError(
-                "ATTENTION_BACKEND='xformers' but xformers is not installed "
-                "(pip install 'multimodal-engine[gpu]', or use ATTENTION_BACKEND=native)",
-                path=path, setting="ATTENTION_BACKEND",
-            )
-    try:
-        pipeline.transformer.set_attention_backend(backend)
-    except (RuntimeError, ValueError, ImportError) as exc:
-        raise ModelLoadError(f"ATTENTION_BACKEND={backend!r} is not usable here: {exc}",
-                             path=path, setting="ATTENTION_BACKEND") from exc
-
-
-def _compile(pipeline: Any, *, hooked: bool) -> str:
+def _compile(pipeline: Any, *, hooked: bool, fused: bool = False) -> str:
     """Prepare the LoRA hotswap slot, then compile the transformer's repeated blocks.
 
     The slot must exist before compilation (peft refuses to prepare a compiled model).
@@ -314,6 +312,8 @@ def _compile(pipeline: Any, *, hooked: bool) -> str:
     from core.lora.adapters import HOTSWAP_SLOT, prepare_hotswap_slot
 
     prepare_hotswap_slot(pipeline, rank=HOTSWAP_RANK, slot=HOTSWAP_SLOT)
+    if fused:  # the projections keep their LoRA layers only (core/image/fused_qkv.py)
+        release_projection_weights(pipeline.transformer)
     fx_config.use_duck_shape = False  # read when a graph is traced (process-wide)
     transformer = pipeline.transformer
     if not hooked:

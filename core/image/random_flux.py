@@ -30,7 +30,8 @@ from core.image._devparts import (
     t5_tokenizer,
 )
 
-__all__ = ["FLUX1_DEV_TRANSFORMER", "ModelSize", "build_random_flux", "write_random_lora"]
+__all__ = ["FLUX1_DEV_TRANSFORMER", "ModelSize", "build_random_flux", "build_random_transformer",
+           "write_random_lora"]
 
 ModelSize = Literal["flux1-dev", "dev"]
 
@@ -83,6 +84,25 @@ def build_random_flux(size: ModelSize, *, device: str, dtype: torch.dtype,
     finally:
         torch.set_default_dtype(previous)
     return pipeline.to(device, dtype)
+
+
+def build_random_transformer(size: ModelSize, *, device: str, dtype: torch.dtype,
+                             seed: int = 0) -> Any:
+    """The transformer of ``build_random_flux(size, seed=seed)`` alone, with the same
+    weights: a fresh one (not compiled, no adapters) for the next configuration."""
+    import diffusers
+
+    transformer_class: Any = diffusers.FluxTransformer2DModel
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device), torch.random.fork_rng(devices=[]):
+            transformer = (
+                _seeded(seed + 3, lambda: transformer_class(**FLUX1_DEV_TRANSFORMER))
+                if size == "flux1-dev" else make_transformer(seed + 3, _DEV_TEXT_DIM))
+    finally:
+        torch.set_default_dtype(previous)
+    return transformer.to(device, dtype)
 
 
 def _dev_parts(seed: int) -> dict[str, Any]:

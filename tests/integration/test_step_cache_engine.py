@@ -57,7 +57,7 @@ async def test_health_shows_the_cache_and_a_replay_regenerates_the_same_pixels(
     image_model = json.loads(body)["image_model"]
     assert image_model["acceleration"] == {
         "quantization": "none", "step_cache": "taylorseer", "step_cache_interval": 3,
-        "compiled": False}
+        "compiled": False, "fused_qkv": False, "attention_backend": "native"}
     request = {"request_id": str(uuid.uuid4()), "conversation_id": "c-cache",
                "prompt": "a portrait of a woman in a cafe", "width": 64, "height": 80,
                "num_inference_steps": 9, "optimize_prompt": False}
