@@ -28,9 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from consumers.broker import launch_broker
-from consumers.topics import CONTRACT_TOPICS as TOPICS
-from core.image.devmodel import build_dev_model
+from bench._kafka import bench_kafka, engine_env
 from core.outputs import OutputStore
 from core.voice import EspeakSynthesizer, LocalVoiceBackend, VoiceService
 from schemas.events import VoiceRequested
@@ -70,18 +68,10 @@ async def direct(args: argparse.Namespace, workdir: Path) -> tuple[list[float], 
     return latencies, args.requests / (time.perf_counter() - started)
 
 
-def engine_env(args: argparse.Namespace, bootstrap: str, prefix: str, workdir: Path,
-               **extra: str) -> dict[str, str]:
-    return {
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KAFKA_TOPIC_PREFIX": prefix,
-        "KAFKA_GROUP_ID": f"{prefix}bench", "KAFKA_FETCH_MAX_WAIT_MS": str(args.fetch_wait_ms),
-        "SERVICE_PORT": "0", "OUTPUT_DIR": str(workdir / prefix / "outputs"),
-        "VOICE_BACKEND": "local", "LOG_LEVEL": "WARNING",
-        "MAX_IN_FLIGHT_VOICE": str(args.concurrency),
-        "KAFKA_SESSION_TIMEOUT_MS": "3000", "KAFKA_HEARTBEAT_INTERVAL_MS": "300",
-        "FLUX_MODEL_PATH": str(build_dev_model(workdir / "dev-flux")),
-        "LORA_OUTPUT_DIR": str(workdir / prefix / "loras"), **extra,
-    }
+def local_voice_env(args: argparse.Namespace, bootstrap: str, prefix: str, workdir: Path,
+                    **extra: str) -> dict[str, str]:
+    return engine_env(bootstrap, prefix, workdir, args.fetch_wait_ms, VOICE_BACKEND="local",
+                      MAX_IN_FLIGHT_VOICE=str(args.concurrency), **extra)
 
 
 async def one_request(peer: PersonaPeer, i: int) -> float:
@@ -98,10 +88,10 @@ async def through_kafka(args: argparse.Namespace, bootstrap: str, prefixes: list
     """Two engines side by side, each on its own topics: the read barrier on (the default)
     and off (CANCEL_BARRIER_SECONDS=0). Latency samples alternate between them, one request
     at a time, so both see the same machine; then the throughput of the first."""
-    engines = [EngineProcess(engine_env(args, bootstrap, prefixes[0], workdir), workdir,
+    engines = [EngineProcess(local_voice_env(args, bootstrap, prefixes[0], workdir), workdir,
                              "bench-engine"),
-               EngineProcess(engine_env(args, bootstrap, prefixes[1], workdir,
-                                        CANCEL_BARRIER_SECONDS="0"), workdir,
+               EngineProcess(local_voice_env(args, bootstrap, prefixes[1], workdir,
+                                             CANCEL_BARRIER_SECONDS="0"), workdir,
                              "bench-engine-nobarrier")]
     for engine in engines:
         await engine.start()
@@ -138,30 +128,16 @@ async def main() -> None:
     parser.add_argument("--conversations", type=int, default=20)
     parser.add_argument("--fetch-wait-ms", type=int, default=5)
     args = parser.parse_args()
+    prefix = f"bench{uuid.uuid4().hex[:6]}."
+    unbarred = f"{prefix}nobarrier."  # its own topics: nothing of the other run
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        broker = None
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        prefix = f"bench{uuid.uuid4().hex[:6]}."
-        unbarred = f"{prefix}nobarrier."  # its own topics: nothing of the other run
-        names = [p + t for p in (prefix, unbarred) for t in TOPICS]
-        if not bootstrap:
-            broker = launch_broker("tansu")
-            broker.start()
-            broker.create_topics(names, 6)
-            bootstrap = broker.bootstrap_servers
-        else:
-            from consumers.topics import ensure_topics
-            await ensure_topics(bootstrap, names, 6)
-        try:
+        async with bench_kafka([prefix, unbarred]) as kafka:
             core_lat, core_rps = await direct(args, workdir)
             kafka_lat, bare_lat, kafka_rps = await through_kafka(
-                args, bootstrap, [prefix, unbarred], workdir)
-        finally:
-            if broker is not None:
-                broker.stop()
+                args, kafka.bootstrap, [prefix, unbarred], workdir)
     ms = 1000.0
-    print(f"broker: {'embedded tansu' if broker else bootstrap}, fetch_max_wait_ms="
+    print(f"broker: {kafka.describe()}, fetch_max_wait_ms="
           f"{args.fetch_wait_ms}, cores: {os.cpu_count()}")
     print(f"{'':24}{'p50 ms':>10}{'p99 ms':>10}{'req/s':>10}")
     print(f"{'core directly':24}{pct(core_lat, .5) * ms:10.1f}{pct(core_lat, .99) * ms:10.1f}"

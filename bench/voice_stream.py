@@ -39,9 +39,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from consumers.broker import launch_broker
-from consumers.topics import CONTRACT_TOPICS as TOPICS
-from core.image.devmodel import build_dev_model
+from bench._kafka import bench_kafka, engine_env
 from tests.support.elevenlabs_server import DEFAULT_KEY, ElevenLabsServer
 from tests.support.engine_process import EngineProcess
 from tests.support.kafka_client import PersonaPeer
@@ -99,16 +97,10 @@ async def run(args: argparse.Namespace, bootstrap: str, prefix: str, workdir: Pa
     server = ElevenLabsServer(time_to_first_chunk=args.first_chunk,
                               chunk_interval=args.chunk_interval, chunk_bytes=args.chunk_bytes)
     api_url = await server.start()
-    engine = EngineProcess({
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KAFKA_TOPIC_PREFIX": prefix,
-        "KAFKA_GROUP_ID": f"{prefix}bench", "KAFKA_FETCH_MAX_WAIT_MS": str(args.fetch_wait_ms),
-        "SERVICE_PORT": "0", "OUTPUT_DIR": str(workdir / "outputs"), "LOG_LEVEL": "WARNING",
-        "VOICE_BACKEND": "elevenlabs", "ELEVENLABS_API_KEY": DEFAULT_KEY,
-        "ELEVENLABS_API_URL": api_url, "VOICE_STREAM_INSTANCE": "bench",
-        "KAFKA_SESSION_TIMEOUT_MS": "3000", "KAFKA_HEARTBEAT_INTERVAL_MS": "300",
-        "FLUX_MODEL_PATH": str(build_dev_model(workdir / "dev-flux")),
-        "LORA_OUTPUT_DIR": str(workdir / "loras"),
-    }, workdir, "bench-engine")
+    engine = EngineProcess(engine_env(
+        bootstrap, prefix, workdir, args.fetch_wait_ms, VOICE_BACKEND="elevenlabs",
+        ELEVENLABS_API_KEY=DEFAULT_KEY, ELEVENLABS_API_URL=api_url, VOICE_STREAM_INSTANCE="bench",
+    ), workdir, "bench-engine")
     engine_url = await engine.start()
     try:
         async with PersonaPeer(bootstrap, prefix) as peer, aiohttp.ClientSession() as session:
@@ -130,31 +122,16 @@ async def main() -> None:
     parser.add_argument("--chunk-bytes", type=int, default=4096)
     parser.add_argument("--fetch-wait-ms", type=int, default=5)
     args = parser.parse_args()
+    prefix = f"bench{uuid.uuid4().hex[:6]}."
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        broker = None
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        prefix = f"bench{uuid.uuid4().hex[:6]}."
-        names = [prefix + t for t in TOPICS]
-        if not bootstrap:
-            broker = launch_broker("tansu")
-            broker.start()
-            broker.create_topics(names, 6)
-            bootstrap = broker.bootstrap_servers
-        else:
-            from consumers.topics import ensure_topics
-            await ensure_topics(bootstrap, names, 6)
-        try:
-            samples = await run(args, bootstrap, prefix, workdir)
-        finally:
-            if broker is not None:
-                broker.stop()
+        async with bench_kafka([prefix]) as kafka:
+            samples = await run(args, kafka.bootstrap, prefix, Path(tmp))
     ms = 1000.0
 
     def row(name: str, values: list[float]) -> str:
         return f"{name:42}{pct(values, .5) * ms:10.1f}{pct(values, .99) * ms:10.1f}"
 
-    print(f"broker: {'embedded tansu' if broker else bootstrap}; upstream time to first "
+    print(f"broker: {kafka.describe()}; upstream time to first "
           f"chunk {args.first_chunk * ms:.0f} ms, then {args.chunk_bytes} B every "
           f"{args.chunk_interval * ms:.0f} ms; {args.requests} requests one at a time; "
           f"cores: {os.cpu_count()}")

@@ -17,10 +17,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from consumers.engine import Engine
 from core.settings import Settings
@@ -28,7 +28,7 @@ from schemas.codec import EventCodec
 from schemas.events import ImageRequested, VoiceRequested
 from tests.chaos._checks import assert_all_committed, assert_nothing_lost, voice_requests
 from tests.chaos.conftest import PARTITIONS
-from tests.support.kafka_client import PersonaPeer
+from tests.support.kafka_client import PersonaPeer, TopicReader
 from tests.support.kafka_security import client_options
 
 pytestmark = pytest.mark.kafka
@@ -148,39 +148,22 @@ def fuzz_records(seed: int, count: int) -> list[Fuzz]:
     return records
 
 
-class FailedReader:
+class FailedReader(TopicReader):
     """Collects the ``generation.failed`` events of one input topic by source offset."""
 
     def __init__(self, bootstrap: str, failed_topic: str, source_topic: str) -> None:
+        super().__init__(bootstrap, failed_topic)
         self.by_source: dict[tuple[int, int], dict[str, Any]] = {}
         self._source_topic = source_topic
         self._wanted: set[tuple[int, int]] = set()
         self._complete = asyncio.Event()
-        self._consumer = AIOKafkaConsumer(
-            failed_topic, bootstrap_servers=bootstrap, group_id=None,
-            auto_offset_reset="earliest", enable_auto_commit=False, fetch_max_wait_ms=10,
-            **client_options(bootstrap))
-        self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> Self:
-        await self._consumer.start()
-        self._task = asyncio.create_task(self._read())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        await self._consumer.stop()
-
-    async def _read(self) -> None:
-        async for record in self._consumer:
-            headers = dict(record.headers or ())
-            _, event = _CODEC.decode_raw(record.value, headers.get("content-type"))
-            if event.get("source_topic") == self._source_topic:
-                self.by_source.setdefault(
-                    (event["source_partition"], event["source_offset"]), event)
-                self._check()
+    async def _take(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        headers = dict(record.headers or ())
+        _, event = _CODEC.decode_raw(record.value, headers.get("content-type"))
+        if event.get("source_topic") == self._source_topic:
+            self.by_source.setdefault((event["source_partition"], event["source_offset"]), event)
+            self._check()
 
     def _check(self) -> None:
         if self._wanted and self._wanted <= self.by_source.keys():

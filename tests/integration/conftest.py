@@ -4,6 +4,7 @@ engine, a consume loop with test handlers, and the Persona-side peer."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +41,25 @@ async def settings(
     return engine_settings(tmp_path, broker_bootstrap, topic_prefix)
 
 
-@pytest.fixture
-async def engine(settings: Settings) -> AsyncIterator[Engine]:
-    assert settings.kafka_bootstrap_servers is not None
-    instance = Engine(settings, settings.kafka_bootstrap_servers, http_host="127.0.0.1",
+@asynccontextmanager
+async def running_engine(settings: Settings, **overrides: Any) -> AsyncIterator[Engine]:
+    """An in-process engine on ``settings`` (a copy with ``overrides``, where given), its
+    HTTP server on 127.0.0.1, started here and stopped on exit."""
+    configured = settings.model_copy(update=overrides) if overrides else settings
+    assert configured.kafka_bootstrap_servers is not None
+    instance = Engine(configured, configured.kafka_bootstrap_servers, http_host="127.0.0.1",
                       registry=CollectorRegistry())
     await instance.start()
     try:
         yield instance
     finally:
         await instance.stop()
+
+
+@pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[Engine]:
+    async with running_engine(settings) as instance:
+        yield instance
 
 
 @pytest.fixture

@@ -12,11 +12,11 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import aiohttp
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import ConsumerRecord
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
@@ -27,7 +27,8 @@ from consumers.engine import Engine
 from consumers.serve import StartupError, _start
 from core.settings import Settings
 from schemas import EventCodec, VoiceRequested
-from tests.support.kafka_security import client_options
+from tests.integration.conftest import running_engine
+from tests.support.kafka_client import TopicPeer
 from tests.support.schema_registry import SchemaRegistryServer, running_registry
 from tests.support.settings import engine_settings
 
@@ -48,41 +49,22 @@ class Record:
         return self.topic.rsplit(".", 1)[-1]
 
 
-class RawPeer:
+class RawPeer(TopicPeer):
     """Publishes request bytes and keeps every answer's raw bytes: what a consumer of the
     registry's wire format sees."""
 
     def __init__(self, bootstrap: str, prefix: str) -> None:
+        super().__init__(bootstrap, *(f"{prefix}generation.{t}"
+                                      for t in ("completed", "failed", "progress")))
         self.prefix = prefix
         self.records: list[Record] = []
         self._arrived = asyncio.Condition()
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                          **client_options(bootstrap))
-        self._consumer = AIOKafkaConsumer(
-            *(f"{prefix}generation.{t}" for t in ("completed", "failed", "progress")),
-            bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
-            fetch_max_wait_ms=10, **client_options(bootstrap))
-        self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> Self:
-        await self._producer.start()
-        await self._consumer.start()
-        self._task = asyncio.create_task(self._read())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        await self._consumer.stop()
-        await self._producer.stop()
-
-    async def _read(self) -> None:
-        async for record in self._consumer:
-            async with self._arrived:
-                self.records.append(Record(record.topic, record.value or b"",
-                                           dict(record.headers or ())))
-                self._arrived.notify_all()
+    async def _take(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        async with self._arrived:
+            self.records.append(Record(record.topic, record.value or b"",
+                                       dict(record.headers or ())))
+            self._arrived.notify_all()
 
     @property
     def voice_topic(self) -> str:
@@ -138,18 +120,6 @@ async def settings(tmp_path: Path, broker_bootstrap: str, topic_prefix: str, mak
     return engine_settings(tmp_path, broker_bootstrap, topic_prefix,
                            schema_registry_url=registry[1],
                            schema_registry_user_info=USER_INFO, retry_max_attempts=2)
-
-
-@pytest.fixture
-async def engine(settings: Settings) -> AsyncIterator[Engine]:
-    assert settings.kafka_bootstrap_servers is not None
-    instance = Engine(settings, settings.kafka_bootstrap_servers, http_host="127.0.0.1",
-                      registry=CollectorRegistry())
-    await instance.start()
-    try:
-        yield instance
-    finally:
-        await instance.stop()
 
 
 @pytest.fixture
@@ -317,11 +287,8 @@ async def test_without_a_registry_a_confluent_record_fails_naming_the_setting(
     monkeypatch.chdir(tmp_path)
     await make_topics(partitions=1)
     settings = engine_settings(tmp_path, broker_bootstrap, topic_prefix)
-    engine = Engine(settings, broker_bootstrap, http_host="127.0.0.1",
-                    registry=CollectorRegistry())
-    await engine.start()
     codec = EventCodec()
-    try:
+    async with running_engine(settings) as engine:
         async with RawPeer(broker_bootstrap, topic_prefix) as peer:
             await peer.publish(b"\x00\x00\x00\x00\x01\x02")
             after = voice_request()
@@ -333,8 +300,6 @@ async def test_without_a_registry_a_confluent_record_fails_naming_the_setting(
             await peer.wait_for(after["request_id"], {"completed"}, decode)
             failed = [decode(r) for r in peer.records if r.kind == "failed"]
         assert (await health(engine))["schema_registry"] is None
-    finally:
-        await engine.stop()
     assert len(failed) == 1 and failed[0]["error_code"] == "UNDECODABLE"
     assert "SCHEMA_REGISTRY_URL is not set" in failed[0]["message"]
 

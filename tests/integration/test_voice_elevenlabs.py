@@ -7,44 +7,35 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from consumers.engine import Engine
 from core.settings import Settings
+from tests.integration.conftest import running_engine
 from tests.support.elevenlabs_server import DEFAULT_KEY, ElevenLabsServer, Fault
 from tests.support.kafka_client import PersonaPeer
 
 pytestmark = pytest.mark.kafka
 
 
-@asynccontextmanager
-async def running_engine(settings: Settings, upstream: ElevenLabsServer, **overrides: Any
-                         ) -> AsyncIterator[Engine]:
-    configured = settings.model_copy(update={
-        "voice_backend": "auto", "elevenlabs_api_key": SecretStr(DEFAULT_KEY),
-        "elevenlabs_api_url": upstream.api_url, "elevenlabs_model_id": "eleven_multilingual_v2",
-        **overrides,
-    })
-    assert configured.kafka_bootstrap_servers is not None
-    engine = Engine(configured, configured.kafka_bootstrap_servers, http_host="127.0.0.1",
-                    registry=CollectorRegistry())
-    await engine.start()
-    try:
-        yield engine
-    finally:
-        await engine.stop()
+def eleven_labs_engine(settings: Settings, upstream: ElevenLabsServer, **overrides: Any
+                       ) -> AbstractAsyncContextManager[Engine]:
+    """An engine on the ElevenLabs backend (``auto``, with a key) against ``upstream``."""
+    return running_engine(
+        settings, voice_backend="auto", elevenlabs_api_key=SecretStr(DEFAULT_KEY),
+        elevenlabs_api_url=upstream.api_url, elevenlabs_model_id="eleven_multilingual_v2",
+        **overrides)
 
 
 @pytest.fixture
 async def eleven_engine(settings: Settings, upstream: ElevenLabsServer) -> AsyncIterator[Engine]:
     """RETRY_MAX_ATTEMPTS at its default (6), waits of at most 0.05 s."""
-    async with running_engine(settings, upstream) as engine:
+    async with eleven_labs_engine(settings, upstream) as engine:
         yield engine
 
 
@@ -136,7 +127,7 @@ async def test_a_success_after_two_failures_uses_three_calls(
 async def test_a_429_retry_after_is_waited_out_in_full(
     settings: Settings, peer: PersonaPeer, upstream: ElevenLabsServer,
 ) -> None:
-    async with running_engine(settings, upstream, retry_max_delay=5.0):
+    async with eleven_labs_engine(settings, upstream, retry_max_delay=5.0):
         upstream.faults = [Fault("system_busy", retry_after=1)]
         request = voice_request("conv-busy")
         await peer.publish("voice", request)

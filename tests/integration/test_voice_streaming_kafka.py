@@ -15,11 +15,11 @@ from typing import Any
 import aiohttp
 import pytest
 import soundfile
-from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from consumers.engine import Engine
 from core.settings import Settings
+from tests.integration.conftest import running_engine
 from tests.support.elevenlabs_server import DEFAULT_KEY, ElevenLabsServer
 from tests.support.kafka_client import Answer, PersonaPeer
 
@@ -40,18 +40,11 @@ async def paced() -> AsyncIterator[ElevenLabsServer]:
 
 @pytest.fixture
 async def eleven_engine(settings: Settings, paced: ElevenLabsServer) -> AsyncIterator[Engine]:
-    configured = settings.model_copy(update={
-        "voice_backend": "elevenlabs", "elevenlabs_api_key": SecretStr(DEFAULT_KEY),
-        "elevenlabs_api_url": paced.api_url, "voice_stream_instance": "engine-a",
-    })
-    assert configured.kafka_bootstrap_servers is not None
-    engine = Engine(configured, configured.kafka_bootstrap_servers, http_host="127.0.0.1",
-                    registry=CollectorRegistry())
-    await engine.start()
-    try:
+    async with running_engine(settings, voice_backend="elevenlabs",
+                              elevenlabs_api_key=SecretStr(DEFAULT_KEY),
+                              elevenlabs_api_url=paced.api_url,
+                              voice_stream_instance="engine-a") as engine:
         yield engine
-    finally:
-        await engine.stop()
 
 
 def voice_request(text: str = TEXT, **extra: Any) -> dict[str, Any]:

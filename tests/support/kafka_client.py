@@ -1,5 +1,6 @@
 """A test-side Kafka peer: publishes requests like the Persona Engine and collects the
-engine's answers from the result topics, waiting with timeouts (never sleeping)."""
+engine's answers from the result topics, waiting with timeouts (never sleeping); and the
+background topic reader it is built on, for tests that read records their own way."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from schemas.codec import EventCodec
 from schemas.events import (
@@ -21,7 +22,7 @@ from schemas.events import (
 from tests.support.asyncapi_check import EventChecker
 from tests.support.kafka_security import client_options
 
-__all__ = ["Answer", "PersonaPeer"]
+__all__ = ["Answer", "PersonaPeer", "TopicPeer", "TopicReader"]
 
 _MODELS: dict[str, Any] = {
     "image": ImageRequested, "voice": VoiceRequested, "lora": LoraTrainingRequested,
@@ -45,31 +46,18 @@ class Answer:
         return self.topic.rsplit(".", 1)[-1]
 
 
-class PersonaPeer:
-    """Publishes to ``{prefix}generation.requested.*`` and reads every answer topic."""
+class TopicReader:
+    """Reads ``topics`` from their earliest offsets, in no consumer group, in a background
+    task from ``async with`` to its end, handing each record to :meth:`_take`."""
 
-    def __init__(self, bootstrap: str, prefix: str) -> None:
-        self.bootstrap = bootstrap
-        self.prefix = prefix
-        self.codec = EventCodec()
-        self.answers: list[Answer] = []
-        # every record read is checked against docs/asyncapi.yaml; what does not fit is
-        # listed here and fails the test when the peer closes
-        self.checker = EventChecker(prefix)
-        self.violations: list[str] = []
-        self._arrived = asyncio.Condition()
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                          **client_options(bootstrap))
+    def __init__(self, bootstrap: str, *topics: str) -> None:
         self._consumer = AIOKafkaConsumer(
-            f"{prefix}generation.completed", f"{prefix}generation.failed",
-            f"{prefix}generation.progress", f"{prefix}generation.control",
-            bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
+            *topics, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
             enable_auto_commit=False, fetch_max_wait_ms=10, **client_options(bootstrap),
         )
         self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
-        await self._producer.start()
         await self._consumer.start()
         self._reader = asyncio.create_task(self._read())
         return self
@@ -79,25 +67,69 @@ class PersonaPeer:
         self._reader.cancel()
         await asyncio.gather(self._reader, return_exceptions=True)
         await self._consumer.stop()
+
+    async def _read(self) -> None:
+        async for record in self._consumer:
+            await self._take(record)
+
+    async def _take(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        """What becomes of each record read: the subclass says."""
+        raise NotImplementedError
+
+
+class TopicPeer(TopicReader):
+    """A :class:`TopicReader` with a producer (``acks=all``) beside it, started before the
+    reading and stopped after it."""
+
+    def __init__(self, bootstrap: str, *topics: str) -> None:
+        super().__init__(bootstrap, *topics)
+        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+                                          **client_options(bootstrap))
+
+    async def __aenter__(self) -> Self:
+        await self._producer.start()
+        return await super().__aenter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await super().__aexit__(*exc)
         await self._producer.stop()
+
+
+class PersonaPeer(TopicPeer):
+    """Publishes to ``{prefix}generation.requested.*`` and reads every answer topic."""
+
+    def __init__(self, bootstrap: str, prefix: str) -> None:
+        super().__init__(bootstrap, f"{prefix}generation.completed", f"{prefix}generation.failed",
+                         f"{prefix}generation.progress", f"{prefix}generation.control")
+        self.bootstrap = bootstrap
+        self.prefix = prefix
+        self.codec = EventCodec()
+        self.answers: list[Answer] = []
+        # every record read is checked against docs/asyncapi.yaml; what does not fit is
+        # listed here and fails the test when the peer closes
+        self.checker = EventChecker(prefix)
+        self.violations: list[str] = []
+        self._arrived = asyncio.Condition()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await super().__aexit__(*exc)
         if self.violations and exc[0] is None:
             raise AssertionError("records that do not fit docs/asyncapi.yaml:\n"
                                  + "\n".join(self.violations[:5]))
 
-    async def _read(self) -> None:
-        async for record in self._consumer:
-            headers = {k: v for k, v in record.headers or ()}
-            try:
-                self.checker.check(record.topic, record.key, headers, record.value)
-            except AssertionError as exc:
-                self.violations.append(str(exc))
-            ctype = headers.get("content-type")
-            _, raw = self.codec.decode_raw(record.value, ctype.decode() if ctype else None)
-            answer = Answer(record.topic, record.partition, record.offset, record.key,
-                            headers, raw, time.perf_counter())
-            async with self._arrived:
-                self.answers.append(answer)
-                self._arrived.notify_all()
+    async def _take(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        headers = {k: v for k, v in record.headers or ()}
+        try:
+            self.checker.check(record.topic, record.key, headers, record.value)
+        except AssertionError as exc:
+            self.violations.append(str(exc))
+        ctype = headers.get("content-type")
+        _, raw = self.codec.decode_raw(record.value, ctype.decode() if ctype else None)
+        answer = Answer(record.topic, record.partition, record.offset, record.key,
+                        headers, raw, time.perf_counter())
+        async with self._arrived:
+            self.answers.append(answer)
+            self._arrived.notify_all()
 
     async def publish(
         self,

@@ -123,10 +123,7 @@ class SchemaRegistryServer:
 
     async def _register(self, request: web.Request) -> web.Response:
         subject = request.match_info["subject"]
-        body = await _body(request)
-        if isinstance(body, web.Response):
-            return body
-        parsed = _parse(body)
+        parsed = await _posted_schema(request)
         if isinstance(parsed, web.Response):
             return parsed
         text, canonical = parsed
@@ -150,10 +147,7 @@ class SchemaRegistryServer:
         subject = request.match_info["subject"]
         if subject not in self.subjects:
             return _subject_not_found(subject)
-        body = await _body(request)
-        if isinstance(body, web.Response):
-            return body
-        parsed = _parse(body)
+        parsed = await _posted_schema(request)
         if isinstance(parsed, web.Response):
             return parsed
         for version, stored in enumerate(self.subjects[subject], start=1):
@@ -189,10 +183,7 @@ class SchemaRegistryServer:
         found = self._find_version(subject, request.match_info["version"])
         if isinstance(found, web.Response):
             return found
-        body = await _body(request)
-        if isinstance(body, web.Response):
-            return body
-        parsed = _parse(body)
+        parsed = await _posted_schema(request)
         if isinstance(parsed, web.Response):
             return parsed
         level = self._level(subject).removesuffix("_TRANSITIVE")  # against one version
@@ -315,6 +306,15 @@ async def _body(request: web.Request) -> dict[str, Any] | web.Response:
     if not isinstance(body, dict):
         return _error(400, 400, "the body must be a JSON object")
     return body
+
+
+async def _posted_schema(request: web.Request) -> tuple[str, str] | web.Response:
+    """:func:`_parse` of the request's body, or the error answer to a body that is not a
+    JSON object or holds no valid Avro schema."""
+    body = await _body(request)
+    if isinstance(body, web.Response):
+        return body
+    return _parse(body)
 
 
 def _parse(body: dict[str, Any]) -> tuple[str, str] | web.Response:
