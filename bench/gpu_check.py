@@ -70,6 +70,7 @@ from core.training.trainer import ChunkPlan, run_chunk
 
 _PROMPT = "sarah, a woman with red hair in a cafe, warm light, photograph"
 _SCALE = 0.8  # the fast path's rows run their LoRA at a lora_scale other than 1
+_COMPILE_ALLOWANCE = 90  # seconds a compiled configuration needs at least (build, compile)
 
 
 @dataclass(frozen=True)
@@ -177,22 +178,23 @@ def run(report: Report, skip: set[str]) -> None:
             measure_fast_path(report, pipeline, loras, Acceleration(), skip)
         if "fp8" not in skip:
             measure_fp8(report, pipeline, loras, skip)
-        fresh_transformer(pipeline, plan)
+        if report.fits(60):
+            fresh_transformer(pipeline, plan)
         for cache in ("taylorseer", "first_block", "mag"):
-            if cache in skip:
+            if cache in skip or not report.fits(30):
                 continue
             model = model_of(pipeline, plan, Acceleration(step_cache=cache), compiled=False)
             measure_images(report, f"step cache {cache}", model, loras[0])
             pipeline.transformer.disable_cache()
-        if "compiled" not in skip:
+        if "compiled" not in skip and report.fits(_COMPILE_ALLOWANCE):
             fresh_transformer(pipeline, plan)
             label = "compiled (hotswap slot), unfused, native attention"
             compiled = guarded(report, label, lambda: model_of(
                 pipeline, plan, Acceleration(), compiled=True, fuse_qkv=False))
             if compiled is not None:
                 measure_images(report, label, compiled, loras[0])
-        if "training" not in skip:  # last: a CUDA fault here leaves the figures above
-            fresh_transformer(pipeline, plan)  # bf16: not fp8, not compiled
+        if "training" not in skip and report.fits(60):  # last: a CUDA fault here leaves
+            fresh_transformer(pipeline, plan)  # the figures above; bf16, eager
             trainable = model_of(pipeline, plan, Acceleration(), compiled=False)
             for size in plan.train_sizes:
                 measure_training(report, trainable, size)
@@ -203,7 +205,12 @@ def fresh_transformer(pipeline: Any, plan: Plan) -> None:
     compiled, not quantized), the old one and torch's compiled graphs dropped first: each
     compiled configuration compiles from scratch, as ``serve`` does at start-up (and the
     graphs of the blocks' shared code never reach torch's recompilation limit)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
     pipeline.register_modules(transformer=None)
+    # diffusers' set_attention_backend also sets the process-wide default, which a fresh
+    # transformer's attentions would follow: back to torch's SDPA
+    _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
     torch._dynamo.reset()
     gc.collect()
     if plan.device == "cuda":
@@ -221,6 +228,9 @@ def measure_fast_path(report: Report, pipeline: Any, loras: list[LoraInfo],
     plan = report.plan
     name = "fp8 " if acceleration.quantization == "fp8" else ""
     label = f"{name}compiled fast path, LoRA at 0.8"
+    if not report.fits(_COMPILE_ALLOWANCE):
+        report.images.append({"config": label, "skipped": "over the time budget"})
+        return
     fresh_transformer(pipeline, plan)
     compiled = guarded(report, label, lambda: model_of(
         pipeline, plan, acceleration, compiled=True, attention_backend="auto"))
@@ -239,6 +249,8 @@ def measure_fast_path(report: Report, pipeline: Any, loras: list[LoraInfo],
         if cached is not None:
             measure_images(report, cached_label, cached, loras[0], scale=_SCALE)
             pipeline.transformer.disable_cache()
+    if "training" not in skip and not name:  # a LoRA trains on the model serve runs
+        measure_training(report, compiled, plan.train_sizes[0], config="compiled fast path")
 
 
 def environment(plan: Plan) -> dict[str, Any]:
@@ -509,12 +521,14 @@ def _compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def measure_training(report: Report, model: LoadedModel, size: int) -> None:
+def measure_training(report: Report, model: LoadedModel, size: int, *,
+                     config: str = "eager") -> None:
     """One rank-16 training step at ``size``² through the worker's exclusive slot (as
-    trainings run), after one warm-up step."""
+    trainings run), after one warm-up step, on ``model`` (``config`` names it)."""
     plan = report.plan
     if not report.fits(45):
-        report.training.append({"size": size, "skipped": "over the time budget"})
+        report.training.append({"config": config, "size": size,
+                                "skipped": "over the time budget"})
         return
     generator = torch.Generator().manual_seed(size)
     pixels = torch.rand((2, 3, size, size), generator=generator) * 2 - 1
@@ -529,14 +543,15 @@ def measure_training(report: Report, model: LoadedModel, size: int) -> None:
                 "gpu_check", seed=1, end_step=3, learning_rate=1e-4, batch_size=1,
                 state=warm.state))).result()
         loss = result.state.loss
-        row = {"size": size, "seconds_per_step": round(result.seconds_per_step or 0, 3),
+        row = {"config": config, "size": size,
+               "seconds_per_step": round(result.seconds_per_step or 0, 3),
                "peak_gib": _peak_gib(plan),
                "finite_loss": loss is not None and math.isfinite(loss)}
     except Exception as exc:  # noqa: BLE001
         traceback.print_exc()
-        row = {"size": size, "error": f"{type(exc).__name__}: {exc}"}
+        row = {"config": config, "size": size, "error": f"{type(exc).__name__}: {exc}"}
     report.training.append(row)
-    print(f"training {size}²: {row}", flush=True)
+    print(f"training {config} {size}²: {row}", flush=True)
 
 
 def measure_fp8(report: Report, pipeline: Any, loras: list[LoraInfo], skip: set[str]) -> None:
@@ -549,8 +564,7 @@ def measure_fp8(report: Report, pipeline: Any, loras: list[LoraInfo], skip: set[
                               "skipped": "needs CUDA compute capability 8.9+ and torchao"})
         return
     fp8 = Acceleration(quantization="fp8")
-    if report.fits(120):
-        measure_fast_path(report, pipeline, loras, fp8, skip | {"compiled+taylorseer"})
+    measure_fast_path(report, pipeline, loras, fp8, skip | {"compiled+taylorseer"})
     label = "fp8 eager, LoRA at 0.8"
     if not report.fits(60):
         report.images.append({"config": label, "skipped": "over the time budget"})
@@ -598,10 +612,11 @@ def print_tables(report: Report) -> None:
     print("|---|---|---|")
     for row in report.training:
         if "seconds_per_step" in row:
-            print(f"| {row['size']}² rank 16 | {row['seconds_per_step']} | "
+            print(f"| {row['config']}, {row['size']}² rank 16 | {row['seconds_per_step']} | "
                   f"{row['peak_gib'] if row['peak_gib'] is not None else '-'} |")
         else:
-            print(f"| {row['size']}² | {row.get('skipped') or row.get('error')} | |")
+            print(f"| {row['config']}, {row['size']}² | "
+                  f"{row.get('skipped') or row.get('error')} | |")
 
 
 if __name__ == "__main__":

@@ -20,14 +20,16 @@ download from the Hub (the engine runs offline) and xformers when not installed 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["AttentionBackendError", "auto_candidates", "resolve_attention_backend",
-           "set_attention_backend"]
+__all__ = ["AttentionBackendError", "auto_candidates", "native_attention",
+           "resolve_attention_backend", "set_attention_backend"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,26 @@ def _runs(backend: str, device: str, dtype: torch.dtype) -> bool:
                     type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         return False
     return True
+
+
+@contextlib.contextmanager
+def native_attention(transformer: Any) -> Iterator[None]:
+    """Every attention of ``transformer`` on torch's SDPA meanwhile (whose kernels the
+    caller may restrict with ``sdpa_kernel``), the kernels set before restored after. For
+    training: FlashAttention 3's diffusers op has no backward, and the cuDNN backend would
+    override the trainer's exclusion of cuDNN (core/training/trainer.py)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    processors = [module.processor for module in transformer.modules()
+                  if hasattr(getattr(module, "processor", None), "_attention_backend")]
+    before = [processor._attention_backend for processor in processors]
+    try:
+        for processor in processors:
+            processor._attention_backend = AttentionBackendName.NATIVE
+        yield
+    finally:
+        for processor, backend in zip(processors, before, strict=True):
+            processor._attention_backend = backend
 
 
 def set_attention_backend(pipeline: Any, backend: str) -> None:

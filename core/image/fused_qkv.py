@@ -17,10 +17,10 @@ Order (:func:`core.image.loader.prepare_model`): :func:`fuse_projections` stacks
 (the three projections keep views of their thirds, so nothing is held twice), fp8
 quantizes the fused layers and leaves the views alone (:func:`quantizable`), the hotswap
 slot wraps the projections, then :func:`release_projection_weights` replaces their base
-weights with ``meta`` tensors of the same shape: only their LoRA layers are used, and a
-call that would use the base weights fails loudly instead of computing from stale ones.
-Compiled models only: an eager model's LoRA set loads and unloads adapters, which rebuilds
-the projections' layers.
+weights with placeholders of the same shape, device and dtype that hold one zero (peft
+still places a training's adapter by them): only their LoRA layers are used, the fused
+layer computes the base. Compiled models only: an eager model's LoRA set loads and unloads
+adapters, which rebuilds the projections' layers.
 """
 
 from __future__ import annotations
@@ -92,25 +92,34 @@ def _lora_output(projection: Any, hidden: torch.Tensor) -> Any:
 
 def fuse_projections(transformer: torch.nn.Module) -> int:
     """Fuse every attention's query/key/value triples of ``transformer`` (plain
-    ``Linear`` layers, before any LoRA is loaded); returns how many triples were fused."""
+    ``Linear`` layers, before any LoRA is loaded); returns how many triples were fused.
+    diffusers reads either every fused layer of an attention or none, so an attention with
+    a triple that cannot be fused (not three ``Linear`` layers alike) is left whole."""
     fused = 0
     for module in list(transformer.modules()):
         attention: Any = module
         if not hasattr(attention, "fused_projections"):
             continue  # not a diffusers attention
-        for names, fused_name in zip(_TRIPLES, _FUSED_NAMES, strict=True):
-            parts = [part for name in names
-                     if isinstance(part := getattr(attention, name, None), torch.nn.Linear)]
-            if len(parts) != len(names) or len({part.bias is None for part in parts}) != 1:
-                continue
+        triples = [(names, fused_name, [getattr(attention, name, None) for name in names])
+                   for names, fused_name in zip(_TRIPLES, _FUSED_NAMES, strict=True)]
+        present = [triple for triple in triples if any(p is not None for p in triple[2])]
+        if not present or present[0][1] != "to_qkv" or not all(
+                _fusable(parts) for _, _, parts in present):
+            continue
+        for names, fused_name, parts in present:
             setattr(attention, fused_name, _stack(attention, names, parts))
-            attention.fused_projections = True  # diffusers' processors read it
             fused += 1
+        attention.fused_projections = True  # diffusers' processors read the fused layers
     return fused
 
 
+def _fusable(parts: list[Any]) -> bool:
+    return (all(isinstance(part, torch.nn.Linear) for part in parts)
+            and len({part.bias is None for part in parts}) == 1)
+
+
 def _stack(owner: torch.nn.Module, names: tuple[str, str, str],
-           parts: list[torch.nn.Linear]) -> FusedProjection:
+           parts: list[Any]) -> FusedProjection:
     with torch.no_grad():
         weight = torch.cat([part.weight.data for part in parts])
         biases = [part.bias.data for part in parts if part.bias is not None]
@@ -142,7 +151,8 @@ def quantizable(transformer: torch.nn.Module) -> Any:
 
 def release_projection_weights(transformer: torch.nn.Module) -> int:
     """Replace the base weights of the fused projections (views, or fp8 copies) with
-    ``meta`` tensors of their shape, after the LoRA slot is loaded; returns how many."""
+    placeholders of their shape, device and dtype holding no memory, after the LoRA slot
+    is loaded; returns how many."""
     released = 0
     for module in transformer.modules():
         for fused_name, names in zip(_FUSED_NAMES, _TRIPLES, strict=True):
@@ -150,13 +160,18 @@ def release_projection_weights(transformer: torch.nn.Module) -> int:
                 continue
             for name in names:
                 base = _base(getattr(module, name))
-                base.weight = torch.nn.Parameter(
-                    torch.empty_like(base.weight, device="meta"), requires_grad=False)
+                base.weight = _placeholder(base.weight)
                 if base.bias is not None:
-                    base.bias = torch.nn.Parameter(
-                        torch.empty_like(base.bias, device="meta"), requires_grad=False)
+                    base.bias = _placeholder(base.bias)
                 released += 1
     return released
+
+
+def _placeholder(tensor: torch.Tensor) -> torch.nn.Parameter:
+    """One zero of ``tensor``'s device and dtype seen in its shape: what peft reads of a
+    base layer when it adds an adapter (a training's), holding no memory."""
+    zero = torch.zeros((), device=tensor.device, dtype=tensor.dtype)
+    return torch.nn.Parameter(zero.expand(tensor.shape), requires_grad=False)
 
 
 def _base(projection: Any) -> Any:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from core.image.attention import native_attention
 from core.training.adapter import adapter_weights, attached_adapter
 from core.training.encode import TrainingCache
 from core.training.objective import flow_matching_loss, sample_sigmas
@@ -110,7 +111,7 @@ def run_chunk(
     with attached_adapter(transformer, plan.adapter_name,
                           weights=plan.state.weights if plan.state is not None else None,
                           init_seed=plan.seed, gradient_checkpointing=cuda) as params, \
-            _attention_kernels(cuda):
+            native_attention(transformer), _attention_kernels(cuda):
         optimizer = torch.optim.AdamW(params, lr=plan.learning_rate,
                                       weight_decay=_WEIGHT_DECAY)
         if plan.state is not None and plan.state.optimizer:
@@ -196,7 +197,9 @@ def _attention_kernels(cuda: bool) -> contextlib.AbstractContextManager[Any]:
     first FLUX.1-dev-sized training step with the default kernels died with "illegal
     memory access" in the checkpointed backward; with cuDNN attention off, 512² and 1024²
     steps ran (bench/gpu_check.py, docs/benchmarks.md). Flash and memory-efficient
-    attention remain; image generation keeps the defaults."""
+    attention remain; image generation keeps its kernels. The attention backend is torch's
+    SDPA meanwhile (:func:`core.image.attention.native_attention`): a cuDNN backend chosen
+    for images (ATTENTION_BACKEND=auto on Hopper) would override this exclusion."""
     if not cuda:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
