@@ -316,7 +316,11 @@ def _paths(schemas: dict[str, Any]) -> dict[str, Any]:
             "responses": {"200": _response(200, "the audio", {
                 kind: {} for kind in ("audio/mpeg", "audio/ogg", "audio/wav")}),
                           "404": _response(404, "not here (ended, or another instance's)",
-                                           _json(_ref("EngineErrorBody")))}},
+                                           _json(_ref("EngineErrorBody"))),
+                          "503": _response(503, "the stream has as many listeners as it "
+                                           "takes: UPSTREAM_UNAVAILABLE",
+                                           _json(_ref("EngineErrorBody")),
+                                           _retry_after(True))}},
             f"{_KEY_NEEDED} and OUTPUTS_REQUIRE_KEY=true", key_first=False)},
         "/train-lora": {"post": _keyed({
             "operationId": "trainLora", "summary": "Start a character LoRA training",

@@ -5,24 +5,49 @@ the audio is complete. A stream that fails or is cancelled ends the response wit
 last chunk (the connection closes), so a player never takes half the audio for all of it.
 A stream lives on the instance making it: another instance's name answers 404 saying
 which instance has it (README, "Streaming voice").
+
+Listeners are bounded, whatever clients do: a stream takes ``max_listeners`` at once
+(:data:`core.voice.streams.MAX_LISTENERS`; one more is a 503 with ``Retry-After``), and a
+listener that does not take a block within the stream's ``write_timeout`` has its
+connection reset, without the final chunk, so its place and its buffers are freed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
+import socket
+import struct
 
 from aiohttp import web
 
 from core.voice import AudioStream, StreamAborted
+from core.voice.streams import ListenersFull
 from http_files.services import SERVICES
 
 __all__ = ["get_stream", "send_stream"]
+
+logger = logging.getLogger(__name__)
+
+_RETRY_AFTER_SECONDS = 2
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets, dropping the buffers
 
 
 def _not_found(message: str) -> web.HTTPNotFound:
     return web.HTTPNotFound(text=json.dumps({"error_code": "NOT_FOUND", "retryable": False,
                                              "message": message}),
                             content_type="application/json")
+
+
+def _full(error: ListenersFull) -> web.HTTPServiceUnavailable:
+    return web.HTTPServiceUnavailable(
+        text=json.dumps({"error_code": "UPSTREAM_UNAVAILABLE", "retryable": True,
+                         "message": f"{error}; retry after {_RETRY_AFTER_SECONDS} s, or "
+                                    "fetch the completed event's url"}),
+        content_type="application/json",
+        headers={"Retry-After": str(_RETRY_AFTER_SECONDS)})
 
 
 async def get_stream(request: web.Request) -> web.StreamResponse:
@@ -37,22 +62,79 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
     if stream is None:
         raise _not_found(f"no stream {stream_id} here (it ended, or never was): the file "
                          "is at the completed event's url")
-    return await send_stream(request, stream)
+    response = _response(stream, {})
+    try:
+        return await _send(request, stream, response)
+    except ConnectionResetError:  # the listener is gone: its place is left, no error
+        return response
 
 
 async def send_stream(request: web.Request, stream: AudioStream,
                       headers: dict[str, str] | None = None) -> web.StreamResponse:
-    """``stream`` as a chunked response, from its start (see the module docstring)."""
+    """``stream`` as a chunked response, from its start (see the module docstring).
+    Raises a 503 (``Retry-After``) when the stream has its ``max_listeners`` already, and
+    ``ConnectionResetError`` when the listener goes away or is dropped for taking no
+    block within the stream's ``write_timeout`` (its connection reset): either way, the
+    listener is gone."""
+    return await _send(request, stream, _response(stream, headers or {}))
+
+
+def _response(stream: AudioStream, headers: dict[str, str]) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": stream.content_type,
-                                           "Cache-Control": "no-store", **(headers or {})})
+                                           "Cache-Control": "no-store", **headers})
     response.enable_chunked_encoding()
-    await response.prepare(request)
-    try:
-        async for block in stream.read():
-            await response.write(block)
-    except StreamAborted:
-        if request.transport is not None:  # no final chunk: the listener sees it cut
-            request.transport.close()
-        return response
-    await response.write_eof()
     return response
+
+
+async def _send(request: web.Request, stream: AudioStream,
+                response: web.StreamResponse) -> web.StreamResponse:
+    try:
+        place = stream.join()
+    except ListenersFull as exc:
+        raise _full(exc) from None
+    timeout = stream.write_timeout
+    sent = 0
+    with place:  # left however the response ends: complete, cut, timed out, or gone
+        try:
+            async with asyncio.timeout(timeout):  # aiohttp has no write timeout of its own
+                await response.prepare(request)
+            async with contextlib.aclosing(stream.read()) as blocks:
+                async for block in blocks:
+                    async with asyncio.timeout(timeout):
+                        await response.write(block)
+                    sent += len(block)
+            async with asyncio.timeout(timeout):
+                await response.write_eof()
+        except StreamAborted:  # no final chunk: the listener sees it cut
+            _close(request, timeout)
+        except TimeoutError:
+            logger.warning("stream %s: a listener took no block for %g s after %d bytes; "
+                           "its connection is reset", stream.id, timeout, sent)
+            _reset(request)
+            raise ConnectionResetError(f"the listener of stream {stream.id} stopped "
+                                       "reading") from None
+    return response
+
+
+def _close(request: web.Request, timeout: float) -> None:
+    """End the connection once what is buffered has gone; reset it if that takes longer
+    than ``timeout`` (a listener that stopped reading would hold it for ever)."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+        asyncio.get_running_loop().call_later(timeout, _reset_transport, transport)
+
+
+def _reset(request: web.Request) -> None:
+    if request.transport is not None:
+        _reset_transport(request.transport)
+
+
+def _reset_transport(transport: asyncio.Transport) -> None:
+    """Close at once, dropping what is buffered here and in the kernel (a TCP reset); a
+    transport already closed stays so."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # closed already: nothing to reset
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+    transport.abort()

@@ -1,4 +1,4 @@
-"""Live voice audio: what a request has made so far, for any number of listeners.
+"""Live voice audio: what a request has made so far, for its listeners.
 
 An :class:`AudioStream` is written by the backend as the audio arrives (the ElevenLabs
 stream's chunks, the local voice's sentences) and read by listeners from its start,
@@ -10,10 +10,13 @@ MP3's frame count) is written over the stream's first bytes when the audio is co
 (:meth:`AudioStream.rewrite`): a listener who starts reading after that reads the file,
 byte for byte; one who read the start before has the header a live stream has.
 
-Memory stays bounded whatever the audio's length and the listeners' number: the bytes go
-to a spool file on disk as they come, and each listener reads that file from its own
-offset in blocks of :data:`READ_BLOCK`. A stream stays readable for ``linger`` seconds
-after it ended (a listener that joins late still gets all of it), then its file is removed.
+Memory stays bounded whatever the audio's length: the bytes go to a spool file on disk as
+they come, and each listener reads that file from its own offset in blocks of
+:data:`READ_BLOCK`. Listeners are bounded too: a stream takes ``max_listeners`` at once
+(:meth:`AudioStream.join` raises :class:`ListenersFull` beyond), and whoever serves one
+gives it ``write_timeout`` seconds to take each block (``http_files/streams.py`` drops a
+listener that stops reading). A stream stays readable for ``linger`` seconds after it
+ended (a listener that joins late still gets all of it), then its file is removed.
 
 :class:`AudioStreams` names streams: ``{base_url}/streams/voice/{instance}/{id}``. A live
 stream exists only in the process making it, so its URL names that instance (see the
@@ -27,15 +30,24 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
-__all__ = ["READ_BLOCK", "AudioSink", "AudioStream", "AudioStreams", "StreamAborted"]
+__all__ = ["MAX_LISTENERS", "READ_BLOCK", "WRITE_TIMEOUT", "AudioSink", "AudioStream",
+           "AudioStreams", "ListenersFull", "Listening", "StreamAborted"]
 
 logger = logging.getLogger(__name__)
 
 READ_BLOCK = 64 * 1024
+MAX_LISTENERS = 16
+"""Listeners one stream takes at once: a conversation's players, with room to spare; each
+costs a connection and a block or two of buffers."""
+WRITE_TIMEOUT = 60.0
+"""Seconds a listener may take to accept one block before it is dropped: a player that
+plays as it reads takes a block (and the buffers behind it, ~112 KiB) in under 30 s at
+the slowest format's 32 kbit/s, so only a listener that stopped reading waits longer."""
 _INSTANCE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 
 
@@ -45,6 +57,35 @@ class StreamAborted(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class ListenersFull(Exception):
+    """The stream has ``limit`` listeners already: one more may join when one leaves."""
+
+    def __init__(self, stream_id: str, limit: int) -> None:
+        super().__init__(f"stream {stream_id} has its {limit} listeners already")
+        self.stream_id = stream_id
+        self.limit = limit
+
+
+class Listening:
+    """A listener's place in a stream (:meth:`AudioStream.join`), held until
+    :meth:`leave` or the end of a ``with`` block; leaving twice leaves once."""
+
+    def __init__(self, stream: AudioStream) -> None:
+        self._stream: AudioStream | None = stream
+
+    def leave(self) -> None:
+        if self._stream is not None:
+            self._stream._left()
+            self._stream = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.leave()
 
 
 class AudioSink(Protocol):
@@ -62,11 +103,20 @@ class AudioSink(Protocol):
 
 class AudioStream:
     """One request's audio as it is made (see the module docstring). Written on the event
-    loop only; ``first_audio`` is set at the first non-empty write."""
+    loop only; ``first_audio`` is set at the first non-empty write. ``max_listeners``
+    listeners may :meth:`join` at once; ``write_timeout`` is how long whoever serves a
+    listener waits for it to take one block. Raises ``ValueError`` naming the argument
+    for ``max_listeners`` below 1 or a ``write_timeout`` not above 0."""
 
-    def __init__(self, stream_id: str, spool: Path, content_type: str) -> None:
+    def __init__(self, stream_id: str, spool: Path, content_type: str, *,
+                 max_listeners: int = MAX_LISTENERS,
+                 write_timeout: float = WRITE_TIMEOUT) -> None:
+        _check_limits(max_listeners, write_timeout)
         self.id = stream_id
         self.content_type = content_type
+        self.max_listeners = max_listeners
+        self.write_timeout = write_timeout
+        self._listeners = 0
         self.first_audio = asyncio.Event()
         self._spool = spool
         self._file = open(spool, "wb", buffering=0)  # noqa: SIM115 - closed at the end
@@ -82,6 +132,23 @@ class AudioStream:
     @property
     def ended(self) -> bool:
         return self._ended
+
+    @property
+    def listeners(self) -> int:
+        """Listeners that have joined and not left."""
+        return self._listeners
+
+    def join(self) -> Listening:
+        """A place for one more listener, held until it leaves (use it in a ``with``
+        block around the reading). Raises :class:`ListenersFull` when ``max_listeners``
+        hold one."""
+        if self._listeners >= self.max_listeners:
+            raise ListenersFull(self.id, self.max_listeners)
+        self._listeners += 1
+        return Listening(self)
+
+    def _left(self) -> None:
+        self._listeners -= 1
 
     async def write(self, data: bytes) -> None:
         """Append ``data`` for the listeners. Raises :class:`StreamAborted` once aborted
@@ -135,7 +202,7 @@ class AudioStream:
         except FileNotFoundError:
             pass
 
-    async def read(self) -> AsyncIterator[bytes]:
+    async def read(self) -> AsyncGenerator[bytes, None]:
         """The whole stream from its start: what is there at once, then each new chunk,
         until it finishes. Raises :class:`StreamAborted` when it is aborted."""
         try:
@@ -169,15 +236,20 @@ class AudioStreams:
     shares OUTPUT_DIR: at start each removes only its own previous run's spools),
     ``base_url`` is where this instance is reached (VOICE_STREAM_BASE_URL, else
     PUBLIC_BASE_URL) and ``instance`` its name in stream URLs; a stream is kept ``linger``
-    seconds after it ended. Raises ``ValueError`` naming the argument for an instance name
-    other than 1..100 of ``[A-Za-z0-9._-]`` or a negative ``linger``."""
+    seconds after it ended; each stream takes ``max_listeners`` listeners at once, each
+    given ``write_timeout`` seconds per block (:class:`AudioStream`). Raises
+    ``ValueError`` naming the argument for an instance name other than 1..100 of
+    ``[A-Za-z0-9._-]``, a negative ``linger``, ``max_listeners`` below 1 or a
+    ``write_timeout`` not above 0."""
 
     def __init__(self, directory: Path, base_url: str, instance: str,
-                 linger: float = 60.0) -> None:
+                 linger: float = 60.0, *, max_listeners: int = MAX_LISTENERS,
+                 write_timeout: float = WRITE_TIMEOUT) -> None:
         if not _INSTANCE.match(instance):
             raise ValueError(f"instance must be 1..100 of [A-Za-z0-9._-], got {instance!r}")
         if linger < 0:
             raise ValueError(f"linger must be >= 0 seconds, got {linger}")
+        _check_limits(max_listeners, write_timeout)
         directory = directory / instance  # "." and ".." are names no host has
         directory.mkdir(parents=True, exist_ok=True)
         for old in directory.glob("*.part"):  # this instance's previous run's: unread now
@@ -186,6 +258,8 @@ class AudioStreams:
         self._base_url = base_url.rstrip("/")
         self.instance = instance
         self._linger = linger
+        self._max_listeners = max_listeners
+        self._write_timeout = write_timeout
         self._streams: dict[str, AudioStream] = {}
 
     def __len__(self) -> int:
@@ -194,7 +268,9 @@ class AudioStreams:
     def open(self, content_type: str) -> AudioStream:
         """A new, empty stream, listed until it has ended and lingered (:meth:`close`)."""
         stream_id = str(uuid.uuid4())
-        stream = AudioStream(stream_id, self._directory / f"{stream_id}.part", content_type)
+        stream = AudioStream(stream_id, self._directory / f"{stream_id}.part", content_type,
+                             max_listeners=self._max_listeners,
+                             write_timeout=self._write_timeout)
         self._streams[stream_id] = stream
         return stream
 
@@ -214,3 +290,10 @@ class AudioStreams:
         stream = self._streams.pop(stream_id, None)
         if stream is not None:
             stream.discard()
+
+
+def _check_limits(max_listeners: int, write_timeout: float) -> None:
+    if max_listeners < 1:
+        raise ValueError(f"max_listeners must be >= 1, got {max_listeners}")
+    if not write_timeout > 0:
+        raise ValueError(f"write_timeout must be > 0 seconds, got {write_timeout}")

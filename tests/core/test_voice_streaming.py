@@ -34,6 +34,7 @@ from core.voice import (
     VoiceService,
 )
 from core.voice.formats import format_named, wav_header
+from core.voice.streams import ListenersFull
 from schemas.errors import InvalidRequestError
 from schemas.events import WordTiming
 from tests.support.elevenlabs_server import DEFAULT_KEY, ElevenLabsServer, Fault
@@ -359,3 +360,34 @@ async def test_an_instance_starting_on_a_shared_folder_leaves_the_others_streams
     assert await drain(stream) == b"live audio"
     AudioStreams(shared, "http://engine-1:8000", "engine-1")  # engine-1 itself restarts
     assert list((shared / "engine-1").glob("*.part")) == []
+
+
+async def test_a_stream_takes_its_listeners_and_another_once_one_has_left(
+    tmp_path: Path
+) -> None:
+    streams = AudioStreams(tmp_path / "streams", "http://engine-1:8000", "engine-1",
+                           max_listeners=2)
+    stream = streams.open("audio/mpeg")
+    first, second = stream.join(), stream.join()
+    with pytest.raises(ListenersFull, match="has its 2 listeners already"):
+        stream.join()
+    with second:
+        assert stream.listeners == 2
+    second.leave()  # leaving twice leaves once
+    assert stream.listeners == 1
+    with stream.join():
+        assert stream.listeners == 2
+    first.leave()
+    assert stream.listeners == 0
+    stream.discard()
+
+
+@pytest.mark.parametrize(("limits", "message"), [
+    ({"max_listeners": 0}, "max_listeners must be >= 1, got 0"),
+    ({"write_timeout": 0.0}, "write_timeout must be > 0 seconds, got 0.0"),
+])
+def test_listener_limits_out_of_range_are_refused_naming_them(
+    tmp_path: Path, limits: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        AudioStreams(tmp_path / "streams", "http://engine-1:8000", "engine-1", **limits)

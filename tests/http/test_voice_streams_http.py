@@ -2,11 +2,15 @@
 ``POST /generate/voice`` with ``Accept: audio/*`` answers with the audio from its first
 chunk; ``GET`` on the stream's URL gives any listener, early or late, the whole stream from
 its start, the bytes of the file; a failure after the first chunk cuts the answer short; a
-replay answered from the remembered results is its file; a stream not here is a 404."""
+replay answered from the remembered results is its file; a stream not here is a 404; a
+stream takes its listeners and one more once one has left (finished or gone), and a
+listener that stops reading is reset after the write timeout, its place freed."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,7 +19,9 @@ from pathlib import Path
 import aiohttp
 import httpx
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 from yarl import URL
@@ -28,6 +34,7 @@ from core.scheduling import build_scheduling
 from core.settings import load_settings
 from core.storage import SharedOutputs, build_object_store
 from core.voice import (
+    AudioStream,
     AudioStreams,
     ElevenLabsBackend,
     EspeakSynthesizer,
@@ -245,3 +252,134 @@ async def test_a_replay_asking_for_audio_whose_file_is_in_the_store_is_sent_to_i
     assert status == 307 and headers["Location"] == headers["X-Audio-Url"]
     assert headers["Location"].startswith("/outputs/") and headers["X-Request-Id"]
     assert len(upstream.tts_requests()) == 1
+
+
+@dataclass
+class Listened:
+    """The app with ``streams`` (2 listeners a stream, 1 s to take a block); ``ended``
+    gets the path of each request whose handler has returned (its place left)."""
+
+    client: TestClient[web.Request, web.Application]
+    session: aiohttp.ClientSession
+    streams: AudioStreams
+    ended: asyncio.Queue[str]
+
+    def url(self, stream: AudioStream) -> str:
+        return str(self.client.make_url(path_of(self.streams.url_for(stream))))
+
+    async def handled(self, stream: AudioStream) -> None:
+        path = path_of(self.url(stream))
+        while await asyncio.wait_for(self.ended.get(), timeout=10) != path:
+            pass
+
+
+@pytest.fixture
+async def listened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                   ) -> AsyncIterator[Listened]:
+    monkeypatch.chdir(tmp_path)
+    store = OutputStore(tmp_path / "outputs", cleanup_delay=3600)
+    metrics = EngineMetrics(CollectorRegistry())
+    streams = AudioStreams(tmp_path / "streams", "http://engine-1:8000", "engine-1",
+                           linger=30, max_listeners=2, write_timeout=1.0)
+    voice = VoiceService(LocalVoiceBackend(EspeakSynthesizer()), store, "21m00Tcm4TlvDq8ikWAM",
+                         streams=streams)
+    services = AppServices(health=EngineHealth(voice_backend="local"), metrics=metrics,
+                           store=store, codec=EventCodec(), voice=voice,
+                           scheduling=build_scheduling(load_settings(), metrics))
+    app = create_app(services, UploadLimits(tmp_path / "temp" / "uploads"))
+    ended: asyncio.Queue[str] = asyncio.Queue()
+
+    @web.middleware
+    async def observed(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        finally:
+            ended.put_nowait(request.path)
+
+    app.middlewares.append(observed)
+    async with aiohttp.ClientSession() as session, \
+            TestClient(TestServer(app, host="127.0.0.1")) as client:
+        yield Listened(client, session, streams, ended)
+
+
+async def test_a_stream_takes_its_listeners_and_one_more_when_they_have_left(
+    listened: Listened,
+) -> None:
+    stream = listened.streams.open("audio/mpeg")
+    await stream.write(b"ID3" + bytes(1000))
+    reading = await listened.session.get(listened.url(stream))
+    leaving = await listened.session.get(listened.url(stream))
+    assert reading.status == leaving.status == 200
+    heard = await reading.content.readany()
+    assert heard and await leaving.content.readany()
+
+    refused = await listened.session.get(listened.url(stream))
+    assert refused.status == 503 and refused.headers["Retry-After"] == "2"
+    error = await refused.json()
+    assert error["error_code"] == "UPSTREAM_UNAVAILABLE" and error["retryable"] is True
+    assert "2 listeners" in error["message"]
+    await listened.handled(stream)  # the refused one
+
+    leaving.close()  # one goes away mid-stream, the other reads to the end
+    await stream.write(bytes(range(256)) * 300)
+    stream.finish()
+    heard += await reading.read()
+    await listened.handled(stream)
+    await listened.handled(stream)
+    assert stream.listeners == 0
+
+    again = await listened.session.get(listened.url(stream))  # a place is free again
+    assert again.status == 200 and await again.read() == heard
+    assert len(heard) == 1003 + 256 * 300
+
+
+def more_than_a_socket_holds() -> int:
+    """Bytes more than a loopback connection to a reader that reads nothing takes: the
+    sender's buffer grows to tcp_wmem's maximum at most; 4 MiB more is ample."""
+    try:
+        most = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    except (OSError, IndexError, ValueError):
+        most = 4 * 1024 * 1024
+    return most + 4 * 1024 * 1024
+
+
+async def test_a_listener_that_stops_reading_is_cut_off_and_its_place_freed(
+    listened: Listened, caplog: pytest.LogCaptureFixture
+) -> None:
+    stream = listened.streams.open("audio/mpeg")
+    await stream.write(b"ID3" + bytes(1000))
+    loop = asyncio.get_running_loop()
+    stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+    stalled.setblocking(False)
+    try:
+        port = listened.client.server.port
+        await loop.sock_connect(stalled, ("127.0.0.1", port))
+        await loop.sock_sendall(stalled, f"GET {path_of(listened.url(stream))} HTTP/1.1\r\n"
+                                         "Host: 127.0.0.1\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:  # the answer has begun: its place is taken
+            head += await asyncio.wait_for(loop.sock_recv(stalled, 1), timeout=10)
+        assert head.startswith(b"HTTP/1.1 200")
+        blocks = more_than_a_socket_holds() // (64 * 1024)
+        for _ in range(blocks):
+            await stream.write(bytes(64 * 1024))
+        with caplog.at_level(logging.WARNING, logger="http_files.streams"):
+            await listened.handled(stream)  # dropped after 1 s without taking a block
+        assert stream.listeners == 0
+        (said,) = [r.getMessage() for r in caplog.records if "took no block" in r.getMessage()]
+        assert stream.id in said and "connection is reset" in said
+
+        late = await listened.session.get(listened.url(stream))
+        assert late.status == 200
+        assert await late.content.readexactly(1003) == b"ID3" + bytes(1000)
+        stream.finish()
+        assert len(await late.read()) == blocks * 64 * 1024
+
+        received = b""
+        with pytest.raises(ConnectionResetError):
+            while chunk := await asyncio.wait_for(loop.sock_recv(stalled, 65536), 10):
+                received += chunk
+        assert not received.endswith(b"0\r\n\r\n")  # cut: no final chunk
+    finally:
+        stalled.close()
