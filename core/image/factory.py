@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from pathlib import Path
 
 import httpx
 
 from core.health import EngineHealth
 from core.image.acceleration import Acceleration
+from core.image.compile_cache import CompileCache, Loaded, cache_name, kernel_cache_counts
 from core.image.init_image import InitImageLimits, InitImageLoader
 from core.image.loader import LoadedModel, ModelLoadError, load_pipeline
 from core.image.params import ImageLimits
@@ -30,7 +32,10 @@ from core.settings import Settings
 from core.storage import ObjectStore
 from schemas.errors import EngineError
 
-__all__ = ["acceleration_of", "build_image_service", "init_image_limits", "model_fingerprint"]
+__all__ = ["acceleration_of", "build_image_service", "compile_cache_of", "init_image_limits",
+           "model_fingerprint"]
+
+logger = logging.getLogger(__name__)
 
 
 def model_fingerprint(path: Path) -> str:
@@ -88,17 +93,19 @@ async def build_image_service(
         max_loras=settings.max_loras_per_request,
         max_batch_size=settings.max_batch_size,
     )
+    # fp8 and step caches change pixels: a cached result of other settings is not a replay
+    fingerprint = await asyncio.to_thread(model_fingerprint, model_path)
+    compile_cache = (compile_cache_of(settings, model, fingerprint, objects)
+                     if model.compiled and settings.compile_cache else None)
     worker.start()
     try:
-        await _warm(worker, limits, model_path, health)
+        await _warm(worker, limits, model_path, health, compile_cache)
     except BaseException:
         await asyncio.to_thread(worker.stop)
         raise
     llm = (ChatClient(http, settings.persona_engine_url, settings.persona_engine_model,
                       settings.persona_engine_timeout)
            if settings.persona_engine_url else None)
-    # fp8 and step caches change pixels: a cached result of other settings is not a replay
-    fingerprint = await asyncio.to_thread(model_fingerprint, model_path)
     identity = ModelIdentity(model.name, model.development_model,
                              f"{fingerprint};{model.acceleration.key}")
     service = ImageService(
@@ -116,15 +123,30 @@ async def build_image_service(
     return service, worker
 
 
+def compile_cache_of(settings: Settings, model: LoadedModel, fingerprint: str,
+                     objects: ObjectStore | None) -> CompileCache:
+    """The compiled model's kernels, kept in ``OUTPUT_DIR/.compile-cache`` and the shared
+    store (:mod:`core.image.compile_cache`)."""
+    name = cache_name(device=model.device, model=f"{fingerprint};{model.acceleration.key}",
+                      options={"fused_qkv": model.fused_qkv,
+                               "attention_backend": model.attention_backend,
+                               "memory_mode": model.memory_mode})
+    return CompileCache(name, settings.output_dir / ".compile-cache", objects)
+
+
 async def _warm(worker: GpuWorker, limits: ImageLimits, model_path: Path,
-                health: EngineHealth | None) -> None:
+                health: EngineHealth | None, compile_cache: CompileCache | None) -> None:
     # the size a request without one gets, when MAX_IMAGE_SIZE allows it
     side = min(limits.default_size, limits.max_image_size)
     if health is not None:
         health.warming = True
     try:
+        loaded = await asyncio.to_thread(compile_cache.load) if compile_cache else None
+        hits, misses = kernel_cache_counts()
         await warm_up(worker, size=side - side % 16, max_batch_size=limits.max_batch_size,
                       guidance=limits.default_guidance)
+        if compile_cache is not None and loaded is not None:
+            await _keep_kernels(compile_cache, loaded, kernel_cache_counts(), (hits, misses))
     except Exception as exc:  # the model cannot serve: say so at start-up, not per request
         why = exc.message if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
         raise ModelLoadError(f"image model at {model_path} failed its warm-up: {why}",
@@ -132,6 +154,20 @@ async def _warm(worker: GpuWorker, limits: ImageLimits, model_path: Path,
     finally:
         if health is not None:
             health.warming = False
+
+
+async def _keep_kernels(cache: CompileCache, loaded: Loaded, after: tuple[int, int],
+                        before: tuple[int, int]) -> None:
+    """Logs what the warm-up found cached; saves the kernels when none were loaded or
+    the warm-up compiled new ones."""
+    hits, misses = after[0] - before[0], after[1] - before[1]
+    where = f"from {loaded.source} ({loaded.size} bytes)" if loaded.source else "none found"
+    logger.info("compile cache %s: %s; %d of %d kernels found cached", cache.name, where,
+                hits, hits + misses)
+    if misses or loaded.source is None:
+        size = await asyncio.to_thread(cache.save)
+        logger.info("compile cache %s: %d kernels compiled here, saved (%d bytes)",
+                    cache.name, misses, size)
 
 
 def init_image_limits(settings: Settings) -> InitImageLimits:

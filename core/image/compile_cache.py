@@ -1,0 +1,174 @@
+"""torch.compile's results kept for the next instance (COMPILE_CACHE, compiled models).
+
+A compiled model pays its compilation in the warm-up, before the instance is ready. Most
+of that is Inductor generating and compiling kernels and AOTAutograd tracing, and torch
+can hand those back as one blob (``torch.compiler.save_cache_artifacts``, its "mega cache")
+that another process loads before compiling (``load_cache_artifacts``): its compilation
+then finds every kernel cached and only traces. Kept on the instance's disk, that blob dies
+with the pod; so with a shared store (STORAGE_URL) it is kept there too, and a new
+instance of the fleet starts with the kernels the first one compiled.
+
+The blob is named by everything its kernels depend on (:func:`cache_name`: torch and its
+CUDA, the device, the model's fingerprint and speed settings, fused projections and the
+attention kernel); torch also checks each kernel's own key on use, so a stale blob only
+misses. :meth:`CompileCache.load` runs before the warm-up, :meth:`CompileCache.save` after
+it, only when the warm-up compiled a kernel the blob did not have. Neither may stop an
+instance: a store that fails or a blob torch refuses is a warning, and the warm-up then
+compiles as it would have.
+
+Trust: the blob holds pickled data that torch loads, so it comes only from where the
+engine writes it: the output folder (``OUTPUT_DIR/.compile-cache``) and the shared store
+(``compile-cache/``), which must be as trusted as the model weights. COMPILE_CACHE=false
+turns it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.storage.objects import ObjectStore, StorageError
+
+__all__ = ["CompileCache", "cache_name", "kernel_cache_counts"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_BYTES = 1 << 30  # a blob larger than this is not loaded (FLUX.1's is tens of MB)
+_STORE_PREFIX = "compile-cache/"
+
+
+def cache_name(*, device: str, model: str, options: dict[str, Any]) -> str:
+    """The blob's name: a digest of torch's build, the device (its name and compute
+    capability on CUDA), ``model`` (the model's fingerprint and speed settings) and the
+    preparation ``options`` (fused projections, attention kernel…)."""
+    parts: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda,
+                             "device": device, "model": model, "options": options}
+    if device.startswith("cuda"):
+        index = torch.device(device).index or 0
+        properties = torch.cuda.get_device_properties(index)
+        parts["gpu"] = [properties.name, properties.major, properties.minor]
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return f"{digest[:32]}.bin"
+
+
+def kernel_cache_counts() -> tuple[int, int]:
+    """Inductor's kernel-cache (hits, misses) in this process so far."""
+    from torch._dynamo.utils import counters
+
+    inductor = counters["inductor"]
+    return int(inductor["fxgraph_cache_hit"]), int(inductor["fxgraph_cache_miss"])
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Where :meth:`CompileCache.load` found the blob (``None``: nowhere), its size."""
+
+    source: str | None
+    size: int = 0
+
+
+class CompileCache:
+    """The blob ``name`` in ``folder`` and, when given, in ``store``."""
+
+    def __init__(self, name: str, folder: Path, store: ObjectStore | None = None) -> None:
+        self._name = name
+        self._folder = folder
+        self._store = store
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def load(self) -> Loaded:
+        """Hands torch the blob, from the folder or else the store (streamed into the
+        folder first, so memory holds one copy); before the model's first compiled call.
+        Blocking: call it in a thread."""
+        local = self._folder / self._name
+        source = str(local)
+        if not local.exists() and self._store is not None:
+            source = f"{self._store.where}/{_STORE_PREFIX}{self._name}"
+            self._fetch(local)
+        data = _read(local)
+        if data is None:
+            return Loaded(None)
+        try:
+            info = torch.compiler.load_cache_artifacts(data)  # None: refused (torch logs why)
+            why = "torch refused it" if info is None else ""
+        except Exception as exc:  # noqa: BLE001 - a blob torch refuses: compile as usual
+            why = f"{type(exc).__name__}: {exc}"
+        if why:
+            logger.warning("compile cache: %s was not loaded (%s); compiling from scratch",
+                           source, why)
+            return Loaded(None)
+        return Loaded(source, len(data))
+
+    def save(self) -> int:
+        """Writes what this process compiled (torch's artifacts) to the folder and the
+        store; returns the blob's size (0: nothing to write). Blocking: call it in a
+        thread."""
+        try:
+            artifacts = torch.compiler.save_cache_artifacts()
+        except Exception as exc:  # noqa: BLE001 - a cache must not stop an instance
+            logger.warning("compile cache: torch could not save its artifacts (%s: %s)",
+                           type(exc).__name__, exc)
+            return 0
+        if artifacts is None:
+            return 0
+        data = artifacts[0]
+        _write(self._folder / self._name, data)
+        if self._store is not None:
+            try:
+                self._store.put_bytes(_STORE_PREFIX + self._name, data,
+                                      content_type="application/octet-stream")
+            except StorageError as exc:
+                logger.warning("compile cache: not written to the shared store (%s)", exc)
+        return len(data)
+
+    def _fetch(self, local: Path) -> None:
+        """The store's blob into ``local`` (through a temporary name), if there is one."""
+        assert self._store is not None
+        try:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=local.parent, prefix=".tmp-",
+                                             delete=False) as out:
+                partial = Path(out.name)
+            try:
+                if self._store.download(_STORE_PREFIX + self._name, partial):
+                    os.replace(partial, local)
+            finally:
+                partial.unlink(missing_ok=True)
+        except OSError as exc:  # StorageError included
+            logger.warning("compile cache: not read from the shared store (%s); compiling "
+                           "here", exc)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        if path.stat().st_size > _MAX_BYTES:
+            logger.warning("compile cache: %s is over %d bytes; not loaded", path, _MAX_BYTES)
+            return None
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        logger.warning("compile cache: %s is unreadable (%s)", path, exc)
+        return None
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Atomically (a temporary file renamed): a reader never sees half a blob."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as out:
+            out.write(data)
+        os.replace(out.name, path)
+    except OSError as exc:
+        logger.warning("compile cache: %s not written (%s)", path, exc)
