@@ -129,6 +129,8 @@ class EngineHealth:
             return "starting"
         if self.kafka_enabled and not self.kafka_connected:
             return "degraded"
+        if self.schema_registry_reachable is False:  # publishing waits for it meanwhile
+            return "degraded"
         return "ok"
 
     def liveness(self) -> dict[str, Any]:

@@ -67,9 +67,10 @@ class Settings(BaseSettings):
     batch_window_ms: int = Field(20, ge=0, le=10000)
     lora_cache_size: int = Field(4, ge=1, le=64)
     compile_transformer: bool = False
-    compile_cache: bool = Field(True, description="with COMPILE_TRANSFORMER: keep the "
-                                "compiled kernels in OUTPUT_DIR/.compile-cache and the shared "
-                                "store for the next instance (core/image/compile_cache.py)")
+    compile_cache: Literal["off", "local", "shared"] = Field(
+        "local", description="with COMPILE_TRANSFORMER: keep the compiled kernels in "
+        "OUTPUT_DIR/.compile-cache (local), and in the shared store for the next instance "
+        "(shared: its writers must be trusted like the weights; core/image/compile_cache.py)")
     fuse_qkv: bool = Field(True, description="with COMPILE_TRANSFORMER: one projection for "
                            "query, key and value, LoRAs kept (core/image/fused_qkv.py)")
     # --- GPU speed (core/image/acceleration.py): what bench/gpu_check.py measures ---

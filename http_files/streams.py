@@ -25,7 +25,9 @@ from aiohttp import web
 
 from core.voice import AudioStream, StreamAborted
 from core.voice.streams import ListenersFull
+from http_files.errors import error_response
 from http_files.services import SERVICES
+from schemas.errors import UpstreamUnavailableError
 
 __all__ = ["get_stream", "send_stream"]
 
@@ -41,13 +43,10 @@ def _not_found(message: str) -> web.HTTPNotFound:
                             content_type="application/json")
 
 
-def _full(error: ListenersFull) -> web.HTTPServiceUnavailable:
-    return web.HTTPServiceUnavailable(
-        text=json.dumps({"error_code": "UPSTREAM_UNAVAILABLE", "retryable": True,
-                         "message": f"{error}; retry after {_RETRY_AFTER_SECONDS} s, or "
-                                    "fetch the completed event's url"}),
-        content_type="application/json",
-        headers={"Retry-After": str(_RETRY_AFTER_SECONDS)})
+def _full(error: ListenersFull) -> web.Response:
+    return error_response(UpstreamUnavailableError(
+        f"{error}; retry after {_RETRY_AFTER_SECONDS} s, or fetch the completed event's url",
+        retry_after=_RETRY_AFTER_SECONDS))
 
 
 async def get_stream(request: web.Request) -> web.StreamResponse:
@@ -72,7 +71,7 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
 async def send_stream(request: web.Request, stream: AudioStream,
                       headers: dict[str, str] | None = None) -> web.StreamResponse:
     """``stream`` as a chunked response, from its start (see the module docstring).
-    Raises a 503 (``Retry-After``) when the stream has its ``max_listeners`` already, and
+    Answers a 503 (``Retry-After``) when the stream has its ``max_listeners`` already, and
     ``ConnectionResetError`` when the listener goes away or is dropped for taking no
     block within the stream's ``write_timeout`` (its connection reset): either way, the
     listener is gone."""
@@ -91,7 +90,7 @@ async def _send(request: web.Request, stream: AudioStream,
     try:
         place = stream.join()
     except ListenersFull as exc:
-        raise _full(exc) from None
+        return _full(exc)
     timeout = stream.write_timeout
     sent = 0
     with place:  # left however the response ends: complete, cut, timed out, or gone

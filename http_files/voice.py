@@ -93,8 +93,11 @@ async def generate_voice(request: web.Request) -> web.StreamResponse:
                 return error_response(exc)
             return _file(request, result, event.request_id)
         stream, url = started.result()
-        response = await send_stream(request, stream, {"X-Request-Id": event.request_id,
-                                                       "X-Stream-Url": url})
+        try:
+            response = await send_stream(request, stream, {"X-Request-Id": event.request_id,
+                                                           "X-Stream-Url": url})
+        except ConnectionResetError:  # the requester stopped reading: reset, nothing to send
+            return web.Response()  # (aiohttp drops it quietly on the closed connection)
         await asyncio.gather(work, return_exceptions=True)  # its outcome is in the stream
         return response
     finally:

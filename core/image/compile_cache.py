@@ -1,34 +1,42 @@
-"""torch.compile's results kept for the next instance (COMPILE_CACHE, compiled models).
+"""torch.compile's results kept for the next start (COMPILE_CACHE, compiled models).
 
 A compiled model pays its compilation in the warm-up, before the instance is ready. Most
 of that is Inductor generating and compiling kernels and AOTAutograd tracing, and torch
 can hand those back as one blob (``torch.compiler.save_cache_artifacts``, its "mega cache")
 that another process loads before compiling (``load_cache_artifacts``): its compilation
-then finds every kernel cached and only traces. Kept on the instance's disk, that blob dies
-with the pod; so with a shared store (STORAGE_URL) it is kept there too, and a new
-instance of the fleet starts with the kernels the first one compiled.
+then finds every kernel cached and only traces.
 
-The blob is named by everything its kernels depend on (:func:`cache_name`: torch and its
-CUDA, the device, the model's fingerprint and speed settings, fused projections and the
-attention kernel); torch also checks each kernel's own key on use, so a stale blob only
-misses. :meth:`CompileCache.load` runs before the warm-up, :meth:`CompileCache.save` after
-it, only when the warm-up compiled a kernel the blob did not have. Neither may stop an
-instance: a store that fails or a blob torch refuses is a warning, and the warm-up then
-compiles as it would have.
+- ``local`` (default): the blob in ``OUTPUT_DIR/.compile-cache``, for the next start of an
+  instance whose folder outlives its process (a restart, a volume).
+- ``shared``: also in the shared store (STORAGE_URL, ``compile-cache/``), so that a new
+  instance of the fleet starts with the kernels the first one compiled.
+- ``off``.
 
-Trust: the blob holds pickled data that torch loads, so it comes only from where the
-engine writes it: the output folder (``OUTPUT_DIR/.compile-cache``) and the shared store
-(``compile-cache/``), which must be as trusted as the model weights. COMPILE_CACHE=false
-turns it off.
+The blob is named by what its kernels depend on (:func:`cache_name`: torch and its CUDA,
+the device, the transformer's architecture and dtype, its speed settings, fused
+projections, the attention kernel), not by the weights' values; torch also checks each
+kernel's own key on use, so a stale blob only misses. :meth:`CompileCache.load` runs
+before the warm-up, :meth:`CompileCache.save` after it, when the warm-up compiled a kernel
+the blob did not have or there was none. Neither can stop an instance: a store that
+fails, a blob torch refuses or a full disk is a warning, and the warm-up compiles as it
+would have. A warm-up that fails after a blob was loaded removes it
+(:meth:`CompileCache.forget`): the next start compiles afresh instead of failing again.
+
+Trust: the blob holds pickled data that torch loads (code runs as it does), so it is read
+only from where the engine itself writes it. With ``shared``, whoever can write the
+store's ``compile-cache/`` can run code on every instance: give that prefix the trust of
+the model weights, or keep ``local``. No HTTP route writes either place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 _MAX_BYTES = 1 << 30  # a blob larger than this is not loaded (FLUX.1's is tens of MB)
 _STORE_PREFIX = "compile-cache/"
+_PARTIAL = ".partial-"  # a blob being written: removed at the next load
 
 
 def cache_name(*, device: str, model: str, options: dict[str, Any]) -> str:
@@ -93,6 +102,7 @@ class CompileCache:
         Blocking: call it in a thread."""
         local = self._folder / self._name
         source = str(local)
+        _remove_partials(self._folder)
         if not local.exists() and self._store is not None:
             source = f"{self._store.where}/{_STORE_PREFIX}{self._name}"
             self._fetch(local)
@@ -132,12 +142,23 @@ class CompileCache:
                 logger.warning("compile cache: not written to the shared store (%s)", exc)
         return len(data)
 
+    def forget(self) -> None:
+        """Removes the blob here and in the store (it may be why a warm-up failed)."""
+        logger.warning("compile cache: the warm-up failed with %s loaded; removed, the next "
+                       "start compiles afresh", self._name)
+        (self._folder / self._name).unlink(missing_ok=True)
+        if self._store is not None:
+            try:
+                self._store.delete(_STORE_PREFIX + self._name)
+            except StorageError as exc:
+                logger.warning("compile cache: not removed from the shared store (%s)", exc)
+
     def _fetch(self, local: Path) -> None:
         """The store's blob into ``local`` (through a temporary name), if there is one."""
         assert self._store is not None
         try:
             local.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=local.parent, prefix=".tmp-",
+            with tempfile.NamedTemporaryFile(dir=local.parent, prefix=_PARTIAL,
                                              delete=False) as out:
                 partial = Path(out.name)
             try:
@@ -164,11 +185,27 @@ def _read(path: Path) -> bytes | None:
 
 
 def _write(path: Path, data: bytes) -> None:
-    """Atomically (a temporary file renamed): a reader never sees half a blob."""
+    """Atomically (a temporary file renamed): a reader never sees half a blob; a failed
+    write leaves nothing behind."""
+    partial: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as out:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=_PARTIAL,
+                                         delete=False) as out:
+            partial = Path(out.name)
             out.write(data)
-        os.replace(out.name, path)
+        os.replace(partial, path)
     except OSError as exc:
         logger.warning("compile cache: %s not written (%s)", path, exc)
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+
+
+def _remove_partials(folder: Path) -> None:
+    """What a process killed while writing left: temporary files over an hour old (a
+    younger one may be another instance's write in progress)."""
+    now = time.time()
+    for partial in folder.glob(f"{_PARTIAL}*"):
+        with contextlib.suppress(OSError):
+            if now - partial.stat().st_mtime > 3600:
+                partial.unlink()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -95,8 +96,8 @@ async def build_image_service(
     )
     # fp8 and step caches change pixels: a cached result of other settings is not a replay
     fingerprint = await asyncio.to_thread(model_fingerprint, model_path)
-    compile_cache = (compile_cache_of(settings, model, fingerprint, objects)
-                     if model.compiled and settings.compile_cache else None)
+    compile_cache = (compile_cache_of(settings, model, objects)
+                     if model.compiled and settings.compile_cache != "off" else None)
     worker.start()
     try:
         await _warm(worker, limits, model_path, health, compile_cache)
@@ -123,15 +124,20 @@ async def build_image_service(
     return service, worker
 
 
-def compile_cache_of(settings: Settings, model: LoadedModel, fingerprint: str,
+def compile_cache_of(settings: Settings, model: LoadedModel,
                      objects: ObjectStore | None) -> CompileCache:
-    """The compiled model's kernels, kept in ``OUTPUT_DIR/.compile-cache`` and the shared
-    store (:mod:`core.image.compile_cache`)."""
-    name = cache_name(device=model.device, model=f"{fingerprint};{model.acceleration.key}",
-                      options={"fused_qkv": model.fused_qkv,
-                               "attention_backend": model.attention_backend,
-                               "memory_mode": model.memory_mode})
-    return CompileCache(name, settings.output_dir / ".compile-cache", objects)
+    """The compiled model's kernels, kept in ``OUTPUT_DIR/.compile-cache`` and, with
+    COMPILE_CACHE=shared, the shared store (:mod:`core.image.compile_cache`). Named by
+    what shapes the kernels (the transformer's architecture, dtype, speed settings), not by
+    the weights' values: two copies of one model share a blob."""
+    architecture = json.dumps(dict(model.pipeline.transformer.config), sort_keys=True,
+                              default=str)
+    name = cache_name(device=model.device, model=architecture, options={
+        "dtype": model.dtype_name, "acceleration": model.acceleration.key,
+        "fused_qkv": model.fused_qkv, "attention_backend": model.attention_backend,
+        "memory_mode": model.memory_mode})
+    return CompileCache(name, settings.output_dir / ".compile-cache",
+                        objects if settings.compile_cache == "shared" else None)
 
 
 async def _warm(worker: GpuWorker, limits: ImageLimits, model_path: Path,
@@ -143,8 +149,14 @@ async def _warm(worker: GpuWorker, limits: ImageLimits, model_path: Path,
     try:
         loaded = await asyncio.to_thread(compile_cache.load) if compile_cache else None
         hits, misses = kernel_cache_counts()
-        await warm_up(worker, size=side - side % 16, max_batch_size=limits.max_batch_size,
-                      guidance=limits.default_guidance)
+        try:
+            await warm_up(worker, size=side - side % 16, max_batch_size=limits.max_batch_size,
+                          guidance=limits.default_guidance)
+        except Exception:
+            if compile_cache is not None and loaded is not None and loaded.source:
+                # the kernels loaded may be why: the next start compiles afresh
+                await asyncio.to_thread(compile_cache.forget)
+            raise
         if compile_cache is not None and loaded is not None:
             await _keep_kernels(compile_cache, loaded, kernel_cache_counts(), (hits, misses))
     except Exception as exc:  # the model cannot serve: say so at start-up, not per request
@@ -165,7 +177,7 @@ async def _keep_kernels(cache: CompileCache, loaded: Loaded, after: tuple[int, i
     logger.info("compile cache %s: %s; %d of %d kernels found cached", cache.name, where,
                 hits, hits + misses)
     if misses or loaded.source is None:
-        size = await asyncio.to_thread(cache.save)
+        size = await asyncio.to_thread(cache.save)  # never raises: a cache stops nothing
         logger.info("compile cache %s: %d kernels compiled here, saved (%d bytes)",
                     cache.name, misses, size)
 

@@ -1,4 +1,4 @@
-"""COMPILE_CACHE: a new instance of the fleet finds the kernels the first one compiled.
+"""COMPILE_CACHE=shared: a new instance of the fleet finds the kernels the first one compiled.
 
 Two instances, each in a process of its own with an empty torch compile cache (as two pods),
 an output folder of its own, and one shared store (a real S3 server on 127.0.0.1). The
@@ -29,7 +29,8 @@ def instance(model: Path, tmp_path: Path, name: str, store: StoreLocation | None
              ) -> dict[str, Any]:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{name}")}
     if store is not None:
-        env.update(STORAGE_URL=store.url, STORAGE_ENDPOINT_URL=store.endpoint)
+        env.update(STORAGE_URL=store.url, STORAGE_ENDPOINT_URL=store.endpoint,
+                   COMPILE_CACHE="shared")
     done = subprocess.run(
         [sys.executable, "-m", "tests.support.warm_instance", str(model),
          str(tmp_path / f"outputs-{name}")],

@@ -14,7 +14,7 @@ from consumers.engine import Engine
 from core.seeds import derive_seed
 from core.settings import Settings
 from core.voice import SEED_MAX
-from tests.integration.test_voice_elevenlabs import running_engine
+from tests.integration.test_voice_elevenlabs import eleven_labs_engine
 from tests.support.elevenlabs_server import ElevenLabsServer
 from tests.support.kafka_client import Answer, PersonaPeer
 
@@ -31,7 +31,7 @@ async def upstream() -> AsyncIterator[ElevenLabsServer]:
 
 @pytest.fixture
 async def eleven_engine(settings: Settings, upstream: ElevenLabsServer) -> AsyncIterator[Engine]:
-    async with running_engine(settings, upstream) as engine:
+    async with eleven_labs_engine(settings, upstream) as engine:
         yield engine
 
 
