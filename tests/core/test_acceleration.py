@@ -5,7 +5,6 @@ step cache runs on a compiled transformer with the eager model's pixels."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from core.image.warmup import compiled_graphs
 from core.metrics import EngineMetrics
 from core.settings import ConfigurationError, load_settings
 from schemas.errors import RequestCancelledError
+from tests.core.conftest import start_worker as start
 
 WAIT = 120
 
@@ -43,26 +43,6 @@ def job(seed: int = 3, **changes: Any) -> ImageJob:
     base = ImageJob(prompt="a photo of a woman", negative_prompt=None, width=64, height=80,
                     steps=10, guidance=3.5, true_cfg_scale=1.0, seed=seed, lora=None)
     return replace(base, **changes)
-
-
-@pytest.fixture
-def workers() -> Iterator[list[GpuWorker]]:
-    started: list[GpuWorker] = []
-    yield started
-    for worker in started:
-        worker.stop(timeout=WAIT)
-
-
-def start(workers: list[GpuWorker], model: LoadedModel, metrics: EngineMetrics | None = None,
-          **overrides: Any) -> GpuWorker:
-    options: dict[str, Any] = {"max_batch_size": 4, "batch_window_ms": 0, "lora_cache_size": 2,
-                               "vae_tiling_threshold": 1536, "max_sequence_length": 32,
-                               "metrics": metrics}
-    options.update(overrides)
-    worker = GpuWorker(model, **options)
-    worker.start()
-    workers.append(worker)
-    return worker
 
 
 def pixels(image: Any) -> np.ndarray:

@@ -10,7 +10,6 @@ FUSE_QKV=false, is not fused. ``auto`` picks a kernel by what the machine has.""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from core.settings import load_settings
 from core.training.encode import encode_training_data
 from core.training.pixels import to_pixels
 from core.training.trainer import ChunkPlan, run_chunk
+from tests.core.conftest import start_worker as start
 from tests.core.test_training_images import photos
 
 WAIT = 300
@@ -49,22 +49,6 @@ def lora(dev_model_dir: Path, tmp_path: Path) -> LoraInfo:
     return LoraRegistry(tmp_path / "loras").register(
         "sarah", make_dev_lora(dev_model_dir, tmp_path / "sarah.safetensors", seed=1),
         trigger_word=None, base_model="flux-tiny-dev")
-
-
-@pytest.fixture
-def workers() -> Iterator[list[GpuWorker]]:
-    started: list[GpuWorker] = []
-    yield started
-    for worker in started:
-        worker.stop(timeout=WAIT)
-
-
-def start(workers: list[GpuWorker], model: LoadedModel) -> GpuWorker:
-    worker = GpuWorker(model, max_batch_size=2, batch_window_ms=0, lora_cache_size=2,
-                       vae_tiling_threshold=1536, max_sequence_length=32)
-    worker.start()
-    workers.append(worker)
-    return worker
 
 
 def job(lora: LoraInfo | None = None, *, scale: float = 1.0, size: int = 80) -> ImageJob:
