@@ -33,9 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from consumers.broker import launch_broker
-from consumers.topics import CONTRACT_TOPICS, ensure_topics
-from core.image import build_dev_model
+from bench._kafka import bench_kafka, engine_env
 from tests.support.engine_process import EngineProcess
 from tests.support.kafka_client import Answer, PersonaPeer
 
@@ -81,19 +79,10 @@ async def withdraw(peer: PersonaPeer, requests: list[dict[str, Any]]) -> None:
     await peer.answers_for([r["request_id"] for r in requests], timeout=600)
 
 
-async def run(bootstrap: str, workdir: Path, args: argparse.Namespace) -> None:
-    prefix = f"bench{uuid.uuid4().hex[:6]}."
-    await ensure_topics(bootstrap, [prefix + t for t in CONTRACT_TOPICS], 6)
-    engine = EngineProcess({
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KAFKA_TOPIC_PREFIX": prefix,
-        "KAFKA_GROUP_ID": f"{prefix}bench", "KAFKA_FETCH_MAX_WAIT_MS": "5",
-        "KAFKA_SESSION_TIMEOUT_MS": "3000", "KAFKA_HEARTBEAT_INTERVAL_MS": "300",
-        "SERVICE_PORT": "0", "OUTPUT_DIR": str(workdir / "out"),
-        "LORA_OUTPUT_DIR": str(workdir / "loras"), "VOICE_BACKEND": "local",
-        "FLUX_MODEL_PATH": str(build_dev_model(workdir / "dev-flux")),
-        "FLUX_MAX_SEQUENCE_LENGTH": "64", "LOG_LEVEL": "WARNING", "PROGRESS_INTERVAL": "0",
-        "MAX_BATCH_SIZE": str(args.batch),
-    }, workdir, "bench-engine")
+async def run(bootstrap: str, prefix: str, workdir: Path, args: argparse.Namespace) -> None:
+    engine = EngineProcess(engine_env(
+        bootstrap, prefix, workdir, 5, VOICE_BACKEND="local", FLUX_MAX_SEQUENCE_LENGTH="64",
+        PROGRESS_INTERVAL="0", MAX_BATCH_SIZE=str(args.batch)), workdir, "bench-engine")
     await engine.start(timeout=60)
     try:
         async with PersonaPeer(bootstrap, prefix) as peer:
@@ -167,18 +156,10 @@ async def main() -> None:
     parser.add_argument("--flood", type=int, default=150, help="voice requests of one "
                         "conversation")
     args = parser.parse_args()
+    prefix = f"bench{uuid.uuid4().hex[:6]}."
     with tempfile.TemporaryDirectory() as tmp:
-        broker = None
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        if not bootstrap:
-            broker = launch_broker("tansu")
-            broker.start()
-            bootstrap = broker.bootstrap_servers
-        try:
-            await run(bootstrap, Path(tmp), args)
-        finally:
-            if broker is not None:
-                broker.stop()
+        async with bench_kafka([prefix]) as kafka:
+            await run(kafka.bootstrap, prefix, Path(tmp), args)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,7 @@ from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from consumers.broker import launch_broker
-from consumers.topics import CONTRACT_TOPICS, ensure_topics
+from bench._kafka import bench_kafka, engine_env
 from core.image import build_dev_model, load_pipeline
 from tests.support.engine_process import EngineProcess
 from tests.support.kafka_client import PersonaPeer
@@ -65,21 +64,15 @@ def plain_loop(model_dir: Path, args: argparse.Namespace) -> float:
     return args.images / (time.perf_counter() - started)
 
 
-async def through_kafka(bootstrap: str, model_dir: Path, workdir: Path, batch: int,
+async def through_kafka(bootstrap: str, prefix: str, workdir: Path, batch: int,
                         args: argparse.Namespace) -> float:
-    prefix = f"bench{uuid.uuid4().hex[:6]}."
-    await ensure_topics(bootstrap, [prefix + t for t in CONTRACT_TOPICS], 6)
-    engine = EngineProcess({
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KAFKA_TOPIC_PREFIX": prefix,
-        "KAFKA_GROUP_ID": f"{prefix}bench", "KAFKA_FETCH_MAX_WAIT_MS": "5",
-        "KAFKA_SESSION_TIMEOUT_MS": "3000", "KAFKA_HEARTBEAT_INTERVAL_MS": "300",
-        "SERVICE_PORT": "0", "OUTPUT_DIR": str(workdir / f"out{batch}"),
-        "LORA_OUTPUT_DIR": str(workdir / "loras"), "VOICE_BACKEND": "local",
-        "FLUX_MODEL_PATH": str(model_dir), "MAX_BATCH_SIZE": str(batch),
-        "BATCH_WINDOW_MS": "20", "LOG_LEVEL": "WARNING", "PROGRESS_INTERVAL": "1000",
-        "FLUX_MAX_SEQUENCE_LENGTH": str(args.max_sequence_length),
-        **({"OMP_NUM_THREADS": os.environ["ENGINE_OMP_THREADS"]} if "ENGINE_OMP_THREADS" in os.environ else {}),
-    }, workdir, f"engine-batch{batch}")
+    threads = os.environ.get("ENGINE_OMP_THREADS")
+    env = engine_env(
+        bootstrap, prefix, workdir, 5, VOICE_BACKEND="local", MAX_BATCH_SIZE=str(batch),
+        BATCH_WINDOW_MS="20", PROGRESS_INTERVAL="1000",
+        FLUX_MAX_SEQUENCE_LENGTH=str(args.max_sequence_length),
+        **({"OMP_NUM_THREADS": threads} if threads is not None else {}))
+    engine = EngineProcess(env, workdir, f"engine-batch{batch}")
     await engine.start()
     try:
         async with PersonaPeer(bootstrap, prefix) as peer:
@@ -116,22 +109,14 @@ async def main() -> None:
         workdir = Path(tmp)
         model_dir = build_dev_model(workdir / "dev-flux")
         loops = [in_fresh_thread(lambda: plain_loop(model_dir, args))]
-        broker = None
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        if not bootstrap:
-            broker = launch_broker("tansu")
-            broker.start()
-            bootstrap = broker.bootstrap_servers
-        try:
-            single = await through_kafka(bootstrap, model_dir, workdir, 1, args)
+        prefixes = [f"bench{uuid.uuid4().hex[:6]}." for _ in range(2)]  # batch 1, batch 4
+        async with bench_kafka(prefixes) as kafka:
+            single = await through_kafka(kafka.bootstrap, prefixes[0], workdir, 1, args)
             loops.append(in_fresh_thread(lambda: plain_loop(model_dir, args)))
-            batched = await through_kafka(bootstrap, model_dir, workdir, 4, args)
+            batched = await through_kafka(kafka.bootstrap, prefixes[1], workdir, 4, args)
             loops.append(in_fresh_thread(lambda: plain_loop(model_dir, args)))
-        finally:
-            if broker is not None:
-                broker.stop()
     print(f"tiny dev model, {args.size}x{args.size}, {args.steps} steps, {args.images} images, "
-          f"{os.cpu_count()} cores, broker {'embedded tansu' if broker else bootstrap}")
+          f"{os.cpu_count()} cores, broker {kafka.describe()}")
     # this machine's speed drifts between runs: the loop is measured before, between and
     # after the engine runs, and the ratios use their mean
     loop_rate = sum(loops) / len(loops)
