@@ -25,6 +25,7 @@ from aiokafka.errors import (
     UnsupportedSaslMechanismError,
 )
 
+from consumers.tls_context import RotatingContext
 from core.settings import ConfigurationError, Settings
 
 __all__ = ["PLAINTEXT", "KafkaSecurity", "TokenFile", "diagnose", "without_security"]
@@ -110,15 +111,11 @@ def without_security(settings: Settings) -> Settings:
 def _ssl_context(settings: Settings) -> ssl.SSLContext:
     name = "KAFKA_SSL_CA_FILE"
     try:
-        context = ssl.create_default_context(
-            cafile=str(settings.kafka_ssl_ca_file) if settings.kafka_ssl_ca_file else None)
+        context = RotatingContext(settings.kafka_ssl_ca_file)  # rotated files taken up
         context.check_hostname = settings.kafka_ssl_check_hostname
         if settings.kafka_ssl_cert_file is not None and settings.kafka_ssl_key_file is not None:
             name = "KAFKA_SSL_CERT_FILE"
-            # an encrypted key fails here (no passphrase setting) instead of OpenSSL asking
-            # for one on a terminal nobody watches
-            context.load_cert_chain(settings.kafka_ssl_cert_file, settings.kafka_ssl_key_file,
-                                    password=lambda: b"")
+            context.present(settings.kafka_ssl_cert_file, settings.kafka_ssl_key_file)
     except (ssl.SSLError, OSError, ValueError) as exc:
         path = settings.kafka_ssl_ca_file if name == "KAFKA_SSL_CA_FILE" \
             else settings.kafka_ssl_cert_file

@@ -73,6 +73,21 @@ class CertificateSet:
         return cls(folder)
 
 
+def reissue(certificates: CertificateSet, name: str, *, expired: bool = False) -> int:
+    """A new client certificate and key for ``name`` from the set's CA, written over the
+    old files (as a rotation does); ``expired``: valid until yesterday. Its serial."""
+    ca_key = serialization.load_pem_private_key(
+        (certificates.folder / "ca.key").read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(certificates.ca.read_bytes())
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    now = datetime.datetime.now(datetime.UTC)
+    window = (now - datetime.timedelta(days=3), now - datetime.timedelta(days=1)) if expired \
+        else (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=2))
+    key, cert = _signed(name, ca_key, ca_cert, server=False, window=window)
+    _write(certificates.cert(name), certificates.key(name), cert, key)
+    return cert.serial_number
+
+
 def security_settings(certificates: CertificateSet, *, mutual: bool,
                       client: str = "client") -> dict[str, str]:
     """The engine's settings (environment names) for a broker behind :class:`TlsBroker`."""
@@ -191,10 +206,16 @@ def _name(common: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
-def _validity(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
+_Window = tuple[datetime.datetime, datetime.datetime]
+
+
+def _validity(builder: x509.CertificateBuilder, window: _Window | None = None
+              ) -> x509.CertificateBuilder:
     now = datetime.datetime.now(datetime.UTC)
-    return builder.not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(
-        now + datetime.timedelta(days=2)).serial_number(x509.random_serial_number())
+    start, end = window or (now - datetime.timedelta(minutes=5),
+                            now + datetime.timedelta(days=2))
+    return builder.not_valid_before(start).not_valid_after(end).serial_number(
+        x509.random_serial_number())
 
 
 def _authority(common: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -212,10 +233,11 @@ def _authority(common: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificat
 
 
 def _signed(common: str, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, *,
-            server: bool) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+            server: bool, window: _Window | None = None
+            ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     builder = _validity(x509.CertificateBuilder().subject_name(_name(common)).issuer_name(
-        ca_cert.subject).public_key(key.public_key())).add_extension(
+        ca_cert.subject).public_key(key.public_key()), window).add_extension(
         x509.BasicConstraints(ca=False, path_length=None), critical=True).add_extension(
         x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH if server
                                else x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]),
