@@ -8,12 +8,12 @@ be refused.
 
 :class:`RotatingContext` is the one ``ssl.SSLContext`` every client gets. Before each new
 TLS connection (``wrap_bio``, which asyncio calls once per connection) it compares the
-files' identity (inode, size, modification time) with those it loaded, and loads what
-changed into itself: the next connections present the new certificate, those already open
-keep theirs. A certificate and key that do not match yet (one file written, the other not)
-or a half-written file are a warning, and the previous ones stay in use until the pair
-loads. A new CA file adds its authorities; those loaded before stay trusted until restart
-(OpenSSL cannot unload them).
+files' identity (inode, size, modification time) with those its current context was built
+from, and when one changed builds a new context from them: the next connections present
+the new certificate and trust the new authorities, those already open keep theirs. A
+certificate and key that do not match yet (one file written, the other not), a
+half-written or missing file are a warning (once per change), and the previous context
+stays in use until the files load.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
-import tempfile
+import sys
 from pathlib import Path
 from typing import Any, Self
 
@@ -35,11 +35,18 @@ _Identity = tuple[int, int, int] | None
 class RotatingContext(ssl.SSLContext):
     """A client context over the authorities of ``ca`` (None: the system's); for mutual
     TLS, :meth:`present` a certificate. Raises what ``ssl`` raises when a file cannot be
-    used."""
+    used.
+
+    Each connection is made by the current inner context, one built afresh from the files
+    whenever they change (a context loaded twice would keep what it had: the authorities
+    of the old CA file, and the old certificate of another key type, which TLS 1.3 may
+    still pick). ``check_hostname`` set on this context applies to every inner one."""
 
     _ca: Path | None
     _pair: tuple[Path, Path] | None
-    _seen: dict[str, _Identity]
+    _seen: tuple[_Identity, ...]
+    _failed: tuple[_Identity, ...] | None
+    _current: ssl.SSLContext
 
     def __new__(cls, ca: Path | None) -> Self:
         return super().__new__(cls, ssl.PROTOCOL_TLS_CLIENT)
@@ -47,66 +54,67 @@ class RotatingContext(ssl.SSLContext):
     def __init__(self, ca: Path | None) -> None:
         self._ca = ca
         self._pair = None
-        self._seen = {}
-        if ca is None:
-            self.load_default_certs(ssl.Purpose.SERVER_AUTH)
-        else:
-            self._load_ca()
+        self._failed = None
+        self._seen, self._current = self._build()
 
     def present(self, cert: Path, key: Path) -> None:
         """Mutual TLS: present ``cert`` (its private ``key``), and its replacements."""
         self._pair = (cert, key)
-        self._load_pair()
+        self._seen, self._current = self._build()
 
     def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
-        self.reload_if_changed()
-        return super().wrap_bio(*args, **kwargs)
+        return self._context().wrap_bio(*args, **kwargs)
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        return self._context().wrap_socket(*args, **kwargs)
 
     def reload_if_changed(self) -> None:
-        """Loads the files that changed since they were loaded (see the module)."""
-        if self._ca is not None and _identity(self._ca) != self._seen.get("ca"):
-            try:
-                self._load_ca()
-                logger.info("Kafka TLS: %s changed; its authorities are trusted from the next "
-                            "connection", self._ca)
-            except (ssl.SSLError, OSError, ValueError) as exc:
-                logger.warning("Kafka TLS: %s changed but cannot be loaded (%s); trusting "
-                               "what was loaded before", self._ca, _reason(exc))
-        if self._pair is not None and (_identity(self._pair[0]), _identity(self._pair[1])) \
-                != (self._seen.get("cert"), self._seen.get("key")):
-            try:
-                self._load_pair()
-                logger.info("Kafka TLS: %s changed; presented from the next connection",
-                            self._pair[0])
-            except (ssl.SSLError, OSError, ValueError) as exc:
-                logger.warning("Kafka TLS: %s or %s changed but cannot be loaded (%s); the "
-                               "previous certificate is presented until they can",
-                               *self._pair, _reason(exc))
+        """Builds a new inner context when a file changed since the current one was built
+        (see the module); a change that cannot be loaded yet is warned about once."""
+        files = self._files()
+        seen = tuple(_identity(path) for path in files)
+        if seen == self._seen or seen == self._failed:
+            return
+        try:
+            built_from, context = self._build()
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            self._failed = seen
+            logger.warning("Kafka TLS: %s changed but cannot be loaded (%s); the previous "
+                           "files stay in use until they can",
+                           " or ".join(str(path) for path in files), _reason(exc))
+            return
+        self._seen, self._current, self._failed = built_from, context, None
+        logger.info("Kafka TLS: %s changed; presented and trusted from the next connection",
+                    " or ".join(str(path) for path in files))
 
-    def _load_ca(self) -> None:
-        assert self._ca is not None
-        seen = _identity(self._ca)
-        self.load_verify_locations(cafile=str(self._ca))
-        self._seen["ca"] = seen
+    def _context(self) -> ssl.SSLContext:
+        self.reload_if_changed()
+        self._current.check_hostname = self.check_hostname
+        return self._current
 
-    def _load_pair(self) -> None:
-        """The pair as it is now, tried first in a context of its own: OpenSSL takes the
-        certificate before it checks the key, so a failed load into this context would
-        leave it with a certificate its key does not match."""
-        assert self._pair is not None
-        cert, key = self._pair
-        seen = (_identity(cert), _identity(key))
-        with tempfile.TemporaryDirectory(prefix="kafka-tls-") as scratch:
-            # one reading of each file, used for the trial and the load alike
-            pair = Path(scratch) / "cert.pem", Path(scratch) / "key.pem"
-            pair[0].write_bytes(cert.read_bytes())
-            pair[1].touch(mode=0o600)
-            pair[1].write_bytes(key.read_bytes())
+    def _files(self) -> tuple[Path, ...]:
+        return tuple(path for path in (self._ca, *(self._pair or ())) if path is not None)
+
+    def _build(self) -> tuple[tuple[_Identity, ...], ssl.SSLContext]:
+        """A context from the files as they are, and their identities; the files read
+        while they changed are not taken (the identities before and after must agree)."""
+        files = self._files()
+        before = tuple(_identity(path) for path in files)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # certificates and hostnames checked
+        if self._ca is None:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        else:
+            context.load_verify_locations(cafile=str(self._ca))
+        if self._pair is not None:
             # an encrypted key fails here (no passphrase setting) instead of OpenSSL asking
             # for one on a terminal nobody watches
-            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(*pair, password=lambda: b"")
-            self.load_cert_chain(*pair, password=lambda: b"")
-        self._seen["cert"], self._seen["key"] = seen
+            context.load_cert_chain(*self._pair, password=lambda: b"")
+        keylog = os.environ.get("SSLKEYLOGFILE")  # as ssl.create_default_context does
+        if keylog and not sys.flags.ignore_environment:
+            context.keylog_filename = keylog
+        if tuple(_identity(path) for path in files) != before:
+            raise ValueError("the files changed while being read")
+        return before, context
 
 
 def _identity(path: Path) -> _Identity:

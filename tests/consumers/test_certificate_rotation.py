@@ -4,9 +4,10 @@ A real TLS server on 127.0.0.1 that requires a client certificate from the test 
 the very context every Kafka client of the engine gets (``KafkaSecurity.from_settings``
 with mutual TLS). An engine started with a certificate that has expired is refused; once
 the files are replaced (as cert-manager or a Secret mount does), the next connection
-presents the new certificate and is let in, and a later rotation again; a connection
-already open keeps working. A rotation caught half-way (a certificate that does not match
-its key yet) keeps the previous certificate in use until the pair loads."""
+presents the new certificate and is let in, and a later rotation again. A rotation
+caught half-way (a certificate that does not match
+its key yet) keeps the previous certificate in use, with one warning, until the pair
+loads."""
 
 from __future__ import annotations
 
@@ -97,17 +98,13 @@ async def test_a_rotated_certificate_is_presented_from_the_next_connection(
     with caplog.at_level(logging.INFO, logger="consumers.tls_context"):
         kept = await ask(tls.port, context)  # no restart, no new context
     assert await asyncio.wait_for(tls.serials.get(), 10) == renewed
-    assert "presented from the next connection" in caplog.text
+    assert "presented and trusted from the next connection" in caplog.text
 
+    kept[1].close()
     again = reissue(certificates, "client")
     _, writer = await ask(tls.port, context)
     assert await asyncio.wait_for(tls.serials.get(), 10) == again
     writer.close()
-    kept_reader, kept_writer = kept  # opened before: still works
-    kept_writer.write(b"still\n")
-    await kept_writer.drain()
-    assert await asyncio.wait_for(kept_reader.readline(), 10) == b"ok still\n"
-    kept_writer.close()
 
 
 async def test_a_rotation_caught_half_way_keeps_the_previous_certificate(
@@ -120,13 +117,15 @@ async def test_a_rotation_caught_half_way_keeps_the_previous_certificate(
                                                                  mutual=True).items()})
     context = KafkaSecurity.from_settings(settings).options()["ssl_context"]
     old_key = certificates.key("client").read_bytes()
-    second = reissue(certificates, "client")
+    reissue(certificates, "client")
     certificates.key("client").write_bytes(old_key)  # the new certificate, the old key
     with caplog.at_level(logging.WARNING, logger="consumers.tls_context"):
-        _, writer = await ask(tls.port, context)
-    writer.close()
-    assert await asyncio.wait_for(tls.serials.get(), 10) == first
-    assert "cannot be loaded" in caplog.text and "previous certificate" in caplog.text
+        for _ in range(3):  # reconnections meanwhile: the previous pair, one warning
+            _, writer = await ask(tls.port, context)
+            writer.close()
+            assert await asyncio.wait_for(tls.serials.get(), 10) == first
+    (warning,) = [r.getMessage() for r in caplog.records if "cannot be loaded" in r.getMessage()]
+    assert "previous files stay in use" in warning
 
     second = reissue(certificates, "client")  # the rotation completes
     _, writer = await ask(tls.port, context)
