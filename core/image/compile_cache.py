@@ -56,8 +56,8 @@ _PARTIAL = ".partial-"  # a blob being written: removed at the next load
 
 def cache_name(*, device: str, model: str, options: dict[str, Any]) -> str:
     """The blob's name: a digest of torch's build, the device (its name and compute
-    capability on CUDA), ``model`` (the model's fingerprint and speed settings) and the
-    preparation ``options`` (fused projections, attention kernel…)."""
+    capability on CUDA), ``model`` (the transformer's architecture) and the preparation
+    ``options`` (dtype, speed settings, fused projections, attention kernel…)."""
     parts: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda,
                              "device": device, "model": model, "options": options}
     if device.startswith("cuda"):

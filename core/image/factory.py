@@ -94,8 +94,6 @@ async def build_image_service(
         max_loras=settings.max_loras_per_request,
         max_batch_size=settings.max_batch_size,
     )
-    # fp8 and step caches change pixels: a cached result of other settings is not a replay
-    fingerprint = await asyncio.to_thread(model_fingerprint, model_path)
     compile_cache = (compile_cache_of(settings, model, objects)
                      if model.compiled and settings.compile_cache != "off" else None)
     worker.start()
@@ -107,6 +105,8 @@ async def build_image_service(
     llm = (ChatClient(http, settings.persona_engine_url, settings.persona_engine_model,
                       settings.persona_engine_timeout)
            if settings.persona_engine_url else None)
+    # fp8 and step caches change pixels: a cached result of other settings is not a replay
+    fingerprint = await asyncio.to_thread(model_fingerprint, model_path)
     identity = ModelIdentity(model.name, model.development_model,
                              f"{fingerprint};{model.acceleration.key}")
     service = ImageService(

@@ -303,6 +303,8 @@ class GpuWorker:
             results = self._generate(live)
         except Exception as exc:  # noqa: BLE001 - every failure must reach the callers
             results = list(_copies(_translate(exc), len(live)))
+        # the GPU work is done: idle before any caller hears of it (its pulse says so)
+        self._busy_since = None
         for item, result in zip(live, results):
             if item.future.done():  # defensive: a running future is ours alone to resolve
                 continue
