@@ -152,7 +152,8 @@ class RecordAnswerer:
             topic = self._results.progress
             with self._spans.span(f"{topic} publish", request_trace, "producer") as trace:
                 await self._publisher.publish(topic, GenerationProgress(
-                    request_id=request_id, conversation_id=pending.conversation_id,
+                    request_id=request_id,
+                    conversation_id=getattr(event, "conversation_id", None),
                     kind=route.kind, step=step, total=total, loss=loss, stream_url=stream_url,
                 ), record.key, request_id, trace=trace)
 

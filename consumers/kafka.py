@@ -80,16 +80,18 @@ def build_control_consumer(settings: Settings, bootstrap_servers: str, *,
 
 
 def build_producer(
-    settings: Settings, bootstrap_servers: str, *, idempotent: bool, security: KafkaSecurity
+    settings: Settings, bootstrap_servers: str, *, idempotent: bool, security: KafkaSecurity,
+    max_request_size: int = 16 * 2**20,
 ) -> AIOKafkaProducer:
-    """A producer that waits for all in-sync replicas (acks=all)."""
+    """A producer that waits for all in-sync replicas (acks=all) and refuses records above
+    ``max_request_size`` bytes itself (the broker's own limit still applies)."""
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap_servers,
         client_id=f"{settings.service_name}-producer",
         acks="all",
         enable_idempotence=idempotent,
         linger_ms=0,
-        max_request_size=16 * 2**20,
+        max_request_size=max_request_size,
         **security.options(),
     )
 

@@ -9,6 +9,8 @@ from core.telemetry.trace import TraceContext
 
 __all__ = ["content_type", "text_or_none", "trace_context"]
 
+_ECHO_LIMIT = 1024
+
 Headers = Iterable[tuple[str, bytes | None]] | None
 
 
@@ -24,9 +26,18 @@ def trace_context(headers: Headers) -> TraceContext | None:
 
 
 def text_or_none(value: object) -> str | None:
-    """``value`` when it is a non-empty string (a field of an undecodable record may be
-    anything), else ``None``."""
-    return value if isinstance(value, str) and value else None
+    """``value`` when it is a string that can be echoed back, else ``None``: a field of a
+    rejected record may be anything, and what is echoed must publish. So it must be
+    non-empty, at most 1,024 characters (a huge id would make the answer too large for the
+    broker) and encodable as UTF-8 (JSON escapes can carry lone surrogates, which neither
+    Avro, JSON nor a header can)."""
+    if not isinstance(value, str) or not value or len(value) > _ECHO_LIMIT:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
 
 
 def _header(headers: Headers, wanted: str) -> str | None:

@@ -44,12 +44,17 @@ from schemas.codec import EventCodec
 from schemas.errors import InternalError
 from schemas.events import Event, GenerationFailed
 
-__all__ = ["ConsumeLoop", "DeliveryConfig", "ResultTopics"]
+__all__ = ["ConsumeLoop", "DeliveryConfig", "RecordNotAnswerableError", "ResultTopics"]
 
 logger = logging.getLogger(__name__)
 
 _FINAL_COMMIT_TIMEOUT = 5.0
 _CANCEL_TIMEOUT = 5.0  # for cancelled work to unwind (it never waits on the broker)
+
+
+class RecordNotAnswerableError(RuntimeError):
+    """The loop stopped because a record could not be answered, not even by a failed event:
+    it stays uncommitted, for the instance restarted (or another one) to take again."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,7 @@ class ConsumeLoop:
         self._work: dict[TopicPartition, dict[int, _Work]] = {}
         self._turns = KeyedTurns()
         self._stopping = asyncio.Event()
+        self._unanswerable: str | None = None  # where the record that stopped us was
         self._fetch: asyncio.Task[dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]] \
             | None = None  # the last fetch, until its records are dispatched
 
@@ -158,6 +164,9 @@ class ConsumeLoop:
             except TimeoutError:
                 logger.warning("final commit timed out: uncommitted records will be "
                                "redelivered (at-least-once)")
+        if self._unanswerable is not None:  # a crash, not a stop: the process exits non-zero
+            raise RecordNotAnswerableError(f"{self._unanswerable}: not even a failed event "
+                                           "could be published")
 
     # ------------------------------------------- the work of partitions (rebalance)
     async def settle(self, partitions: Iterable[TopicPartition], grace: float) -> int:
@@ -271,6 +280,7 @@ class ConsumeLoop:
             logger.critical("%s cannot be answered; stopping this consumer", where,
                             exc_info=True)
             work.unanswerable = True
+            self._unanswerable = self._unanswerable or where
             self.request_stop()
             return
         turn.leave()  # after publishing: the next of this conversation answers after

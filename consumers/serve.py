@@ -144,7 +144,7 @@ def prepare_dev_model(settings: Settings) -> Path:
 def _embedded_group_timing(settings: Settings) -> Settings:
     """Tansu makes a first group join wait half the session timeout (docs/brokers.md):
     on the embedded broker, unless configured, `dev` uses a 3 s session so its first
-    answer comes after ~1.5 s instead of ~5 s. The dev configuration is decided here,
+    answer comes after ~2 s instead of ~5 s. The dev configuration is decided here,
     once, at the entry point."""
     update: dict[str, int] = {}
     if "kafka_session_timeout_ms" not in settings.model_fields_set:
@@ -197,7 +197,7 @@ async def run_dev(settings: Settings) -> None:
             "partitions per topic)\n"
             f"  http        {addresses.http_url}  (/health, /metrics, /outputs/…, "
             "POST /generate/image, POST /generate/voice, POST /train-lora, "
-            "DELETE /requests/{id}, /openapi.json)\n"
+            "DELETE /requests/{id}, /openapi.json, /schemas/{fingerprint})\n"
             f"  voice       {engine.voice.backend.name}\n"
             f"  image model {_model_line(engine)} from {model_path}\n"
             f"  LoRAs       {settings.lora_output_dir.resolve()} "

@@ -3,8 +3,9 @@
 Promises of :class:`OutputStore`:
 
 - A file becomes visible under its final name only when complete: writers write a hidden
-  temporary name (``.tmp-{uuid}.{suffix}``) in the same directory, which is flushed, fsynced
-  and renamed. A writer that fails leaves nothing behind.
+  temporary name (``.tmp-{uuid}.{suffix}``) in the same directory, which is fsynced and
+  renamed, then the directory fsynced (:func:`core.files.replace_durably`). A writer that
+  fails leaves nothing behind.
 - Names are ``{uuid4}.{suffix}`` (122 random bits), so a URL cannot be guessed.
 - :meth:`OutputStore.resolve` answers only for a current output's exact name: lowercase
   uuid, a known suffix, a regular file (never a symlink), not expired. Anything else
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+from core.files import replace_durably
 from core.storage import SharedOutputs
 
 __all__ = ["CONTENT_TYPES", "OutputStore", "StoredFile", "content_type"]
@@ -172,18 +174,11 @@ class OutputStore:
 
     def _publish(self, temp: Path, suffix: str) -> StoredFile:
         created = self._clock()
-        # fsync before the rename so that a crash never leaves a complete-looking name
-        # over incomplete data; the mtime carries the creation time used for expiry.
-        fd = os.open(temp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.utime(temp, (created, created))
+        os.utime(temp, (created, created))  # the creation time, used for expiry
         file_id = str(uuid.uuid4())
         filename = f"{file_id}.{suffix}"
         path = self._directory / filename
-        os.replace(temp, path)
+        replace_durably(temp, path)
         if self._shared is not None:
             try:
                 self._shared.upload(path, filename, content_type=content_type(filename),

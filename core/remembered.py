@@ -21,12 +21,12 @@ import asyncio
 import json
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from core.files import atomic_write
 from core.outputs import OutputStore
 from core.storage import ObjectStore
 
@@ -108,17 +108,7 @@ class RememberedResults:
                                    json.dumps(value).encode())
 
     def _put_local(self, key: str, value: dict[str, Any]) -> None:
-        fd, temp = tempfile.mkstemp(dir=self._directory, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(value, handle)
-            os.replace(temp, self._directory / f"{key}.json")
-        except BaseException:
-            try:
-                os.unlink(temp)
-            except FileNotFoundError:
-                pass
-            raise
+        atomic_write(self._directory / f"{key}.json", json.dumps(value).encode("utf-8"))
         with self._lock:
             self._puts += 1
             due = self._puts % self._prune_every == 0

@@ -19,6 +19,7 @@ from core.net.policy import AllowedHosts
 
 __all__ = ["ConfigurationError", "Settings", "load_settings"]
 
+_USERINFO = re.compile(r"://[^/?#\s]*@")
 _SECRET_FIELDS = {"api_keys", "elevenlabs_api_key", "kafka_sasl_password",
                   "schema_registry_user_info"}
 
@@ -333,6 +334,12 @@ def _describe(error: Mapping[str, Any]) -> str:
     return str(error.get("msg", "a valid value"))
 
 
+def _without_credentials(value: object) -> object:
+    """``value`` with the user information of any URL in it (``https://user:password@``)
+    replaced by ``***``: an invalid URL setting is named in the error, its secret is not."""
+    return _USERINFO.sub("://***@", value) if isinstance(value, str) else value
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read settings from the environment and ``.env`` (overrides win).
 
@@ -344,7 +351,8 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         first = exc.errors()[0]
         name = str(first["loc"][0]) if first["loc"] else "?"
-        value = "**********" if name in _SECRET_FIELDS else first.get("input")
+        value = "**********" if name in _SECRET_FIELDS else _without_credentials(
+            first.get("input"))
         raise ConfigurationError(
             f"invalid configuration: {name.upper()}={value!r} (allowed: {_describe(first)})"
         ) from None

@@ -36,6 +36,7 @@ from schemas.registry import (
     RegistryFraming,
     SchemaRegistryUnavailable,
 )
+from schemas.unicode import first_lone_surrogate
 
 __all__ = ["AVRO_CONTENT_TYPE", "JSON_CONTENT_TYPE", "Encoding", "EventCodec", "schema_fingerprint"]
 
@@ -207,6 +208,12 @@ class EventCodec:
         """
         if schema_name is not None and schema_name != model.avro_name:
             raise InvalidRequestError(f"expected {model.avro_name}, got {schema_name}")
+        where = first_lone_surrogate(raw)
+        if where is not None:  # nothing holding one may be echoed: refuse it here
+            field = ".".join(map(str, where))
+            message = "not Unicode text: a lone surrogate escape (\\uD800-\\uDFFF)"
+            raise InvalidRequestError(f"{field}: {message}", field=field,
+                                      errors=[{"field": field, "message": message}])
         try:
             return model.model_validate(raw)
         except ValidationError as exc:

@@ -7,7 +7,7 @@
   (mutual TLS); engine settings, clients and engine processes made for it by
   tests/support use its TLS settings (tests/support/kafka_security.py).
 - ``topic_prefix``: unique per test (``t1a2b3c4d.``), so no two tests share a topic.
-- ``make_topics``: ``await make_topics(partitions=3)`` creates the six contract topics
+- ``make_topics``: ``await make_topics(partitions=3)`` creates the seven contract topics
   under ``topic_prefix`` and returns ``{contract name: real name}``.
 - ``s3_store``: a location (``STORAGE_URL``, ``STORAGE_ENDPOINT_URL``) of its own on the
   session's S3-protocol server (moto, on 127.0.0.1), with its credentials in the

@@ -22,6 +22,14 @@ fails, a blob torch refuses or a full disk is a warning, and the warm-up compile
 would have. A warm-up that fails after a blob was loaded removes it
 (:meth:`CompileCache.forget`): the next start compiles afresh instead of failing again.
 
+Bounded: a torch upgrade or a settings change names a new blob and leaves the old one.
+Each successful save (in each place: the folder, the store) removes the blobs of other
+names that are older than the one just saved, beyond the newest :data:`KEEP` (the one
+just saved counted): a rolling upgrade's old and new instances keep theirs. A blob being
+read is safe to remove: an open file stays readable, an S3 read in progress completes,
+and a reader that finds it gone compiles as it would with none (a quiet miss). A removal
+that fails is a warning.
+
 Trust: the blob holds pickled data that torch loads (code runs as it does), so it is read
 only from where the engine itself writes it. With ``shared``, whoever can write the
 store's ``compile-cache/`` can run code on every instance: give that prefix the trust of
@@ -34,24 +42,30 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
+import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from core.files import atomic_path, atomic_write
 from core.storage.objects import ObjectStore, StorageError
 
-__all__ = ["CompileCache", "cache_name", "kernel_cache_counts"]
+__all__ = ["KEEP", "CompileCache", "cache_name", "kernel_cache_counts"]
 
 logger = logging.getLogger(__name__)
 
 _MAX_BYTES = 1 << 30  # a blob larger than this is not loaded (FLUX.1's is tens of MB)
 _STORE_PREFIX = "compile-cache/"
-_PARTIAL = ".partial-"  # a blob being written: removed at the next load
+_PARTIAL = ".*.tmp"  # a blob being written (core.files names it): removed at the next load
+_PARTIAL_BEFORE = ".partial-*"  # the same, as earlier versions named it
+_BLOB = re.compile(r"[0-9a-f]{32}\.bin")  # what cache_name names: nothing else is pruned
+
+KEEP = 3
+"""Blobs kept in each place after a save: the newest, the one just saved among them."""
 
 
 def cache_name(*, device: str, model: str, options: dict[str, Any]) -> str:
@@ -133,13 +147,16 @@ class CompileCache:
         if artifacts is None:
             return 0
         data = artifacts[0]
-        _write(self._folder / self._name, data)
+        if _write(self._folder / self._name, data):
+            self._prune_folder()
         if self._store is not None:
             try:
                 self._store.put_bytes(_STORE_PREFIX + self._name, data,
                                       content_type="application/octet-stream")
             except StorageError as exc:
                 logger.warning("compile cache: not written to the shared store (%s)", exc)
+            else:
+                self._prune_store()
         return len(data)
 
     def forget(self) -> None:
@@ -153,19 +170,49 @@ class CompileCache:
             except StorageError as exc:
                 logger.warning("compile cache: not removed from the shared store (%s)", exc)
 
+    def _prune_folder(self) -> None:
+        """Removes the folder's stale blobs (:func:`_stale`); failures are warnings."""
+        written: dict[str, float] = {}
+        try:
+            for path in self._folder.iterdir():
+                with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                    written[path.name] = path.stat().st_mtime
+        except OSError as exc:
+            logger.warning("compile cache: old blobs in %s not removed (%s)", self._folder, exc)
+            return
+        for name in _stale(written, self._name):
+            try:
+                (self._folder / name).unlink(missing_ok=True)
+            except OSError as exc:
+                logger.warning("compile cache: old blob %s not removed (%s)",
+                               self._folder / name, exc)
+            else:
+                logger.info("compile cache: removed %s, older than %s and beyond the newest "
+                            "%d", self._folder / name, self._name, KEEP)
+
+    def _prune_store(self) -> None:
+        """Removes the store's stale blobs (:func:`_stale`); failures are warnings."""
+        assert self._store is not None
+        try:
+            listed = self._store.last_modified(_STORE_PREFIX)
+            written = {key.removeprefix(_STORE_PREFIX): when.timestamp()
+                       for key, when in listed.items()}
+            for name in _stale(written, self._name):
+                self._store.delete(_STORE_PREFIX + name)
+                logger.info("compile cache: removed %s/%s%s, older than %s and beyond the "
+                            "newest %d", self._store.where, _STORE_PREFIX, name, self._name,
+                            KEEP)
+        except StorageError as exc:
+            logger.warning("compile cache: old blobs not removed from the shared store (%s)",
+                           exc)
+
     def _fetch(self, local: Path) -> None:
         """The store's blob into ``local`` (through a temporary name), if there is one."""
         assert self._store is not None
         try:
             local.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=local.parent, prefix=_PARTIAL,
-                                             delete=False) as out:
-                partial = Path(out.name)
-            try:
-                if self._store.download(_STORE_PREFIX + self._name, partial):
-                    os.replace(partial, local)
-            finally:
-                partial.unlink(missing_ok=True)
+            with atomic_path(local) as partial:  # none written: the store has none
+                self._store.download(_STORE_PREFIX + self._name, partial)
         except OSError as exc:  # StorageError included
             logger.warning("compile cache: not read from the shared store (%s); compiling "
                            "here", exc)
@@ -184,28 +231,36 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
-def _write(path: Path, data: bytes) -> None:
-    """Atomically (a temporary file renamed): a reader never sees half a blob; a failed
-    write leaves nothing behind."""
-    partial: Path | None = None
+def _stale(written: Mapping[str, float], saved: str) -> list[str]:
+    """Of the blobs ``written`` (name: when), those to remove after ``saved`` was: other
+    names, older than it and not among the newest :data:`KEEP`. None when ``saved`` is not
+    there (a listing that missed it dates nothing)."""
+    if saved not in written:
+        return []
+    blobs = {name: when for name, when in written.items() if _BLOB.fullmatch(name)}
+    blobs[saved] = written[saved]
+    newest = sorted(blobs, key=lambda name: (blobs[name], name), reverse=True)[:KEEP]
+    return sorted(name for name, when in blobs.items()
+                  if name not in newest and when < written[saved])
+
+
+def _write(path: Path, data: bytes) -> bool:
+    """Atomically (:func:`core.files.atomic_write`): a reader never sees half a blob; a
+    failed write leaves nothing behind (and is ``False``)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=_PARTIAL,
-                                         delete=False) as out:
-            partial = Path(out.name)
-            out.write(data)
-        os.replace(partial, path)
+        atomic_write(path, data)
     except OSError as exc:
         logger.warning("compile cache: %s not written (%s)", path, exc)
-        if partial is not None:
-            partial.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def _remove_partials(folder: Path) -> None:
     """What a process killed while writing left: temporary files over an hour old (a
     younger one may be another instance's write in progress)."""
     now = time.time()
-    for partial in folder.glob(f"{_PARTIAL}*"):
+    for partial in (*folder.glob(_PARTIAL), *folder.glob(_PARTIAL_BEFORE)):
         with contextlib.suppress(OSError):
             if now - partial.stat().st_mtime > 3600:
                 partial.unlink()

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from core.files import atomic_path, atomic_write
 from core.lora._header import LoraShape, read_lora_shape
 from core.lora.hashing import file_sha256
 from core.lora.shared import SharedLoras
@@ -183,7 +182,9 @@ class LoraRegistry:
         shapes); a ``rank``/``alpha`` given that disagrees raises ``ValueError``. The
         weights are copied under a temporary name and renamed, then the JSON likewise, so
         a reader never sees half a LoRA. Raises ``ValueError`` for an unsafe id or a file
-        that is no LoRA, ``FileExistsError`` when the id exists and not ``replace``.
+        that is no LoRA, ``FileExistsError`` when the id exists and not ``replace``,
+        ``OSError`` when the disk fails or ``weights_file`` changes while it is copied (the
+        changed copy is not put in place).
         """
         if not is_safe_lora_id(lora_id):
             raise ValueError(f"invalid LoRA id {lora_id!r}: allowed {_SAFE_ID.pattern}")
@@ -212,9 +213,12 @@ class LoraRegistry:
         if self._shared is not None and not self._shared.publish(
                 lora_id, Path(weights_file), metadata, replace=replace):
             raise FileExistsError(f"LoRA {lora_id!r} is already registered (in the store)")
-        if _atomic_copy(Path(weights_file), target) != digest:
-            raise OSError(f"{weights_file} changed while LoRA {lora_id!r} was registered")
-        _atomic_write(self._directory / f"{lora_id}.json", json.dumps(metadata, indent=2) + "\n")
+        with atomic_path(target) as temporary:
+            shutil.copyfile(weights_file, temporary)
+            if file_sha256(temporary) != digest:  # checked before it takes the name
+                raise OSError(f"{weights_file} changed while LoRA {lora_id!r} was registered")
+        atomic_write(self._directory / f"{lora_id}.json",
+                     (json.dumps(metadata, indent=2) + "\n").encode("utf-8"))
         logger.info("registered LoRA %s (rank %d, sha256 %s)", lora_id, shape.rank, digest[:12])
         return self.get(lora_id)
 
@@ -250,29 +254,3 @@ class LoraRegistry:
             alpha=shape.alpha, targets=shape.targets, base_model=None, sha256=self._hashes[key],
             created_at=datetime.fromtimestamp(stat.st_mtime, UTC).isoformat(),
         )
-
-
-def _atomic_copy(source: Path, target: Path) -> str:
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with source.open("rb") as src, temporary.open("wb") as dst:
-            shutil.copyfileobj(src, dst)
-            dst.flush()
-            os.fsync(dst.fileno())
-        digest = file_sha256(temporary)
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return digest
-
-
-def _atomic_write(target: Path, text: str) -> None:
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with temporary.open("w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import uuid
 from pathlib import Path
 from typing import Any
 
+from core.files import atomic_path, atomic_write
 from core.lora.hashing import file_sha256
 from core.storage import ObjectStore
 
@@ -80,24 +79,18 @@ class SharedLoras:
         if not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise ValueError(f"registration of {lora_id} names no sha256")
         directory.mkdir(parents=True, exist_ok=True)
-        temporary = directory / f".{lora_id}.{uuid.uuid4().hex[:8]}.tmp"
-        weights = directory / f".{lora_id}.{uuid.uuid4().hex[:8]}.weights.tmp"
-        try:
-            blob = f"{_PREFIX}blobs/{digest}.safetensors"
-            if not self._objects.download(blob, weights):
+        blob = f"{_PREFIX}blobs/{digest}.safetensors"
+        with atomic_path(directory / f"{lora_id}.safetensors") as weights:
+            if not self._objects.download(blob, weights):  # then nothing written there
                 logger.warning("LoRA %s is registered in the store without its weights %s",
                                lora_id, blob)
                 return False
             if file_sha256(weights) != digest:
                 raise ValueError(f"weights of {lora_id} in the store are not {digest}")
-            # the metadata first, the weights last: a reader that finds the weights
-            # always finds their metadata beside them (never a LoRA without its trigger)
-            temporary.write_bytes(raw)
-            os.replace(temporary, directory / f"{lora_id}.json")
-            os.replace(weights, directory / f"{lora_id}.safetensors")
-        finally:
-            temporary.unlink(missing_ok=True)
-            weights.unlink(missing_ok=True)
+            # the metadata first, the weights last (as this block ends): a reader that finds
+            # the weights always finds their metadata beside them (never a LoRA without its
+            # trigger)
+            atomic_write(directory / f"{lora_id}.json", raw)
         logger.info("LoRA %s fetched from %s", lora_id, self.where)
         return True
 

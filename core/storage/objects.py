@@ -174,6 +174,13 @@ class ObjectStore:
             return [str(meta["path"]) for batch in obstore.list(self._store, prefix)
                     for meta in batch]
 
+    def last_modified(self, prefix: str) -> dict[str, datetime.datetime]:
+        """Every key under ``prefix`` and when its object was last written (the store's
+        clock, to the second on S3)."""
+        with self._failing("list", prefix):
+            return {str(meta["path"]): meta["last_modified"]
+                    for batch in obstore.list(self._store, prefix) for meta in batch}
+
     def sign_get(self, key: str, ttl: datetime.timedelta) -> str:
         """A presigned GET URL for ``key``, valid for ``ttl`` (computed locally)."""
         with self._failing("sign", key):

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from core.files import atomic_path, atomic_write
 from core.training.adapter import lora_config
 from core.training.encode import TrainingCache
 from core.training.images import CheckedImage
@@ -65,11 +66,11 @@ class TrainingFolder:
         for index, image in enumerate(images):
             target = folder / f"{index:02d}.{image.suffix}"
             if image.path is not None:
-                _write_with(target, lambda path, source=image.path: _link_or_copy(source, path))
+                with atomic_path(target) as temporary:
+                    _link_or_copy(image.path, temporary)
             else:
-                _write_bytes(target, image.data)
-        _write_bytes(self.path / "spec.json", spec.to_json().encode())
-        _fsync_dir(self.path)
+                atomic_write(target, image.data)
+        atomic_write(self.path / "spec.json", spec.to_json().encode())
 
     def touch(self) -> None:
         """Mark the folder active now (see :meth:`last_active`); nothing when it is gone."""
@@ -116,9 +117,8 @@ class TrainingFolder:
     def write_cache(self, cache: TrainingCache) -> None:
         from safetensors.torch import save_file
 
-        _write_with(self.path / "cache.safetensors",
-                    lambda target: save_file(
-                        {k: v.contiguous() for k, v in cache.tensors().items()}, str(target)))
+        with atomic_path(self.path / "cache.safetensors") as temporary:
+            save_file({k: v.contiguous() for k, v in cache.tensors().items()}, str(temporary))
 
     def read_cache(self) -> TrainingCache | None:
         """The encoded data, or None when absent or unreadable (then it is encoded again)."""
@@ -233,20 +233,6 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
-
-
-def _write_bytes(target: Path, data: bytes) -> None:
-    _write_with(target, lambda path: path.write_bytes(data))
-
-
-def _write_with(target: Path, write: Any) -> None:
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(temporary)
-        _fsync_file(temporary)
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _fsync_file(path: Path) -> None:

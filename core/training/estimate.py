@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import uuid
 from pathlib import Path
+
+from core.files import atomic_write
 
 __all__ = ["StepTimes"]
 
@@ -38,9 +38,7 @@ class StepTimes:
         self._times[f"{resolution}x{batch_size}"] = seconds_per_step
         try:
             self._file.parent.mkdir(parents=True, exist_ok=True)
-            temporary = self._file.with_name(f".{self._file.name}.{uuid.uuid4().hex[:8]}")
-            temporary.write_text(json.dumps(self._times, indent=2), "utf-8")
-            os.replace(temporary, self._file)
+            atomic_write(self._file, json.dumps(self._times, indent=2).encode("utf-8"))
         except OSError as exc:
             logger.warning("step times not saved to %s: %s", self._file, exc)
 

@@ -27,6 +27,7 @@ import shutil
 import uuid
 from dataclasses import asdict, fields
 
+from core.files import atomic_write
 from core.storage import ObjectStore, StorageError
 from core.training.checkpoint import TrainingFolder
 from core.training.status import TrainingStatus
@@ -110,9 +111,7 @@ class SharedTrainings:
                 (folder.path / "checkpoints").mkdir(exist_ok=True)
                 os.replace(staging / f"step-{step:07d}",
                            folder.path / "checkpoints" / f"step-{step:07d}")
-            temporary = folder.path / f".{_SPEC}.{uuid.uuid4().hex[:8]}.tmp"
-            temporary.write_bytes(spec)
-            os.replace(temporary, folder.path / _SPEC)
+            atomic_write(folder.path / _SPEC, spec)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         logger.info("training %s restored from the store at step %d", folder.path.name, step)

@@ -1,7 +1,7 @@
 """Fuzzing the voice input topic: 2,000 hostile records from a fixed seed (random bytes,
 truncated Avro, tombstones, JSON nested 100,000 deep, lying or unknown content-type
-headers, requests of the wrong schema or with bad fields, 1 MiB keys, keys that are not
-UTF-8).
+headers, requests of the wrong schema or with bad fields (lone surrogates in their ids,
+100 KB ids), 1 MiB keys, keys that are not UTF-8).
 
 Every record must be answered by a ``generation.failed`` event (UNDECODABLE or
 INVALID_REQUEST as its defect says) naming its source offset; afterwards the group has
@@ -96,7 +96,8 @@ def _unknown_content_type(rng: random.Random) -> Fuzz:
 def _bad_field(rng: random.Random) -> Fuzz:
     request = _voice(rng)
     defect = rng.choice(["no text", "blank text", "numeric id", "stability 5", "nested text",
-                         "no conversation"])
+                         "no conversation", "lone surrogate id", "lone surrogate conversation",
+                         "100 KB id"])
     if defect == "no text":
         del request["text"]
     elif defect == "blank text":
@@ -107,6 +108,12 @@ def _bad_field(rng: random.Random) -> Fuzz:
         request["stability"] = 5.0
     elif defect == "nested text":
         request["text"] = {"text": request["text"]}
+    elif defect == "lone surrogate id":  # JSON escapes carry them; UTF-8 cannot
+        request["request_id"] = "\ud800" + request["request_id"]
+    elif defect == "lone surrogate conversation":
+        request["conversation_id"] = request["conversation_id"] + "\udfff"
+    elif defect == "100 KB id":  # echoed back, it would be an answer too large for a broker
+        request["request_id"] = "r" * 100_000
     else:
         del request["conversation_id"]
     return Fuzz(f"invalid field: {defect}", json.dumps(request).encode(), INVALID,
@@ -213,6 +220,9 @@ async def test_fuzzed_input_is_answered_failed_and_committed(
         await failed.wait_for(set(placed), timeout=120)
         answered = time.monotonic()
 
+    too_large = [(where, r.what) for where, r in placed.items()
+                 if len(json.dumps(failed.by_source[where])) > 8192]
+    assert not too_large, f"{len(too_large)} answers echo oversized fields: {too_large[:5]}"
     wrong = [(where, r.what, r.code, failed.by_source[where]["error_code"])
              for where, r in placed.items() if failed.by_source[where]["error_code"] != r.code]
     assert not wrong, f"{len(wrong)} answered with another code, e.g. {wrong[:5]}"

@@ -70,3 +70,16 @@ def test_api_key_is_secret_and_selects_elevenlabs(monkeypatch: pytest.MonkeyPatc
     assert "sk_live_do_not_print" not in str(settings.model_dump())
     monkeypatch.setenv("VOICE_BACKEND", "local")
     assert not load_settings().use_elevenlabs
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("schema_registry_url", "ftp://svc:hunter2@registry.internal:8081"),
+    ("persona_engine_url", "tcp://svc:hunter2@persona.internal/v1"),
+])
+def test_an_invalid_url_setting_is_named_without_its_credentials(name: str, value: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings(**{name: value}, _env_file=None)
+    message = str(raised.value)
+    assert message.startswith(f"invalid configuration: {name.upper()}=")
+    assert "hunter2" not in message and "svc:" not in message
+    assert "://***@" in message  # where the secret was, so the operator sees what to fix

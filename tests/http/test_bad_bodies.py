@@ -71,6 +71,21 @@ async def test_unreadable_json_is_422_naming_the_problem(
     await assert_still_serving(served)
 
 
+@pytest.mark.parametrize(("path", "field"), list(JSON_PATHS.items()))
+async def test_a_lone_surrogate_escape_is_422_naming_its_field(
+    serve: Serve, path: str, field: str
+) -> None:
+    # valid JSON, but "\ud800" alone is no Unicode text: nothing may echo it back
+    served = await serve()
+    body = b'{"text": "hi", "prompt": "hi", "%s": "bad \\ud800 text"}' % field.encode()
+    response = await served.client.post(path, data=body,
+                                        headers={"Content-Type": "application/json"})
+    detail = (await response.json())["detail"]
+    assert response.status == 422, detail
+    assert detail[0]["loc"] == ["body", field] and "lone surrogate" in detail[0]["msg"]
+    await assert_still_serving(served)
+
+
 async def test_64_levels_are_read_and_the_field_is_named(serve: Serve) -> None:
     served = await serve()
     body = b'{"text": "hi", "style": ' + nested(63) + b"}"  # the object is level 1

@@ -91,7 +91,10 @@ class LoopHarness:
         self._task: Any = None
 
     async def start(self, routes: list[tuple[str, str, Any, Any]],
-                    scheduling: Scheduling | None = None, **config: Any) -> ConsumeLoop:
+                    scheduling: Scheduling | None = None, *,
+                    max_request_size: int | None = None, **config: Any) -> ConsumeLoop:
+        """``max_request_size``: the engine's producer refuses records above it (aiokafka's
+        own check), as a broker with a smaller message limit would."""
         import asyncio
 
         s = self.settings
@@ -101,6 +104,7 @@ class LoopHarness:
         self.producer = build_producer(
             s, bootstrap, security=security,
             idempotent=await resolve_idempotence(s, bootstrap, security=security),
+            **({} if max_request_size is None else {"max_request_size": max_request_size}),
         )
         self.consumer = build_consumer(s, bootstrap, security=security)
         await self.producer.start()

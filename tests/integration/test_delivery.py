@@ -11,6 +11,7 @@ import pytest
 
 from consumers.flow import FlowLimits
 from consumers.routes import HandlerContext
+from consumers.runtime import RecordNotAnswerableError
 from core.scheduling import build_scheduling
 from schemas.errors import UpstreamUnavailableError
 from schemas.events import GenerationCompleted, VoiceRequested
@@ -216,3 +217,27 @@ async def test_revoke_drops_unfinished_work_and_it_is_answered_after_rebalance(
         await second.stop()
         await first.stop()
 
+
+
+async def test_a_record_not_even_a_failed_event_can_answer_stops_the_loop_uncommitted(
+    harness: Any, peer: PersonaPeer
+) -> None:
+    """Answers go out under the request's key. A key too large for the engine's producer
+    (as for a broker with a smaller limit than the producer that wrote it) makes the
+    completed event and the failed event standing in for it unpublishable: the loop must
+    stop with an error (the process exits non-zero and is restarted), the record left
+    uncommitted for redelivery, instead of moving on past a request nobody was told of."""
+    async def handler(event: VoiceRequested, context: HandlerContext) -> GenerationCompleted:
+        return completed(event)
+
+    await harness.start([("voice", "voice", VoiceRequested, handler)], max_request_size=4096)
+    r = request("conv-huge-key", "answered under its key")
+    partition, offset = await peer.publish("voice", r, key="k" * 8192)
+    with pytest.raises(RecordNotAnswerableError, match=f"partition={partition} offset={offset}"):
+        await asyncio.wait_for(harness._task, timeout=30)
+    harness.loop = None  # it has stopped; the fixture still closes its clients
+    from aiokafka import TopicPartition
+
+    tp = TopicPartition(harness.settings.topic("generation.requested.voice"), partition)
+    assert await harness.consumer.committed(tp) in (None, offset)
+    assert not peer.answers

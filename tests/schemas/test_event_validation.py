@@ -129,3 +129,28 @@ def test_many_errors_keep_the_message_short(codec: EventCodec) -> None:
     error = _invalid(codec, LoraTrainingRequested, {**LORA, "image_urls": [""] * 50})
     assert len(error.errors) == 50
     assert error.message.endswith("; and 40 more")
+
+
+@pytest.mark.parametrize(("model", "raw", "field"), [
+    (VoiceRequested, {**VOICE, "text": "hi \ud800"}, "text"),
+    (VoiceRequested, {**VOICE, "conversation_id": "c\udfff"}, "conversation_id"),
+    (ImageRequested, {**IMAGE, "loras": [{"lora_id": "\ud800x", "scale": 1.0}]},
+     "loras.0.lora_id"),
+    (LoraTrainingRequested, {**LORA, "trigger_word": "\udc00"}, "trigger_word"),
+])
+def test_lone_surrogates_are_refused_naming_the_field(codec: EventCodec, model: Any,
+                                                       raw: dict[str, Any], field: str) -> None:
+    # JSON may escape a lone surrogate (json.dumps writes "\ud800"); the string it decodes
+    # to cannot be written to any event, header or log as UTF-8, so it must never be
+    # accepted and echoed back
+    assert b"\\ud" in json.dumps(raw).encode()
+    error = _invalid(codec, model, raw)
+    assert error.field == field
+    assert "lone surrogate" in error.message
+
+
+def test_surrogate_pairs_are_text(codec: EventCodec) -> None:
+    raw = {**VOICE, "text": "smile \U0001F600"}
+    assert "\\ud83d\\ude00" in json.dumps(raw)  # escaped as a pair
+    event = codec.decode(json.dumps(raw).encode(), "application/json", VoiceRequested)
+    assert event.text == "smile \U0001F600"
