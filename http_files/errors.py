@@ -36,10 +36,11 @@ ERROR_STATUSES: Mapping[ErrorCode, int] = MappingProxyType({
 _FIELD_OF = {ErrorCode.UNKNOWN_LORA: "character_lora_id"}
 
 
-def _detail(errors: list[dict[str, str]], kind: str, code: ErrorCode) -> dict[str, object]:
+def _detail(errors: list[dict[str, str]], kind: str, code: ErrorCode,
+            where: str = "body") -> dict[str, object]:
     return {
         "detail": [
-            {"loc": ["body", *e["field"].split(".")] if e.get("field") else ["body"],
+            {"loc": [where, *e["field"].split(".")] if e.get("field") else [where],
              "msg": e["message"], "type": kind}
             for e in errors
         ],
@@ -48,10 +49,12 @@ def _detail(errors: list[dict[str, str]], kind: str, code: ErrorCode) -> dict[st
 
 
 def unprocessable(errors: list[dict[str, str]], kind: str = "value_error",
-                  code: ErrorCode = ErrorCode.INVALID_REQUEST) -> web.HTTPException:
-    """A 422 to raise, naming each field in ``errors`` (``[{"field", "message"}]``)."""
+                  code: ErrorCode = ErrorCode.INVALID_REQUEST, *,
+                  where: str = "body") -> web.HTTPException:
+    """A 422 to raise, naming each field in ``errors`` (``[{"field", "message"}]``) of the
+    body, or of the ``query`` or ``path`` as ``where`` says (``loc`` as FastAPI's)."""
     return web.HTTPUnprocessableEntity(
-        text=json.dumps(_detail(errors, kind, code)), content_type="application/json")
+        text=json.dumps(_detail(errors, kind, code, where)), content_type="application/json")
 
 
 _BODY_ERRORS: dict[int, type[web.HTTPClientError]] = {

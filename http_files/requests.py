@@ -16,6 +16,7 @@ from aiohttp import web
 
 from http_files.errors import unprocessable
 from http_files.services import SERVICES
+from schemas.unicode import first_lone_surrogate
 
 __all__ = ["cancel_request"]
 
@@ -27,11 +28,15 @@ _BROADCAST_TIMEOUT = 3.0
 async def cancel_request(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     request_id = request.match_info["request_id"]
-    if not request_id.strip() or len(request_id) > 200:
-        raise unprocessable([{"field": "request_id", "message": "must be 1 to 200 characters"}])
+    if not _usable_id(request_id):
+        raise unprocessable([{"field": "request_id",
+                              "message": "must be 1 to 200 characters of text, not blank"}],
+                            where="path")
     named = request.query.get("conversation_id") or None
-    if named is not None and len(named) > 200:
-        raise unprocessable([{"field": "conversation_id", "message": "at most 200 characters"}])
+    if named is not None and not _usable_id(named):
+        raise unprocessable([{"field": "conversation_id",
+                              "message": "must be 1 to 200 characters of text, not blank"}],
+                            where="query")
     held = services.scheduling.pending.find(request_id)
     conversations = {p.conversation_id for p in held if named in (None, p.conversation_id)}
     if named is not None:
@@ -60,3 +65,8 @@ async def cancel_request(request: web.Request) -> web.Response:
         {"request_id": request_id, "status": "cancelled" if cancelled else "cancel_requested",
          "cancelled_here": cancelled, "broadcast": broadcast},
         status=200 if cancelled else 202)
+
+
+def _usable_id(value: str) -> bool:
+    """What a control event can carry: not blank, at most 200 characters, valid Unicode."""
+    return bool(value.strip()) and len(value) <= 200 and first_lone_surrogate(value) is None

@@ -312,6 +312,12 @@ async def test_http_delete_cancels_a_request_and_broadcasts_the_cancel(
             assert (await response.json())["status"] == "cancelled"
         async with session.delete(f"{base}/requests/unknown-id") as response:
             assert response.status == 404
+        for blank in ("%20", "c" * 201):  # blank or too long: a 422 naming it
+            async with session.delete(f"{base}/requests/unknown-id?conversation_id={blank}"
+                                      ) as response:
+                detail = (await response.json())["detail"]
+                assert response.status == 422 and detail[0]["loc"] == ["query",
+                                                                          "conversation_id"]
     status, body, _ = await post
     assert status == 409 and body["error_code"] == "CANCELLED"
     broadcast = await peer.wait_for(  # published for every instance to act on
