@@ -257,9 +257,13 @@ def _paths(schemas: dict[str, Any]) -> dict[str, Any]:
                 "416": _response(416, "the range is outside the file")}},
             f"{_KEY_NEEDED} and OUTPUTS_REQUIRE_KEY=true", key_first=False)},
         "/metrics": {"get": _keyed({
-            "operationId": "getMetrics", "summary": "Prometheus text exposition",
+            "operationId": "getMetrics", "summary": "Prometheus exposition",
+            "description": "OpenMetrics when the `Accept` header names "
+            "`application/openmetrics-text` (as Prometheus's does), else the text format; "
+            "gzipped when `Accept-Encoding` allows it.",
             "responses": {"200": _response(200, "", {
-                CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}})}},
+                CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}},
+                "application/openmetrics-text": {}})}},
             f"{_KEY_NEEDED}, unless METRICS_REQUIRE_KEY=false")},
         "/openapi.json": {"get": _keyed({
             "operationId": "getOpenapi", "summary": "This document",

@@ -70,3 +70,24 @@ async def test_a_lora_training_posted_counts_its_work_time_when_it_ends(serve: S
         assert response.status == 200, again
     assert again["status"] == "completed"
     assert processing(await samples(served), "lora") == 2.0
+
+
+async def test_metrics_speak_openmetrics_and_gzip_to_prometheus(serve: Serve) -> None:
+    # the headers Prometheus 3 sends by default (scrape_protocols: OpenMetrics first)
+    prometheus = {"Accept": "application/openmetrics-text;version=1.0.0,"
+                            "application/openmetrics-text;version=0.0.1;q=0.75,"
+                            "text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+                  "Accept-Encoding": "gzip"}
+    served = await serve()
+    async with served.client.get("/metrics", headers=prometheus) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+        assert response.headers["Content-Encoding"] == "gzip"
+        text = await response.text()  # aiohttp inflates it
+    assert text.endswith("# EOF\n")
+    assert "engine_build_info" in text
+    async with served.client.get("/metrics", headers={"Accept": "text/plain",
+                                                      "Accept-Encoding": "identity"}) as plain:
+        assert plain.headers["Content-Type"].startswith("text/plain")
+        assert "Content-Encoding" not in plain.headers
+        assert "# EOF" not in await plain.text()
