@@ -1,4 +1,5 @@
-"""The ``multimodal-engine`` command: serve | dev | send voice … | send image … | docs"""
+"""The ``multimodal-engine`` command: serve | dev | send voice … | send image … | replay … |
+docs"""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import os
 import sys
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from consumers.replay import ReplayWindow
+    from consumers.security import KafkaSecurity
+    from core.settings import Settings
 
 __all__ = ["main"]
 
@@ -80,7 +88,43 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--priority", choices=["interactive", "background"])
         sub.add_argument("--deadline-in", type=float, metavar="SECONDS",
                          help="deadline this many seconds from now (EXPIRED if not started)")
+    replay = commands.add_parser(
+        "replay", help="publish a time window of a request topic again (regenerate)",
+        description="Regenerate after a model or LoRA change: publish the records of "
+                    "generation.requested.KIND (with KAFKA_TOPIC_PREFIX) whose Kafka "
+                    "timestamp is in [--since, --until) again, to the same topic and "
+                    "partition with the same key, value and headers, their original "
+                    "timestamp and a replayed-from header. The engine sees them as old: "
+                    "records older than REPLAY_AGE_SECONDS run as background work (unless "
+                    "they say priority), so live conversations go first. Results whose "
+                    "request, model and LoRA are unchanged are answered from the "
+                    "remembered files. Reads up to the end of the topic as it is when the "
+                    "command starts, in no consumer group: the "
+                    "engine's group and its offsets are untouched, the engine keeps "
+                    "running. Records without a value and earlier replays are skipped.",
+    )
+    replay.add_argument("kind", choices=["image", "voice", "lora"], metavar="KIND",
+                        help="image, voice or lora")
+    replay.add_argument("--since", required=True, type=_instant, metavar="ISO8601",
+                        help="first timestamp replayed, e.g. 2026-03-01T12:00:00Z "
+                             "(no offset means UTC)")
+    replay.add_argument("--until", type=_instant, metavar="ISO8601",
+                        help="replay records before this time (default: up to now)")
+    replay.add_argument("--conversation", action="append", default=[], metavar="ID",
+                        help="only records with this key (conversation id); repeatable")
+    replay.add_argument("--dry-run", action="store_true",
+                        help="count what would be replayed, publish nothing")
     return parser
+
+
+def _instant(text: str) -> datetime:
+    from schemas.events import parse_instant
+
+    try:
+        return parse_instant(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO-8601 date-time (e.g. 2026-03-01T12:00:00Z)") from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -91,6 +135,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         for path in write_documents(args.folder):
             print(path)
         return
+    if args.command == "replay":  # a bad window is refused before settings or a broker
+        from consumers.replay import ReplayWindow
+
+        try:
+            window = ReplayWindow(args.since, args.until,
+                                  frozenset(c.encode() for c in args.conversation))
+        except ValueError as exc:
+            print(f"multimodal-engine replay: error: {exc}", file=sys.stderr)
+            sys.exit(2)
     from core.settings import ConfigurationError, load_settings
 
     try:
@@ -113,10 +166,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         print(build_dev_model(args.path, seed=args.seed))
         return
-    if args.command == "send":
+    if args.command in ("send", "replay"):
         logging.getLogger("aiokafka").setLevel(logging.WARNING)  # keep the reply readable
         try:
-            sys.exit(asyncio.run(_send(args, settings)))
+            sys.exit(asyncio.run(_send(args, settings) if args.command == "send"
+                                 else _replay(args.kind, window, args.dry_run, settings)))
         except ConfigurationError as exc:
             print(f"multimodal-engine: {exc}", file=sys.stderr)
             sys.exit(2)
@@ -147,8 +201,7 @@ async def _send(args: argparse.Namespace, settings: object) -> int:
 
     from aiokafka.errors import KafkaConnectionError
 
-    from consumers.devstate import read_state
-    from consumers.security import PLAINTEXT, KafkaSecurity, diagnose
+    from consumers.security import diagnose
     from consumers.send import send_and_wait
     from core.settings import Settings
     from schemas.codec import EventCodec
@@ -156,15 +209,10 @@ async def _send(args: argparse.Namespace, settings: object) -> int:
     from schemas.events import ImageRequested, VoiceRequested
 
     assert isinstance(settings, Settings)
-    state = read_state() if settings.kafka_bootstrap_servers is None else None
-    bootstrap = settings.kafka_bootstrap_servers or (state.bootstrap_servers if state else None)
-    if bootstrap is None:
-        print("multimodal-engine: no broker: start `multimodal-engine dev` (make run) in "
-              "another shell, or set KAFKA_BOOTSTRAP_SERVERS", file=sys.stderr)
+    broker = _broker(settings)
+    if broker is None:
         return 2
-    prefix = state.topic_prefix if state else settings.kafka_topic_prefix
-    # the dev engine's embedded broker is plaintext; a configured broker as configured
-    security = PLAINTEXT if state else KafkaSecurity.from_settings(settings)
+    bootstrap, prefix, security = broker.bootstrap, broker.prefix, broker.security
     fields = {k: v for k, v in vars(args).items() if v is not None}
     body: dict[str, object] = {
         "request_id": args.request_id or str(uuid.uuid4()),
@@ -212,6 +260,68 @@ async def _send(args: argparse.Namespace, settings: object) -> int:
         return 1
     print(json.dumps(reply.event, indent=2, default=str))
     url = reply.event.get("url")
-    if state is not None and isinstance(url, str) and url.startswith("/"):
-        print(f"file: {state.http_url}{url}")
+    if broker.dev_http_url is not None and isinstance(url, str) and url.startswith("/"):
+        print(f"file: {broker.dev_http_url}{url}")
     return 0 if reply.completed else 1
+
+
+async def _replay(kind: str, window: ReplayWindow, dry_run: bool, settings: Settings) -> int:
+    from aiokafka.errors import KafkaConnectionError
+
+    from consumers.kafka import build_control_consumer, build_producer, resolve_idempotence
+    from consumers.replay import Replayer, ReplayError, TopicNotFoundError
+    from consumers.security import diagnose
+
+    broker = _broker(settings)
+    if broker is None:
+        return 2
+    bootstrap, security = broker.bootstrap, broker.security
+    topic = f"{broker.prefix}generation.requested.{kind}"
+    try:
+        producer = None if dry_run else build_producer(
+            settings, bootstrap, security=security,
+            idempotent=await resolve_idempotence(settings, bootstrap, security=security))
+        consumer = build_control_consumer(settings, bootstrap, security=security,
+                                          purpose="replay")
+        async with Replayer(consumer, producer) as replayer:
+            summary = await replayer.replay(topic, await replayer.bounds(topic, window),
+                                            window)
+    except KafkaConnectionError as exc:
+        why = await diagnose(bootstrap, security)
+        print(f"multimodal-engine: cannot reach Kafka at {bootstrap}: {why or exc}",
+              file=sys.stderr)
+        return 1
+    except TopicNotFoundError as exc:
+        print(f"multimodal-engine: {exc} at {bootstrap}", file=sys.stderr)
+        return 2
+    except ReplayError as exc:
+        print(f"multimodal-engine: replay of {topic} stopped: {exc}", file=sys.stderr)
+        return 1
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
+class _Broker(NamedTuple):
+    bootstrap: str
+    prefix: str
+    security: KafkaSecurity
+    dev_http_url: str | None  # a running ``dev``'s HTTP app, when it is that one
+
+
+def _broker(settings: Settings) -> _Broker | None:
+    """The broker ``send`` and ``replay`` talk to: the configured one, else the one of a
+    running ``dev`` (plaintext, under its topic prefix); None, having said so, when there
+    is neither."""
+    from consumers.devstate import read_state
+    from consumers.security import PLAINTEXT, KafkaSecurity
+
+    if settings.kafka_bootstrap_servers is not None:
+        return _Broker(settings.kafka_bootstrap_servers, settings.kafka_topic_prefix,
+                       KafkaSecurity.from_settings(settings), None)
+    state = read_state()
+    if state is None:
+        print("multimodal-engine: no broker: start `multimodal-engine dev` (make run) in "
+              "another shell, or set KAFKA_BOOTSTRAP_SERVERS", file=sys.stderr)
+        return None
+    return _Broker(state.bootstrap_servers, state.topic_prefix, PLAINTEXT, state.http_url)

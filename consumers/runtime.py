@@ -7,6 +7,7 @@ Delivery semantics (DESIGN.md), and where each lives:
   :mod:`consumers.keyed`;
 - memory bound per kind (a full kind pauses only its own partitions): :mod:`consumers.flow`;
 - commits after the answers were acknowledged: :mod:`consumers.committer`;
+- consumer lag, kept true while a partition is paused: :mod:`consumers.lag`;
 - rebalances (short grace, commit what is done, drop the rest): :mod:`consumers.rebalance`;
 - the read barrier on cancels (:mod:`core.scheduling.barrier`): one mark per fetch, which
   every record of it waits for before its work starts;
@@ -31,6 +32,7 @@ from consumers.committer import Committer
 from consumers.failures import failed_event
 from consumers.flow import FlowControl, FlowLimits
 from consumers.keyed import KeyedTurns, Turn
+from consumers.lag import REFRESH_INTERVAL, ConsumerLag
 from consumers.publisher import EventPublisher
 from consumers.rebalance import RebalanceHandler
 from consumers.records import trace_context
@@ -63,6 +65,7 @@ class DeliveryConfig:
     shutdown_grace: float = 30.0
     rebalance_grace: float = 5.0
     fetch_timeout_ms: int = 200
+    lag_refresh_interval: float = REFRESH_INTERVAL  # end offsets asked for (paused too)
 
 
 @dataclass
@@ -110,6 +113,8 @@ class ConsumeLoop:
         self._answerer = RecordAnswerer(codec, publisher, results, scheduling, retry=retry,
                                         metrics=metrics, spans=self._spans, sleep=sleep)
         self._committer = Committer(consumer, sleep=sleep)
+        self._lag = ConsumerLag(consumer, self._committer, metrics.lag,
+                                interval=config.lag_refresh_interval)
         self._flow = FlowControl(consumer, {r.topic: r.kind for r in routes}, config.flow,
                                  health)
         self._listener = RebalanceHandler(self._committer, self, health,
@@ -140,6 +145,7 @@ class ConsumeLoop:
         """
         self._consumer.subscribe(list(self._routes), listener=self._listener)
         committer = asyncio.create_task(self._committer.run(), name="committer")
+        lag = asyncio.create_task(self._lag.run(), name="lag refresher")
         stop_wait = asyncio.create_task(self._stopping.wait())
         try:
             while not self._stopping.is_set():
@@ -152,12 +158,13 @@ class ConsumeLoop:
                     break
                 self._dispatch_fetched(fetch)
                 self._apply_flow()
-                self._update_lag()
+                self._lag.update()
         finally:
             stop_wait.cancel()
+            lag.cancel()
             await self._drain(self._config.shutdown_grace)
             committer.cancel()
-            await asyncio.gather(committer, stop_wait, return_exceptions=True)
+            await asyncio.gather(committer, stop_wait, lag, return_exceptions=True)
             try:  # bounded: with the broker gone, aiokafka would retry the commit forever
                 await asyncio.wait_for(self._committer.commit(self._committer.owned),
                                        timeout=_FINAL_COMMIT_TIMEOUT)
@@ -198,14 +205,13 @@ class ConsumeLoop:
         return len(stopped)
 
     def drop(self, partitions: Iterable[TopicPartition]) -> None:
+        partitions = list(partitions)
         for tp in partitions:
             for work in self._work.pop(tp, {}).values():
                 if work.task is not None and not work.task.done():
                     work.task.cancel()  # its own cleanup gives back what it held
-            try:  # another member owns its lag now: summed over instances, count it once
-                self._metrics.lag.remove(tp.topic, str(tp.partition))
-            except KeyError:
-                pass
+        # another member owns their lag now: summed over instances, count it once
+        self._lag.forget(partitions)
 
     # -------------------------------------------------------------- records
     def _dispatch_fetched(self, fetch: asyncio.Task[
@@ -327,11 +333,3 @@ class ConsumeLoop:
         left = await self.settle(list(self._work), grace)
         if left:
             logger.warning("stopping: %d request(s) not finished, left uncommitted", left)
-
-    def _update_lag(self) -> None:
-        for tp in self._committer.owned:
-            tracker = self._committer.tracker(tp)
-            highwater = self._consumer.highwater(tp)
-            position = tracker.position() if tracker is not None else None
-            if highwater is not None and position is not None:
-                self._metrics.lag.labels(tp.topic, str(tp.partition)).set(highwater - position)
