@@ -27,7 +27,7 @@ def failed_event(record: ConsumerRecord[bytes, bytes], kind: EventKind, error: E
         conversation_id=conversation,
         kind=kind,
         error_code=str(error.code),
-        message=error.message,
+        message=error.public_message,
         retryable=error.retryable,
         attempts=attempts,
         source_topic=record.topic,

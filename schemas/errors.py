@@ -23,6 +23,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 __all__ = [
+    "INTERNAL_MESSAGE",
     "EngineError",
     "ErrorCode",
     "GenerationTimeoutError",
@@ -37,6 +38,9 @@ __all__ = [
     "UpstreamRejectedError",
     "UpstreamUnavailableError",
 ]
+
+
+INTERNAL_MESSAGE = "the engine failed on this request; its log has the details"
 
 
 class ErrorCode(StrEnum):
@@ -64,6 +68,13 @@ class EngineError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    @property
+    def public_message(self) -> str:
+        """What a caller is told (an HTTP answer, a failed event): the message, which
+        describes the request's problem, except for INTERNAL, whose message describes the
+        engine's insides (an exception, a path, a library's words) and is for the log."""
+        return INTERNAL_MESSAGE if self.code is ErrorCode.INTERNAL else self.message
 
 
 class UndecodableError(EngineError):
@@ -131,4 +142,7 @@ class RequestExpiredError(EngineError):
 
 
 class InternalError(EngineError):
+    """A failure of the engine itself: its message (an exception, a path, a library's
+    words) is for the log; callers are told only that it failed."""
+
     code = ErrorCode.INTERNAL

@@ -521,7 +521,7 @@ class TrainingService:
         logger.error("request_id=%s training %s failed: %s %s", spec.request_id,
                      spec.training_id, error.code, error, exc_info=error.code == "INTERNAL")
         self._board.update(spec.training_id, state="failed", error_code=str(error.code),
-                           error=error.message, retryable=error.retryable)
+                           error=error.public_message, retryable=error.retryable)
         if not error.retryable:  # a retry would fail alike: leave nothing behind
             await asyncio.to_thread(folder.remove)
             await self._discard_shared(spec.training_id)
