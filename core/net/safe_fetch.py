@@ -7,10 +7,18 @@ public (:func:`~core.net.policy.is_public_address`) unless the host is in the
 never to the name again: ``http`` asks the IP with the original ``Host`` header, ``https``
 also passes the name as ``sni_hostname`` so TLS verifies the certificate against the name.
 
+The body is read raw and decoded here, not by httpx: ``Accept-Encoding: identity`` is
+asked for, and one ``gzip`` or ``deflate`` coding sent anyway is undone without ever
+holding more than ``max_bytes`` + 1 decoded bytes. httpx would undo each coding of a
+raw chunk whole, so a few hundred bytes coded twice could take gigabytes of memory
+before the size check saw them; stacked codings, ``br``, ``zstd`` and ``compress`` are
+refused instead (other values of Content-Encoding are ignored, as httpx does).
+
 Errors name the request's field and a generic reason only, never a resolved address, a
 port or the exception text (those go to the log):
 
-- not a URL, not http(s), an address not allowed, too many redirects, 4xx, too large →
+- not a URL, not http(s), an address not allowed, a redirect to a broken URL, too many
+  redirects, 4xx, too large, a coding refused or a body not in its coding →
   :class:`InvalidRequestError` (the request is wrong; a retry cannot help);
 - 429, 5xx, a name that does not resolve, connection errors, timeouts →
   :class:`UpstreamUnavailableError` (retryable).
@@ -21,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import ip_address
@@ -39,6 +48,9 @@ _CHUNK = 64 * 1024
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST_NAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?$")  # as httpx gives it: IDNA, lower
+_ZLIB, _RAW_DEFLATE = zlib.MAX_WBITS, -zlib.MAX_WBITS  # wbits of zlib.decompressobj
+_CODINGS = {"gzip": zlib.MAX_WBITS | 16, "x-gzip": zlib.MAX_WBITS | 16, "deflate": _ZLIB}
+_REFUSED_CODINGS = frozenset({"br", "zstd", "compress", "x-compress"})
 
 
 @dataclass(frozen=True)
@@ -134,6 +146,15 @@ class SafeFetcher:
             except httpx.ConnectError as exc:
                 failure = exc
                 continue
+            except (httpx.InvalidURL, UnicodeError, httpx.RemoteProtocolError) as exc:
+                # httpx builds the redirect it is told not to follow from Location before
+                # returning the response: a broken Location raises here (InvalidURL, an
+                # IDNAError, or RemoteProtocolError raised while handling InvalidURL).
+                if isinstance(exc, httpx.RemoteProtocolError) and not isinstance(
+                        exc.__context__, httpx.InvalidURL):
+                    raise  # the connection's own failure: retryable
+                _log.info("%s: %s sent a broken redirect: %r", field, target.host, exc)
+                raise _broken_redirect(field) from exc
             try:
                 return await self._read(response, target, field)
             finally:
@@ -144,6 +165,7 @@ class SafeFetcher:
     def _request(self, target: httpx.URL, address: IPAddress) -> httpx.Request:
         headers = httpx.Headers(self._client.headers)
         headers["Host"] = target.netloc.decode("ascii")
+        headers["Accept-Encoding"] = "identity"  # the body is decoded here: see the module
         extensions: dict[str, object] = {"timeout": httpx.Timeout(self._limits.timeout).as_dict()}
         if target.scheme == "https":
             extensions["sni_hostname"] = target.host
@@ -171,12 +193,82 @@ class SafeFetcher:
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limits.max_bytes:
             raise InvalidRequestError(too_large, field=field)
-        body = bytearray()
-        async for chunk in response.aiter_bytes(_CHUNK):
-            body.extend(chunk)
-            if len(body) > limits.max_bytes:
-                raise InvalidRequestError(too_large, field=field)
-        return bytes(body)
+        body = _Body(limits.max_bytes, _coding(response.headers, field))
+        try:
+            async for chunk in response.aiter_raw(_CHUNK):
+                body.add(chunk)
+                if body.too_large:
+                    raise InvalidRequestError(too_large, field=field)
+                if body.complete:
+                    break  # what follows the coded data is ignored, as httpx does
+        except zlib.error as exc:
+            _log.info("%s: %s sent a body not in its coding: %s", field, target.host, exc)
+            raise InvalidRequestError(
+                f"{field}: the image server sent a body that could not be decompressed",
+                field=field) from exc
+        return bytes(body.data)
+
+
+class _Body:
+    """A response body from its raw chunks, undoing at most one zlib coding (``wbits``
+    as :func:`zlib.decompressobj` takes it; None for none). Decoding stops at ``limit`` + 1
+    bytes of output, whatever the data's ratio."""
+
+    def __init__(self, limit: int, wbits: int | None) -> None:
+        self.data = bytearray()
+        self.complete = False  # the coded data has ended
+        self._raw = 0
+        self._limit = limit
+        self._wbits = wbits
+        self._inflate = None if wbits is None else zlib.decompressobj(wbits)
+
+    @property
+    def too_large(self) -> bool:
+        """Whether the raw or the decoded body is past the limit."""
+        return max(self._raw, len(self.data)) > self._limit
+
+    def add(self, chunk: bytes) -> None:
+        """Adds the next raw chunk; raises :class:`zlib.error` for data not in the coding."""
+        first = self._raw == 0
+        self._raw += len(chunk)
+        if self._inflate is None:
+            self.data += chunk
+        elif not self.too_large:
+            try:
+                self._decode(chunk)
+            except zlib.error:
+                if not (first and self._wbits == _ZLIB):
+                    raise
+                # "deflate" is zlib data, but some servers send raw deflate data (httpx
+                # tries both the same way).
+                self._inflate = zlib.decompressobj(_RAW_DEFLATE)
+                self.data.clear()
+                self._decode(chunk)
+
+    def _decode(self, data: bytes) -> None:
+        inflate = self._inflate
+        assert inflate is not None
+        # max_length leaves the rest of the input in unconsumed_tail. Output that filled
+        # max_length is past the limit; output short of it means zlib holds no more.
+        while data and not inflate.eof and not self.too_large:
+            self.data += inflate.decompress(data, self._limit + 1 - len(self.data))
+            data = inflate.unconsumed_tail
+        self.complete = inflate.eof
+
+
+def _coding(headers: httpx.Headers, field: str) -> int | None:
+    """The wbits of the response's one zlib coding, or None for none."""
+    codings = [value.strip().lower()
+               for value in headers.get_list("content-encoding", split_commas=True)]
+    known = [coding for coding in codings if coding in _CODINGS or coding in _REFUSED_CODINGS]
+    if not known:
+        return None
+    if len(known) == 1 and known[0] in _CODINGS:
+        return _CODINGS[known[0]]
+    _log.info("%s: refused Content-Encoding %r", field, headers.get("content-encoding"))
+    raise InvalidRequestError(
+        f"{field}: the image server sent the image in a content encoding that is not "
+        "supported", field=field)
 
 
 def _parse(url: str, field: str) -> httpx.URL:
@@ -208,6 +300,10 @@ def _redirected(target: httpx.URL, location: str, field: str) -> httpx.URL:
     try:
         url = target.join(location)
     except (httpx.InvalidURL, UnicodeError) as exc:
-        raise InvalidRequestError(f"{field}: the image server redirected to an invalid URL",
-                                  field=field) from exc
+        raise _broken_redirect(field) from exc
     return _checked_url(url, field)
+
+
+def _broken_redirect(field: str) -> InvalidRequestError:
+    return InvalidRequestError(f"{field}: the image server redirected to an invalid URL",
+                               field=field)

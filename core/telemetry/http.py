@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from http.cookiejar import Cookie, CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import httpx
@@ -56,12 +57,20 @@ def _under(path: str, base: str) -> bool:
     return path == base or path.startswith(base + "/") or not base
 
 
+class _RefuseCookies(DefaultCookiePolicy):
+    def set_ok(self, cookie: Cookie, request: Any) -> bool:
+        return False
+
+
 class ObservedClient(httpx.AsyncClient):
     """An ``httpx.AsyncClient`` that reports each request to ``observe`` and passes the
     current trace to the upstreams ``upstreams`` names. Other arguments as for httpx."""
 
     def __init__(self, *, upstreams: UpstreamNames, observe: Observe, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        # no cookies kept: a fetched URL's server must not leave state that a later
+        # request (another user's) would carry back to it
+        self.cookies = CookieJar(policy=_RefuseCookies())  # httpx keeps this very jar
         self._upstreams = upstreams
         self._observe = observe
 

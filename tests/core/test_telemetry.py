@@ -189,7 +189,10 @@ async def upstream() -> AsyncIterator[tuple[str, list[dict[str, str]], asyncio.E
 
     async def handle(request: web.Request) -> web.StreamResponse:
         seen.append({"path": request.path, **{k.lower(): v for k, v in request.headers.items()
-                                              if k.lower() in ("traceparent", "tracestate")}})
+                                              if k.lower() in ("traceparent", "tracestate",
+                                                               "cookie")}})
+        if request.path.endswith("/cookie"):
+            return web.Response(headers={"Set-Cookie": "tracker=user-a; Path=/"})
         if request.path.endswith("/slow"):
             await release.wait()
         status = 503 if request.path.endswith("/fail") else 200
@@ -266,3 +269,14 @@ def test_gpu_memory_is_absent_without_cuda() -> None:
     metrics.watch_gpu(lambda: cuda_memory("cuda:0"))
     assert metrics.registry.get_sample_value(
         "engine_gpu_memory_total_bytes", {"device": "cuda:0"}) is None
+
+
+async def test_the_shared_client_keeps_no_cookies(
+        upstream: tuple[str, list[dict[str, str]], asyncio.Event]) -> None:
+    # one user's fetch must leave nothing that another user's request carries back
+    base, seen, _ = upstream
+    async with ObservedClient(upstreams=UpstreamNames([]), observe=lambda *_: None) as client:
+        first = await client.get(f"{base}/images/cookie")
+        assert first.headers["Set-Cookie"].startswith("tracker=")
+        await client.get(f"{base}/images/next.png")
+    assert "cookie" not in seen[-1] and not client.cookies
