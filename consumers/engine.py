@@ -132,6 +132,10 @@ class Engine:
                                    gpu_stuck_seconds=settings.liveness_gpu_stuck_seconds)
         self.health.kafka_security = self.kafka_security.describe(user=False)
         self.health.schema_registry_url = settings.schema_registry_url
+        self._event_loop: asyncio.AbstractEventLoop | None = None  # the one start runs on
+        if self.objects is not None:
+            self.health.store_where = self.objects.where
+            self.objects.on_reachable = self._store_seen
         self.spans = build_spans(settings.otel_exporter_otlp_endpoint, settings.service_name)
         self.metrics.set_build(version=engine_version(), model="none", development_model=False,
                                device="none")
@@ -152,6 +156,7 @@ class Engine:
         """Checks the shared store (raises :class:`~core.storage.StorageError`), starts
         HTTP (so ``/health`` answers "starting"), then Kafka."""
         settings = self._settings
+        self._event_loop = asyncio.get_running_loop()
         settings.output_dir.mkdir(parents=True, exist_ok=True)
         if self.objects is not None:  # unusable store: a clear error now, not per request
             await asyncio.to_thread(self.objects.probe)
@@ -379,6 +384,31 @@ class Engine:
             ("generation.control", GenerationControl)]
         return [(topic(name), event.avro_name, self.codec.current_schema(event.avro_name))
                 for name, event in published]
+
+    def _store_seen(self, reachable: bool) -> None:
+        """Told by the store after each call, from the event loop or a worker thread:
+        ``/health`` turns degraded while it fails, ok again at its next answer."""
+        if reachable is self.health.store_reachable:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        loop = self._event_loop
+        if loop is None or running is loop:
+            self._set_store_reachable(reachable)
+        else:  # EngineHealth wakes asyncio waiters: change it on its loop
+            loop.call_soon_threadsafe(self._set_store_reachable, reachable)
+
+    def _set_store_reachable(self, reachable: bool) -> None:
+        if reachable is self.health.store_reachable:
+            return
+        self.health.store_reachable = reachable
+        if reachable:
+            logger.info("the object store at %s answers again", self.health.store_where)
+        else:
+            logger.warning("the object store at %s is failing; outputs, LoRAs and trainings "
+                           "that need it fail (retryable) meanwhile", self.health.store_where)
 
     def _registry_seen(self, reachable: bool) -> None:
         self.health.schema_registry_reachable = reachable

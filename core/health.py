@@ -98,6 +98,8 @@ class EngineHealth:
     gpu_stuck_seconds: float = 900.0  # on one item longer than this: wedged
     schema_registry_url: str | None = None  # SCHEMA_REGISTRY_URL (never credentials)
     schema_registry_reachable: bool | None = None  # None until the first call
+    store_where: str | None = None  # STORAGE_URL (s3://bucket/prefix), None: local folders
+    store_reachable: bool | None = None  # None until the first call
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
@@ -130,6 +132,8 @@ class EngineHealth:
         if self.kafka_enabled and not self.kafka_connected:
             return "degraded"
         if self.schema_registry_reachable is False:  # publishing waits for it meanwhile
+            return "degraded"
+        if self.store_reachable is False:  # outputs, LoRAs and trainings fail meanwhile
             return "degraded"
         return "ok"
 
@@ -202,5 +206,9 @@ class EngineHealth:
             "schema_registry": None if self.schema_registry_url is None else {
                 "url": self.schema_registry_url,
                 "reachable": self.schema_registry_reachable,
+            },
+            "store": None if self.store_where is None else {
+                "url": self.store_where,
+                "reachable": self.store_reachable,
             },
         }

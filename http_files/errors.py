@@ -9,6 +9,7 @@ content type) is a 4xx in the same shape (:func:`unreadable_body`), never a 5xx.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -16,8 +17,10 @@ from aiohttp import web
 
 from schemas.errors import EngineError, ErrorCode, InvalidRequestError
 
-__all__ = ["BODY_ERROR_STATUSES", "ERROR_STATUSES", "error_response", "unprocessable",
-           "unreadable_body"]
+__all__ = ["BODY_ERROR_STATUSES", "ERROR_STATUSES", "error_response", "retry_later",
+           "unprocessable", "unreadable_body"]
+
+logger = logging.getLogger(__name__)
 
 ERROR_STATUSES: Mapping[ErrorCode, int] = MappingProxyType({
     ErrorCode.UNDECODABLE: 400,
@@ -80,16 +83,28 @@ def unreadable_body(status: int, message: str, kind: str, *, loc: tuple[str, ...
     return _BODY_ERRORS[status](text=text, content_type="application/json")
 
 
+def retry_later(message: str, retry_after: int) -> web.HTTPException:
+    """A 503 to raise when the engine is at a limit for now (``UPSTREAM_UNAVAILABLE``,
+    retryable), telling the client to send the request again after ``retry_after`` s."""
+    return web.HTTPServiceUnavailable(
+        text=json.dumps({"error_code": str(ErrorCode.UPSTREAM_UNAVAILABLE), "retryable": True,
+                         "message": f"{message}; retry after {retry_after} s"}),
+        content_type="application/json", headers={"Retry-After": str(retry_after)})
+
+
 def error_response(error: EngineError) -> web.Response:
     """The response for an error raised by the core."""
     if isinstance(error, InvalidRequestError) or error.code in _FIELD_OF:
         field = getattr(error, "field", None) or _FIELD_OF.get(error.code, "")
         errors = getattr(error, "errors", None) or [{"field": field, "message": error.message}]
         return web.json_response(_detail(errors, "value_error", error.code), status=422)
+    if error.code is ErrorCode.INTERNAL:  # the caller is told less: the log says what
+        logger.error("HTTP request failed: %s", error.message, exc_info=error)
     retry_after = getattr(error, "retry_after", None)
     headers = {"Retry-After": str(max(1, round(retry_after or 5)))} if error.retryable else None
     return web.json_response(
-        {"error_code": str(error.code), "message": error.message, "retryable": error.retryable},
+        {"error_code": str(error.code), "message": error.public_message,
+         "retryable": error.retryable},
         status=ERROR_STATUSES.get(error.code, 500),
         headers=headers,
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -28,7 +29,7 @@ from aiohttp import BadContentDispositionHeader, BodyPartReader, MultipartReader
 from aiohttp.http_exceptions import HttpProcessingError
 
 from http_files.errors import unprocessable, unreadable_body
-from http_files.uploads import UploadLimits
+from http_files.uploads import UploadLimits, stall_guard
 from schemas.errors import ErrorCode, InternalError
 
 __all__ = ["TrainingForm", "read_training_form"]
@@ -63,21 +64,16 @@ async def read_training_form(request: web.Request, folder: Path, limits: UploadL
     declared = request.content_length
     if declared is not None and declared > limits.max_request_bytes:
         raise _too_large(limits, f"{declared}")
-    reading = _FormReader(request, folder, limits, max_images, max_image_bytes)
     try:
-        async with asyncio.timeout(None) as deadline:
-            reading.deadline = deadline
-            return await reading.read()
-    except TimeoutError:
-        raise unreadable_body(
-            408, f"the body stalled: nothing arrived for {limits.stall_seconds:g} s",
-            "body_stalled") from None
+        async with stall_guard(limits.stall_seconds) as progress:
+            return await _FormReader(request, folder, limits, max_images, max_image_bytes,
+                                     progress).read()
     except (ValueError, RuntimeError, HttpProcessingError, web.RequestPayloadError) as exc:
         # aiohttp's multipart reader: no or a bad boundary, a part cut short, a broken header
         raise unreadable_body(400, f"the multipart body is malformed: {_reason(exc)}",
                               "multipart_malformed", code=ErrorCode.UNDECODABLE) from None
-    except ConnectionError as exc:  # the client went away mid-body (no one reads this)
-        raise unreadable_body(400, f"the body ended early: {exc}", "body_incomplete",
+    except ConnectionError:  # the client went away mid-body (no one reads this)
+        raise unreadable_body(400, "the body ended early", "body_incomplete",
                               code=ErrorCode.UNDECODABLE) from None
 
 
@@ -88,9 +84,9 @@ class _FormReader:
     limits: UploadLimits
     max_images: int
     max_image_bytes: int
+    progress: Callable[[], None]  # the stall guard's: called before each read
     form: TrainingForm = field(default_factory=TrainingForm)
     others: int = 0
-    deadline: asyncio.Timeout | None = None
 
     async def read(self) -> TrainingForm:
         reader = await self.request.multipart()
@@ -148,21 +144,16 @@ class _FormReader:
             self.form.fields[name] = _text_value(name, bytes(data))
 
     async def _next(self, reader: MultipartReader) -> MultipartReader | BodyPartReader | None:
-        self._stall_guard()
+        self.progress()
         part = await reader.next()
         self._check_total()
         return part
 
     async def _chunk(self, part: BodyPartReader) -> bytes:
-        self._stall_guard()
+        self.progress()
         chunk = await part.read_chunk(_CHUNK)
         self._check_total()
         return chunk
-
-    def _stall_guard(self) -> None:
-        if self.deadline is not None:
-            self.deadline.reschedule(asyncio.get_running_loop().time()
-                                     + self.limits.stall_seconds)
 
     def _check_total(self) -> None:
         received = self.request.content.total_bytes  # after decompression, if any

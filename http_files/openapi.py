@@ -99,10 +99,11 @@ def _retry_after(required: bool) -> dict[str, Any]:
                             "required": required, "schema": {"type": "integer", "minimum": 1}}}
 
 
-def _errors(*, form: bool = False, retry_after_on_503: bool = False) -> dict[str, Any]:
-    """The error responses of a POST: refused bodies (FastAPI shape) and engine errors
-    (``EngineErrorBody`` with the status of their code, ``http_files.errors``)."""
-    field_statuses = {s for s in BODY_ERROR_STATUSES if form or s != 408}
+def _errors(*, retry_after_on_503: bool = False) -> dict[str, Any]:
+    """The error responses of a POST: refused bodies (FastAPI shape; 408 for one that
+    stalled) and engine errors (``EngineErrorBody`` with the status of their code,
+    ``http_files.errors``; 503 also for a body arriving while too many others do)."""
+    field_statuses = set(BODY_ERROR_STATUSES)
     # 422: always the field shape
     engine_statuses = {s for s in ERROR_STATUSES.values() if s != 422}
     responses: dict[str, Any] = {}
@@ -332,7 +333,7 @@ def _paths(schemas: dict[str, Any]) -> dict[str, Any]:
                 "schema": _ref("TrainingForm"),
                 "encoding": _form_encoding(schemas["TrainingForm"])}}},
             "responses": {"200": _response(200, "", _json(_ref("TrainingAccepted"))),
-                          **_errors(form=True)}})},
+                          **_errors()}})},
         "/train-lora/{training_id}": {"get": _keyed({
             "operationId": "getTraining", "summary": "A training's status",
             "parameters": [_path("training_id", "from the POST /train-lora response")],

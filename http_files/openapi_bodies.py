@@ -127,10 +127,19 @@ class SchemaRegistryHealth(_Body):
     reachable: bool | None
 
 
+class StoreHealth(_Body):
+    """STORAGE_URL (``s3://bucket/prefix``) and whether its last call was answered
+    (``null`` before the first); while it fails, outputs of other instances, LoRAs and
+    trainings that need it fail (retryable) and ``status`` is ``degraded``."""
+
+    url: str
+    reachable: bool | None
+
+
 class HealthReport(_Body):
     """``GET /health``: 200 when ``ok``, 503 while ``starting`` or ``degraded``;
     ``queues`` counts waiting requests by kind and priority; ``schema_registry`` is
-    ``null`` without SCHEMA_REGISTRY_URL."""
+    ``null`` without SCHEMA_REGISTRY_URL, ``store`` without STORAGE_URL."""
 
     status: Literal["ok", "starting", "degraded"]
     gpu: GpuInfo
@@ -139,6 +148,7 @@ class HealthReport(_Body):
     voice: VoiceHealth
     queues: dict[str, dict[str, int]]
     schema_registry: SchemaRegistryHealth | None = None
+    store: StoreHealth | None = None
 
 
 class WorkerLiveness(_Body):

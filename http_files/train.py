@@ -13,14 +13,13 @@ MAX_CONCURRENT_UPLOADS uploads are received at once: one more is answered 503 wi
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
 from aiohttp import web
 
 from core.training import TrainingInterrupted
-from http_files.errors import error_response, unprocessable
+from http_files.errors import error_response, retry_later, unprocessable
 from http_files.form import read_training_form
 from http_files.services import SERVICES
 from http_files.training_time import submit_timed
@@ -29,8 +28,6 @@ from schemas.errors import EngineError, InternalError, InvalidRequestError
 from schemas.events import LoraTrainingRequested, utc_now_iso
 
 __all__ = ["get_training", "train_lora"]
-
-_RETRY_AFTER_SECONDS = 5
 
 
 async def train_lora(request: web.Request) -> web.Response:
@@ -50,18 +47,14 @@ async def train_lora(request: web.Request) -> web.Response:
             status = await submit_timed(services.metrics, training, event, form.images)
     except UploadsFull as exc:
         services.metrics.http_rejected.labels("lora").inc()
-        raise web.HTTPServiceUnavailable(
-            text=json.dumps({"error_code": "UPSTREAM_UNAVAILABLE", "retryable": True,
-                             "message": f"{exc}; retry after {_RETRY_AFTER_SECONDS} s"}),
-            content_type="application/json",
-            headers={"Retry-After": str(_RETRY_AFTER_SECONDS)}) from None
+        raise retry_later(str(exc), exc.retry_after) from None
     except InvalidRequestError as exc:
         raise unprocessable(exc.errors or [{"field": exc.field or "", "message": exc.message}])
     except EngineError as exc:
         return error_response(exc)
     except TrainingInterrupted:
         return _unavailable("the engine is stopping; send the request again")
-    except OSError as exc:  # the upload folder could not be made
+    except OSError as exc:  # the upload folder could not be made (the OS's words: logged)
         return error_response(InternalError(f"the upload could not be stored: {exc}"))
     # the original API's vocabulary: "training_started" for any accepted training (GET
     # tells queued from training), "completed" for a replay of a finished one

@@ -1,10 +1,11 @@
-"""Where ``POST /train-lora`` bodies land: one private folder per upload, a bounded number
-at once.
+"""Request bodies being received: a bounded number at once, each dropped when it stalls;
+and where ``POST /train-lora`` bodies land, one private folder per upload.
 
-Each upload gets ``TEMP_DIR/uploads/upload-<random>/``, removed with everything in it when
-the request ends, whatever the ending (answered, refused, failed, or the client gone).
-At most MAX_CONCURRENT_UPLOADS are received at once; one more is refused at once, before
-its body is read. At start-up the folder is emptied of what a crashed process left.
+At most MAX_CONCURRENT_UPLOADS uploads, and at most ``max_concurrent_json`` JSON bodies,
+are received at once; one more is refused at once (:class:`UploadsFull`). A body that sends nothing for ``stall_seconds`` is answered 408
+(:func:`stall_guard`). Each upload gets ``TEMP_DIR/uploads/upload-<random>/``, removed with
+everything in it when the request ends, whatever the ending (answered, refused, failed, or
+the client gone). At start-up the folder is emptied of what a crashed process left.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
 from core.settings import Settings
+from http_files.errors import unreadable_body
 
-__all__ = ["UPLOADS", "UploadLimits", "Uploads", "UploadsFull", "upload_limits"]
+__all__ = ["UPLOADS", "UploadLimits", "Uploads", "UploadsFull", "stall_guard",
+           "upload_limits"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +37,15 @@ _ORPHAN_AGE = 3600.0  # seconds untouched before a start-up takes an upload for 
 class UploadLimits:
     """``directory`` (TEMP_DIR/uploads) holds the uploads; a request body may have at most
     ``max_request_bytes`` (LORA_MAX_UPLOAD_BYTES); at most ``max_concurrent``
-    (MAX_CONCURRENT_UPLOADS) are received at once; a body that sends nothing for
-    ``stall_seconds`` is dropped."""
+    (MAX_CONCURRENT_UPLOADS) are received at once, and at most ``max_concurrent_json``
+    JSON bodies (each within ``JSON_BODY_LIMIT``: together at most 64 MiB by default);
+    a body, upload or JSON, that sends nothing for ``stall_seconds`` is dropped."""
 
     directory: Path = Path("temp") / "uploads"
     max_request_bytes: int = 256 * 2**20
     max_concurrent: int = 2
     stall_seconds: float = 60.0
+    max_concurrent_json: int = 64
 
     def __post_init__(self) -> None:
         if self.max_request_bytes < 1:
@@ -49,6 +54,9 @@ class UploadLimits:
             raise ValueError(f"MAX_CONCURRENT_UPLOADS must be >= 1, got {self.max_concurrent}")
         if self.stall_seconds <= 0:
             raise ValueError(f"stall_seconds must be > 0, got {self.stall_seconds}")
+        if self.max_concurrent_json < 1:
+            raise ValueError(f"max_concurrent_json must be >= 1, got "
+                             f"{self.max_concurrent_json}")
 
 
 def upload_limits(settings: Settings) -> UploadLimits:
@@ -58,38 +66,71 @@ def upload_limits(settings: Settings) -> UploadLimits:
 
 
 class UploadsFull(Exception):
-    """MAX_CONCURRENT_UPLOADS uploads are being received: try again shortly."""
+    """As many bodies of one kind as allowed are being received: try again in
+    ``retry_after`` seconds."""
+
+    retry_after = 5
+
+
+class _Slots:
+    """At most ``limit`` bodies of one kind received at once; from the event loop only."""
+
+    def __init__(self, limit: int, what: str, setting: str | None = None) -> None:
+        self.limit = limit
+        self.active = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._what = what
+        self._bound = f"{setting}={limit}" if setting else f"at most {limit} at once"
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        if self.active >= self.limit:
+            raise UploadsFull(f"{self.active} {self._what} are being received ({self._bound})")
+        self.active += 1
+        self.idle.clear()
+        try:
+            yield
+        finally:
+            self.active -= 1
+            if not self.active:
+                self.idle.set()
 
 
 class Uploads:
-    """The uploads of one app; used from the event loop only."""
+    """The bodies of one app being received; used from the event loop only."""
 
     def __init__(self, limits: UploadLimits) -> None:
         self.limits = limits
-        self._active = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._uploads = _Slots(limits.max_concurrent, "uploads", "MAX_CONCURRENT_UPLOADS")
+        self._json = _Slots(limits.max_concurrent_json, "JSON request bodies")
 
     @property
     def active(self) -> int:
         """Uploads being received now."""
-        return self._active
+        return self._uploads.active
+
+    @property
+    def json_active(self) -> int:
+        """JSON bodies being received now (with bytes still to come)."""
+        return self._json.active
 
     async def wait_idle(self) -> None:
-        """Returns once no upload is in progress (and its folder is gone)."""
-        await self._idle.wait()
+        """Returns once no body is being received (and no upload's folder is left)."""
+        await self._uploads.idle.wait()
+        await self._json.idle.wait()
+
+    def receive_json(self) -> AbstractContextManager[None]:
+        """A place for one JSON body while its bytes arrive. Raises :class:`UploadsFull`
+        when ``max_concurrent_json`` are taken."""
+        return self._json.hold()
 
     @asynccontextmanager
     async def receive(self) -> AsyncIterator[Path]:
         """A fresh, empty, private folder for one upload, removed with its content on exit.
         Raises :class:`UploadsFull` (nothing created) when ``max_concurrent`` are active,
         ``OSError`` when the folder cannot be made."""
-        if self._active >= self.limits.max_concurrent:
-            raise UploadsFull(f"{self._active} uploads are being received "
-                              f"(MAX_CONCURRENT_UPLOADS={self.limits.max_concurrent})")
-        self._active += 1
-        self._idle.clear()
-        try:
+        with self._uploads.hold():
             self.limits.directory.mkdir(parents=True, exist_ok=True)
             folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self.limits.directory))
             try:
@@ -98,10 +139,6 @@ class Uploads:
                 # on the loop, not in a thread: a cancelled request (the client gone) cannot
                 # skip it, and unlinking at most MAX_LORA_IMAGES + 1 files takes milliseconds
                 shutil.rmtree(folder, ignore_errors=True)
-        finally:
-            self._active -= 1
-            if not self._active:
-                self._idle.set()
 
     def prepare(self) -> int:
         """Make the uploads folder and remove the upload folders a crashed process left
@@ -109,7 +146,7 @@ class Uploads:
         receiving into the fresh ones); call it before serving. Returns how many were
         removed. Blocking.
         A folder that cannot be made is logged, not raised: the engine serves its other
-        endpoints, and each upload then fails with a 500 saying why."""
+        endpoints, and each upload then fails with a 500 (the cause in the log)."""
         directory = self.limits.directory
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -135,6 +172,23 @@ def _last_touched(folder: Path) -> float:
     except OSError:  # going away meanwhile (its owner finished): not an orphan
         return time.time()
     return max(times)
+
+
+@asynccontextmanager
+async def stall_guard(seconds: float) -> AsyncIterator[Callable[[], None]]:
+    """Bounds each wait for a body's next bytes: call the yielded ``progress()`` before each
+    read. When ``seconds`` pass from entering, or from the last ``progress()``, the block is
+    cancelled and a 408 raised (the body stalled; :func:`unreadable_body`)."""
+    loop = asyncio.get_running_loop()
+    deadline = asyncio.timeout(loop.time() + seconds)
+    try:
+        async with deadline:
+            yield lambda: deadline.reschedule(loop.time() + seconds)
+    except TimeoutError:
+        if not deadline.expired():  # another timeout, not this guard's
+            raise
+        raise unreadable_body(408, f"the body stalled: nothing arrived for {seconds:g} s",
+                              "body_stalled") from None
 
 
 UPLOADS: web.AppKey[Uploads] = web.AppKey("uploads", Uploads)

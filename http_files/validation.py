@@ -8,19 +8,30 @@ that is not JSON is a 415 (no ``Content-Type`` at all is read as JSON, as FastAP
 more than :data:`JSON_BODY_LIMIT` bytes a 413 (refused by ``Content-Length`` before
 reading, else as soon as the limit is passed); a body broken on the wire (bad chunking,
 bad compression) a 400; invalid JSON, or JSON nested deeper than :data:`MAX_JSON_DEPTH`,
-a 422.
+a 422; a body that sends nothing for ``stall_seconds`` a 408. The messages name the
+problem in the body, never the engine's insides.
+
+While they arrive, at most ``max_concurrent_json`` bodies are read at once (see
+:class:`~http_files.uploads.UploadLimits`): one more is answered 503 with ``Retry-After``
+at once, not queued, as ``/train-lora`` answers one upload too many. A queued request would
+hold its connection and buffers while waiting behind senders that may never finish; the
+503 frees them and tells a well-behaved client when to come back. A body that has already
+arrived whole is read without a place.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any, TypeVar
 
-from aiohttp import hdrs, web
+from aiohttp import StreamReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from http_files.errors import unprocessable, unreadable_body
+from http_files.errors import retry_later, unprocessable, unreadable_body
+from http_files.services import SERVICES
+from http_files.uploads import UPLOADS, UploadsFull, stall_guard
 from schemas.codec import EventCodec
 from schemas.errors import ErrorCode, InvalidRequestError
 from schemas.events import Event
@@ -40,7 +51,8 @@ async def read_event(request: web.Request, codec: EventCodec, model: type[T]) ->
     (a fresh ``request_id``, ``conversation_id`` "http") when absent.
 
     Raises a 422 naming the field for any invalid or missing field, or for a body that is
-    not a JSON object; other unreadable bodies as the module docstring says.
+    not a JSON object; other unreadable bodies, and a 503 when too many are arriving, as the
+    module docstring says.
     """
     body = await _read_json(request)
     if not isinstance(body, dict):
@@ -59,24 +71,56 @@ async def _read_json(request: web.Request) -> Any:
     if declared is not None and declared > JSON_BODY_LIMIT:
         raise _too_large(f"{declared}")
     try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise _too_large("more") from None
+        raw = await _receive(request)
+    except UploadsFull as exc:
+        request.app[SERVICES].metrics.http_rejected.labels(_kind(request)).inc()
+        raise retry_later(str(exc), exc.retry_after) from None
     except (web.RequestPayloadError, HttpProcessingError) as exc:  # bad chunking or gzip
         raise unreadable_body(400, f"the body could not be read: {_reason(exc)}",
                               "body_malformed", code=ErrorCode.UNDECODABLE) from None
-    except ConnectionError as exc:  # the client went away mid-body (no one reads this)
-        raise unreadable_body(400, f"the body ended early: {exc}", "body_incomplete",
+    except ConnectionError:  # the client went away mid-body (no one reads this)
+        raise unreadable_body(400, "the body ended early", "body_incomplete",
                               code=ErrorCode.UNDECODABLE) from None
     try:
         body = json.loads(raw)
     except RecursionError:  # the C parser's own guard, at about 1000 levels
         raise _too_deep() from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit number
-        raise unreadable_body(422, f"body is not valid JSON: {exc}", "json_invalid") from None
+    except json.JSONDecodeError as exc:
+        raise _not_json(f"{exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    except UnicodeDecodeError as exc:
+        raise _not_json(f"it is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except ValueError:  # the one other: an integer past sys.get_int_max_str_digits()
+        raise _not_json("a number has too many digits") from None
     if _deeper_than(body, MAX_JSON_DEPTH):
         raise _too_deep()
     return body
+
+
+async def _receive(request: web.Request) -> bytearray:
+    """The body's bytes, as they arrive: each wait for more bounded by ``stall_seconds``
+    (a 408), and in one of ``max_concurrent_json`` places (:class:`UploadsFull` when none
+    is free), so that bodies still arriving hold at most that many times JSON_BODY_LIMIT.
+    A body already all here needs no place: reading it cannot wait, so senders that stall
+    cannot keep out the usual small requests."""
+    content = request.content
+    if content.is_eof():
+        return await _read_all(content, lambda: None)
+    uploads = request.app[UPLOADS]
+    with uploads.receive_json():
+        async with stall_guard(uploads.limits.stall_seconds) as progress:
+            return await _read_all(content, progress)
+
+
+async def _read_all(content: StreamReader, progress: Callable[[], None]) -> bytearray:
+    body = bytearray()
+    while True:
+        progress()
+        chunk = await content.readany()
+        if not chunk:
+            return body
+        body += chunk
+        if len(body) > JSON_BODY_LIMIT:  # after decompression, if any
+            raise _too_large("more")
 
 
 def _check_content_type(request: web.Request) -> None:
@@ -111,6 +155,16 @@ def _reason(exc: Exception) -> str:
     cause = exc.__cause__ if isinstance(exc, web.RequestPayloadError) else exc
     message = cause.message if isinstance(cause, HttpProcessingError) else None
     return str(message or cause or type(exc).__name__)[:200]
+
+
+def _kind(request: web.Request) -> str:
+    """The request kind of a JSON endpoint (``/generate/image`` → ``image``), a metric
+    label."""
+    return request.path.rstrip("/").rpartition("/")[2]
+
+
+def _not_json(problem: str) -> web.HTTPException:
+    return unreadable_body(422, f"body is not valid JSON: {problem}", "json_invalid")
 
 
 def _too_deep() -> web.HTTPException:

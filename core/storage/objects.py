@@ -18,13 +18,19 @@ import contextlib
 import datetime
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import obstore
-from obstore.exceptions import AlreadyExistsError, BaseError, NotFoundError, PreconditionError
+from obstore.exceptions import (
+    AlreadyExistsError,
+    BaseError,
+    NotFoundError,
+    NotModifiedError,
+    PreconditionError,
+)
 
 from schemas.errors import UpstreamUnavailableError
 
@@ -33,6 +39,8 @@ __all__ = ["ObjectRead", "ObjectStore", "StorageError", "unavailable"]
 logger = logging.getLogger(__name__)
 
 _MISSING = (FileNotFoundError, NotFoundError)
+# the store's own answers about an object: it is there and working
+_ANSWERED = (NotFoundError, AlreadyExistsError, PreconditionError, NotModifiedError)
 
 
 class StorageError(OSError):
@@ -66,6 +74,9 @@ class ObjectStore:
     def __init__(self, store: Any, *, where: str) -> None:
         self._store = store
         self._where = where
+        # told after each call whether the store answered (an answer that the object is
+        # missing or exists counts); from worker threads too: the callee marshals
+        self.on_reachable: Callable[[bool], None] | None = None
 
     @property
     def where(self) -> str:
@@ -81,7 +92,14 @@ class ObjectStore:
         try:
             yield
         except (BaseError, OSError) as exc:
+            if isinstance(exc, BaseError):  # not the local disk's: the store's
+                self._seen(isinstance(exc, _ANSWERED))
             raise StorageError(f"cannot {doing} {key} in {self._where}: {_reason(exc)}") from exc
+        self._seen(True)
+
+    def _seen(self, reachable: bool) -> None:
+        if self.on_reachable is not None:
+            self.on_reachable(reachable)
 
     def probe(self) -> None:
         """Creates, reads back and deletes one small object: the store is usable (found,

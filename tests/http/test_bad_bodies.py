@@ -3,14 +3,18 @@ server on 127.0.0.1; it serves the next request as before and keeps no file of t
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
+import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 
+from tests.core.test_training_images import photos
 from tests.http.conftest import Serve, Served
+from tests.http.forms import form
 from tests.http.raw import head as raw_head
 from tests.http.raw import open_raw, raw_post, read_response, until
 
@@ -159,6 +163,102 @@ async def test_a_body_broken_on_the_wire_is_400(serve: Serve, path: str) -> None
     await assert_still_serving(served)
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"prompt": "hi", "width": ' + b"7" * 5000 + b"}",
+         "body is not valid JSON: a number has too many digits"),
+        (b'{"prompt": "\xff\xfe"}',
+         "body is not valid JSON: it is not UTF-8 text (invalid start byte at byte 12)"),
+        (b'{"prompt": "hi" "x"}',
+         "body is not valid JSON: Expecting ',' delimiter (line 1, column 17)"),
+    ],
+    ids=["long-number", "not-utf8", "no-comma"],
+)
+async def test_invalid_json_is_described_in_the_body_s_terms(
+    serve: Serve, body: bytes, message: str
+) -> None:
+    # what is wrong with the body and where, never the parser's advice to its programmer
+    served = await serve()
+    response = await served.client.post("/generate/image", data=body,
+                                        headers={"Content-Type": "application/json"})
+    detail = (await response.json())["detail"]
+    assert response.status == 422, detail
+    assert [d["msg"] for d in detail] == [message]
+
+
+@pytest.mark.parametrize("path", JSON_PATHS)
+async def test_a_stalled_json_body_is_408_and_gives_its_place_back(serve: Serve, path: str
+                                                                   ) -> None:
+    served = await serve(stall_seconds=0.5)
+    reader, writer = await open_raw(served.client)
+    writer.write(raw_head(path, {"Content-Type": "application/json",
+                                 "Content-Length": str(2**20)}))
+    writer.write(b"{" + b" " * (2**20 - 2))  # all but its last byte, then nothing
+    await writer.drain()
+    answer = await read_response(reader, timeout=20)
+    writer.close()
+    assert answer.status == 408, answer
+    assert answer.json()["detail"][0]["msg"] == "the body stalled: nothing arrived for 0.5 s"
+    assert served.uploads.json_active == 0
+    await assert_still_serving(served)
+
+
+async def test_a_slow_json_body_that_keeps_coming_is_read(serve: Serve) -> None:
+    # the limit is on each wait for more, not on the whole body: 1.6 s in all is fine
+    served = await serve(stall_seconds=1.0)
+    body = json.dumps({"stability": 0.5, "style": 0.25}).encode()
+    reader, writer = await open_raw(served.client)
+    writer.write(raw_head("/generate/voice", {"Content-Type": "application/json",
+                                              "Content-Length": str(len(body))}))
+    pieces = [body[i:i + 4] for i in range(0, len(body), 4)]
+    for index, piece in enumerate(pieces):
+        writer.write(piece)
+        await writer.drain()
+        if index < 8:
+            await asyncio.sleep(0.2)  # the slow sender, not a wait for the server
+    answer = await read_response(reader, timeout=20)
+    writer.close()
+    assert answer.status == 422, answer  # read whole: only "text" is missing
+    assert [d["loc"] for d in answer.json()["detail"]] == [["body", "text"]]
+
+
+async def test_json_bodies_still_arriving_have_a_bounded_number_of_places(serve: Serve
+                                                                          ) -> None:
+    served = await serve()
+    places = served.uploads.limits.max_concurrent_json
+    start = raw_head("/generate/image", {"Content-Type": "application/json",
+                                         "Content-Length": str(2**20)}) + b'{"prompt": "'
+    held = []
+    try:
+        for _ in range(places):  # each sends the start of a 1 MiB body, then nothing
+            _, writer = await open_raw(served.client)
+            writer.write(start)
+            held.append(writer)
+        await until(lambda: served.uploads.json_active == places)
+
+        reader, writer = await open_raw(served.client)
+        writer.write(start)  # one more whose body is still coming: refused at once
+        answer = await read_response(reader, timeout=20)
+        writer.close()
+        assert answer.status == 503 and answer.headers["retry-after"] == "5", answer
+        refusal = answer.json()
+        assert refusal["error_code"] == "UPSTREAM_UNAVAILABLE" and refusal["retryable"]
+        assert f"at most {places} at once" in refusal["message"]
+
+        # a body that has all arrived takes no place: stalled senders keep nobody out
+        whole = await raw_post(served.client, "/generate/voice", {
+            "Content-Type": "application/json", "Content-Length": "2"}, b"{}")
+        assert whole.status == 422 and whole.json()["detail"][0]["loc"] == ["body", "text"]
+    finally:
+        for writer in held:
+            writer.close()
+    await served.uploads.wait_idle()  # each place freed as its sender went away
+    metrics = await (await served.client.get("/metrics")).text()
+    assert 'engine_http_rejected_total{kind="image"} 1.0' in metrics
+    await assert_still_serving(served)
+
+
 # ------------------------------------------------------------------ /train-lora
 @pytest.mark.parametrize(
     ("content_type", "body", "status", "words"),
@@ -223,3 +323,18 @@ async def test_a_stalled_upload_is_408_and_leaves_nothing(serve: Serve) -> None:
     writer.close()
     assert answer.status == 408 and "stalled" in answer.json()["detail"][0]["msg"]
     await assert_still_serving(served)
+
+
+async def test_an_upload_that_cannot_be_stored_is_500_without_our_paths(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    served = await serve()
+    directory = served.uploads.limits.directory
+    directory.rmdir()
+    directory.write_bytes(b"")  # a file where the uploads folder should be
+    with caplog.at_level(logging.ERROR):
+        response = await served.client.post("/train-lora", data=form(photos(5)))
+    body = await response.json()
+    assert response.status == 500 and body["error_code"] == "INTERNAL", body
+    assert str(served.temp) not in body["message"] and "Errno" not in body["message"]
+    assert str(directory) in caplog.text  # the cause is in the log
