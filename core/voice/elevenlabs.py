@@ -18,14 +18,14 @@ it arrives; the characters' timings come back from :meth:`ElevenLabsBackend.synt
   error shape) halves it, down to 1, and :data:`GROW_AFTER` successes at the limit raise it
   by one again, so the fleet settles within the account's limit. The refused request is
   retried like any 429. Other faults (``system_busy``, 5xx) leave the limit alone.
-- **Faults** (:mod:`core.voice.elevenlabs_faults`): 429, 5xx and connection errors
+- **Faults** (:mod:`core.voice.elevenlabs_faults`): 408, 429, 5xx and connection errors
   (including a connection dropped in the middle of the audio) are retried here, as long as
   the request's :class:`~core.retry_budget.RetryBudget` grants it (capped exponential
   backoff and jitter honouring ``Retry-After``, waiting through the injected ``sleep``);
   then ``ElevenLabsUnavailableError`` (retryable). Each HTTP request is reported to the
   budget, so the consume loop's retries and these share one bound. A read timeout is
   ``ElevenLabsTimeoutError`` at once (retryable, but a hang costs a whole timeout, so only
-  the caller's outer retries try again). 400/401/404/422 are permanent; quota exhaustion is
+  the caller's outer retries try again). 400/401/403/404/422 are permanent; quota exhaustion is
   ``QUOTA_EXCEEDED``. Every error carries ``attempts`` (the request's so far). A part
   whose own audio already went out to the request's stream is not asked for again (the
   stream holds its start): its failure is raised at once, and the caller decides whether
@@ -44,8 +44,10 @@ it arrives; the characters' timings come back from :meth:`ElevenLabsBackend.synt
   :data:`MAX_STITCHED` parts before it as ``previous_request_ids`` and the start of the
   next part as ``next_text`` (a part whose answer had no ``request-id`` is followed by one
   that gets ``previous_text`` instead). On the others (``eleven_v3``) they are requested
-  concurrently, each with its neighbours as ``previous_text``/``next_text``. Every part
-  carries the same ``seed`` and dictionaries.
+  concurrently, each with its neighbours as ``previous_text``/``next_text``; as each is
+  performed on its own, a part that does not start with an audio tag gets the mood tag in
+  force where it starts (:func:`~core.voice.tags.moods_in_force`), whose characters are
+  left out of the timings. Every part carries the same ``seed`` and dictionaries.
 - **One file per call:** the file is the stream the parts made, written as it goes out and
   completed once every part arrived whole (a WAV header's sizes, a joined MP3's counts are
   written then); a failure leaves it to the caller to remove. The parts' character
@@ -85,6 +87,7 @@ from core.voice.elevenlabs_faults import (
 from core.voice.formats import OutputFormat, format_named
 from core.voice.models import model_facts
 from core.voice.streams import AudioSink
+from core.voice.tags import moods_in_force
 from core.voice.timing import Alignment
 from schemas.errors import InternalError, InvalidRequestError
 
@@ -228,19 +231,24 @@ class ElevenLabsBackend:
         chunks = split_text(text, facts.chunk_chars)
         if not chunks:
             raise InternalError("nothing to speak")
+        # each request stands alone upstream: a part carries the mood tag it starts in
+        moods = moods_in_force(chunks) if facts.performs_audio_tags else [None] * len(chunks)
+        sent = [chunk if mood is None else f"{mood} {chunk}"
+                for chunk, mood in zip(chunks, moods, strict=True)]
         live = PartsStream(path, sink, fmt, len(chunks))
         try:
             call = _Call(settings.voice_id, fmt, budget, live)
             if len(chunks) == 1:
-                answers = [await self._convert(call, 0, self._body(chunks[0], model_id,
+                answers = [await self._convert(call, 0, self._body(sent[0], model_id,
                                                                    settings))]
             else:
                 stitch = self._stitched if facts.stitching else self._with_context
-                answers = await stitch(chunks, model_id, settings, call)
+                answers = await stitch(sent, model_id, settings, call)
             await live.finish()
         finally:
             live.close()
-        return await asyncio.to_thread(_timeline, text, chunks, answers, live.part_starts())
+        return await asyncio.to_thread(_timeline, text, chunks, sent, answers,
+                                       live.part_starts())
 
     async def _stitched(self, chunks: list[str], model_id: str, settings: VoiceSettings,
                         call: _Call) -> list[_Answer]:
@@ -366,6 +374,7 @@ class ElevenLabsBackend:
                             error = error_for_response(
                                 response.status_code, content, response.headers,
                                 attempts=budget.attempts, secret=self._key.get_secret_value(),
+                                output_format=call.fmt.name,
                             )
                             if (error.http_status == 429
                                     and error.upstream_status in _CONCURRENCY_REFUSALS):
@@ -439,18 +448,21 @@ class _Answer:
     timed: tuple[list[str], list[float], list[float]] | None  # upstream's alignment
 
 
-def _timeline(text: str, chunks: list[str], answers: list[_Answer], starts: list[float]
-              ) -> Alignment | None:
+def _timeline(text: str, chunks: list[str], sent: list[str], answers: list[_Answer],
+              starts: list[float]) -> Alignment | None:
     """The parts' alignments as one of ``text``, each shifted to where its audio starts
-    in the file (``starts``); ``None`` when a part came without one."""
+    in the file (``starts``); ``None`` when a part came without one. A part ``sent`` with
+    a mood tag in front of its chunk has that tag's characters left out."""
     if any(answer.timed is None for answer in answers):
         return None
     placed: list[tuple[int, Alignment]] = []
     position = 0
-    for chunk, answer, start in zip(chunks, answers, starts, strict=True):
+    for chunk, spoken, answer, start in zip(chunks, sent, answers, starts, strict=True):
         assert answer.timed is not None
         position = text.find(chunk, position)
-        aligned = Alignment.of_characters(chunk, *answer.timed)
+        aligned = Alignment.of_characters(spoken, *answer.timed)
+        carried = len(spoken) - len(chunk)
+        aligned = Alignment(chunk, aligned.starts[carried:], aligned.ends[carried:])
         placed.append((max(0, position), aligned.shifted(start)))
         position += len(chunk)
     return Alignment.joined(text, placed)

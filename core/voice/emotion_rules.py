@@ -1,6 +1,7 @@
 """Deterministic emotion injection: keywords, emoji and punctuation decide, per sentence.
 
-For each sentence (ending at ``.``, ``!``, ``?`` or ``…``):
+For each sentence (ending at ``.``, ``!``, ``?`` or ``…``, or at a full-width or other
+script's sentence end such as ``。``: :data:`~core.voice.chunking.SENTENCE_FINAL`):
 
 1. its emotion is that of an audio tag it already has (``[sighs]``, or a roleplay action
    such as ``*sighs*``), else the first of :data:`~core.voice.emotion.EMOTIONS` whose cues
@@ -13,9 +14,11 @@ For each sentence (ending at ``.``, ``!``, ``?`` or ``…``):
    or the previous sentence got the same one; without tags: every tag goes, and a sentence
    ending in a plain ``.`` takes the emotion's ending (``!`` or ``...``).
 
-The text then ends with sentence punctuation (a full stop is added when missing, so that
-synthesizers end on a falling intonation), and the most frequent emotion is the one the
-settings follow. Words are never added, removed or changed.
+The text then ends with sentence punctuation (``。`` and the like count; where there is
+none, a full stop is added, ``。`` after Chinese or Japanese, so that synthesizers end on a
+falling intonation), and the most frequent emotion is the one the settings follow. Words
+are never added, removed or changed; sentences stay apart as they were (one space where
+there was white space, none where a sentence ended at ``。`` or the like without any).
 """
 
 from __future__ import annotations
@@ -23,16 +26,23 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from core.voice.chunking import CLOSERS, SENTENCE_FINAL, UNSPACED_SCRIPTS
 from core.voice.emotion import EMOTIONS, Emotion, Expression, emotion_of_tag
 from core.voice.tags import strip_audio_tags
 
 __all__ = ["RulesEmotionInjector", "actions_to_tags", "remove_emoji"]
 
-_SENTENCE = re.compile(r".*?(?:[.!?…]+[\"'”’)]*(?=\s|$)|$)", re.DOTALL)
+_SENTENCE = re.compile(  # up to its end (as chunking.SENTENCE_END has it), or the text's
+    rf".*?(?:[.!?…]+[{CLOSERS}]*(?=\s|$)"
+    rf"|[.!?…]*[{SENTENCE_FINAL}][.!?…{SENTENCE_FINAL}{CLOSERS}]*"
+    rf"|[!?…]+[{CLOSERS}]*(?=[{UNSPACED_SCRIPTS}])|$)",
+    re.DOTALL,
+)
 _TAG = re.compile(r"\[([A-Za-z][A-Za-z '\-]{0,29})\]")
 _ACTION = re.compile(r"\*([A-Za-z][A-Za-z ]{0,29})\*")
-_TERMINAL = re.compile(r"[.!?…][\"'”’)\]]*$")
-_PLAIN_END = re.compile(r"(?<![.…])\.([\"'”’)]*)$")
+_TERMINAL = re.compile(rf"[.!?…{SENTENCE_FINAL}][{CLOSERS}\]]*$")
+_CJK = re.compile("[\u3005-\u3007\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_PLAIN_END = re.compile(rf"(?<![.…])\.([{CLOSERS}]*)$")
 _EMOJI = re.compile(
     "[\U0001f000-\U0001faff\U00002600-\U000027bf\U0001f1e6-\U0001f1ff\ufe0f\u200d]+"
 )
@@ -129,10 +139,10 @@ class RulesEmotionInjector:
                 sentence = strip_audio_tags(sentence)
                 if found is not None and found.ending:
                     sentence = _PLAIN_END.sub(rf"{found.ending}\1", sentence)
-            pieces.append(sentence)
-        spoken = " ".join(pieces)
+            pieces.append(f" {sentence}" if raw[:1].isspace() else sentence)
+        spoken = "".join(pieces).lstrip()
         if spoken and not _TERMINAL.search(spoken):
-            spoken = f"{spoken}."
+            spoken += "。" if _CJK.match(spoken[-1]) else "."
         dominant = None
         if seen:
             counts = Counter(e.name for e in seen)
