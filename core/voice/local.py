@@ -151,13 +151,24 @@ def _sentences(text: str) -> list[tuple[int, int]]:
 
 
 def _aligned(text: str, words: list[tuple[int, int, float]], seconds: float) -> Alignment:
-    """Each word's characters timed from its start to the next word's start."""
+    """Each word's characters timed from its start to the next word's start. espeak-ng
+    reports an unspaced script's sentence (Japanese, Chinese) as one span with an event
+    per character it reads: the span's characters then take those events in turn."""
     starts: list[float | None] = [None] * len(text)
     ends: list[float | None] = [None] * len(text)
-    for i, (position, length, start) in enumerate(words):
-        end = words[i + 1][2] if i + 1 < len(words) else seconds
-        for k in range(max(0, position), min(len(text), position + length)):
-            starts[k], ends[k] = start, max(start, end)
+    spans: list[tuple[int, int, list[float]]] = []  # (position, length, event times)
+    for position, length, start in words:
+        if spans and spans[-1][:2] == (position, length):
+            spans[-1][2].append(start)
+        else:
+            spans.append((position, length, [start]))
+    for i, (position, length, times) in enumerate(spans):
+        end = spans[i + 1][2][0] if i + 1 < len(spans) else seconds
+        marks = [*times, max(times[-1], end)]
+        chars = range(max(0, position), min(len(text), position + length))
+        for j, k in enumerate(chars):
+            event = j * len(times) // len(chars)  # the event this character falls in
+            starts[k], ends[k] = marks[event], max(marks[event], marks[event + 1])
     return Alignment(text, tuple(starts), tuple(ends))
 
 

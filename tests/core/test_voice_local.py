@@ -230,3 +230,18 @@ def test_a_missing_library_is_a_clear_internal_error(tmp_path: Path) -> None:
 )
 def test_strip_audio_tags(text: str, expected: str | None) -> None:
     assert strip_audio_tags(text) == (text if expected is None else expected)
+
+
+async def test_an_unspaced_scripts_characters_are_timed_one_after_another(
+    service: VoiceService,
+) -> None:
+    # espeak-ng reports a Japanese sentence as one span with an event per character: each
+    # character (a word of its own in an unspaced script) must get its own moment
+    text = "今日はとても楽しかったです。"
+    result = await service.generate(VoiceJob(text))
+    assert result.words is not None
+    spoken = [w for w in result.words if text[w.char_start:w.char_end].strip("。")]
+    assert len(spoken) == len(text) - 1
+    starts = [w.start for w in spoken]
+    assert starts == sorted(starts) and len(set(starts)) == len(starts)
+    assert spoken[0].start < 0.5 and spoken[-1].end <= result.duration_seconds + 0.05
