@@ -10,7 +10,12 @@ Layout under the store's prefix:
   takes the next version. It is written only once its blob is complete, so no reader ever
   finds a LoRA without its metadata or its weights;
 - ``loras/trainings/{training_id}.json``: ``{"lora_id": …}``, so that the LoRA a training
-  made is found without listing every registration.
+  made is found without listing every registration. It is written *before* the
+  registration and counts only when the registration it names names that training back:
+  so a registration never exists without its index, whatever fails (or is killed) between
+  the two writes, and a retried training finds the LoRA it registered instead of taking
+  the next version. An index whose registration is missing (the create failed) or belongs
+  to another training (the id was taken meanwhile) is an attempt that did not register.
 
 Every method is blocking (requests to the store): call from a worker thread. Errors are
 :class:`~core.storage.StorageError` (an ``OSError``).
@@ -57,15 +62,14 @@ class SharedLoras:
                                content_type="application/octet-stream")
         body = json.dumps(metadata, indent=2).encode() + b"\n"
         key = f"{_PREFIX}{lora_id}.json"
+        training_id = _training_id(metadata)
         if replace:
             self._objects.put_bytes(key, body)
-        elif not self._objects.create(key, body):
-            return False
-        training = metadata.get("training") or {}
-        if training.get("training_id"):
-            self._objects.put_bytes(f"{_PREFIX}trainings/{training['training_id']}.json",
+            return True
+        if training_id is not None:  # the index first: see the module docstring
+            self._objects.put_bytes(f"{_PREFIX}trainings/{training_id}.json",
                                     json.dumps({"lora_id": lora_id}).encode())
-        return True
+        return self._objects.create(key, body)
 
     def fetch(self, lora_id: str, directory: Path) -> bool:
         """Copies ``lora_id`` from the store into ``directory`` as the local registry
@@ -101,10 +105,25 @@ class SharedLoras:
                 if (match := pattern.match(key))]
 
     def made_by(self, training_id: str) -> str | None:
-        """The id of the LoRA training ``training_id`` registered, or ``None``."""
+        """The id of the LoRA training ``training_id`` registered, or ``None``: the one its
+        index names, if that registration names this training back."""
         raw = self._objects.get_bytes(f"{_PREFIX}trainings/{training_id}.json")
         try:
             found = json.loads(raw)["lora_id"] if raw is not None else None
         except (ValueError, KeyError, TypeError):
             return None
-        return found if isinstance(found, str) else None
+        if not isinstance(found, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", found):
+            return None
+        registration = self._objects.get_bytes(f"{_PREFIX}{found}.json")
+        try:
+            named = _training_id(json.loads(registration)) if registration else None
+        except (ValueError, TypeError, AttributeError):
+            return None
+        return found if named == training_id else None
+
+
+def _training_id(metadata: dict[str, Any]) -> str | None:
+    """The training a registration's metadata says made it, if any."""
+    training = metadata.get("training")
+    found = training.get("training_id") if isinstance(training, dict) else None
+    return found if isinstance(found, str) and found else None

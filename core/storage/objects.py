@@ -2,7 +2,8 @@
 
 Why obstore: one small API, sync and async, over S3, GCS, Azure and local folders; streamed
 puts (multipart above a threshold) and ranged, streamed gets; conditional creates
-(``If-None-Match: *``) for registrations that must never collide; presigned URLs computed
+(``If-None-Match: *``) for registrations that must never collide, and conditional updates
+(``If-Match``) for a training that one instance takes over; presigned URLs computed
 locally; a Rust core with no Python dependency tree (aiobotocore would bring botocore).
 
 Keys are relative to the store's prefix (``s3://bucket/prefix``). Every failure is a
@@ -141,8 +142,21 @@ class ObjectStore:
             raise
         return True
 
+    def update(self, key: str, data: bytes, version: str, *,
+               content_type: str = "application/json") -> bool:
+        """Writes ``key`` only if its object is still at ``version`` (the ETag
+        :meth:`get_versioned` gave; one atomic, conditional put, ``If-Match``); ``False``
+        when it changed or went away meanwhile (someone else wrote it first)."""
+        try:
+            self._put(key, data, content_type, None, {"e_tag": version})
+        except StorageError as exc:
+            if isinstance(exc.__cause__, PreconditionError | AlreadyExistsError | NotFoundError):
+                return False
+            raise
+        return True
+
     def _put(self, key: str, data: bytes | Path, content_type: str,
-             metadata: Mapping[str, str] | None, mode: str) -> None:
+             metadata: Mapping[str, str] | None, mode: str | dict[str, str]) -> None:
         attributes = {"Content-Type": content_type, **(metadata or {})}
         with self._failing("write", key):
             obstore.put(self._store, key, data, attributes=attributes, mode=mode)  # type: ignore[arg-type]
@@ -161,6 +175,18 @@ class ObjectStore:
                 return bytes(obstore.get(self._store, key).bytes())
             except _MISSING:
                 return None
+
+    def get_versioned(self, key: str) -> tuple[bytes, str | None] | None:
+        """The whole object and its version (its ETag: what :meth:`update` is conditional
+        on; ``None`` from a store that gives none), or ``None`` when missing."""
+        with self._failing("read", key):
+            try:
+                result = obstore.get(self._store, key)
+            except _MISSING:
+                return None
+            data = bytes(result.bytes())
+        tag = result.meta.get("e_tag")
+        return data, str(tag) if tag else None
 
     def download(self, key: str, path: Path) -> bool:
         """Streams the object into ``path`` (created or replaced); ``False`` when missing.

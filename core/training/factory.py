@@ -3,9 +3,8 @@ worker with."""
 
 from __future__ import annotations
 
-import os
+import hashlib
 import socket
-import uuid
 
 import httpx
 
@@ -58,5 +57,15 @@ def build_training_service(settings: Settings, worker: GpuWorker, images: ImageS
         base_model=model.name, lora_dtype=model.dtype,
         progress_interval=settings.progress_interval,
         shared=SharedTrainings(objects) if objects is not None else None,
-        owner=f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+        owner=_owner(settings),
     )
+
+
+def _owner(settings: Settings) -> str:
+    """Who this instance is to the other instances (the writer of its trainings' statuses
+    in the store): its host and its TEMP_DIR, which outlive a restart together, so an
+    instance restarted on the same disk takes back the trainings it left there at once
+    rather than waiting for their claims to expire. (Two processes never share a
+    TEMP_DIR: each works on its own training folders.)"""
+    folder = hashlib.sha256(str(settings.temp_dir.resolve()).encode()).hexdigest()[:12]
+    return f"{socket.gethostname()}-{folder}"

@@ -4,7 +4,10 @@ LoRA ids are ``{character_id}_v{n}``, ``n`` one more than the highest version of
 character in LORA_OUTPUT_DIR and the shared store (``sarah_v1`` → ``sarah_v2``), so an id
 is usable at once as ``character_lora_id`` and never replaces an earlier LoRA; two
 trainings that pick the same version at once get two versions (the registry's create
-decides, the loser takes the next). The registry's metadata keeps
+decides, the loser takes the next). A registration retried after a store error or a crash
+finds the LoRA its training registered (:meth:`LoraRegistry.made_by`; see
+:mod:`core.lora.shared` for the order of the writes) and never takes a second version. The
+registry's metadata keeps
 ``training`` (training_id, request_id, steps, images, probe losses, …): a replayed
 request finds its result there without training again.
 """
@@ -42,8 +45,10 @@ def register_lora(
     """Write ``weights`` as a LoRA file (in ``dtype``, with its adapter metadata) and
     register it under the next free ``{character_id}_v{n}`` with the trigger word, base
     model and ``training`` metadata; the LoRA this training registered already (here or,
-    through the shared store, on another instance) when there is one. Blocking. Raises ``OSError`` when a file cannot be
-    written, ``FileExistsError`` when no version could be taken."""
+    through the shared store, on another instance, or by an earlier attempt that failed
+    after its registration landed) when there is one. Blocking. Raises ``OSError`` when a
+    file cannot be written or the store fails (retry: the same call finds or completes
+    it), ``FileExistsError`` when no version could be taken."""
     for _ in range(_ATTEMPTS):
         # the same training finished elsewhere first (two instances that both ran it):
         # its LoRA is the one, never a second version of the same training

@@ -13,11 +13,18 @@ result (:meth:`TrainingService.train`); HTTP starts it in the background
 crash (Kafka ones resume when their request is redelivered).
 
 With a shared store (:class:`~core.training.shared.SharedTrainings`) a training's inputs
-and checkpoints are also kept there and its status written there at every change: a
+and checkpoints are also kept there and its status written there at every change (and
+every quarter of :data:`STATUS_LEASE_SECONDS` while it runs or waits: its heartbeat): a
 training whose request moves to another instance (a rebalance, a crash) resumes there from
-its last checkpoint without fetching its photos again; every instance answers its status;
-and an HTTP training that another instance is running (its status fresh in the store) is
-not started a second time by a retried POST.
+its last checkpoint without fetching its photos again; every instance answers its status.
+An HTTP training is claimed in the store (its status created conditionally) before its
+photos are taken in, so the same POST reaching two instances at once, or a retry reaching
+another, is trained once: the other answers the live status. A status not renewed for
+:data:`STATUS_LEASE_SECONDS` belongs to an instance that is gone: it is reported as
+``failed`` (retryable) for HTTP trainings, ``queued`` for Kafka ones (Kafka redelivers
+them), and a retried POST takes the training over from its last checkpoint in the store.
+A store that fails while a training is restored from it is a retryable
+``UPSTREAM_UNAVAILABLE``, never a fresh start.
 
 Nothing grows without bound: a per-training lock lives only while someone holds or waits
 for it; statuses of trainings not running here expire (:class:`StatusBoard`); a training
@@ -39,7 +46,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import replace as replaced
 from pathlib import Path
 
 import torch
@@ -57,15 +64,16 @@ from core.training.shared import SharedTrainings
 from core.training.spec import Origin, TrainingLimits, TrainingSpec
 from core.training.status import StatusBoard, TrainingStatus
 from schemas.errors import EngineError, InternalError
-from schemas.events import ImageRequested, LoraTrainingRequested, parse_instant, utc_now_iso
+from schemas.events import ImageRequested, LoraTrainingRequested, utc_now_iso
 
-__all__ = ["ORPHAN_TTL_SECONDS", "TrainingOutcome", "TrainingService"]
+__all__ = ["ORPHAN_TTL_SECONDS", "STATUS_LEASE_SECONDS", "TrainingOutcome", "TrainingService"]
 
 _TRAINING_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 ORPHAN_TTL_SECONDS = 24 * 3600.0
-# a status in the store not written for this long belongs to nobody (its instance is gone)
-LIVE_STATUS_SECONDS = 120.0
+# a status in the store not renewed for this long belongs to nobody (its instance is gone);
+# its owner renews it every quarter of this (a checkpoint may take far longer than that)
+STATUS_LEASE_SECONDS = 120.0
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +157,7 @@ class TrainingService:
         self._shared = shared
         self._owner = owner or uuid.uuid4().hex  # who writes statuses to the store
         self._status_writes: dict[str, asyncio.Task[None]] = {}  # one writer per training
-        self._unwritten: dict[str, TrainingStatus] = {}  # the latest, not yet written
+        self._unwritten: dict[str, tuple[TrainingStatus, Origin]] = {}  # not yet written
         self._heartbeat: asyncio.Task[None] | None = None  # keeps running statuses fresh
         self._board = StatusBoard(keep=lambda training_id: training_id in self._runs,
                                   on_change=self._share_status if shared else None)
@@ -170,7 +178,8 @@ class TrainingService:
         """Train (or resume, or find) the LoRA ``request`` asks for and return it;
         ``progress(step, total, loss)`` hears the steps. Raises
         :class:`~schemas.errors.InvalidRequestError` naming the field (nothing written),
-        :class:`~schemas.errors.UpstreamUnavailableError` (an image URL, retryable),
+        :class:`~schemas.errors.UpstreamUnavailableError` (an image URL, or the shared
+        store: retryable),
         :class:`~schemas.errors.OutOfMemoryError` (retryable: the checkpoint stays),
         :class:`~schemas.errors.InternalError`, or :class:`TrainingInterrupted` when the
         engine stops first. Cancelling the caller stops the training at its next step,
@@ -205,16 +214,8 @@ class TrainingService:
             return begun
         training_id = begun.training_id if isinstance(begun, TrainingOutcome) else (
             begun.spec.training_id)
-        status = await self.status(training_id)
+        status = await self.status(training_id)  # in the store already: its claim
         assert status is not None
-        if self._shared is not None and isinstance(begun, _Run):
-            # accepted means known to every instance: a retry of this POST that reaches
-            # another one must find it running here (the background writes may lag)
-            try:
-                await asyncio.to_thread(self._shared.put_status, status, self._owner)
-            except OSError as exc:
-                logger.warning("status of training %s not written to the store: %s",
-                               training_id, exc)
         return status
 
     async def status(self, training_id: str) -> TrainingStatus | None:
@@ -240,21 +241,33 @@ class TrainingService:
         return self._queued(spec, await asyncio.to_thread(folder.latest_step))
 
     async def _shared_status(self, training_id: str) -> TrainingStatus | None:
-        """The status another instance wrote to the store (a training running there)."""
-        found = await self._stored_status(training_id)
-        return found[0] if found is not None else None
-
-    async def _stored_status(self, training_id: str) -> tuple[TrainingStatus, str] | None:
-        """The status in the store and its writer; None without a store, or when it has
-        none, or fails (logged: this instance then goes on as if alone)."""
+        """The status another instance wrote to the store (a training running there); a
+        queued or running one not renewed for :data:`STATUS_LEASE_SECONDS` is abandoned
+        (its instance is gone): ``queued`` again for a Kafka training (its request is
+        redelivered), ``failed`` and retryable for an HTTP one (nothing would resume it
+        but a retried POST, which takes it over from its last checkpoint). None without a
+        store, when it has none, or fails (logged)."""
         if self._shared is None:
             return None
         try:
-            return await asyncio.to_thread(self._shared.get_status, training_id)
+            found = await asyncio.to_thread(self._shared.get_status, training_id)
         except OSError as exc:
             logger.warning("status of training %s not read from the store: %s",
                            training_id, exc)
             return None
+        if found is None:
+            return None
+        status = found.status
+        if status.state not in ("queued", "training") or found.live(STATUS_LEASE_SECONDS):
+            return status
+        if found.origin == "kafka":
+            return replaced(status, state="queued")
+        return replaced(
+            status, state="failed", error_code="TIMEOUT", retryable=True,
+            estimated_time_minutes=None,
+            error=f"the instance running this training stopped (its status was not "
+                  f"renewed for {STATUS_LEASE_SECONDS:g} s); POST /train-lora again with the "
+                  "same request_id to resume it from its last checkpoint")
 
     async def wait(self, training_id: str) -> TrainingStatus | None:
         """Wait until the training running here as ``training_id`` ends (at once when none
@@ -278,7 +291,7 @@ class TrainingService:
                 if spec is None:
                     continue
                 done = await asyncio.to_thread(self._store.folder(training_id).latest_step)
-                if spec.origin == "http" and await self._running_elsewhere(training_id):
+                if spec.origin == "http" and await self._claimed_elsewhere(spec, done):
                     logger.info("request_id=%s training %s left by a previous run is "
                                 "running on another instance now", spec.request_id,
                                 training_id)
@@ -393,55 +406,141 @@ class TrainingService:
                 self._board.put(_completed_status(info))
                 return _outcome(info, request.conversation_id, replayed=True,
                                 registry=self._registry)
-            if origin == "http" and (elsewhere := await self._running_elsewhere(training_id)):
+            claim = self._claim_for(request) if origin == "http" else None
+            if claim is not None and (elsewhere := await self._claim(claim)) is not None:
                 logger.info("request_id=%s training %s runs on another instance: not "
                             "started here", request.request_id, training_id)
                 return elsewhere
-            spec = await asyncio.to_thread(folder.read_spec)
-            if self._shared is not None and (spec is None or await self._behind(folder)):
-                spec = await self._restored(folder)
-            if spec is not None and spec.request_id == request.request_id:
-                logger.info("request_id=%s training %s found on disk", request.request_id,
-                            training_id)
-            else:
-                spec = await self._take_in(request, origin, folder, files)
-            return self._start(spec, await asyncio.to_thread(folder.latest_step))
+            async with self._renewing(claim):
+                spec = await asyncio.to_thread(folder.read_spec)
+                if self._shared is not None and (spec is None or await self._behind(folder)):
+                    spec = await self._restored(folder)
+                if spec is not None and spec.request_id == request.request_id:
+                    logger.info("request_id=%s training %s found on disk",
+                                request.request_id, training_id)
+                else:
+                    spec = await self._take_in(request, origin, folder, files)
+                return self._start(spec, await asyncio.to_thread(folder.latest_step))
 
-    async def _running_elsewhere(self, training_id: str) -> TrainingStatus | None:
-        """The status of ``training_id`` when another instance runs it (its status in the
-        store written by another owner, not finished, and fresh)."""
-        found = await self._stored_status(training_id)
-        if found is None:
+    def _claim_for(self, request: LoraTrainingRequested) -> TrainingStatus | None:
+        """The status that claims ``request``'s training in the store (None without one):
+        queued at step 0 until its inputs are known."""
+        if self._shared is None:
             return None
-        status, owner = found
-        fresh = _age_seconds(status.updated_at) < LIVE_STATUS_SECONDS
-        return status if owner != self._owner and fresh and status.state in (
-            "queued", "training") else None
+        limits = self._intake.limits
+        steps = request.steps or limits.default_steps
+        return TrainingStatus(
+            training_id=spec_identity(request), request_id=request.request_id,
+            character_id=request.character_id, trigger_word=request.trigger_word,
+            state="queued", step=0, total=steps, updated_at=utc_now_iso(),
+            estimated_time_minutes=self._times.estimate_minutes(
+                steps, request.resolution or limits.default_resolution, limits.batch_size))
+
+    async def _claim(self, status: TrainingStatus) -> TrainingStatus | None:
+        """Claims the HTTP training of ``status`` in the store for this instance (None);
+        the live status of the instance at it instead. Raises
+        :class:`~schemas.errors.UpstreamUnavailableError` when the store fails (whether
+        another instance is at it is unknown: not started here)."""
+        assert self._shared is not None
+        try:
+            found = await asyncio.to_thread(self._shared.claim, status, self._owner, "http",
+                                            lease=STATUS_LEASE_SECONDS)
+        except StorageError as exc:
+            raise unavailable(exc) from exc
+        return found.status if found is not None else None
+
+    async def _claimed_elsewhere(self, spec: TrainingSpec, done: int) -> bool:
+        """At start-up, for an HTTP training found on disk: whether another instance is
+        at it (its claim live); a store that fails says no (logged: this one goes on as if
+        alone, as without a store)."""
+        if self._shared is None:
+            return False
+        status = TrainingStatus(
+            training_id=spec.training_id, request_id=spec.request_id,
+            character_id=spec.character_id, trigger_word=spec.trigger_word, state="queued",
+            step=done, total=spec.steps, updated_at=utc_now_iso(),
+            estimated_time_minutes=self.estimate_minutes(spec, done))
+        try:
+            return await self._claim(status) is not None
+        except EngineError as exc:
+            logger.warning("training %s not claimed in the store: %s", spec.training_id, exc)
+            return False
+
+    @asynccontextmanager
+    async def _renewing(self, claim: TrainingStatus | None) -> AsyncIterator[None]:
+        """While the claimed training is taken in (checking and uploading its photos may
+        outlast the lease), its claim is renewed as the heartbeat renews running ones; if
+        it is never started (refused, failed), the claim is let go: a retryable failure
+        is recorded (any instance may take the training over), anything else removes it."""
+        if claim is None:
+            yield
+            return
+        shared = self._shared
+        assert shared is not None
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(STATUS_LEASE_SECONDS / 4)
+                try:
+                    await asyncio.to_thread(shared.put_status, replaced(
+                        claim, updated_at=utc_now_iso()), self._owner, "http")
+                except OSError as exc:
+                    logger.warning("claim of training %s not renewed: %s",
+                                   claim.training_id, exc)
+
+        renewing = asyncio.create_task(renew(), name=f"training-claim-{claim.training_id}")
+        try:
+            yield
+        except BaseException as exc:
+            await self._let_go(claim, exc)
+            raise
+        finally:
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
+
+    async def _let_go(self, claim: TrainingStatus, error: BaseException) -> None:
+        assert self._shared is not None
+        try:
+            if isinstance(error, EngineError) and error.retryable:
+                await asyncio.to_thread(self._shared.put_status, replaced(
+                    claim, state="failed", error_code=str(error.code),
+                    error=error.public_message, retryable=True, estimated_time_minutes=None,
+                    updated_at=utc_now_iso()), self._owner, "http")
+            else:
+                await asyncio.to_thread(self._shared.drop_status, claim.training_id)
+        except OSError as exc:
+            logger.warning("claim of training %s not let go: %s", claim.training_id, exc)
 
     async def _behind(self, folder: TrainingFolder) -> bool:
         """Whether the store holds a later checkpoint than this folder (another instance
-        went on with the training since this one left it)."""
+        went on with the training since this one left it). Raises
+        :class:`~schemas.errors.UpstreamUnavailableError` when the store fails: going on
+        from the local checkpoint would throw a later one away."""
         assert self._shared is not None
         try:
             stored = await asyncio.to_thread(self._shared.checkpoint_step,
                                              folder.path.name)
-        except OSError:
-            return False  # the store failing: the local checkpoint is what there is
+        except StorageError as exc:
+            raise unavailable(exc) from exc
         return stored is not None and stored > await asyncio.to_thread(folder.latest_step)
 
     async def _restored(self, folder: TrainingFolder) -> TrainingSpec | None:
         """The spec of the training's inputs and checkpoint brought from the store (another
-        instance began it or went on with it), or None when the store has none (or fails:
-        logged). Whatever the folder held is replaced."""
+        instance began it or went on with it), or None when the store has none. Whatever
+        the folder held is replaced. A store that fails (or a checkpoint replaced while it
+        was read) raises :class:`~schemas.errors.UpstreamUnavailableError`: retryable,
+        and nothing in the store is touched (starting over would delete its checkpoint)."""
         assert self._shared is not None
         await asyncio.to_thread(folder.remove)
         try:
             step = await asyncio.to_thread(self._shared.restore, folder)
-        except OSError as exc:
-            logger.warning("training %s not restored from the store: %s", folder.path.name,
-                           exc)
+        except StorageError as exc:
             await asyncio.to_thread(folder.remove)
-            return None
+            raise unavailable(exc) from exc
+        except OSError as exc:  # the local disk's
+            await asyncio.to_thread(folder.remove)
+            raise InternalError(f"training {folder.path.name} could not be restored from "
+                                f"the store: {exc}") from exc
         if step is None:
             return None
         return await asyncio.to_thread(folder.read_spec)
@@ -607,28 +706,32 @@ class TrainingService:
         one write per training at a time, the latest status winning (a burst of progress
         is one or two writes)."""
         training_id = status.training_id
-        if training_id not in self._runs:
+        run = self._runs.get(training_id)
+        if run is None:
             return  # a status read here of a training run elsewhere is not ours to write
-        self._unwritten[training_id] = status
+        self._unwritten[training_id] = (status, run.spec.origin)
         if training_id not in self._status_writes:
             self._status_writes[training_id] = asyncio.get_running_loop().create_task(
                 self._write_statuses(training_id), name=f"training-status-{training_id}")
 
     async def _keep_statuses_fresh(self) -> None:
         """While trainings run or wait here, their statuses in the store are rewritten
-        every quarter of :data:`LIVE_STATUS_SECONDS`, so that one queued behind another
-        training for hours is not taken for abandoned by another instance."""
+        every quarter of :data:`STATUS_LEASE_SECONDS`, so that one queued behind another
+        training for hours, or in a chunk longer than the lease, is not taken for
+        abandoned by another instance."""
         while self._runs and not self._stopping:
-            await asyncio.sleep(LIVE_STATUS_SECONDS / 4)
+            await asyncio.sleep(STATUS_LEASE_SECONDS / 4)
             for training_id in list(self._runs):
                 self._board.update(training_id)  # a new updated_at, heard by the store
 
     async def _write_statuses(self, training_id: str) -> None:
         assert self._shared is not None
         try:
-            while (status := self._unwritten.pop(training_id, None)) is not None:
+            while (latest := self._unwritten.pop(training_id, None)) is not None:
+                status, origin = latest
                 try:
-                    await asyncio.to_thread(self._shared.put_status, status, self._owner)
+                    await asyncio.to_thread(self._shared.put_status, status, self._owner,
+                                            origin)
                 except OSError as exc:
                     logger.warning("status of training %s not written to the store: %s",
                                    training_id, exc)
@@ -674,11 +777,3 @@ def _log_sweep(task: asyncio.Task[list[str]]) -> None:
 
 def _fmt(value: float | None) -> str:
     return "?" if value is None else f"{value:.4f}"
-
-
-def _age_seconds(instant: str) -> float:
-    """Seconds since ``instant`` (ISO-8601); unreadable counts as long ago."""
-    try:
-        return (datetime.now(UTC) - parse_instant(instant)).total_seconds()
-    except (ValueError, OverflowError):
-        return float("inf")

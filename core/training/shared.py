@@ -10,7 +10,15 @@ Layout under ``trainings/{training_id}/`` (the local folder's, see
 - ``checkpoints/step-{n}/…`` (the adapter, the optimizer state) and the files beside
   them (``probe.json``), then ``checkpoint.json`` (``{"step": n}``) naming the complete
   one; older steps are deleted once the marker moved;
-- ``status.json``: ``{"owner": …, "status": {…}}``, the latest status and who wrote it.
+- ``status.json``: ``{"owner": …, "origin": "kafka"|"http", "status": {…}}``, the latest
+  status and who wrote it. Its ``updated_at`` is the owner's heartbeat: a status in
+  ``queued`` or ``training`` is *live* while younger than a lease (the service's
+  ``STATUS_LEASE_SECONDS``); an older one belongs to an instance that is gone.
+
+The status is also the claim on an HTTP training (:meth:`SharedTrainings.claim`): an
+instance about to take one in first creates its status (``If-None-Match: *``), or takes
+over one that is not live by a conditional update on its ETag (``If-Match``), so two
+instances that receive the same request at once never both train it.
 
 Inputs and checkpoints are deleted when the training ends (registered, or failed for
 good); the status stays, for ``GET /train-lora/{id}`` anywhere. Every method is blocking
@@ -23,16 +31,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
 
 from core.files import atomic_write
 from core.storage import ObjectStore, StorageError
 from core.training.checkpoint import TrainingFolder
+from core.training.spec import Origin
 from core.training.status import TrainingStatus
+from schemas.events import parse_instant
 
-__all__ = ["SharedTrainings"]
+__all__ = ["SharedTrainings", "StoredStatus"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +53,24 @@ _MARKER = "checkpoint.json"
 _STATUS = "status.json"
 _CHECKPOINTS = "checkpoints/"
 _SKIPPED = {"cache.safetensors"}  # encoded data: cheaper to encode again than to move
+_STEP = re.compile(r"step-(\d+)/")
+_CLAIM_ATTEMPTS = 3  # each lost only to a status written meanwhile
+
+
+@dataclass(frozen=True)
+class StoredStatus:
+    """A training's status as the store holds it: who wrote it (``owner``), for a
+    training that came by Kafka or HTTP (``origin``; ``None`` when not said)."""
+
+    status: TrainingStatus
+    owner: str
+    origin: Origin | None
+
+    def live(self, lease: float) -> bool:
+        """Whether its owner is at it: queued or training, and written less than
+        ``lease`` seconds ago (an unreadable time counts as long ago)."""
+        return self.status.state in ("queued", "training") and \
+            _age_seconds(self.status.updated_at) < lease
 
 
 class SharedTrainings:
@@ -72,8 +102,9 @@ class SharedTrainings:
                 self._objects.put_file(base + file.name, file,
                                        content_type="application/octet-stream")
         self._objects.put_bytes(base + _MARKER, json.dumps({"step": step}).encode())
-        for key in self._objects.keys(base + _CHECKPOINTS):
-            if not key.startswith(f"{base}{_CHECKPOINTS}{name}/"):
+        for key in self._objects.keys(base + _CHECKPOINTS):  # older ones only: a later
+            found = _STEP.match(key.removeprefix(base + _CHECKPOINTS))  # one is never ours
+            if found is None or int(found.group(1)) < step:  # to throw away
                 self._objects.delete(key)
 
     def checkpoint_step(self, training_id: str) -> int | None:
@@ -126,24 +157,75 @@ class SharedTrainings:
 
     # --- status ---
 
-    def put_status(self, status: TrainingStatus, owner: str) -> None:
-        self._objects.put_bytes(_key(status.training_id, _STATUS), json.dumps(
-            {"owner": owner, "status": asdict(status)}).encode())
+    def put_status(self, status: TrainingStatus, owner: str, origin: Origin) -> None:
+        """Writes ``status`` as ``owner``'s, whatever was there."""
+        self._objects.put_bytes(_key(status.training_id, _STATUS),
+                                _status_document(status, owner, origin))
 
-    def get_status(self, training_id: str) -> tuple[TrainingStatus, str] | None:
-        """The latest status written for ``training_id`` and its writer, or ``None``."""
+    def get_status(self, training_id: str) -> StoredStatus | None:
+        """The latest status written for ``training_id``, or ``None`` (none, or
+        unreadable: logged)."""
         raw = self._objects.get_bytes(_key(training_id, _STATUS))
-        if raw is None:
-            return None
-        try:
-            data = json.loads(raw)
-            known = {f.name for f in fields(TrainingStatus)}
-            status = TrainingStatus(**{k: v for k, v in data["status"].items() if k in known})
-            return status, str(data["owner"])
-        except (ValueError, KeyError, TypeError) as exc:
-            logger.warning("status of training %s in the store is unreadable: %s",
-                           training_id, exc)
-            return None
+        return _parse_status(training_id, raw) if raw is not None else None
+
+    def claim(self, status: TrainingStatus, owner: str, origin: Origin, *,
+              lease: float) -> StoredStatus | None:
+        """Makes ``owner`` the one at the training: writes ``status`` as its status if
+        there is none (a conditional create), or over one that is not live (see
+        :meth:`StoredStatus.live`: finished, failed, abandoned) or is ``owner``'s own (a
+        conditional update on the version read). ``None`` then; the live status of
+        another owner when there is one (nothing written). Raises
+        :class:`~core.storage.StorageError` when the store fails, or the status changed
+        under every attempt."""
+        key = _key(status.training_id, _STATUS)
+        document = _status_document(status, owner, origin)
+        for _ in range(_CLAIM_ATTEMPTS):
+            found = self._objects.get_versioned(key)
+            if found is None:
+                if self._objects.create(key, document):
+                    return None
+                continue  # created meanwhile: read it
+            raw, version = found
+            stored = _parse_status(status.training_id, raw)
+            if stored is not None and stored.owner != owner and stored.live(lease):
+                return stored
+            if version is None:
+                raise StorageError(f"{self._objects.where} gives no ETag: the status of "
+                                   f"training {status.training_id} cannot be taken over")
+            if self._objects.update(key, document, version):
+                return None
+        raise StorageError(f"the status of training {status.training_id} changed under "
+                           f"each of {_CLAIM_ATTEMPTS} claims")
+
+    def drop_status(self, training_id: str) -> None:
+        """Deletes the training's status (a claim given up before anything was kept)."""
+        self._objects.delete(_key(training_id, _STATUS))
+
+
+def _status_document(status: TrainingStatus, owner: str, origin: Origin) -> bytes:
+    return json.dumps({"owner": owner, "origin": origin, "status": asdict(status)}).encode()
+
+
+def _parse_status(training_id: str, raw: bytes) -> StoredStatus | None:
+    try:
+        data = json.loads(raw)
+        known = {f.name for f in fields(TrainingStatus)}
+        status = TrainingStatus(**{k: v for k, v in data["status"].items() if k in known})
+        origin = data.get("origin")
+        return StoredStatus(status, str(data["owner"]),
+                            origin if origin in ("kafka", "http") else None)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        logger.warning("status of training %s in the store is unreadable: %s",
+                       training_id, exc)
+        return None
+
+
+def _age_seconds(instant: str) -> float:
+    """Seconds since ``instant`` (ISO-8601); unreadable counts as long ago."""
+    try:
+        return (datetime.now(UTC) - parse_instant(instant)).total_seconds()
+    except (ValueError, OverflowError):
+        return float("inf")
 
 
 def _key(training_id: str, name: str) -> str:
