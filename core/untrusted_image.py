@@ -10,6 +10,10 @@ One set of rules for every image the engine takes in: LoRA training images
   decoded; Pillow's own guard (``Image.MAX_IMAGE_PIXELS``, refusing above twice its
   value) gives the same refusal.
 - The file is verified and then decoded completely: truncated or corrupt data fails here.
+- Decoded pixels become 8-bit RGB the same way for every use (:func:`to_rgb`):
+  transparency over white, and 16-bit samples (a 16-bit grayscale PNG is Pillow's mode
+  ``I;16``) scaled to 8 bits, not clipped (``convert("RGB")`` alone makes such an image
+  almost entirely white).
 - Whatever else Pillow raises on crafted data (malformed EXIF can raise ``TypeError``,
   ``KeyError`` or ``ZeroDivisionError`` as well as ``OSError``) becomes the same generic
   refusal: hostile input is never an ``INTERNAL`` error and never shows Pillow's text.
@@ -24,11 +28,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import BinaryIO, TypeVar
 
+import numpy as np
 from PIL import Image
 
 from schemas.errors import InvalidRequestError
 
-__all__ = ["FORMATS", "check_head", "decode", "refusal", "sniff_format"]
+__all__ = ["FORMATS", "check_head", "decode", "refusal", "sniff_format", "to_rgb"]
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 """The formats taken in (Pillow's names)."""
@@ -36,6 +41,11 @@ FORMATS = ("PNG", "JPEG", "WEBP")
 T = TypeVar("T")
 
 _MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
+_WHITE = (255, 255, 255)
+_TRANSPARENT_MODES = frozenset({"RGBA", "LA", "PA"})
+# One sample of more than 8 bits, on the 16-bit scale (0-65535): PNG's 16-bit grayscale
+# opens as I;16; I and F hold the same values after Pillow converts them.
+_HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -92,6 +102,39 @@ def decode(open_data: Callable[[], BinaryIO], kind: str, field: str, *, max_pixe
         raise refusal(field, "refused as a decompression bomb") from exc
     except Exception as exc:  # crafted data reaches odd corners of Pillow
         raise refusal(field, f"not a valid {kind} image") from exc
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = _WHITE) -> Image.Image:
+    """``image`` as 8-bit RGB, for every image taken in (starting images, training photos).
+
+    Transparency (an alpha channel, or a transparent colour or palette entry) is flattened
+    over ``background``. Samples of more than 8 bits (modes ``I;16``, ``I;16B``, ``I``,
+    ``F``) keep their high byte, as Pillow itself does for 16-bit RGB PNGs, so a 16-bit
+    gradient stays a gradient; ``I`` and ``F`` are read on the same 0-65535 scale, and
+    values outside it (which no PNG, JPEG or WebP holds) are clipped to it. Other modes
+    (``1``, ``L``, ``P``, ``RGB``, ``CMYK``, ``YCbCr``…) are converted by Pillow."""
+    if image.mode in _HIGH_DEPTH_MODES:
+        image = _eight_bit(image)
+    if image.mode in _TRANSPARENT_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, background)
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
+    return image.convert("RGB")
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """A one-sample image of more than 8 bits as ``L`` (``LA`` when a sample value is
+    marked transparent, as a 16-bit grayscale PNG's ``tRNS`` can)."""
+    samples = np.asarray(image)
+    if samples.dtype.kind == "f" or samples.dtype.itemsize > 2:  # I and F
+        samples = np.clip(samples, 0, 65535)
+    gray = Image.fromarray((samples.astype(np.uint16) >> 8).astype(np.uint8), "L")
+    transparent = image.info.get("transparency")
+    if not isinstance(transparent, int | float):
+        return gray
+    opaque = np.where(samples == transparent, 0, 255).astype(np.uint8)
+    return Image.merge("LA", (gray, Image.fromarray(opaque, "L")))
 
 
 def refusal(field: str, reason: str) -> InvalidRequestError:

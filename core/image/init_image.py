@@ -21,12 +21,10 @@ import httpx
 from PIL import Image, ImageOps
 
 from core.net import AllowedHosts, FetchLimits, SafeFetcher
-from core.untrusted_image import check_head, decode
+from core.untrusted_image import check_head, decode, to_rgb
 from schemas.errors import InvalidRequestError
 
 __all__ = ["InitImage", "InitImageLimits", "InitImageLoader", "decode_init_image"]
-
-_BACKGROUND = (255, 255, 255)  # under transparent pixels
 
 
 @dataclass(frozen=True)
@@ -74,22 +72,13 @@ class InitImageLoader:
 
 
 def decode_init_image(data: bytes, field_name: str, limits: InitImageLimits) -> InitImage:
-    """``data`` decoded to an RGB image (transparency over white, EXIF orientation
-    applied) by the rules of :mod:`core.untrusted_image`; raises
+    """``data`` decoded to an 8-bit RGB image (transparency over white, 16-bit samples
+    scaled, EXIF orientation applied) by the rules of :mod:`core.untrusted_image`; raises
     :class:`InvalidRequestError` naming ``field_name``. CPU-bound: call it off the event
     loop."""
     kind = check_head(len(data), data[:12], field_name, limits.max_bytes)
     image = decode(lambda: io.BytesIO(data), kind, field_name, max_pixels=limits.max_pixels,
                    draft_side=limits.max_side,
-                   finish=lambda opened: _rgb(ImageOps.exif_transpose(opened)))
+                   finish=lambda opened: to_rgb(ImageOps.exif_transpose(opened)))
     return InitImage(image, hashlib.sha256(data).hexdigest())
-
-
-def _rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        flat = Image.new("RGB", rgba.size, _BACKGROUND)
-        flat.paste(rgba, mask=rgba.getchannel("A"))
-        return flat
-    return image.convert("RGB")
 

@@ -1,8 +1,13 @@
 """One URL from a request → its body, without reaching the engine's own network (SSRF).
 
-Each hop (the URL, then every redirect, at most ``max_redirects``) is checked the same way:
-``http``/``https`` only; the host is resolved once and refused when any address is not
-public (:func:`~core.net.policy.is_public_address`) unless the host is in the
+Each hop (the URL, then every redirect, at most ``max_redirects``) is checked the same way,
+before anything is resolved or sent: ``http``/``https`` only, at most 8192 characters, a
+port from 1 to 65535, a host that is an IP address or a DNS name (labels of at most 63
+characters, 253 in all, ``xn--`` labels valid IDNA). An internationalised name
+(``http://bücher.example/``) is IDNA-encoded as httpx encodes it, and that ASCII form is
+what is checked, allowed, resolved and sent (``Host``, SNI). Then the host is resolved
+once and refused when any address is not public
+(:func:`~core.net.policy.is_public_address`) unless the host is in the
 :class:`~core.net.policy.AllowedHosts`; the request then goes to that checked address,
 never to the name again: ``http`` asks the IP with the original ``Host`` header, ``https``
 also passes the name as ``sni_hostname`` so TLS verifies the certificate against the name.
@@ -17,8 +22,9 @@ refused instead (other values of Content-Encoding are ignored, as httpx does).
 Errors name the request's field and a generic reason only, never a resolved address, a
 port or the exception text (those go to the log):
 
-- not a URL, not http(s), an address not allowed, a redirect to a broken URL, too many
-  redirects, 4xx, too large, a coding refused or a body not in its coding →
+- not a URL (as above, saying what is wrong with it), not http(s), an address not
+  allowed, a redirect to a broken URL, too many redirects, 4xx, too large, a coding
+  refused or a body not in its coding →
   :class:`InvalidRequestError` (the request is wrong; a retry cannot help);
 - 429, 5xx, a name that does not resolve, connection errors, timeouts →
   :class:`UpstreamUnavailableError` (retryable).
@@ -35,6 +41,7 @@ from dataclasses import dataclass
 from ipaddress import ip_address
 
 import httpx
+import idna
 
 from core.net.policy import AllowedHosts, IPAddress, is_public_address
 from core.net.resolve import Resolver, resolve_host
@@ -48,6 +55,9 @@ _CHUNK = 64 * 1024
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST_NAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?$")  # as httpx gives it: IDNA, lower
+_MAX_LABEL, _MAX_NAME = 63, 253  # DNS's limits, in the name's ASCII form
+_MAX_PORT = 65535
+_MAX_URL_CHARS = 8192  # more than most servers take in a request line
 _ZLIB, _RAW_DEFLATE = zlib.MAX_WBITS, -zlib.MAX_WBITS  # wbits of zlib.decompressobj
 _CODINGS = {"gzip": zlib.MAX_WBITS | 16, "x-gzip": zlib.MAX_WBITS | 16, "deflate": _ZLIB}
 _REFUSED_CODINGS = frozenset({"br", "zstd", "compress", "x-compress"})
@@ -98,12 +108,12 @@ class SafeFetcher:
             async with asyncio.timeout(limits.timeout):
                 return await self._follow(target, field)
         except (TimeoutError, httpx.TimeoutException) as exc:
-            _log.info("%s: fetching from %s timed out", field, target.host)
+            _log.info("%s: fetching from %s timed out", field, _host(target))
             raise UpstreamUnavailableError(
                 f"{field}: the image server did not answer within {limits.timeout_setting}"
                 f" ({limits.timeout:g} s)") from exc
         except (httpx.HTTPError, OSError) as exc:
-            _log.warning("%s: fetching from %s failed: %r", field, target.host, exc)
+            _log.warning("%s: fetching from %s failed: %r", field, _host(target), exc)
             raise UpstreamUnavailableError(
                 f"{field}: the image server could not be reached") from exc
 
@@ -119,7 +129,7 @@ class SafeFetcher:
 
     async def _destination(self, target: httpx.URL, field: str) -> Sequence[IPAddress]:
         """The checked addresses of ``target``'s host, to connect to in this order."""
-        host = target.host
+        host = _host(target)
         try:
             addresses: Sequence[IPAddress] = [ip_address(host)]
         except ValueError:
@@ -153,7 +163,7 @@ class SafeFetcher:
                 if isinstance(exc, httpx.RemoteProtocolError) and not isinstance(
                         exc.__context__, httpx.InvalidURL):
                     raise  # the connection's own failure: retryable
-                _log.info("%s: %s sent a broken redirect: %r", field, target.host, exc)
+                _log.info("%s: %s sent a broken redirect: %r", field, _host(target), exc)
                 raise _broken_redirect(field) from exc
             try:
                 return await self._read(response, target, field)
@@ -168,7 +178,7 @@ class SafeFetcher:
         headers["Accept-Encoding"] = "identity"  # the body is decoded here: see the module
         extensions: dict[str, object] = {"timeout": httpx.Timeout(self._limits.timeout).as_dict()}
         if target.scheme == "https":
-            extensions["sni_hostname"] = target.host
+            extensions["sni_hostname"] = _host(target)
             # The pool keys connections by the IP alone: a kept-alive TLS connection
             # verified for one name must not carry a request for another name.
             headers["Connection"] = "close"
@@ -202,7 +212,7 @@ class SafeFetcher:
                 if body.complete:
                     break  # what follows the coded data is ignored, as httpx does
         except zlib.error as exc:
-            _log.info("%s: %s sent a body not in its coding: %s", field, target.host, exc)
+            _log.info("%s: %s sent a body not in its coding: %s", field, _host(target), exc)
             raise InvalidRequestError(
                 f"{field}: the image server sent a body that could not be decompressed",
                 field=field) from exc
@@ -272,19 +282,61 @@ def _coding(headers: httpx.Headers, field: str) -> int | None:
 
 
 def _parse(url: str, field: str) -> httpx.URL:
+    """The caller's ``url``, parsed and checked (see :func:`_url_problem`) before anything
+    is resolved or sent."""
+    if len(url) > _MAX_URL_CHARS:
+        raise _not_a_url(field, f" (longer than {_MAX_URL_CHARS} characters)")
     try:
-        return httpx.URL(url)
-    except (httpx.InvalidURL, TypeError) as exc:
-        raise InvalidRequestError(f"{field}: not a valid URL", field=field) from exc
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:  # ValueError: IDNA's own
+        raise _not_a_url(field) from exc
+    return _checked_url(parsed, field)
 
 
-def _checked_url(url: httpx.URL, field: str) -> httpx.URL:
+def _checked_url(url: httpx.URL, field: str, *, redirect: bool = False) -> httpx.URL:
+    """``url`` when it may be fetched; a redirect's problems other than its scheme are
+    all "redirected to an invalid URL"."""
     if url.scheme not in _DEFAULT_PORTS:
         raise InvalidRequestError(f"{field}: only http and https URLs are fetched",
                                   field=field)
-    if not (_HOST_NAME.fullmatch(url.host) or _is_ip(url.host)):
-        raise InvalidRequestError(f"{field}: not a valid URL", field=field)
-    return url
+    problem = _url_problem(url)
+    if problem is None:
+        return url
+    raise _broken_redirect(field) if redirect else _not_a_url(field, problem)
+
+
+def _url_problem(url: httpx.URL) -> str | None:
+    """Why ``url`` (http or https) cannot be fetched: a detail for "not a valid URL", or
+    None when it can. Checked here, not left to the socket calls, whose errors
+    (OverflowError for a port, UnicodeError for a host name) are no refusal."""
+    if len(str(url)) > _MAX_URL_CHARS:
+        return f" (longer than {_MAX_URL_CHARS} characters)"
+    if url.port is not None and not 0 < url.port <= _MAX_PORT:
+        return f" (the port must be 1 to {_MAX_PORT})"
+    host = _host(url)
+    if _is_ip(host):
+        return None
+    if not _HOST_NAME.fullmatch(host):
+        return ""
+    name = host.removesuffix(".")
+    labels = name.split(".")
+    if len(name) > _MAX_NAME:
+        return f" (the host name is longer than {_MAX_NAME} characters)"
+    if any(len(label) > _MAX_LABEL for label in labels):
+        return f" (a label of the host name is longer than {_MAX_LABEL} characters)"
+    for label in labels:
+        if label.startswith("xn--"):
+            try:
+                idna.decode(label)
+            except UnicodeError:  # idna.IDNAError among them
+                return " (the host name is not valid IDNA)"
+    return None
+
+
+def _host(url: httpx.URL) -> str:
+    """The host as it is resolved and sent: a name in ASCII (an internationalised name
+    IDNA-encoded, as httpx encodes it; ``url.host`` would decode it again) or an IP."""
+    return url.raw_host.decode("ascii")
 
 
 def _is_ip(host: str) -> bool:
@@ -295,13 +347,17 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def _not_a_url(field: str, detail: str = "") -> InvalidRequestError:
+    return InvalidRequestError(f"{field}: not a valid URL{detail}", field=field)
+
+
 def _redirected(target: httpx.URL, location: str, field: str) -> httpx.URL:
     """Where a redirect from ``target`` leads (relative to the name, not the IP)."""
     try:
         url = target.join(location)
     except (httpx.InvalidURL, UnicodeError) as exc:
         raise _broken_redirect(field) from exc
-    return _checked_url(url, field)
+    return _checked_url(url, field, redirect=True)
 
 
 def _broken_redirect(field: str) -> InvalidRequestError:

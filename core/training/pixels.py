@@ -1,7 +1,9 @@
 """Checked images → the training tensor: upright, RGB, square at the training resolution.
 
-Each image is turned upright by its EXIF orientation, flattened onto white when it has
-transparency, scaled so its shorter side is the resolution (Lanczos) and centre-cropped.
+Each image is turned upright by its EXIF orientation, made 8-bit RGB as every image taken
+in is (:func:`core.untrusted_image.to_rgb`: transparency over white, 16-bit samples
+scaled, not clipped), scaled so its shorter side is the resolution (Lanczos) and
+centre-cropped.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from core.untrusted_image import to_rgb
 
 __all__ = ["to_pixels"]
 
@@ -27,11 +31,6 @@ def to_pixels(images: Sequence[bytes], resolution: int) -> torch.Tensor:
 
 def _square(data: bytes, resolution: int) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as opened:
-        image = ImageOps.exif_transpose(opened)
-        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            image = Image.new("RGB", rgba.size, (255, 255, 255))
-            image.paste(rgba, mask=rgba.getchannel("A"))
-        fitted = ImageOps.fit(image.convert("RGB"), (resolution, resolution),
-                              Image.Resampling.LANCZOS)
+        image = to_rgb(ImageOps.exif_transpose(opened))
+        fitted = ImageOps.fit(image, (resolution, resolution), Image.Resampling.LANCZOS)
         return np.asarray(fitted, dtype=np.uint8)

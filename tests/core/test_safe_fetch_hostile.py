@@ -1,8 +1,11 @@
-"""A hostile image server cannot exhaust the engine's memory or crash a fetch.
+"""A hostile image server cannot exhaust the engine's memory or crash a fetch, nor can a
+malformed URL from the caller.
 
 A real aiohttp server on 127.0.0.1 (allowed through ``AllowedHosts``, as an operator
 would) answers with compression bombs, codings sent though identity was asked for, and
-broken redirects. Memory is measured with :mod:`tracemalloc`, which sees every ``bytes``
+broken redirects; URLs the socket calls cannot take (a port over 65535, a host name
+label over 63 characters) are refused before anything is sent, and internationalised
+host names are fetched by their IDNA form, through the same address checks. Memory is measured with :mod:`tracemalloc`, which sees every ``bytes``
 and zlib buffer: a bomb expands to 64 MiB, the limit is 200 kB, the bound 16 MiB.
 """
 
@@ -10,17 +13,21 @@ from __future__ import annotations
 
 import gzip
 import random
+import ssl
 import tracemalloc
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from functools import cache
+from ipaddress import ip_address
+from pathlib import Path
 
 import httpx
 import pytest
 from aiohttp import web
 
-from core.net import AllowedHosts, FetchLimits, SafeFetcher
+from core.net import AllowedHosts, FetchLimits, IPAddress, SafeFetcher
 from schemas.errors import InvalidRequestError
+from tests.core.test_training_fetch import _self_signed
 from tests.core.test_training_images import photos
 
 FIELD = "init_image_url"
@@ -53,23 +60,25 @@ def bomb(wbits: int) -> bytes:
 
 class HostileServer:
     """Answers ``GET /body`` with ``self.body`` under ``self.headers``, ``GET /to`` with
-    a 302 to ``self.location``; records the Accept-Encoding of each request."""
+    a 302 to ``self.location``; records the Accept-Encoding and Host of each ``/body``
+    request."""
 
     def __init__(self) -> None:
         self.body = b""
         self.headers: dict[str, str] = {}
         self.location = ""
         self.accept_encodings: list[str | None] = []
+        self.hosts: list[str] = []
         self.port = 0
         self._runner: web.AppRunner | None = None
 
-    async def start(self) -> None:
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> None:
         app = web.Application()
         app.router.add_get("/body", self._body)
         app.router.add_get("/to", self._to)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        await web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context).start()
         self.port = self._runner.addresses[0][1]
 
     async def stop(self) -> None:
@@ -81,6 +90,7 @@ class HostileServer:
 
     async def _body(self, request: web.Request) -> web.Response:
         self.accept_encodings.append(request.headers.get("Accept-Encoding"))
+        self.hosts.append(request.host)
         return web.Response(body=self.body, headers={"Content-Type": "image/png",
                                                      **self.headers})
 
@@ -210,6 +220,11 @@ async def test_a_body_not_in_its_coding_is_refused(
     "http://example.com:abc/",
     "http://xn--/x.png",  # idna.IDNAError
     "http://xn--zz--.example/",
+    "http://127.0.0.1:99999/x.png",  # OverflowError from the socket call
+    "http://127.0.0.1:0/x.png",
+    f"http://a{'b' * 70}.example/x.png",  # UnicodeError from the system resolver
+    "http://www.xn--zz--.example/",
+    f"http://127.0.0.1/{'a' * 9000}",
 ])
 async def test_a_broken_redirect_is_a_clear_refusal(
     location: str, server: HostileServer, fetcher: SafeFetcher
@@ -219,3 +234,87 @@ async def test_a_broken_redirect_is_a_clear_refusal(
     # and the next fetch goes on as ever
     server.body = PHOTO
     assert await fetcher.fetch(server.url("/body"), field=FIELD) == PHOTO
+
+
+# --------------------------------------------------------------------------- the caller's URL
+
+NOT_A_URL = f"{FIELD}: not a valid URL"
+
+
+@pytest.mark.parametrize(("url", "detail"), [
+    ("http://127.0.0.1:99999/body", " (the port must be 1 to 65535)"),  # was OverflowError
+    ("http://127.0.0.1:0/body", " (the port must be 1 to 65535)"),
+    (f"http://a{'b' * 70}.com/x.png",  # was UnicodeError, from getaddrinfo's IDNA codec
+     " (a label of the host name is longer than 63 characters)"),
+    (f"http://{'.'.join(['a' * 60] * 5)}/x.png",
+     " (the host name is longer than 253 characters)"),
+    ("http://xn--zz--.example/x.png", " (the host name is not valid IDNA)"),  # was IDNAError
+    ("http://www.xn--zz--.example/x.png", " (the host name is not valid IDNA)"),
+    ("http://ä..example/x.png", ""),
+    ("http://\u2488.example/x.png", ""),  # no IDNA form at all
+    (f"http://127.0.0.1/{'a' * 9000}", " (longer than 8192 characters)"),
+])
+async def test_a_malformed_url_is_refused_before_anything_is_sent(
+    url: str, detail: str, server: HostileServer, fetcher: SafeFetcher
+) -> None:
+    url = url.replace("127.0.0.1/", f"127.0.0.1:{server.port}/body/")
+    assert (await refusal(fetcher, url)).message == NOT_A_URL + detail
+    assert server.accept_encodings == []
+
+
+class Resolver:
+    """Every name → 127.0.0.1, recording the names asked for."""
+
+    def __init__(self) -> None:
+        self.lookups: list[str] = []
+
+    async def __call__(self, host: str, port: int) -> Sequence[IPAddress]:
+        self.lookups.append(host)
+        return [ip_address("127.0.0.1")]
+
+
+@pytest.mark.parametrize("host", ["bücher.example", "BÜCHER.example", "xn--bcher-kva.example"])
+async def test_an_internationalised_host_name_is_fetched_by_its_idna_form(
+    host: str, server: HostileServer
+) -> None:
+    server.body = PHOTO
+    resolver = Resolver()
+    async with httpx.AsyncClient() as client:
+        fetcher = SafeFetcher(client, FetchLimits(LIMIT, 10.0), resolver=resolver,
+                              allowed_hosts=AllowedHosts.parse("xn--bcher-kva.example"))
+        assert await fetcher.fetch(f"http://{host}:{server.port}/body", field=FIELD) == PHOTO
+    assert resolver.lookups == ["xn--bcher-kva.example"]
+    assert server.hosts == [f"xn--bcher-kva.example:{server.port}"]
+
+
+async def test_an_internationalised_host_name_goes_through_the_address_checks(
+    server: HostileServer
+) -> None:
+    resolver = Resolver()
+    async with httpx.AsyncClient() as client:
+        fetcher = SafeFetcher(client, FetchLimits(LIMIT, 10.0), resolver=resolver)
+        error = await refusal(fetcher, f"http://bücher.example:{server.port}/body")
+    assert error.message == f"{FIELD}: the address is not allowed"
+    assert resolver.lookups == ["xn--bcher-kva.example"] and server.hosts == []
+
+
+async def test_https_to_an_internationalised_name_verifies_its_idna_form(
+    tmp_path: Path
+) -> None:
+    """ß is ``xn--zca`` in IDNA 2008 (httpx's) but ``ss`` in Python's own IDNA 2003 codec:
+    the name passed for SNI and certificate checks must be httpx's ASCII form."""
+    cert, key = _self_signed(tmp_path, "xn--zca.test")
+    serving = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    serving.load_cert_chain(cert, key)
+    server = HostileServer()
+    await server.start(ssl_context=serving)
+    server.body = PHOTO
+    try:
+        async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(cert))
+                                     ) as client:
+            fetcher = SafeFetcher(client, FetchLimits(LIMIT, 10.0), resolver=Resolver(),
+                                  allowed_hosts=AllowedHosts.parse("xn--zca.test"))
+            body = await fetcher.fetch(f"https://ß.test:{server.port}/body", field=FIELD)
+        assert body == PHOTO and server.hosts == [f"xn--zca.test:{server.port}"]
+    finally:
+        await server.stop()
