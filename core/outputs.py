@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import re
 import stat
@@ -212,6 +213,24 @@ class OutputStore:
             return True
         return self._shared is not None and self.is_output_name(filename) \
             and self._shared.current(filename)
+
+    def life_left(self, filename: str) -> float | None:
+        """Seconds until the current output ``filename`` expires (``math.inf`` when
+        nothing expires), here or else in the shared store (then a request to it: call
+        from a worker thread); ``None`` when it is no current output. Raises ``OSError``
+        when the store fails."""
+        path = self.resolve(filename)
+        if path is None:
+            if self._shared is None or not self.is_output_name(filename):
+                return None
+            return self._shared.life_left(filename)
+        if self._cleanup_delay is None:
+            return math.inf
+        try:
+            left = os.lstat(path).st_mtime + self._cleanup_delay - self._clock()
+        except OSError:
+            return None
+        return left if left > 0 else None
 
     def is_output_name(self, filename: str) -> bool:
         """Whether ``filename`` has the form of an output's name (nothing else is ever

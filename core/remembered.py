@@ -13,6 +13,11 @@ With a ``shared`` object store (``STORAGE_URL``), every entry is also written th
 that a replay costs nothing whichever instance of the fleet takes it. Those lookups are
 requests to the store: call :meth:`RememberedResults.get` from a worker thread then. The
 store's entries are bounded by its lifecycle rules, not by ``max_entries``.
+
+A remembered result is answered again (:func:`looked_up`) only while each of its files has
+a useful life left (:func:`useful_life`): a URL answered a second before its file expires
+is dead when the caller fetches it, so such a result is made again instead (the same
+output under new names, with a whole life), images and voice alike.
 """
 
 from __future__ import annotations
@@ -30,11 +35,29 @@ from core.files import atomic_write
 from core.outputs import OutputStore
 from core.storage import ObjectStore
 
-__all__ = ["RememberedResults", "looked_up"]
+__all__ = ["MIN_USEFUL_LIFE_S", "USEFUL_LIFE_SHARE", "RememberedResults", "looked_up",
+           "useful_life"]
 
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
+
+MIN_USEFUL_LIFE_S = 60.0
+"""The least life (seconds) a remembered result's files must have left to be answered: time
+for the caller to fetch them (a companion app, a slow consumer, a retry)."""
+USEFUL_LIFE_SHARE = 0.1
+"""The share of CLEANUP_DELAY they must have left, when that is more than
+:data:`MIN_USEFUL_LIFE_S` (outputs that live an hour: 6 minutes)."""
+
+
+def useful_life(cleanup_delay: float | None) -> float:
+    """The life (seconds) a remembered result's files must have left to be answered again:
+    ``max(MIN_USEFUL_LIFE_S, USEFUL_LIFE_SHARE * cleanup_delay)``, but at most half of
+    ``cleanup_delay`` (a short CLEANUP_DELAY still lets replays answer from the first
+    half of a file's life); 0 when files never expire (``None``)."""
+    if cleanup_delay is None:
+        return 0.0
+    return min(cleanup_delay / 2, max(MIN_USEFUL_LIFE_S, USEFUL_LIFE_SHARE * cleanup_delay))
 
 
 class RememberedResults:
@@ -149,16 +172,23 @@ class RememberedResults:
 async def looked_up(get: Callable[[str], T | None], outputs: OutputStore, key: str,
                     filenames: Callable[[Any], Iterable[str]], *, shared: bool
                     ) -> tuple[T | None, bool]:
-    """The result remembered under ``key`` (by ``get``) and whether every one of its files
-    (``filenames``) is still a current output. With a ``shared`` store involved the lookup
-    runs in a worker thread (requests to the store), else here (a few local file reads).
-    A store that fails counts as files gone: the result is made again."""
+    """The result remembered under ``key`` (by ``get``) and whether it may be answered:
+    every one of its files (``filenames``) is still a current output with at least
+    :func:`useful_life` left. With a ``shared`` store involved the lookup runs in a worker
+    thread (requests to the store), else here (a few local file reads). A store that fails
+    counts as files gone: the result is made again."""
+    needed = useful_life(outputs.cleanup_delay)
+
+    def usable(filename: str) -> bool:
+        left = outputs.life_left(filename)
+        return left is not None and left >= needed
+
     def look() -> tuple[T | None, bool]:
         remembered = get(key)
         if remembered is None:
             return None, False
         try:
-            return remembered, all(map(outputs.exists, filenames(remembered)))
+            return remembered, all(map(usable, filenames(remembered)))
         except OSError as exc:
             logger.warning("outputs of remembered result %s not checked: %s", key, exc)
             return remembered, False

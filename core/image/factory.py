@@ -105,10 +105,10 @@ async def build_image_service(
     llm = (ChatClient(http, settings.persona_engine_url, settings.persona_engine_model,
                       settings.persona_engine_timeout)
            if settings.persona_engine_url else None)
-    # fp8 and step caches change pixels: a cached result of other settings is not a replay
+    # the weights; what else changes pixels (device, dtype, attention, fp8, step caches,
+    # sequence length, true CFG, VAE tiling) the service adds to each result key
     fingerprint = await asyncio.to_thread(model_fingerprint, model_path)
-    identity = ModelIdentity(model.name, model.development_model,
-                             f"{fingerprint};{model.acceleration.key}")
+    identity = ModelIdentity(model.name, model.development_model, fingerprint)
     service = ImageService(
         worker,
         LoraRegistry(settings.lora_output_dir,
@@ -118,6 +118,8 @@ async def build_image_service(
                                       max_entries=settings.result_cache_max_entries,
                                       shared=objects, namespace="results/image")),
         limits, identity, true_cfg_scale=settings.true_cfg_scale,
+        max_sequence_length=settings.flux_max_sequence_length,
+        vae_tiling_threshold=settings.vae_tiling_threshold,
         progress_interval=settings.progress_interval,
         init_images=InitImageLoader(http, init_image_limits(settings)),
     )

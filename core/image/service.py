@@ -23,8 +23,9 @@ from core.image.init_image import InitImageLimits, InitImageLoader, decode_init_
 from core.image.job import ActiveLora, ImageJob
 from core.image.params import ImageLimits, ImageParams, resolve_params, size_for_init
 from core.image.prompts import PromptOptimizer
-from core.image.results import CachedResult, ResultCache, fingerprint
+from core.image.results import CachedResult, Rendering, ResultCache, fingerprint
 from core.image.worker import GpuWorker
+from core.lora.adapters import IncompatibleLoraError
 from core.lora.registry import LoraInfo, LoraRegistry
 from core.outputs import OutputStore, StoredFile
 from core.remembered import looked_up
@@ -98,6 +99,17 @@ class ImageResult:
 
 
 class ImageService:
+    """Image requests made on ``worker``'s model, named by ``model`` (its weights'
+    fingerprint keys the result cache).
+
+    ``true_cfg_scale`` (TRUE_CFG_SCALE) applies to requests with a negative prompt;
+    ``max_sequence_length`` and ``vae_tiling_threshold`` are the worker's settings
+    (FLUX_MAX_SEQUENCE_LENGTH, VAE_TILING_THRESHOLD): with them, the device, dtype,
+    attention kernel and speed settings of the worker's model, they key the result cache
+    (:class:`~core.image.results.Rendering`), so that other settings never replay other
+    pixels.
+    """
+
     def __init__(
         self,
         worker: GpuWorker,
@@ -109,6 +121,8 @@ class ImageService:
         model: ModelIdentity,
         *,
         true_cfg_scale: float = 4.0,
+        max_sequence_length: int = 512,
+        vae_tiling_threshold: int = 1536,
         progress_interval: float = 0.5,
         init_images: InitImageLoader | None = None,
     ) -> None:
@@ -120,6 +134,12 @@ class ImageService:
         self._limits = limits
         self.model = model
         self._true_cfg_scale = true_cfg_scale
+        loaded = worker.model
+        self._rendering = Rendering(
+            device=loaded.device, dtype=loaded.dtype_name,
+            attention_backend=loaded.attention_backend, acceleration=loaded.acceleration.key,
+            max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale,
+            vae_tiling_threshold=vae_tiling_threshold)
         self._progress_interval = progress_interval
         self._making: SharedWork[CachedResult] = SharedWork("image")  # by fingerprint
         self._jobs: dict[str, JobItem] = {}  # fingerprint → the GPU job of that work
@@ -156,8 +176,12 @@ class ImageService:
         says (interactive, its own owner, when absent).
 
         The same image asked for while it is being made (a redelivery after a revoke, a
-        duplicate) joins the making instead of computing it twice. Raises
-        ``InvalidRequestError`` (a field), ``UnknownLoraError``, ``OutOfMemoryError``,
+        duplicate) joins the making instead of computing it twice. A remembered result is
+        answered only while its files have a useful life left
+        (:data:`~core.remembered.MIN_USEFUL_LIFE_S`); otherwise it is made again, the same
+        pixels under new names. Raises ``InvalidRequestError`` (a field; for a LoRA not
+        made for this model, ``IncompatibleLoraError`` naming the field that named it,
+        the model untouched), ``UnknownLoraError``, ``OutOfMemoryError``,
         ``RequestExpiredError`` (its deadline passed in the GPU queue) or
         ``InternalError``; never a partial file. Cancelling the caller drops a queued job;
         a running one is stopped at its next step, unless ``placement.keep_when_abandoned``
@@ -172,6 +196,7 @@ class ImageService:
         if params.image_to_image:
             params, init, init_hash = await self._starting_image(params)
         key = fingerprint(params, self.model.fingerprint, lora.fingerprint if lora else None,
+                          rendering=self._rendering,
                           stacked_hashes=tuple(info.fingerprint for info, _ in stacked),
                           init_hash=init_hash)
         remembered, current = await looked_up(
@@ -262,6 +287,8 @@ class ImageService:
             except asyncio.CancelledError:
                 item.withdraw()
                 raise
+            except IncompatibleLoraError as exc:  # the worker knows the LoRA, not the field
+                raise exc.naming(_field_naming(exc.lora_id, kept)) from exc
             images = result if isinstance(result, list) else [result]
             try:
                 return await asyncio.to_thread(self._keep, key, images, kept)
@@ -419,6 +446,15 @@ def _named_loras(request: ImageRequested) -> list[str]:
     named = [entry.lora_id.strip() for entry in request.loras or ()]
     return [request.character_lora_id.strip(), *named] if request.character_lora_id \
         else named
+
+
+def _field_naming(lora_id: str, kept: _Kept) -> str:
+    """The request field that named ``lora_id``: the character LoRA or one of ``loras``."""
+    if kept.lora is None or kept.lora.lora_id != lora_id:
+        for index, (info, _) in enumerate(kept.stacked):
+            if info.lora_id == lora_id:
+                return f"loras.{index}.lora_id"
+    return "character_lora_id"
 
 
 def _filenames(entry: CachedResult) -> list[str]:

@@ -20,8 +20,14 @@ Used only by the GPU worker's thread, between pipeline calls. Two modes:
   holds one LoRA: stacking would recompile, so the image service refuses it on a compiled
   model.
 
-A LoRA that fails to load raises :class:`LoraLoadError`: the request never silently runs
-on the base model.
+Before a LoRA is loaded, in both modes, its tensors are checked against the model's layers
+(:meth:`AdapterSet.check_fits`): every layer it names exists, its ``lora_A`` takes the
+layer's inputs and its ``lora_B`` gives the layer's outputs. diffusers would otherwise
+widen the model's own layers to a LoRA's sizes (its Control-LoRA support) or zero-pad the
+LoRA, silently: the model would stay broken for every later request. A LoRA that does not
+fit raises :class:`IncompatibleLoraError` (``INVALID_REQUEST``) with the model untouched;
+one that fails to load otherwise raises :class:`LoraLoadError`: the request never silently
+runs on the base model.
 """
 
 from __future__ import annotations
@@ -33,10 +39,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from core.lora.registry import LoraInfo, file_sha256
-from schemas.errors import InternalError
+from core.lora.registry import LoraInfo, LoraLayer, file_sha256, lora_layers_of
+from schemas.errors import InternalError, InvalidRequestError
 
-__all__ = ["HOTSWAP_SLOT", "AdapterSet", "LoraLoadError", "prepare_hotswap_slot"]
+__all__ = ["HOTSWAP_SLOT", "AdapterSet", "IncompatibleLoraError", "LoraLoadError",
+           "prepare_hotswap_slot"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +53,28 @@ _HOTSWAP_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 
 class LoraLoadError(InternalError):
     """A registered LoRA could not be made active (unreadable, changed since it was
-    registered, or not made for this model); ``lora_id`` names it."""
+    registered, refused by diffusers); ``lora_id`` names it."""
 
     def __init__(self, message: str, lora_id: str) -> None:
         super().__init__(message)
         self.lora_id = lora_id
+
+
+class IncompatibleLoraError(InvalidRequestError):
+    """A registered LoRA not made for this model (``INVALID_REQUEST``): a layer it names
+    is not in the model, its matrices take or give other sizes than that layer's, or its
+    tensors are no plain LoRA layers. Raised before anything is loaded, so the model is
+    exactly as it was. ``lora_id`` names the LoRA, ``field`` the request's field that
+    named it when known (the GPU worker does not know it: see :meth:`naming`)."""
+
+    def __init__(self, reason: str, lora_id: str, field: str | None = None) -> None:
+        super().__init__(f"{field}: {reason}" if field else reason, field=field)
+        self.reason = reason
+        self.lora_id = lora_id
+
+    def naming(self, field: str) -> IncompatibleLoraError:
+        """The same refusal, for the request's ``field``."""
+        return IncompatibleLoraError(self.reason, self.lora_id, field)
 
 
 _Key = tuple[str, str]  # (lora_id, sha256): a re-registered id is a new adapter
@@ -95,6 +119,7 @@ class AdapterSet:
         self._state: tuple[tuple[_Key, float], ...] | object = ()
         self._counter = 0
         self._loaded_ids: tuple[str, ...] = ()
+        self._layers: dict[str, tuple[int, int]] | None = None  # the model's, when known
 
     @property
     def loaded(self) -> list[str]:
@@ -112,9 +137,10 @@ class AdapterSet:
         (``set_adapters(names, weights)``), loading those not loaded; none runs the base
         model exactly. The adapters of one call are never evicted for each other: a call
         that needs more than ``capacity`` holds them all until the next one. Raises
-        :class:`LoraLoadError` when one cannot be loaded, or with a hotswap slot for more
-        than one LoRA or a scale other than 1 (the set is then left with its adapters
-        disabled or intact, never half-switched)."""
+        :class:`IncompatibleLoraError` when one does not fit the model (before any is
+        loaded: see :meth:`check_fits`), :class:`LoraLoadError` when one cannot be loaded,
+        or with a hotswap slot for more than one LoRA (the set is then left with its
+        adapters disabled or intact, never half-switched)."""
         wanted = tuple(((lora.lora_id, lora.fingerprint), float(scale))
                        for lora, scale in adapters)
         if wanted == self._state:
@@ -171,8 +197,36 @@ class AdapterSet:
         expected = {self._slot} if self._slot is not None else set(self._loaded.values())
         return self._present() == expected
 
+    def check_fits(self, lora: LoraInfo) -> None:
+        """Raises :class:`IncompatibleLoraError` unless every layer ``lora``'s file adapts
+        is a linear layer of the model whose inputs its ``lora_A`` takes and whose outputs
+        its ``lora_B`` gives, and :class:`LoraLoadError` when the file is unreadable or
+        not the one registered. Reads the file's header (and, for another trainer's
+        layout, its tensors, converted as diffusers converts them); changes nothing."""
+        _verify_file(lora)
+        try:
+            layers = lora_layers_of(lora.path)
+        except ValueError as exc:
+            raise IncompatibleLoraError(f"LoRA {lora.lora_id!r} cannot be used: {exc}",
+                                        lora.lora_id) from exc
+        except OSError as exc:
+            raise LoraLoadError(f"LoRA {lora.lora_id!r} is unreadable: {exc}",
+                                lora.lora_id) from exc
+        if self._layers is None:
+            self._layers = _linear_layers(self._pipeline)
+        problems = [problem for layer in layers
+                    if (problem := _misfit(layer, self._layers)) is not None]
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise IncompatibleLoraError(
+                f"LoRA {lora.lora_id!r} was not made for this model: {problems[0]}{more}",
+                lora.lora_id)
+
     def _switch(self, adapters: Sequence[tuple[LoraInfo, float]]) -> None:
         keep = {(lora.lora_id, lora.fingerprint) for lora, _ in adapters}
+        for lora, _ in adapters:  # all of them before anything changes
+            if (lora.lora_id, lora.fingerprint) not in self._loaded:
+                self.check_fits(lora)
         names: list[str] = []
         for lora, _ in adapters:
             key = (lora.lora_id, lora.fingerprint)
@@ -188,7 +242,7 @@ class AdapterSet:
         self._pipeline.set_adapters(names, [float(scale) for _, scale in adapters])
 
     def _load(self, lora: LoraInfo) -> str:
-        _verify_file(lora)
+        """Loads ``lora`` (checked by :meth:`check_fits`) as a new adapter."""
         self._counter += 1
         name = f"lora_{self._counter}"  # ids may hold dots, which peft names may not
         started = time.perf_counter()
@@ -240,7 +294,7 @@ class AdapterSet:
                 self._scale_slot(scale)
             self._pipeline.enable_lora()  # (a no-op unless foreign code disabled it)
             return
-        _verify_file(lora)
+        self.check_fits(lora)  # the slot keeps what it holds when this refuses
         self._slot_content = None  # unknown if the swap fails half-way
         started = time.perf_counter()
         try:
@@ -296,6 +350,40 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     import torch
 
     return isinstance(exc, torch.OutOfMemoryError)
+
+
+def _linear_layers(pipeline: Any) -> dict[str, tuple[int, int]]:
+    """(inputs, outputs) of each linear layer of the pipeline's LoRA-loadable components,
+    by the name a LoRA file gives it (``transformer.…``, ``text_encoder.…``): peft's
+    wrapper (``base_layer``) and compilation's (``_orig_mod``) left out, LoRA matrices
+    themselves not counted."""
+    import torch
+
+    found: dict[str, tuple[int, int]] = {}
+    for component in ("transformer", "text_encoder"):
+        model = getattr(pipeline, component, None)
+        if model is None:
+            continue
+        for name, module in model.named_modules():
+            parts = [part for part in name.split(".") if part not in ("base_layer", "_orig_mod")]
+            if isinstance(module, torch.nn.Linear) and not {"lora_A", "lora_B"} & set(parts):
+                found[".".join([component, *parts])] = (module.in_features, module.out_features)
+    return found
+
+
+def _misfit(layer: LoraLayer, layers: dict[str, tuple[int, int]]) -> str | None:
+    """Why ``layer`` does not fit the model's ``layers``; None when it does."""
+    sizes = layers.get(layer.module)
+    if sizes is None:
+        return f"it adapts {layer.module}, which is no linear layer of this model"
+    inputs, outputs = sizes
+    if layer.in_features != inputs:
+        return (f"its lora_A for {layer.module} takes {layer.in_features} inputs, the layer "
+                f"{inputs}")
+    if layer.out_features != outputs:
+        return (f"its lora_B for {layer.module} gives {layer.out_features} outputs, the "
+                f"layer {outputs}")
+    return None
 
 
 def _verify_file(lora: LoraInfo) -> None:

@@ -8,6 +8,12 @@ Ids are safe names (``^[A-Za-z0-9_.-]{1,64}$``, not starting with a dot), so an 
 name a path outside the folder. Unknown or unsafe ids raise :class:`UnknownLoraError`
 (``UNKNOWN_LORA``) before any GPU work.
 
+A file is registered only if its tensors are plain LoRA matrices as diffusers loads them
+(:func:`lora_layers_of`: pairs of ``lora_A``/``lora_B`` of one rank, after diffusers'
+conversion of other trainers' layouts); nothing else would load without changing the
+model (a Control LoRA widens the model's layers). Whether they fit *this* model's layers
+is checked when a LoRA is loaded (:mod:`core.lora.adapters`): the registry knows no model.
+
 With a shared store (``STORAGE_URL``, :class:`~core.lora.shared.SharedLoras`) the store is
 the registry and the folder its local cache: a registration is decided by the store (a
 conditional create), and a LoRA missing here is looked up there before ``UNKNOWN_LORA``,
@@ -21,7 +27,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,11 +39,17 @@ from core.lora.hashing import file_sha256
 from core.lora.shared import SharedLoras
 from schemas.errors import InternalError, UnknownLoraError
 
-__all__ = ["LoraInfo", "LoraRegistry", "file_sha256", "is_safe_lora_id"]
+__all__ = ["LoraInfo", "LoraLayer", "LoraRegistry", "file_sha256", "is_safe_lora_id",
+           "lora_layers_of"]
 
 logger = logging.getLogger(__name__)
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# a tensor in diffusers' own layout: the pipeline component (FluxPipeline loads LoRA
+# layers into these two), the module, and which part of its LoRA layer it is
+_LAYOUT = re.compile(r"^(?P<module>(?:transformer|text_encoder)\..+?)\."
+                     r"(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|"
+                     r"lora_magnitude_vector|alpha)$")
 
 
 def is_safe_lora_id(lora_id: str) -> bool:
@@ -64,6 +76,88 @@ class LoraInfo:
     @property
     def fingerprint(self) -> str:
         return self.sha256
+
+
+@dataclass(frozen=True)
+class LoraLayer:
+    """One layer a LoRA adapts: ``module`` as its file names it, component first
+    (``transformer.single_transformer_blocks.0.attn.to_k``), its rank, and the sizes its
+    matrices take in (``lora_A``'s columns) and give out (``lora_B``'s rows)."""
+
+    module: str
+    rank: int
+    in_features: int
+    out_features: int
+
+
+def lora_layers_of(path: Path) -> list[LoraLayer]:
+    """The layers the LoRA file at ``path`` adapts, as diffusers will load it.
+
+    A file in diffusers' own layout is read from its header alone; another layout
+    (kohya's, XLabs'…) is converted as diffusers' ``FluxLoraLoaderMixin.lora_state_dict``
+    converts it when loading (reading the tensors). Raises ``ValueError`` when a tensor is
+    no part of a plain LoRA layer even so (a Control LoRA's norm layers, an unprefixed or
+    unknown name), when a module's matrices do not pair (one without the other, not 2-D,
+    ranks that differ), and for a file that is no safetensors file; ``OSError`` when it
+    cannot be read.
+    """
+    shapes = _tensor_shapes(path)
+    if not all(_LAYOUT.match(key) for key in shapes):
+        from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+        try:
+            converted = FluxLoraLoaderMixin.lora_state_dict(str(path))
+        except (KeyError, IndexError, TypeError, RuntimeError) as exc:  # its converters'
+            raise ValueError(f"diffusers cannot convert its layout: {type(exc).__name__}: "
+                             f"{exc}") from exc
+        shapes = {key: tuple(tensor.shape) for key, tensor in converted.items()}
+        foreign = sorted(key for key in shapes if not _LAYOUT.match(key))
+        if foreign:
+            raise ValueError(
+                f"{len(foreign)} tensor(s) are no LoRA matrices diffusers loads as such "
+                f"(first: {foreign[0]}): a Control LoRA or another kind of adapter, "
+                "which would change the model's own layers")
+    return _paired(shapes)
+
+
+def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape())
+                    for key in handle.keys()}  # noqa: SIM118 - a safe_open handle, no dict
+    except SafetensorError as exc:
+        raise ValueError(f"not a safetensors file: {exc}") from exc
+
+
+def _paired(shapes: Mapping[str, Sequence[int]]) -> list[LoraLayer]:
+    """The layers of tensors in diffusers' layout: each module's ``lora_A`` (rank × in)
+    and ``lora_B`` (out × rank), with a bias or magnitude (DoRA) of ``out`` if any."""
+    parts: dict[str, dict[str, Sequence[int]]] = {}
+    for key, shape in shapes.items():
+        match = _LAYOUT.match(key)
+        assert match is not None
+        parts.setdefault(match["module"], {})[match["part"]] = shape
+    layers: list[LoraLayer] = []
+    for module, found in sorted(parts.items()):
+        down, up = found.get("lora_A.weight"), found.get("lora_B.weight")
+        if down is None or up is None:
+            if set(found) <= {"alpha"}:
+                continue  # an alpha alone adapts nothing
+            raise ValueError(f"{module} has {'lora_B' if down is None else 'lora_A'} "
+                             f"without {'lora_A' if down is None else 'lora_B'}")
+        if len(down) != 2 or len(up) != 2 or down[0] != up[1] or down[0] < 1:
+            raise ValueError(f"{module}: lora_A {tuple(down)} and lora_B {tuple(up)} are not "
+                             "the two matrices of one rank")
+        for part in ("lora_B.bias", "lora_magnitude_vector"):
+            if part in found and tuple(found[part]) != (up[0],):
+                raise ValueError(f"{module}: {part} {tuple(found[part])} does not match "
+                                 f"its {up[0]} outputs")
+        layers.append(LoraLayer(module, int(down[0]), int(down[1]), int(up[0])))
+    if not layers:
+        raise ValueError("no LoRA layer (lora_A and lora_B) in the file")
+    return layers
 
 
 class LoraRegistry:
@@ -182,13 +276,15 @@ class LoraRegistry:
         shapes); a ``rank``/``alpha`` given that disagrees raises ``ValueError``. The
         weights are copied under a temporary name and renamed, then the JSON likewise, so
         a reader never sees half a LoRA. Raises ``ValueError`` for an unsafe id or a file
-        that is no LoRA, ``FileExistsError`` when the id exists and not ``replace``,
-        ``OSError`` when the disk fails or ``weights_file`` changes while it is copied (the
-        changed copy is not put in place).
+        that is no LoRA (its tensors must be plain LoRA layers: :func:`lora_layers_of`;
+        the message names the first bad one), ``FileExistsError`` when the id exists and
+        not ``replace``, ``OSError`` when the disk fails or ``weights_file`` changes while
+        it is copied (the changed copy is not put in place).
         """
         if not is_safe_lora_id(lora_id):
             raise ValueError(f"invalid LoRA id {lora_id!r}: allowed {_SAFE_ID.pattern}")
         shape = read_lora_shape(Path(weights_file))
+        lora_layers_of(Path(weights_file))
         for name, given, found in (("rank", rank, shape.rank), ("alpha", alpha, shape.alpha)):
             if given is not None and float(given) != float(found):
                 raise ValueError(f"{name}={given} given, but {weights_file} has {name} {found}")

@@ -10,6 +10,7 @@ job (a lifecycle rule on ``outputs/``, see docs/deployment.md): no instance scan
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
@@ -48,8 +49,17 @@ class SharedOutputs:
     def current(self, filename: str) -> bool:
         """Whether ``filename`` is in the store and not expired (sync: a worker thread).
         Raises :class:`~core.storage.StorageError`."""
+        return self.life_left(filename) is not None
+
+    def life_left(self, filename: str) -> float | None:
+        """Seconds until ``filename`` expires (``math.inf`` when it carries no expiry of
+        ours); ``None`` when it is missing or expired (sync: a worker thread). Raises
+        :class:`~core.storage.StorageError`."""
         metadata = self._objects.metadata(_PREFIX + filename)
-        return metadata is not None and not self._expired(metadata)
+        if metadata is None:
+            return None
+        left = self._left(metadata)
+        return left if left > 0 else None
 
     def url(self, filename: str) -> str:
         """The presigned URL of ``filename`` (needs ``presign_ttl``)."""
@@ -73,8 +83,11 @@ class SharedOutputs:
         return read
 
     def _expired(self, metadata: Mapping[str, str]) -> bool:
+        return self._left(metadata) <= 0
+
+    def _left(self, metadata: Mapping[str, str]) -> float:
         expires = metadata.get(_EXPIRES)
         try:
-            return expires is not None and float(expires) <= self._clock()
+            return float(expires) - self._clock() if expires is not None else math.inf
         except ValueError:
-            return False  # written by something else: no expiry of ours
+            return math.inf  # written by something else: no expiry of ours

@@ -218,8 +218,9 @@ class VoiceService:
         The seed is ``request.seed``, else one derived from ``request.request_id`` (none
         without either). A request with a seed that was answered before (same text, voice,
         settings, model, backend, its ``audio_variant`` and seed) is answered from the
-        remembered result while its file exists, with no backend call; once the file is
-        gone the remembered text and settings are spoken again. The same output asked for
+        remembered result while its file has a useful life left
+        (:func:`core.remembered.useful_life`), with no backend call; once the file is gone
+        or about to be, the remembered text and settings are spoken again. The same output asked for
         while it is being made is waited for, not made twice.
 
         Raises :class:`InvalidRequestError` (before any work) for a text that is empty once
@@ -248,7 +249,7 @@ class VoiceService:
             words = await self._words(request.text, remembered)
             return self._answer(request.text, _Made(remembered, time.time(), words))
         if remembered is not None:
-            logger.info("voice output %s was cleaned up: speaking it again with seed %s",
+            logger.info("voice output %s is gone or about to expire: speaking it again with seed %s",
                         remembered.filename, settings.seed)
 
         async def make() -> _Made:

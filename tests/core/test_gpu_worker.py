@@ -23,6 +23,7 @@ from core.image import GpuWorker, ImageJob, LoadedModel, build_dev_model, load_p
 from core.image.devmodel import make_dev_lora
 from core.image.worker import GpuOutOfMemoryError
 from core.lora import LoraInfo, LoraLoadError, LoraRegistry
+from core.lora.adapters import IncompatibleLoraError
 from core.metrics import EngineMetrics
 from core.scheduling import Placement, Priority
 from schemas.errors import (
@@ -226,7 +227,7 @@ async def test_changed_lora_file_fails_instead_of_running_the_base_model(
     await worker.generate(job())  # and the worker goes on
 
 
-async def test_unloadable_lora_fails_with_a_lora_error(
+async def test_a_lora_for_layers_the_model_lacks_fails_before_loading(
     worker: GpuWorker, loras: dict[str, LoraInfo], tmp_path: Path
 ) -> None:
     from safetensors.torch import save_file
@@ -237,8 +238,9 @@ async def test_unloadable_lora_fails_with_a_lora_error(
     from core.lora.registry import file_sha256
 
     info = replace(loras["zoe"], lora_id="bad", path=bad, sha256=file_sha256(bad))
-    with pytest.raises(LoraLoadError, match="could not be loaded"):
+    with pytest.raises(IncompatibleLoraError, match="no linear layer of this model") as caught:
         await worker.generate(job(lora=info))
+    assert caught.value.code == ErrorCode.INVALID_REQUEST and caught.value.lora_id == "bad"
     assert worker.loaded_loras == []
     base = pixels(await worker.generate(job()))
     assert np.abs(pixels(await worker.generate(job(lora=loras["zoe"]))) - base).mean() > 1.0
