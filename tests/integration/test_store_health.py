@@ -3,19 +3,17 @@ while the store fails, ok again at its next answer; the engine keeps serving mea
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from consumers.engine import Engine
-from consumers.serve import prepare_dev_model
 from core.settings import Settings
+from tests.support.dev_engine import dev_engine
 from tests.support.s3_server import StoreLocation
 from tests.support.tcp_gate import TcpGate
 
@@ -37,20 +35,11 @@ async def gate(s3_store: StoreLocation) -> AsyncIterator[TcpGate]:
 @pytest.fixture
 async def engine(settings: Settings, dev_model_dir: Path, tmp_path: Path,
                  s3_store: StoreLocation, gate: TcpGate) -> AsyncIterator[Engine]:
-    configured = settings.model_copy(update={
-        "dev_model_dir": dev_model_dir, "output_dir": tmp_path / "outputs",
-        "lora_output_dir": tmp_path / "loras", "temp_dir": tmp_path / "temp",
-        "storage_url": s3_store.url, "storage_endpoint_url": gate.url,
-        "storage_timeout": 3.0})
-    model_path = await asyncio.to_thread(prepare_dev_model, configured)
-    assert configured.kafka_bootstrap_servers is not None
-    engine = Engine(configured, configured.kafka_bootstrap_servers, model_path=model_path,
-                    http_host="127.0.0.1", registry=CollectorRegistry())
-    await engine.start()
-    try:
+    async with dev_engine(settings, dev_model_dir, tmp_path,
+                          output_dir=tmp_path / "outputs", temp_dir=tmp_path / "temp",
+                          storage_url=s3_store.url, storage_endpoint_url=gate.url,
+                          storage_timeout=3.0) as engine:
         yield engine
-    finally:
-        await engine.stop()
 
 
 async def health(engine: Engine, client: httpx.AsyncClient) -> tuple[int, dict[str, object]]:
