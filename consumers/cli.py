@@ -201,7 +201,6 @@ async def _send(args: argparse.Namespace, settings: object) -> int:
 
     from aiokafka.errors import KafkaConnectionError
 
-    from consumers.security import diagnose
     from consumers.send import send_and_wait
     from core.settings import Settings
     from schemas.codec import EventCodec
@@ -250,9 +249,7 @@ async def _send(args: argparse.Namespace, settings: object) -> int:
             encoding=args.encoding, timeout=args.timeout, codec=codec, security=security,
         )
     except KafkaConnectionError as exc:
-        why = await diagnose(bootstrap, security)
-        print(f"multimodal-engine: cannot reach Kafka at {bootstrap}: {why or exc}",
-              file=sys.stderr)
+        await _say_unreachable(bootstrap, security, exc)
         return 2
     if reply is None:
         print(f"multimodal-engine: no answer to request {body['request_id']} within "
@@ -270,7 +267,6 @@ async def _replay(kind: str, window: ReplayWindow, dry_run: bool, settings: Sett
 
     from consumers.kafka import build_control_consumer, build_producer, resolve_idempotence
     from consumers.replay import Replayer, ReplayError, TopicNotFoundError
-    from consumers.security import diagnose
 
     broker = _broker(settings)
     if broker is None:
@@ -287,9 +283,7 @@ async def _replay(kind: str, window: ReplayWindow, dry_run: bool, settings: Sett
             summary = await replayer.replay(topic, await replayer.bounds(topic, window),
                                             window)
     except KafkaConnectionError as exc:
-        why = await diagnose(bootstrap, security)
-        print(f"multimodal-engine: cannot reach Kafka at {bootstrap}: {why or exc}",
-              file=sys.stderr)
+        await _say_unreachable(bootstrap, security, exc)
         return 1
     except TopicNotFoundError as exc:
         print(f"multimodal-engine: {exc} at {bootstrap}", file=sys.stderr)
@@ -300,6 +294,15 @@ async def _replay(kind: str, window: ReplayWindow, dry_run: bool, settings: Sett
     for line in summary.lines():
         print(line)
     return 0
+
+
+async def _say_unreachable(bootstrap: str, security: KafkaSecurity, error: Exception) -> None:
+    """The one line ``send`` and ``replay`` print when the broker cannot be reached."""
+    from consumers.security import diagnose
+
+    why = await diagnose(bootstrap, security)
+    print(f"multimodal-engine: cannot reach Kafka at {bootstrap}: {why or error}",
+          file=sys.stderr)
 
 
 class _Broker(NamedTuple):

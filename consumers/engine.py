@@ -390,15 +390,10 @@ class Engine:
         ``/health`` turns degraded while it fails, ok again at its next answer."""
         if reachable is self.health.store_reachable:
             return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        loop = self._event_loop
-        if loop is None or running is loop:
+        if self._event_loop is None:  # before start: no waiters to wake
             self._set_store_reachable(reachable)
         else:  # EngineHealth wakes asyncio waiters: change it on its loop
-            loop.call_soon_threadsafe(self._set_store_reachable, reachable)
+            self._event_loop.call_soon_threadsafe(self._set_store_reachable, reachable)
 
     def _set_store_reachable(self, reachable: bool) -> None:
         if reachable is self.health.store_reachable:

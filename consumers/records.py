@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from core.telemetry.trace import TraceContext
+from schemas.unicode import is_unicode_text
 
 __all__ = ["content_type", "text_or_none", "trace_context"]
 
@@ -31,11 +32,8 @@ def text_or_none(value: object) -> str | None:
     non-empty, at most 1,024 characters (a huge id would make the answer too large for the
     broker) and encodable as UTF-8 (JSON escapes can carry lone surrogates, which neither
     Avro, JSON nor a header can)."""
-    if not isinstance(value, str) or not value or len(value) > _ECHO_LIMIT:
-        return None
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
+    if not isinstance(value, str) or not value or len(value) > _ECHO_LIMIT \
+            or not is_unicode_text(value):
         return None
     return value
 

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from http_files.errors import unprocessable
 from http_files.services import SERVICES
-from schemas.unicode import first_lone_surrogate
+from schemas.unicode import is_unicode_text
 
 __all__ = ["cancel_request"]
 
@@ -69,4 +69,4 @@ async def cancel_request(request: web.Request) -> web.Response:
 
 def _usable_id(value: str) -> bool:
     """What a control event can carry: not blank, at most 200 characters, valid Unicode."""
-    return bool(value.strip()) and len(value) <= 200 and first_lone_surrogate(value) is None
+    return bool(value.strip()) and len(value) <= 200 and is_unicode_text(value)

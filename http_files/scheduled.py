@@ -15,14 +15,12 @@ the entry point.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from aiohttp import web
-
 from core.scheduling import PendingRequest, Priority, cancels_read, deadline_of, supervise
+from http_files.errors import retry_later
 from http_files.services import AppServices
 from schemas.errors import RequestCancelledError, RequestExpiredError
 
@@ -46,12 +44,8 @@ async def run_scheduled(services: AppServices, kind: str, event: Any,
     owner = event.conversation_id
     if not scheduling.admission.try_acquire(kind, owner, priority):
         services.metrics.http_rejected.labels(kind).inc()
-        raise web.HTTPServiceUnavailable(
-            text=json.dumps({"error_code": "UPSTREAM_UNAVAILABLE", "retryable": True,
-                             "message": f"the engine is at its limit for {kind} requests; "
-                                        f"retry after {_RETRY_AFTER_SECONDS} s"}),
-            content_type="application/json",
-            headers={"Retry-After": str(_RETRY_AFTER_SECONDS)})
+        raise retry_later(f"the engine is at its limit for {kind} requests",
+                          _RETRY_AFTER_SECONDS)
     pending = scheduling.pending.add(event.request_id, owner, kind, priority,
                                      deadline=deadline, published_at=time.time())
     mark = services.read_barrier() if services.read_barrier is not None else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["first_lone_surrogate"]
+__all__ = ["first_lone_surrogate", "is_unicode_text"]
 
 
 def first_lone_surrogate(value: Any) -> tuple[str | int, ...] | None:
@@ -17,11 +17,11 @@ def first_lone_surrogate(value: Any) -> tuple[str | int, ...] | None:
     while stack:
         item, path = stack.pop()
         if isinstance(item, str):
-            if not _encodable(item):
+            if not is_unicode_text(item):
                 return path
         elif isinstance(item, dict):
             for key, child in item.items():
-                if not _encodable(key):
+                if not is_unicode_text(key):
                     return (*path, key.encode("utf-8", "replace").decode("utf-8"))
                 stack.append((child, (*path, key)))
         elif isinstance(item, list):
@@ -29,7 +29,8 @@ def first_lone_surrogate(value: Any) -> tuple[str | int, ...] | None:
     return None
 
 
-def _encodable(text: str) -> bool:
+def is_unicode_text(text: str) -> bool:
+    """Whether ``text`` holds no lone surrogate: whether UTF-8 can carry it."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
