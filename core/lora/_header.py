@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["LoraShape", "read_lora_shape"]
+__all__ = ["LoraShape", "read_header", "read_lora_shape"]
 
 _METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 
@@ -28,18 +28,9 @@ def read_lora_shape(path: Path) -> LoraShape:
     Raises ``ValueError`` when the file is no safetensors file or holds no LoRA tensors,
     ``OSError`` when it cannot be read.
     """
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-            ranks: dict[str, int] = {}
-            for key in handle.keys():  # noqa: SIM118 - a safe_open handle, no dict
-                if ".lora_A." in key or ".lora_down." in key:
-                    module = key.split(".lora_")[0]
-                    ranks[module] = int(handle.get_slice(key).get_shape()[0])
-    except SafetensorError as exc:
-        raise ValueError(f"{path} is not a safetensors file: {exc}") from exc
+    header, shapes = read_header(path)
+    ranks = {key.split(".lora_")[0]: int(shape[0]) for key, shape in shapes.items()
+             if ".lora_A." in key or ".lora_down." in key}
     if not ranks:
         raise ValueError(f"{path} holds no LoRA tensors (no lora_A weights)")
     meta = _adapter_metadata(header)
@@ -51,6 +42,21 @@ def read_lora_shape(path: Path) -> LoraShape:
     else:
         targets = tuple(sorted({_target_name(module) for module in ranks}))
     return LoraShape(rank=rank, alpha=alpha, targets=targets)
+
+
+def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """The metadata of the safetensors file at ``path`` and each tensor's shape, from its
+    header alone. Raises ``ValueError`` when it is no safetensors file, ``OSError`` when it
+    cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}, {
+                key: tuple(handle.get_slice(key).get_shape())
+                for key in handle.keys()}  # noqa: SIM118 - a safe_open handle, no dict
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a safetensors file: {exc}") from exc
 
 
 def _adapter_metadata(header: dict[str, str]) -> dict[str, object]:

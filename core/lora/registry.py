@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from core.files import atomic_path, atomic_write
-from core.lora._header import LoraShape, read_lora_shape
+from core.lora._header import LoraShape, read_header, read_lora_shape
 from core.lora.hashing import file_sha256
 from core.lora.shared import SharedLoras
 from schemas.errors import InternalError, UnknownLoraError
@@ -101,7 +101,7 @@ def lora_layers_of(path: Path) -> list[LoraLayer]:
     ranks that differ), and for a file that is no safetensors file; ``OSError`` when it
     cannot be read.
     """
-    shapes = _tensor_shapes(path)
+    _, shapes = read_header(path)
     if not all(_LAYOUT.match(key) for key in shapes):
         from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 
@@ -118,17 +118,6 @@ def lora_layers_of(path: Path) -> list[LoraLayer]:
                 f"(first: {foreign[0]}): a Control LoRA or another kind of adapter, "
                 "which would change the model's own layers")
     return _paired(shapes)
-
-
-def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: tuple(handle.get_slice(key).get_shape())
-                    for key in handle.keys()}  # noqa: SIM118 - a safe_open handle, no dict
-    except SafetensorError as exc:
-        raise ValueError(f"not a safetensors file: {exc}") from exc
 
 
 def _paired(shapes: Mapping[str, Sequence[int]]) -> list[LoraLayer]:

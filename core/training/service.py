@@ -38,6 +38,7 @@ may still resume (HTTP ones at start-up, Kafka ones when redelivered) and is kep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import threading
@@ -478,9 +479,13 @@ class TrainingService:
         shared = self._shared
         assert shared is not None
 
+        stop = asyncio.Event()
+
         async def renew() -> None:
-            while True:
-                await asyncio.sleep(STATUS_LEASE_SECONDS / 4)
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), STATUS_LEASE_SECONDS / 4)
+                    return
                 try:
                     await asyncio.to_thread(shared.put_status, replaced(
                         claim, updated_at=utc_now_iso()), self._owner, "http")
@@ -488,15 +493,21 @@ class TrainingService:
                     logger.warning("claim of training %s not renewed: %s",
                                    claim.training_id, exc)
 
+        async def stop_renewing() -> None:
+            # stopped between writes, never cancelled mid-write: a renewal written from its
+            # thread after the claim was let go would bring a live claim back
+            stop.set()
+            await asyncio.gather(renewing, return_exceptions=True)
+
         renewing = asyncio.create_task(renew(), name=f"training-claim-{claim.training_id}")
         try:
             yield
         except BaseException as exc:
+            await stop_renewing()
             await self._let_go(claim, exc)
             raise
         finally:
-            renewing.cancel()
-            await asyncio.gather(renewing, return_exceptions=True)
+            await stop_renewing()
 
     async def _let_go(self, claim: TrainingStatus, error: BaseException) -> None:
         assert self._shared is not None
