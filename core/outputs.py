@@ -194,42 +194,39 @@ class OutputStore:
 
     def resolve(self, filename: str) -> Path | None:
         """The path of the current output named exactly ``filename``, else ``None``."""
+        return None if self._current(filename) is None else self._directory / filename
+
+    def _current(self, filename: str) -> os.stat_result | None:
+        """The file status of the current output named exactly ``filename`` here."""
         if _OUTPUT_NAME.fullmatch(filename) is None:
             return None
-        path = self._directory / filename
         try:
-            info = os.lstat(path)
+            info = os.lstat(self._directory / filename)
         except OSError:
             return None
         if not stat.S_ISREG(info.st_mode) or self._expired(info.st_mtime):
             return None
-        return path
+        return info
 
     def exists(self, filename: str) -> bool:
         """Whether ``filename`` names a current output: here (see :meth:`resolve`) or in the
         shared store (then a request to it: call from a worker thread). Raises ``OSError``
         when the store fails."""
-        if self.resolve(filename) is not None:
-            return True
-        return self._shared is not None and self.is_output_name(filename) \
-            and self._shared.current(filename)
+        return self.life_left(filename) is not None
 
     def life_left(self, filename: str) -> float | None:
         """Seconds until the current output ``filename`` expires (``math.inf`` when
         nothing expires), here or else in the shared store (then a request to it: call
         from a worker thread); ``None`` when it is no current output. Raises ``OSError``
         when the store fails."""
-        path = self.resolve(filename)
-        if path is None:
+        info = self._current(filename)
+        if info is None:
             if self._shared is None or not self.is_output_name(filename):
                 return None
             return self._shared.life_left(filename)
         if self._cleanup_delay is None:
             return math.inf
-        try:
-            left = os.lstat(path).st_mtime + self._cleanup_delay - self._clock()
-        except OSError:
-            return None
+        left = info.st_mtime + self._cleanup_delay - self._clock()
         return left if left > 0 else None
 
     def is_output_name(self, filename: str) -> bool:

@@ -46,11 +46,6 @@ class SharedOutputs:
         self._objects.put_file(_PREFIX + filename, path, content_type=content_type,
                                metadata=metadata)
 
-    def current(self, filename: str) -> bool:
-        """Whether ``filename`` is in the store and not expired (sync: a worker thread).
-        Raises :class:`~core.storage.StorageError`."""
-        return self.life_left(filename) is not None
-
     def life_left(self, filename: str) -> float | None:
         """Seconds until ``filename`` expires (``math.inf`` when it carries no expiry of
         ours); ``None`` when it is missing or expired (sync: a worker thread). Raises
