@@ -118,8 +118,6 @@ async def build_image_service(
                                       max_entries=settings.result_cache_max_entries,
                                       shared=objects, namespace="results/image")),
         limits, identity, true_cfg_scale=settings.true_cfg_scale,
-        max_sequence_length=settings.flux_max_sequence_length,
-        vae_tiling_threshold=settings.vae_tiling_threshold,
         progress_interval=settings.progress_interval,
         init_images=InitImageLoader(http, init_image_limits(settings)),
     )

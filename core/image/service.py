@@ -102,10 +102,9 @@ class ImageService:
     """Image requests made on ``worker``'s model, named by ``model`` (its weights'
     fingerprint keys the result cache).
 
-    ``true_cfg_scale`` (TRUE_CFG_SCALE) applies to requests with a negative prompt;
-    ``max_sequence_length`` and ``vae_tiling_threshold`` are the worker's settings
-    (FLUX_MAX_SEQUENCE_LENGTH, VAE_TILING_THRESHOLD): with them, the device, dtype,
-    attention kernel and speed settings of the worker's model, they key the result cache
+    ``true_cfg_scale`` (TRUE_CFG_SCALE) applies to requests with a negative prompt; with
+    the worker's FLUX_MAX_SEQUENCE_LENGTH and VAE_TILING_THRESHOLD and its model's device,
+    dtype, attention kernel and speed settings, it keys the result cache
     (:class:`~core.image.results.Rendering`), so that other settings never replay other
     pixels.
     """
@@ -121,8 +120,6 @@ class ImageService:
         model: ModelIdentity,
         *,
         true_cfg_scale: float = 4.0,
-        max_sequence_length: int = 512,
-        vae_tiling_threshold: int = 1536,
         progress_interval: float = 0.5,
         init_images: InitImageLoader | None = None,
     ) -> None:
@@ -138,8 +135,8 @@ class ImageService:
         self._rendering = Rendering(
             device=loaded.device, dtype=loaded.dtype_name,
             attention_backend=loaded.attention_backend, acceleration=loaded.acceleration.key,
-            max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale,
-            vae_tiling_threshold=vae_tiling_threshold)
+            max_sequence_length=worker.max_sequence_length, true_cfg_scale=true_cfg_scale,
+            vae_tiling_threshold=worker.vae_tiling_threshold)
         self._progress_interval = progress_interval
         self._making: SharedWork[CachedResult] = SharedWork("image")  # by fingerprint
         self._jobs: dict[str, JobItem] = {}  # fingerprint → the GPU job of that work

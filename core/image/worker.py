@@ -126,6 +126,16 @@ class GpuWorker:
         self._busy_since: float | None = None  # monotonic start of the item at work
 
     @property
+    def max_sequence_length(self) -> int:
+        """FLUX_MAX_SEQUENCE_LENGTH: T5's prompt is padded to it."""
+        return self._max_sequence_length
+
+    @property
+    def vae_tiling_threshold(self) -> int:
+        """VAE_TILING_THRESHOLD: an image with a side above it is decoded in tiles."""
+        return self._tiling_threshold
+
+    @property
     def model(self) -> LoadedModel:
         return self._model
 
