@@ -456,11 +456,7 @@ class TrainingService:
         alone, as without a store)."""
         if self._shared is None:
             return False
-        status = TrainingStatus(
-            training_id=spec.training_id, request_id=spec.request_id,
-            character_id=spec.character_id, trigger_word=spec.trigger_word, state="queued",
-            step=done, total=spec.steps, updated_at=utc_now_iso(),
-            estimated_time_minutes=self.estimate_minutes(spec, done))
+        status = replaced(self._queued_status(spec, done), updated_at=utc_now_iso())
         try:
             return await self._claim(status) is not None
         except EngineError as exc:
@@ -750,11 +746,14 @@ class TrainingService:
             del self._status_writes[training_id]
 
     def _queued(self, spec: TrainingSpec, done: int) -> TrainingStatus:
-        return self._board.put(TrainingStatus(
+        return self._board.put(self._queued_status(spec, done))
+
+    def _queued_status(self, spec: TrainingSpec, done: int) -> TrainingStatus:
+        return TrainingStatus(
             training_id=spec.training_id, request_id=spec.request_id,
             character_id=spec.character_id, trigger_word=spec.trigger_word, state="queued",
             step=done, total=spec.steps,
-            estimated_time_minutes=self.estimate_minutes(spec, done)))
+            estimated_time_minutes=self.estimate_minutes(spec, done))
 
 
 def _completed_status(info: LoraInfo) -> TrainingStatus:
