@@ -9,7 +9,8 @@ from PIL.Image import Image
 
 from core.lora.registry import LoraInfo
 
-__all__ = ["SEED_LIMIT", "ActiveLora", "BatchKey", "ImageJob", "batch_key", "denoising_steps"]
+__all__ = ["SEED_LIMIT", "ActiveLora", "BatchKey", "ImageJob", "batch_key", "decoded_in_tiles",
+           "denoising_steps"]
 
 SEED_LIMIT = 2**63  # seeds are Avro longs: seed + k wraps around below this
 
@@ -83,3 +84,10 @@ def batch_key(job: ImageJob) -> BatchKey:
     adapters = tuple((info.lora_id, info.fingerprint, scale) for info, scale in job.adapters)
     strength = job.strength if job.init_image is not None else None
     return (job.width, job.height, job.steps, job.guidance, cfg, adapters, strength)
+
+
+def decoded_in_tiles(width: int, height: int, threshold: int) -> bool:
+    """Whether an image of ``width`` × ``height`` is decoded by the VAE in tiles under
+    VAE_TILING_THRESHOLD ``threshold``: when its longer side is over it. (Tiles change the
+    pixels, so the result key says so too.)"""
+    return max(width, height) > threshold

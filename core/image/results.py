@@ -23,6 +23,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from core.image.job import decoded_in_tiles
 from core.image.params import ImageParams
 from core.remembered import RememberedResults
 
@@ -57,7 +58,7 @@ class Rendering:
         }
         if params.negative_prompt:
             content["true_cfg_scale"] = self.true_cfg_scale
-        if max(params.width, params.height) > self.vae_tiling_threshold:
+        if decoded_in_tiles(params.width, params.height, self.vae_tiling_threshold):
             content["vae_tiled"] = True
         return content
 

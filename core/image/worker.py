@@ -37,7 +37,7 @@ from PIL.Image import Image
 from core.health import WorkerPulse
 from core.image._call import Aborted, AllCancelled, call_pipeline
 from core.image.img2img import ImageToImage
-from core.image.job import ImageJob, batch_key
+from core.image.job import ImageJob, batch_key, decoded_in_tiles
 from core.image.loader import LoadedModel
 from core.lora.adapters import AdapterSet
 from core.metrics import EngineMetrics
@@ -355,7 +355,7 @@ class GpuWorker:
         jobs = [item.job for item in items]
         first = jobs[0]
         self._adapters.activate_all(first.adapters)
-        self._set_tiling(max(first.width, first.height) > self._tiling_threshold)
+        self._set_tiling(decoded_in_tiles(first.width, first.height, self._tiling_threshold))
         if self._oom_injector is not None:
             self._oom_injector(jobs)
         self._model.before_call(first.denoising_steps)  # a step cache starts afresh

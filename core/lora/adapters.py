@@ -27,7 +27,8 @@ widen the model's own layers to a LoRA's sizes (its Control-LoRA support) or zer
 LoRA, silently: the model would stay broken for every later request. A LoRA that does not
 fit raises :class:`IncompatibleLoraError` (``INVALID_REQUEST``) with the model untouched;
 one that fails to load otherwise raises :class:`LoraLoadError`: the request never silently
-runs on the base model.
+runs on the base model. A file in another trainer's layout is read and converted once, by
+the check, which hands its converted tensors to diffusers for the load.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from core.lora.registry import LoraInfo, LoraLayer, file_sha256, lora_layers_of
+from core.lora.registry import LoraInfo, LoraLayer, file_sha256, read_lora_layers
 from schemas.errors import InternalError, InvalidRequestError
 
 __all__ = ["HOTSWAP_SLOT", "AdapterSet", "IncompatibleLoraError", "LoraLoadError",
@@ -197,15 +198,18 @@ class AdapterSet:
         expected = {self._slot} if self._slot is not None else set(self._loaded.values())
         return self._present() == expected
 
-    def check_fits(self, lora: LoraInfo) -> None:
+    def check_fits(self, lora: LoraInfo) -> str | dict[str, Any]:
         """Raises :class:`IncompatibleLoraError` unless every layer ``lora``'s file adapts
         is a linear layer of the model whose inputs its ``lora_A`` takes and whose outputs
         its ``lora_B`` gives, and :class:`LoraLoadError` when the file is unreadable or
         not the one registered. Reads the file's header (and, for another trainer's
-        layout, its tensors, converted as diffusers converts them); changes nothing."""
+        layout, its tensors, converted as diffusers converts them); changes nothing.
+        Returns what to hand to ``load_lora_weights``: the file's path, or the tensors
+        already converted (so the file is not read and converted twice; see
+        :func:`~core.lora.registry.read_lora_layers`)."""
         _verify_file(lora)
         try:
-            layers = lora_layers_of(lora.path)
+            layers, converted = read_lora_layers(lora.path)
         except ValueError as exc:
             raise IncompatibleLoraError(f"LoRA {lora.lora_id!r} cannot be used: {exc}",
                                         lora.lora_id) from exc
@@ -221,12 +225,13 @@ class AdapterSet:
             raise IncompatibleLoraError(
                 f"LoRA {lora.lora_id!r} was not made for this model: {problems[0]}{more}",
                 lora.lora_id)
+        return str(lora.path) if converted is None else converted
 
     def _switch(self, adapters: Sequence[tuple[LoraInfo, float]]) -> None:
         keep = {(lora.lora_id, lora.fingerprint) for lora, _ in adapters}
-        for lora, _ in adapters:  # all of them before anything changes
-            if (lora.lora_id, lora.fingerprint) not in self._loaded:
-                self.check_fits(lora)
+        checked = {(lora.lora_id, lora.fingerprint): self.check_fits(lora)
+                   for lora, _ in adapters  # all of them before anything changes
+                   if (lora.lora_id, lora.fingerprint) not in self._loaded}
         names: list[str] = []
         for lora, _ in adapters:
             key = (lora.lora_id, lora.fingerprint)
@@ -234,15 +239,15 @@ class AdapterSet:
             if name is None:
                 while len(self._loaded) >= self._capacity and self._evict(keep):
                     pass
-                name = self._load(lora)
+                name = self._load(lora, checked.pop(key))
                 self._loaded[key] = name
             self._loaded.move_to_end(key)
             names.append(name)
         self._pipeline.enable_lora()
         self._pipeline.set_adapters(names, [float(scale) for _, scale in adapters])
 
-    def _load(self, lora: LoraInfo) -> str:
-        """Loads ``lora`` (checked by :meth:`check_fits`) as a new adapter."""
+    def _load(self, lora: LoraInfo, source: str | dict[str, Any]) -> str:
+        """Loads ``lora`` as a new adapter from ``source``, what :meth:`check_fits` gave."""
         self._counter += 1
         name = f"lora_{self._counter}"  # ids may hold dots, which peft names may not
         started = time.perf_counter()
@@ -250,7 +255,7 @@ class AdapterSet:
             with warnings.catch_warnings():
                 # several adapters in one model is the point of the set
                 warnings.filterwarnings("ignore", _MULTIPLE_ADAPTERS_WARNING, UserWarning)
-                self._pipeline.load_lora_weights(str(lora.path), adapter_name=name)
+                self._pipeline.load_lora_weights(source, adapter_name=name)
             self._loaded_in(time.perf_counter() - started)
         except Exception as exc:
             self._forget_partial(name)
@@ -294,13 +299,12 @@ class AdapterSet:
                 self._scale_slot(scale)
             self._pipeline.enable_lora()  # (a no-op unless foreign code disabled it)
             return
-        self.check_fits(lora)  # the slot keeps what it holds when this refuses
+        source = self.check_fits(lora)  # the slot keeps what it holds when this refuses
         self._slot_content = None  # unknown if the swap fails half-way
         started = time.perf_counter()
         try:
             # sets the slot's scalings to this LoRA's, the silenced ones included
-            self._pipeline.load_lora_weights(str(lora.path), adapter_name=self._slot,
-                                             hotswap=True)
+            self._pipeline.load_lora_weights(source, adapter_name=self._slot, hotswap=True)
             self._loaded_in(time.perf_counter() - started)
         except Exception as exc:
             self._silence_slot()

@@ -36,25 +36,20 @@ from typing import Any
 from core.files import atomic_path, atomic_write
 from core.lora._header import LoraShape, read_header, read_lora_shape
 from core.lora.hashing import file_sha256
+from core.lora.ids import SAFE_LORA_ID, is_safe_lora_id
 from core.lora.shared import SharedLoras
 from schemas.errors import InternalError, UnknownLoraError
 
 __all__ = ["LoraInfo", "LoraLayer", "LoraRegistry", "file_sha256", "is_safe_lora_id",
-           "lora_layers_of"]
+           "lora_layers_of", "read_lora_layers"]
 
 logger = logging.getLogger(__name__)
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # a tensor in diffusers' own layout: the pipeline component (FluxPipeline loads LoRA
 # layers into these two), the module, and which part of its LoRA layer it is
 _LAYOUT = re.compile(r"^(?P<module>(?:transformer|text_encoder)\..+?)\."
                      r"(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|"
                      r"lora_magnitude_vector|alpha)$")
-
-
-def is_safe_lora_id(lora_id: str) -> bool:
-    """Whether ``lora_id`` is a name the registry accepts (no separators, no leading dot)."""
-    return bool(_SAFE_ID.match(lora_id)) and not lora_id.startswith(".")
 
 
 @dataclass(frozen=True)
@@ -91,33 +86,50 @@ class LoraLayer:
 
 
 def lora_layers_of(path: Path) -> list[LoraLayer]:
-    """The layers the LoRA file at ``path`` adapts, as diffusers will load it.
+    """The layers the LoRA file at ``path`` adapts, as diffusers will load it: the first
+    half of :func:`read_lora_layers` (which see)."""
+    return read_lora_layers(path)[0]
 
-    A file in diffusers' own layout is read from its header alone; another layout
-    (kohya's, XLabs'…) is converted as diffusers' ``FluxLoraLoaderMixin.lora_state_dict``
-    converts it when loading (reading the tensors). Raises ``ValueError`` when a tensor is
-    no part of a plain LoRA layer even so (a Control LoRA's norm layers, an unprefixed or
-    unknown name), when a module's matrices do not pair (one without the other, not 2-D,
-    ranks that differ), and for a file that is no safetensors file; ``OSError`` when it
-    cannot be read.
+
+def read_lora_layers(path: Path) -> tuple[list[LoraLayer], dict[str, Any] | None]:
+    """The layers the LoRA file at ``path`` adapts, as diffusers will load it, and what to
+    hand to ``load_lora_weights`` instead of the file so that it is not read and converted
+    a second time: its tensors already converted, or None to load the file itself.
+
+    A file in diffusers' own layout is read from its header alone (None: the load reads
+    it); another layout (kohya's, XLabs'…) is converted as diffusers'
+    ``FluxLoraLoaderMixin.lora_state_dict`` converts it when loading (reading the
+    tensors), and the converted tensors are given back, unless the conversion left network
+    alphas, alpha tensors or adapter metadata beside them (which diffusers would read
+    otherwise from a dict than from the file: None then). Raises
+    ``ValueError`` when a tensor is no part of a plain LoRA layer even so (a Control
+    LoRA's norm layers, an unprefixed or unknown name), when a module's matrices do not
+    pair (one without the other, not 2-D, ranks that differ), and for a file that is no
+    safetensors file; ``OSError`` when it cannot be read.
     """
     _, shapes = read_header(path)
-    if not all(_LAYOUT.match(key) for key in shapes):
-        from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+    if all(_LAYOUT.match(key) for key in shapes):
+        return _paired(shapes), None
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 
-        try:
-            converted = FluxLoraLoaderMixin.lora_state_dict(str(path))
-        except (KeyError, IndexError, TypeError, RuntimeError) as exc:  # its converters'
-            raise ValueError(f"diffusers cannot convert its layout: {type(exc).__name__}: "
-                             f"{exc}") from exc
-        shapes = {key: tuple(tensor.shape) for key, tensor in converted.items()}
-        foreign = sorted(key for key in shapes if not _LAYOUT.match(key))
-        if foreign:
-            raise ValueError(
-                f"{len(foreign)} tensor(s) are no LoRA matrices diffusers loads as such "
-                f"(first: {foreign[0]}): a Control LoRA or another kind of adapter, "
-                "which would change the model's own layers")
-    return _paired(shapes)
+    try:
+        converted, alphas, metadata = FluxLoraLoaderMixin.lora_state_dict(
+            str(path), return_alphas=True, return_lora_metadata=True)
+    except (KeyError, IndexError, TypeError, RuntimeError) as exc:  # its converters'
+        raise ValueError(f"diffusers cannot convert its layout: {type(exc).__name__}: "
+                         f"{exc}") from exc
+    shapes = {key: tuple(tensor.shape) for key, tensor in converted.items()}
+    foreign = sorted(key for key in shapes if not _LAYOUT.match(key))
+    if foreign:
+        raise ValueError(
+            f"{len(foreign)} tensor(s) are no LoRA matrices diffusers loads as such "
+            f"(first: {foreign[0]}): a Control LoRA or another kind of adapter, "
+            "which would change the model's own layers")
+    # loading this dict is loading the file only when the file said nothing more: in a
+    # dict diffusers finds no metadata, converts no key further, and would take an alpha
+    # tensor left in it for a network alpha
+    same = not alphas and metadata is None and not any("alpha" in key for key in converted)
+    return _paired(shapes), (dict(converted) if same else None)
 
 
 def _paired(shapes: Mapping[str, Sequence[int]]) -> list[LoraLayer]:
@@ -179,13 +191,20 @@ class LoraRegistry:
         if self._shared is None:
             return
         for lora_id in lora_ids:
-            complete = all((self._directory / f"{lora_id}{suffix}").is_file()
-                           for suffix in (".safetensors", ".json"))
-            if is_safe_lora_id(lora_id) and not complete:
-                try:
-                    self._shared.fetch(lora_id, self._directory)
-                except (OSError, ValueError, KeyError, TypeError) as exc:
-                    logger.warning("LoRA %s not fetched from the store: %s", lora_id, exc)
+            if is_safe_lora_id(lora_id):
+                self._fetch_one(self._shared, lora_id)
+
+    def _fetch_one(self, shared: SharedLoras, lora_id: str,
+                   registration: bytes | None = None) -> None:
+        """:meth:`fetch` for one safe id; ``registration``: its registration, already read
+        from the store (else it is read)."""
+        if all((self._directory / f"{lora_id}{suffix}").is_file()
+               for suffix in (".safetensors", ".json")):
+            return
+        try:
+            shared.fetch(lora_id, self._directory, registration=registration)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("LoRA %s not fetched from the store: %s", lora_id, exc)
 
     def versions(self, character_id: str) -> list[int]:
         """The versions ``n`` of ``{character_id}_v{n}`` registered, here or in the store,
@@ -207,12 +226,12 @@ class LoraRegistry:
                 return info
         if self._shared is None:
             return None
-        lora_id = self._shared.made_by(training_id)  # raises StorageError (an OSError)
-        if lora_id is None or not is_safe_lora_id(lora_id):
+        found = self._shared.made_by(training_id)  # raises StorageError (an OSError)
+        if found is None:
             return None
-        self.fetch([lora_id])
+        self._fetch_one(self._shared, found.lora_id, found.body)  # the registration just read, not again
         try:
-            return self.get(lora_id)
+            return self.get(found.lora_id)
         except UnknownLoraError:
             return None
 
@@ -271,7 +290,7 @@ class LoraRegistry:
         it is copied (the changed copy is not put in place).
         """
         if not is_safe_lora_id(lora_id):
-            raise ValueError(f"invalid LoRA id {lora_id!r}: allowed {_SAFE_ID.pattern}")
+            raise ValueError(f"invalid LoRA id {lora_id!r}: allowed {SAFE_LORA_ID.pattern}")
         shape = read_lora_shape(Path(weights_file))
         lora_layers_of(Path(weights_file))
         for name, given, found in (("rank", rank, shape.rank), ("alpha", alpha, shape.alpha)):

@@ -26,18 +26,29 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from core.files import atomic_path, atomic_write
 from core.lora.hashing import file_sha256
+from core.lora.ids import is_safe_lora_id
 from core.storage import ObjectStore
 
-__all__ = ["SharedLoras"]
+__all__ = ["Registration", "SharedLoras"]
 
 logger = logging.getLogger(__name__)
 
 _PREFIX = "loras/"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A LoRA's registration as the store holds it: ``lora_id`` (a safe id) and ``body``,
+    the bytes of ``loras/{lora_id}.json``."""
+
+    lora_id: str
+    body: bytes
 
 
 class SharedLoras:
@@ -71,11 +82,14 @@ class SharedLoras:
                                     json.dumps({"lora_id": lora_id}).encode())
         return self._objects.create(key, body)
 
-    def fetch(self, lora_id: str, directory: Path) -> bool:
+    def fetch(self, lora_id: str, directory: Path, *, registration: bytes | None = None
+              ) -> bool:
         """Copies ``lora_id`` from the store into ``directory`` as the local registry
         keeps it (``{id}.safetensors``, then ``{id}.json``, each written under a temporary
-        name and renamed); ``False`` when the store has no such LoRA."""
-        raw = self._objects.get_bytes(f"{_PREFIX}{lora_id}.json")
+        name and renamed); ``False`` when the store has no such LoRA. ``registration``:
+        its registration's bytes when already read (:meth:`made_by`), not read again."""
+        raw = registration if registration is not None else self._objects.get_bytes(
+            f"{_PREFIX}{lora_id}.json")
         if raw is None:
             return False
         metadata = json.loads(raw)
@@ -104,22 +118,24 @@ class SharedLoras:
         return [int(match.group(1)) for key in self._objects.keys(_PREFIX)
                 if (match := pattern.match(key))]
 
-    def made_by(self, training_id: str) -> str | None:
-        """The id of the LoRA training ``training_id`` registered, or ``None``: the one its
-        index names, if that registration names this training back."""
+    def made_by(self, training_id: str) -> Registration | None:
+        """The registration of the LoRA training ``training_id`` registered, or ``None``:
+        the one its index names, if that registration names this training back."""
         raw = self._objects.get_bytes(f"{_PREFIX}trainings/{training_id}.json")
         try:
             found = json.loads(raw)["lora_id"] if raw is not None else None
         except (ValueError, KeyError, TypeError):
             return None
-        if not isinstance(found, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", found):
+        if not isinstance(found, str) or not is_safe_lora_id(found):
             return None
         registration = self._objects.get_bytes(f"{_PREFIX}{found}.json")
+        if not registration:
+            return None
         try:
-            named = _training_id(json.loads(registration)) if registration else None
+            named = _training_id(json.loads(registration))
         except (ValueError, TypeError, AttributeError):
             return None
-        return found if named == training_id else None
+        return Registration(found, registration) if named == training_id else None
 
 
 def _training_id(metadata: dict[str, Any]) -> str | None:

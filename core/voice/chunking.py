@@ -30,6 +30,7 @@ import re
 import unicodedata
 
 __all__ = [
+    "CJK_SCRIPTS",
     "CLOSERS",
     "CONTEXT_CHARS",
     "SENTENCE_END",
@@ -41,12 +42,15 @@ __all__ = [
 
 CONTEXT_CHARS = 1_000  # of each neighbour; continuity needs the nearby words, not all
 
-UNSPACED_SCRIPTS = (
+CJK_SCRIPTS = (
     "\u3005-\u3007\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-    "\uff66-\uff9f\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\U00020000-\U0003134f"
+    "\uff66-\uff9f\U00020000-\U0003134f"
 )
-"""A character class body: the scripts written without spaces between words (Chinese,
-Japanese kana and kanji, Thai, Lao, Myanmar, Khmer)."""
+"""A character class body: Chinese and Japanese (kana and kanji), whose sentences end at
+``。``."""
+UNSPACED_SCRIPTS = CJK_SCRIPTS + "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff"
+"""A character class body: the scripts written without spaces between words
+(:data:`CJK_SCRIPTS`, Thai, Lao, Myanmar, Khmer)."""
 SENTENCE_FINAL = "。！？｡．‼⁇⁈⁉؟।॥։።။"
 """Sentence-final punctuation other than ``.``, ``!``, ``?`` and ``…`` (full-width, and
 other scripts'): a sentence ends there, with or without white space after it."""

@@ -25,23 +25,18 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterator
 
-from core.voice.chunking import CLOSERS, SENTENCE_FINAL, UNSPACED_SCRIPTS
+from core.voice.chunking import CJK_SCRIPTS, CLOSERS, SENTENCE_END, SENTENCE_FINAL
 from core.voice.emotion import EMOTIONS, Emotion, Expression, emotion_of_tag
 from core.voice.tags import strip_audio_tags
 
 __all__ = ["RulesEmotionInjector", "actions_to_tags", "remove_emoji"]
 
-_SENTENCE = re.compile(  # up to its end (as chunking.SENTENCE_END has it), or the text's
-    rf".*?(?:[.!?…]+[{CLOSERS}]*(?=\s|$)"
-    rf"|[.!?…]*[{SENTENCE_FINAL}][.!?…{SENTENCE_FINAL}{CLOSERS}]*"
-    rf"|[!?…]+[{CLOSERS}]*(?=[{UNSPACED_SCRIPTS}])|$)",
-    re.DOTALL,
-)
 _TAG = re.compile(r"\[([A-Za-z][A-Za-z '\-]{0,29})\]")
 _ACTION = re.compile(r"\*([A-Za-z][A-Za-z ]{0,29})\*")
 _TERMINAL = re.compile(rf"[.!?…{SENTENCE_FINAL}][{CLOSERS}\]]*$")
-_CJK = re.compile("[\u3005-\u3007\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_CJK = re.compile(f"[{CJK_SCRIPTS}]")
 _PLAIN_END = re.compile(rf"(?<![.…])\.([{CLOSERS}]*)$")
 _EMOJI = re.compile(
     "[\U0001f000-\U0001faff\U00002600-\U000027bf\U0001f1e6-\U0001f1ff\ufe0f\u200d]+"
@@ -78,6 +73,17 @@ _CUES: dict[str, re.Pattern[str]] = {
     "curious": re.compile(r"^\W*(?:what|how|why|tell me|i wonder|do you)\b.*\?\W*$|\U0001f914",
                           re.IGNORECASE | re.DOTALL),
 }
+
+
+def _sentences(text: str) -> Iterator[str]:
+    """``text`` cut after each sentence end of :data:`~core.voice.chunking.SENTENCE_END`,
+    the blanks after an end going with the sentence they precede."""
+    start = 0
+    for match in SENTENCE_END.finditer(text):
+        end = match.start() + len(match.group().rstrip())
+        yield text[start:end]
+        start = end
+    yield text[start:]
 
 
 def remove_emoji(text: str) -> str:
@@ -117,8 +123,7 @@ class RulesEmotionInjector:
         pieces: list[str] = []
         seen: list[Emotion] = []
         last_tag: str | None = None
-        for match in _SENTENCE.finditer(text):
-            raw = match.group(0)
+        for raw in _sentences(text):
             if not raw.strip():
                 continue
             found = _detect(raw)
