@@ -79,6 +79,11 @@ _CHANNELS = (
              "Progress of long work (LoRA training): step of total, with the loss."),
 )
 
+_SNIFFED = "`C3 01` or `00` Avro, `{` JSON"  # what schemas.codec sniffs without a header
+_AVRO_FRAMING = ("Avro single-object encoding (`C3 01`, the 8-byte fingerprint, the body); "
+                 "with a Schema Registry (`SCHEMA_REGISTRY_URL`), Confluent's wire format: "
+                 "`00`, the 4-byte big-endian schema id (registered under the subject "
+                 "`{topic}-value`, topic prefix included), the body.")
 _DESCRIPTION = """\
 Event API of the multimodal engine: image and voice generation and character LoRA
 training for AI companions, requested and answered over Kafka.
@@ -86,10 +91,21 @@ training for AI companions, requested and answered over Kafka.
 - Topic names may carry a prefix (`KAFKA_TOPIC_PREFIX`); the addresses here are without it.
 - Every record the engine publishes has the headers `content-type` (`avro/binary` or
   `application/json`, per `EVENT_ENCODING`) and `request_id`. Requests may carry either
-  encoding; without a `content-type` header the engine sniffs (`C3 01` Avro, `{` JSON).
+  encoding; without a `content-type` header the engine sniffs the value (`C3 01` or `00`
+  Avro, `{` JSON).
 - `avro/binary` is Avro single-object encoding: `C3 01`, the 8-byte little-endian
-  CRC-64-AVRO fingerprint of the writer schema, then the Avro binary body. JSON carries
-  the same fields; bytes are standard base64.
+  CRC-64-AVRO fingerprint of the writer schema, then the Avro binary body. Any instance
+  serves the writer schema of a fingerprint over HTTP at `GET /schemas/{fingerprint}`
+  (16 hex digits), for readers whose `.avsc` files are older. JSON carries the same
+  fields; bytes are standard base64.
+- With a Schema Registry (`SCHEMA_REGISTRY_URL`), the engine publishes Avro in Confluent's
+  wire format instead: a zero byte (`00`), the 4-byte big-endian schema id the registry
+  gave, then the Avro binary body. At start-up it registers the writer schema of each
+  event it publishes under the subject `{topic}-value`, topic prefix included
+  (`{KAFKA_TOPIC_PREFIX}generation.completed-value`, and the same for generation.failed,
+  generation.progress and generation.control). Requests may come in either framing on the
+  same topic; the writer schema of a `00`-framed request is fetched from the registry by
+  its id. Without a registry, a `00`-framed request is answered `UNDECODABLE`.
 - `traceparent` / `tracestate` (W3C Trace Context) are optional; when a request carries
   them the engine's answers continue the trace.
 - A record that cannot be decoded or validated is answered on `generation.failed`
@@ -203,8 +219,11 @@ def _message(channel: _Channel, encoding: Encoding) -> dict[str, Any]:
             "payload": example,
         }],
     }
+    descriptions = [_AVRO_FRAMING] if encoding == "avro" else []
     if model is GenerationFailed:  # what error_code may say, and which codes are retryable
-        message["description"] = error_code_schema()["description"]
+        descriptions.append(error_code_schema()["description"])
+    if descriptions:
+        message["description"] = "\n\n".join(descriptions)
     return message
 
 
@@ -223,7 +242,7 @@ def _headers(inbound: bool, encoding: Encoding) -> dict[str, Any]:
     content_type = AVRO_CONTENT_TYPE if encoding == "avro" else JSON_CONTENT_TYPE
     kind: dict[str, Any] = (
         {"type": "string", "examples": [content_type], "description":
-         "Optional: without it the engine sniffs the value (`C3 01` Avro, `{` JSON)."}
+         f"Optional: without it the engine sniffs the value ({_SNIFFED})."}
         if inbound else {"type": "string", "const": content_type})
     return {
         "type": "object",

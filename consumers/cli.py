@@ -167,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(build_dev_model(args.path, seed=args.seed))
         return
     if args.command in ("send", "replay"):
-        logging.getLogger("aiokafka").setLevel(logging.WARNING)  # keep the reply readable
+        for chatty in ("aiokafka", "httpx"):  # keep the reply readable
+            logging.getLogger(chatty).setLevel(logging.WARNING)
         try:
             sys.exit(asyncio.run(_send(args, settings) if args.command == "send"
                                  else _replay(args.kind, window, args.dry_run, settings)))
@@ -201,11 +202,13 @@ async def _send(args: argparse.Namespace, settings: object) -> int:
 
     from aiokafka.errors import KafkaConnectionError
 
+    from consumers.schema_registry import registry_client, registry_framing
     from consumers.send import send_and_wait
     from core.settings import Settings
     from schemas.codec import EventCodec
     from schemas.errors import InvalidRequestError
     from schemas.events import ImageRequested, VoiceRequested
+    from schemas.registry import SchemaRegistryUnavailable
 
     assert isinstance(settings, Settings)
     broker = _broker(settings)
@@ -223,7 +226,6 @@ async def _send(args: argparse.Namespace, settings: object) -> int:
         body["priority"] = args.priority
     if args.deadline_in is not None:
         body["deadline"] = (datetime.now(UTC) + timedelta(seconds=args.deadline_in)).isoformat()
-    codec = EventCodec()
     if args.kind == "voice":
         body.update({k: fields[k] for k in ("text", "voice_id", "model_id", "stability",
                                             "similarity_boost", "style") if k in fields})
@@ -237,11 +239,14 @@ async def _send(args: argparse.Namespace, settings: object) -> int:
         model = ImageRequested
     event: ImageRequested | VoiceRequested
     try:
-        event = codec.validate(model, body)
+        event = EventCodec().validate(model, body)
     except InvalidRequestError as exc:
         print(f"multimodal-engine: invalid request: {exc}", file=sys.stderr)
         return 2
+    # with a registry the engine answers in its wire format: the answer is read with it too
+    http = registry_client(settings)
     try:
+        codec = EventCodec(framing=None if http is None else registry_framing(settings, http))
         reply = await send_and_wait(
             bootstrap, f"{prefix}generation.requested.{args.kind}", event,
             args.conversation_id, completed_topic=f"{prefix}generation.completed",
@@ -251,6 +256,13 @@ async def _send(args: argparse.Namespace, settings: object) -> int:
     except KafkaConnectionError as exc:
         await _say_unreachable(bootstrap, security, exc)
         return 2
+    except SchemaRegistryUnavailable as exc:
+        print(f"multimodal-engine: cannot read the answer to request {body['request_id']}: "
+              f"{exc}", file=sys.stderr)
+        return 1
+    finally:
+        if http is not None:
+            await http.aclose()
     if reply is None:
         print(f"multimodal-engine: no answer to request {body['request_id']} within "
               f"{args.timeout:.0f}s", file=sys.stderr)

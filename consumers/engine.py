@@ -31,6 +31,7 @@ from consumers.publisher import EventPublisher
 from consumers.retry import RetryPolicy
 from consumers.routes import Route
 from consumers.runtime import ConsumeLoop, DeliveryConfig, ResultTopics
+from consumers.schema_registry import registry_client, registry_framing
 from consumers.security import KafkaSecurity, diagnose
 from core.health import EngineHealth, ImageModelInfo, probe_gpu
 from core.image.factory import build_image_service
@@ -105,15 +106,11 @@ class Engine:
         self._worker: GpuWorker | None = None
         self.training: TrainingService | None = None
         self.metrics = EngineMetrics(registry or CollectorRegistry())
-        self._registry_http: httpx.AsyncClient | None = None
+        self._registry_http = registry_client(settings)  # Avro in Confluent's wire format
         self.registry: RegistryFraming | None = None
-        if settings.schema_registry_url is not None:  # Avro in Confluent's wire format
-            self._registry_http = httpx.AsyncClient(timeout=settings.schema_registry_timeout)
-            user_info = settings.schema_registry_user_info
-            self.registry = RegistryFraming(
-                settings.schema_registry_url, self._registry_http,
-                user_info=None if user_info is None else user_info.get_secret_value(),
-                on_reachable=self._registry_seen)
+        if self._registry_http is not None:
+            self.registry = registry_framing(settings, self._registry_http,
+                                             on_reachable=self._registry_seen)
         self.codec = EventCodec(framing=self.registry)
         self.objects = build_object_store(settings)  # None: the local folders alone
         self.store = OutputStore(

@@ -1,11 +1,14 @@
 """``multimodal-engine send``: publish one request and wait for its answer.
 
 The reply topics are read from their current end *before* the request is published, so
-the answer cannot slip past; the request's ``request_id`` picks it out.
+the answer cannot slip past; the request's ``request_id`` picks it out. Answers in the
+Schema Registry's wire format are read with the codec's registry (its writer schemas
+fetched by id), as the engine reads them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -16,6 +19,7 @@ from consumers.security import PLAINTEXT, KafkaSecurity
 from schemas.codec import EventCodec
 from schemas.errors import EngineError
 from schemas.events import Event
+from schemas.registry import SchemaRegistryError, SchemaRegistryUnavailable
 
 __all__ = ["Reply", "send_and_wait"]
 
@@ -40,7 +44,12 @@ async def send_and_wait(
     codec: EventCodec | None = None,
     security: KafkaSecurity = PLAINTEXT,
 ) -> Reply | None:
-    """Publishes ``event`` and returns its completed/failed reply, or None on timeout."""
+    """Publishes ``event`` and returns its completed/failed reply, or None on timeout.
+
+    ``codec`` reads the replies: with a registry (``EventCodec(framing=...)``) it reads the
+    Schema Registry's wire format too. Raises
+    :class:`~schemas.registry.SchemaRegistryUnavailable` when that registry stays out of
+    reach until ``timeout``: the replies cannot be read meanwhile."""
     codec = codec or EventCodec()
     request_id: str = getattr(event, "request_id")  # noqa: B009  (every request has one)
     consumer = AIOKafkaConsumer(
@@ -79,14 +88,29 @@ async def send_and_wait(
                     headers = dict(record.headers or ())
                     content_type = headers.get("content-type")
                     try:
+                        await _writer_schema(codec, record.value, deadline)
                         _, raw = codec.decode_raw(
                             record.value, content_type.decode() if content_type else None
                         )
-                    except EngineError:
-                        continue
+                    except SchemaRegistryUnavailable:
+                        raise  # waited out until the deadline: said by the caller
+                    except (EngineError, SchemaRegistryError):
+                        continue  # not a record this command can read: not the answer
                     if raw.get("request_id") == request_id:
                         return Reply(tp.topic, raw, completed=tp.topic == completed_topic)
         return None
     finally:
         await producer.stop()
         await consumer.stop()
+
+
+async def _writer_schema(codec: EventCodec, value: bytes | None, deadline: float) -> None:
+    """Fetches a Confluent-framed ``value``'s writer schema, waiting out a registry outage
+    (capped backoff) until ``deadline``; raises what ``resolve_writer`` raises then."""
+    async def pause(tries: int, exc: Exception) -> None:
+        wait = min(0.1 * 2 ** min(tries, 5), 2.0)
+        if time.monotonic() + wait >= deadline:
+            raise exc
+        await asyncio.sleep(wait)
+
+    await codec.resolve_writer_waiting(value, pause)

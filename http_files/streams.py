@@ -10,6 +10,8 @@ Listeners are bounded, whatever clients do: a stream takes ``max_listeners`` at 
 (:data:`core.voice.streams.MAX_LISTENERS`; one more is a 503 with ``Retry-After``), and a
 listener that does not take a block within the stream's ``write_timeout`` has its
 connection reset, without the final chunk, so its place and its buffers are freed.
+``HEAD`` answers the headers alone and takes no place (RFC 9110 9.3.2: no body, so the
+connection stays usable for its next request).
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
         raise _not_found(f"no stream {stream_id} here (it ended, or never was): the file "
                          "is at the completed event's url")
     response = _response(stream, {})
+    if request.method == "HEAD":  # what a GET would answer, without joining the stream
+        await response.prepare(request)
+        await response.write_eof()
+        return response
     try:
         return await _send(request, stream, response)
     except ConnectionResetError:  # the listener is gone: its place is left, no error

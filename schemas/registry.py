@@ -4,7 +4,9 @@ With a registry, Avro records use Confluent's wire format: a zero byte, the 4-by
 big-endian schema id the registry gave, then the Avro body. :class:`RegistryFraming` is
 what :class:`~schemas.codec.EventCodec` asks for the header of a topic's event (ids learnt
 when the engine registered its writer schemas under ``{topic}-value``) and for the writer
-schema of an id it reads (a bounded cache, filled by :meth:`RegistryFraming.resolve`).
+schema of an id it reads (a bounded cache, filled by :meth:`RegistryFraming.resolve`). An
+id the registry does not have is asked for again the next time it is read, since a
+lagging replica may have it by then; such misses never take the place of a schema.
 
 Errors::
 
@@ -41,7 +43,8 @@ logger = logging.getLogger(__name__)
 CONFLUENT_MAGIC = b"\x00"
 CONFLUENT_HEADER_LEN = 5
 _CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
-_MISSING = ""  # cached answer for an id the registry says it does not have
+_MISSING = ""  # the answer for an id the registry says it does not have (or not as Avro)
+_MISSES_KEPT = 64  # misses remembered between resolve() and the decode that follows it
 
 
 def subject_of(topic: str) -> str:
@@ -101,6 +104,9 @@ class RegistryFraming:
             self._auth = (user, password)
         self._cache_size = cache_size
         self._by_id: OrderedDict[int, str] = OrderedDict()  # id → schema text, or _MISSING
+        # ids the registry did not have at the last ask: kept apart, so that unknown (or
+        # hostile) ids cannot push real schemas out, and only until asked for again
+        self._misses: OrderedDict[int, None] = OrderedDict()
         self._ids: dict[tuple[str, str], int] = {}  # (topic, schema full name) → id
         self._on_reachable = on_reachable
         self.reachable: bool | None = None  # None until the first call
@@ -144,26 +150,30 @@ class RegistryFraming:
 
     def cached(self, schema_id: int) -> str | None:
         """The writer schema text of ``schema_id`` once resolved; ``""`` when the
-        registry said it has no such id; ``None`` when not (or no longer) cached."""
+        registry said at the last :meth:`resolve` that it has no such id (or not as Avro);
+        ``None`` when not (or no longer) cached."""
         text = self._by_id.get(schema_id)
         if text is not None:
             self._by_id.move_to_end(schema_id)
-        return text
+            return text
+        return _MISSING if schema_id in self._misses else None
 
     async def resolve(self, value: bytes) -> None:
         """Makes the writer schema of a Confluent-framed ``value`` cached (a no-op for
-        other values and cached ids); an id the registry does not have is cached as such.
+        other values and cached ids). An id the registry does not have is remembered as
+        missing for the decode that follows, and asked for again at the next call (a
+        lagging replica may have it by then).
 
         Raises :class:`SchemaRegistryUnavailable` while the registry cannot answer, and
         :class:`SchemaRegistryError` for any other failure.
         """
         schema_id = self.schema_id(value)
-        if schema_id is None or self.cached(schema_id) is not None:
+        if schema_id is None or self._by_id.get(schema_id) is not None:
             return
         try:
             body = await self._call("GET", f"/schemas/ids/{schema_id}")
         except _NotFound:
-            self._remember(schema_id, _MISSING)
+            self._missed(schema_id)
             return
         text = body.get("schema")
         if not isinstance(text, str) or not text:
@@ -174,7 +184,14 @@ class RegistryFraming:
             return
         self._remember(schema_id, text)
 
+    def _missed(self, schema_id: int) -> None:
+        self._misses[schema_id] = None
+        self._misses.move_to_end(schema_id)
+        while len(self._misses) > _MISSES_KEPT:
+            self._misses.popitem(last=False)
+
     def _remember(self, schema_id: int, text: str) -> None:
+        self._misses.pop(schema_id, None)
         self._by_id[schema_id] = text
         self._by_id.move_to_end(schema_id)
         while len(self._by_id) > self._cache_size:

@@ -1,7 +1,7 @@
 """docs/asyncapi.yaml: valid by the official AsyncAPI parser (``tools/asyncapi``), every
 contract topic a channel, and a real oracle: what the engine's codec writes fits it, and
 the record check the integration tests run (:mod:`tests.support.asyncapi_check`) catches
-events that do not."""
+events that do not; it describes the Schema Registry's wire format as the codec writes it."""
 
 from __future__ import annotations
 
@@ -13,14 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import fastavro
+import httpx
 import pytest
 
 from consumers.asyncapi_examples import EXAMPLES
 from consumers.topics import CONTRACT_TOPICS
 from schemas import events
 from schemas.codec import EventCodec, schema_fingerprint
+from schemas.registry import RegistryFraming
 from tests.support.asyncapi_check import EventChecker, asyncapi
 from tests.support.openapi_check import DOCS
+from tests.support.schema_registry import SchemaRegistryServer
 
 _TOOL = Path(__file__).resolve().parents[2] / "tools" / "asyncapi"
 _REQUEST_ID = EXAMPLES["GenerationCompleted"]["request_id"]
@@ -129,3 +132,39 @@ def test_a_valid_trace_context_fits() -> None:
     headers = _json_headers(traceparent=b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
                             tracestate=b"vendor=1")
     EventChecker().check("generation.completed", b"conv-42", headers, _completed())
+
+
+async def test_the_document_describes_the_schema_registry_wire_format() -> None:
+    """What a codec with a registry writes and reads, on the local registry, is what the
+    document says of the registry's wire format."""
+    event = events.GenerationCompleted.model_validate(EXAMPLES["GenerationCompleted"])
+    server = SchemaRegistryServer()
+    url = await server.start()
+    try:
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            framing = RegistryFraming(url, http)
+            codec = EventCodec(framing=framing)
+            topic = "pre.generation.completed"
+            schema_id = await framing.register(topic, event.avro_name,
+                                               codec.current_schema(event.avro_name))
+            value = codec.encode(event, "avro", topic)
+            reader = EventCodec(framing=RegistryFraming(url, http))
+            await reader.resolve_writer(value)
+            assert reader.decode(value, None, events.GenerationCompleted) == event  # sniffed
+    finally:
+        await server.stop()
+    assert list(server.subjects) == ["pre.generation.completed-value"]
+    assert value[:5] == b"\x00" + schema_id.to_bytes(4, "big")
+
+    document = asyncapi()
+    description = document["info"]["description"]
+    assert "a zero byte (`00`), the 4-byte big-endian schema id" in description
+    assert "under the subject `{topic}-value`, topic prefix included" in description
+    assert "(`{KAFKA_TOPIC_PREFIX}generation.completed-value`" in description
+    assert "`GET /schemas/{fingerprint}`" in description
+    assert "sniffs the value (`C3 01` or `00`\n  Avro, `{` JSON)" in description
+    sniffed = document["components"]["schemas"]["RequestHeadersAvro"]["properties"]
+    assert "(`C3 01` or `00` Avro, `{` JSON)" in sniffed["content-type"]["description"]
+    for name, message in document["components"]["messages"].items():
+        if name.endswith("Avro"):
+            assert "`00`, the 4-byte big-endian schema id" in message["description"], name

@@ -4,7 +4,8 @@ chunk; ``GET`` on the stream's URL gives any listener, early or late, the whole 
 its start, the bytes of the file; a failure after the first chunk cuts the answer short; a
 replay answered from the remembered results is its file; a stream not here is a 404; a
 stream takes its listeners and one more once one has left (finished or gone), and a
-listener that stops reading is reset after the write timeout, its place freed."""
+listener that stops reading is reset after the write timeout, its place freed; a HEAD
+answers the headers alone, taking no place."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from core.voice import (
 from http_files import AppServices, create_app
 from http_files.uploads import UploadLimits
 from schemas.codec import EventCodec
+from tests.http.raw import open_raw, read_response
 from tests.support.elevenlabs_server import DEFAULT_KEY, ElevenLabsServer, Fault
 from tests.support.s3_server import StoreLocation
 
@@ -383,3 +385,25 @@ async def test_a_listener_that_stops_reading_is_cut_off_and_its_place_freed(
         assert not received.endswith(b"0\r\n\r\n")  # cut: no final chunk
     finally:
         stalled.close()
+
+
+async def test_head_on_a_stream_answers_its_headers_alone_and_takes_no_place(
+    listened: Listened,
+) -> None:
+    stream = listened.streams.open("audio/mpeg")
+    await stream.write(b"ID3" + bytes(1000))  # still being made: a GET would wait for more
+    reader, writer = await open_raw(listened.client)
+    try:
+        path = path_of(listened.url(stream))
+        writer.write(f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        headed = await read_response(reader, timeout=10)
+        assert headed.status == 200 and headed.headers["content-type"] == "audio/mpeg"
+        assert stream.listeners == 0
+        # no body came after the headers: the same connection answers its next request
+        writer.write(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        live = await read_response(reader, timeout=10)
+        assert live.status == 200 and live.json()["status"] == "live"
+    finally:
+        writer.close()
+    stream.finish()
+    assert stream.listeners == 0
