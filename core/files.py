@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write", "replace_durably"]
+__all__ = ["atomic_path", "atomic_write", "fsync_directory", "replace_durably"]
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -61,17 +61,22 @@ def replace_durably(temporary: Path, target: Path) -> None:
     finally:
         os.close(descriptor)
     os.replace(temporary, target)
-    _fsync_directory(target.parent)
+    fsync_directory(target.parent)
 
 
-def _fsync_directory(path: Path) -> None:
+def fsync_directory(path: Path, *, strict: bool = False) -> None:
+    """Fsync the directory ``path``, so that renames and creations in it are on disk.
+    Raises ``OSError``; except with ``strict``, not for a filesystem that cannot sync a
+    directory at all (``EINVAL``, ``ENOTSUP``, ``EBADF``: the rename is done and
+    visible, so the write has not failed). ``strict`` is for a caller whose guarantee
+    needs the sync itself (a checkpoint that must survive a crash)."""
     descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(descriptor)
     except OSError as exc:
         # some filesystems cannot sync a directory at all (as PostgreSQL's fsync_fname
         # tolerates): the rename is done and visible, so the write has not failed
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+        if strict or exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
             raise
     finally:
         os.close(descriptor)

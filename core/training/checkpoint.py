@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from core.files import atomic_path, atomic_write
+from core.files import atomic_path, atomic_write, fsync_directory
 from core.training.adapter import lora_config
 from core.training.encode import TrainingCache
 from core.training.images import CheckedImage
@@ -147,7 +147,7 @@ class TrainingFolder:
             if target.exists():  # the same step again after a resume: same content
                 shutil.rmtree(target)
             os.replace(staging, target)
-            _fsync_dir(self._checkpoints)
+            fsync_directory(self._checkpoints, strict=True)  # the rename must be on disk
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         for older in self._checkpoints.iterdir():
@@ -238,11 +238,3 @@ def _link_or_copy(source: Path, target: Path) -> None:
 def _fsync_file(path: Path) -> None:
     with path.open("rb") as handle:
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

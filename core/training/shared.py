@@ -12,8 +12,9 @@ Layout under ``trainings/{training_id}/`` (the local folder's, see
   one; older steps are deleted once the marker moved;
 - ``status.json``: ``{"owner": …, "origin": "kafka"|"http", "status": {…}}``, the latest
   status and who wrote it. Its ``updated_at`` is the owner's heartbeat: a status in
-  ``queued`` or ``training`` is *live* while younger than a lease (the service's
-  ``STATUS_LEASE_SECONDS``); an older one belongs to an instance that is gone.
+  ``queued`` or ``training`` is *live* while younger than a lease
+  (:data:`core.training.lease.STATUS_LEASE_SECONDS`); an older one belongs to an
+  instance that is gone.
 
 The status is also the claim on an HTTP training (:meth:`SharedTrainings.claim`): an
 instance about to take one in first creates its status (``If-None-Match: *``), or takes
