@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     send = commands.add_parser(
         "send", help="publish one request and wait for its answer",
         description="Publish one request, wait for its generation.completed or "
-                    "generation.failed event, print it; exit 0 (completed) or 1.",
+                    "generation.failed event, print it; exit 0 (completed) or 1 (failed, "
+                    "no answer in time, no broker); 2 for invalid arguments or settings.",
     )
     kinds = send.add_subparsers(dest="kind", required=True, metavar="KIND")
     voice = kinds.add_parser("voice", help="a voice request", description="Send a voice request.")
@@ -149,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = load_settings()
     except ConfigurationError as exc:
-        print(f"multimodal-engine: {exc}", file=sys.stderr)
+        _say(str(exc))
         sys.exit(2)
     from core.telemetry import configure_logging
 
@@ -167,13 +168,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(build_dev_model(args.path, seed=args.seed))
         return
     if args.command in ("send", "replay"):
-        for chatty in ("aiokafka", "httpx"):  # keep the reply readable
-            logging.getLogger(chatty).setLevel(logging.WARNING)
+        # keep the reply readable: the command says in one line what went wrong, where
+        # aiokafka logs an ERROR line for every retry while a broker is away
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         try:
             sys.exit(asyncio.run(_send(args, settings) if args.command == "send"
                                  else _replay(args.kind, window, args.dry_run, settings)))
         except ConfigurationError as exc:
-            print(f"multimodal-engine: {exc}", file=sys.stderr)
+            _say(str(exc))
             sys.exit(2)
     from diffusers.utils import logging as diffusers_logging
 
@@ -185,8 +188,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         asyncio.run(run_serve(settings) if args.command == "serve" else run_dev(settings))
     except (StartupError, ConfigurationError) as exc:
-        print(f"multimodal-engine: {exc}", file=sys.stderr)
+        _say(str(exc))
         sys.exit(2)
+
+
+def _say(message: str) -> None:
+    """``message`` on stderr as the command's one line, naming the variables in it whose
+    value came from ``.env``: a ``.env`` copied for docker compose (``kafka:9092``,
+    ``/app/models/…``) would otherwise mislead ``dev`` without a word about it."""
+    import re
+
+    from core.settings import env_file_values
+
+    cited = [name for name, value in env_file_values().items()
+             if re.search(rf"(?<![A-Z0-9_]){name}(?![A-Z0-9_])", message)
+             or (len(value) >= 6 and any(c in value for c in "/:") and value in message)]
+    where = f" ({', '.join(cited)} from {Path('.env').resolve()})" if cited else ""
+    print(f"multimodal-engine: {message}{where}", file=sys.stderr)
 
 
 def _quiet_model_libraries() -> None:
@@ -200,9 +218,10 @@ def _quiet_model_libraries() -> None:
 async def _send(args: argparse.Namespace, settings: object) -> int:
     from datetime import UTC, datetime, timedelta
 
-    from aiokafka.errors import KafkaConnectionError
+    from aiokafka.errors import KafkaConnectionError, KafkaError
 
     from consumers.schema_registry import registry_client, registry_framing
+    from consumers.security import diagnose
     from consumers.send import send_and_wait
     from core.settings import Settings
     from schemas.codec import EventCodec
@@ -213,7 +232,7 @@ async def _send(args: argparse.Namespace, settings: object) -> int:
     assert isinstance(settings, Settings)
     broker = _broker(settings)
     if broker is None:
-        return 2
+        return 1
     bootstrap, prefix, security = broker.bootstrap, broker.prefix, broker.security
     fields = {k: v for k, v in vars(args).items() if v is not None}
     body: dict[str, object] = {
@@ -255,7 +274,10 @@ async def _send(args: argparse.Namespace, settings: object) -> int:
         )
     except KafkaConnectionError as exc:
         await _say_unreachable(bootstrap, security, exc)
-        return 2
+        return 1
+    except KafkaError as exc:
+        _say(f"request {body['request_id']} not sent to Kafka at {bootstrap}: {exc}")
+        return 1
     except SchemaRegistryUnavailable as exc:
         print(f"multimodal-engine: cannot read the answer to request {body['request_id']}: "
               f"{exc}", file=sys.stderr)
@@ -264,8 +286,9 @@ async def _send(args: argparse.Namespace, settings: object) -> int:
         if http is not None:
             await http.aclose()
     if reply is None:
-        print(f"multimodal-engine: no answer to request {body['request_id']} within "
-              f"{args.timeout:.0f}s", file=sys.stderr)
+        why = await diagnose(bootstrap, security, timeout=3.0)  # a broker gone meanwhile
+        _say(f"no answer to request {body['request_id']} within {args.timeout:.0f}s"
+             + (f": cannot reach Kafka at {bootstrap}: {why}" if why else ""))
         return 1
     print(json.dumps(reply.event, indent=2, default=str))
     url = reply.event.get("url")
@@ -282,7 +305,7 @@ async def _replay(kind: str, window: ReplayWindow, dry_run: bool, settings: Sett
 
     broker = _broker(settings)
     if broker is None:
-        return 2
+        return 1
     bootstrap, security = broker.bootstrap, broker.security
     topic = f"{broker.prefix}generation.requested.{kind}"
     try:
@@ -313,8 +336,7 @@ async def _say_unreachable(bootstrap: str, security: KafkaSecurity, error: Excep
     from consumers.security import diagnose
 
     why = await diagnose(bootstrap, security)
-    print(f"multimodal-engine: cannot reach Kafka at {bootstrap}: {why or error}",
-          file=sys.stderr)
+    _say(f"cannot reach Kafka at {bootstrap}: {why or error}")
 
 
 class _Broker(NamedTuple):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from consumers.security import PLAINTEXT, KafkaSecurity
 from schemas.codec import EventCodec
@@ -22,6 +23,8 @@ from schemas.events import Event
 from schemas.registry import SchemaRegistryError, SchemaRegistryUnavailable
 
 __all__ = ["Reply", "send_and_wait"]
+
+_STOP_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,10 @@ async def send_and_wait(
     ``codec`` reads the replies: with a registry (``EventCodec(framing=...)``) it reads the
     Schema Registry's wire format too. Raises
     :class:`~schemas.registry.SchemaRegistryUnavailable` when that registry stays out of
-    reach until ``timeout``: the replies cannot be read meanwhile."""
+    reach until ``timeout``: the replies cannot be read meanwhile, and aiokafka's
+    :class:`~aiokafka.errors.KafkaError` when the broker cannot be reached at the start or
+    the request cannot be published. A broker gone while the answer is awaited is a
+    timeout (it may come back)."""
     codec = codec or EventCodec()
     request_id: str = getattr(event, "request_id")  # noqa: B009  (every request has one)
     consumer = AIOKafkaConsumer(
@@ -100,8 +106,24 @@ async def send_and_wait(
                         return Reply(tp.topic, raw, completed=tp.topic == completed_topic)
         return None
     finally:
-        await producer.stop()
-        await consumer.stop()
+        await _stop(producer)
+        await _stop(consumer)
+
+
+async def _stop(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    """Stops ``client``, bounded: with the broker gone it may not stop cleanly, and the
+    command has its answer (or its timeout) already. Only a cancellation of this command
+    goes on up."""
+    try:
+        await asyncio.wait_for(client.stop(), timeout=_STOP_SECONDS)
+    except (TimeoutError, KafkaError):
+        pass
+    except asyncio.CancelledError:
+        # aiokafka's fetcher re-raises the cancellation of its own pending fetches when
+        # the broker is gone (one waiting out its retry backoff): not this command's
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
 
 
 async def _writer_schema(codec: EventCodec, value: bytes | None, deadline: float) -> None:

@@ -7,6 +7,7 @@ message is one line naming the variable, the value and what is allowed.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.net.policy import AllowedHosts
 
-__all__ = ["ConfigurationError", "Settings", "load_settings"]
+__all__ = ["ConfigurationError", "Settings", "env_file_values", "load_settings"]
 
 _USERINFO = re.compile(r"://[^/?#\s]*@")
 _SECRET_FIELDS = {"api_keys", "elevenlabs_api_key", "kafka_sasl_password",
@@ -367,6 +368,21 @@ def load_settings(**overrides: Any) -> Settings:
             "invalid configuration: OUTPUT_URLS='presigned' (allowed: only with "
             "STORAGE_URL set; the local folders have no signed URLs)")
     return settings
+
+
+def env_file_values(env_file: Path = Path(".env")) -> dict[str, str]:
+    """What :func:`load_settings` takes from ``env_file`` (the working directory's ``.env``):
+    ``{VARIABLE: value}`` for each setting the file sets and the environment does not (the
+    environment wins). Empty without such a file."""
+    from dotenv import dotenv_values
+
+    if not env_file.is_file():
+        return {}
+    environment = {name.lower() for name in os.environ}
+    return {name.upper(): value
+            for name, value in dotenv_values(env_file, encoding="utf-8").items()
+            if value is not None and name.lower() in Settings.model_fields
+            and name.lower() not in environment}
 
 
 def _check_kafka_security(settings: Settings) -> None:
