@@ -6,10 +6,12 @@ JSON body limit: larger starting images go by ``init_image_url``); the response 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from aiohttp import web
 
 from http_files.errors import error_response
-from http_files.scheduled import run_scheduled
+from http_files.scheduled import run_scheduled, scheduling_owner
 from http_files.services import SERVICES
 from http_files.validation import read_event
 from schemas.errors import EngineError
@@ -29,7 +31,9 @@ async def generate_image(request: web.Request) -> web.Response:
     try:
         result = await run_scheduled(
             services, "image", event,
-            lambda pending: image.generate(event, placement=pending.placement()))
+            lambda pending: image.generate(event, placement=replace(
+                pending.placement(),
+                owner=scheduling_owner(event.conversation_id, event.request_id))))
     except EngineError as exc:
         return error_response(exc)
     body: dict[str, object] = {

@@ -36,7 +36,7 @@ from schemas.codec import EventCodec
 from schemas.errors import ErrorCode, InvalidRequestError
 from schemas.events import Event
 
-__all__ = ["JSON_BODY_LIMIT", "MAX_JSON_DEPTH", "read_event"]
+__all__ = ["ANONYMOUS_CONVERSATION", "JSON_BODY_LIMIT", "MAX_JSON_DEPTH", "read_event"]
 
 T = TypeVar("T", bound=Event)
 
@@ -44,11 +44,16 @@ JSON_BODY_LIMIT = 1 * 2**20
 """Bytes of a JSON request body (the app's ``client_max_size``)."""
 MAX_JSON_DEPTH = 64
 """Deepest nesting of objects and arrays a JSON body may have (the events need 3)."""
+ANONYMOUS_CONVERSATION = "http"
+"""The ``conversation_id`` of a request that names none (the original API's bodies), as its
+answer and events carry it. It is no conversation to schedule by: each such request is
+scheduled as one of its own (:mod:`http_files.scheduled`)."""
 
 
 async def read_event(request: web.Request, codec: EventCodec, model: type[T]) -> T:
     """Reads a JSON body into ``model``, giving HTTP requests the identity events carry
-    (a fresh ``request_id``, ``conversation_id`` "http") when absent.
+    (a fresh ``request_id``, ``conversation_id`` :data:`ANONYMOUS_CONVERSATION`) when
+    absent.
 
     Raises a 422 naming the field for any invalid or missing field, or for a body that is
     not a JSON object; other unreadable bodies, and a 503 when too many are arriving, as the
@@ -58,7 +63,7 @@ async def read_event(request: web.Request, codec: EventCodec, model: type[T]) ->
     if not isinstance(body, dict):
         raise unprocessable([{"field": "", "message": "body must be a JSON object"}], "dict_type")
     body.setdefault("request_id", str(uuid.uuid4()))
-    body.setdefault("conversation_id", "http")
+    body.setdefault("conversation_id", ANONYMOUS_CONVERSATION)
     try:
         return codec.validate(model, body)
     except InvalidRequestError as exc:

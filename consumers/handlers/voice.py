@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from consumers.routes import HandlerContext
-from core.voice import AudioStream, VoiceService
+from core.voice import AudioStream, VoiceService, queued_as
 from schemas.events import GenerationCompleted, VoiceRequested
 
 __all__ = ["MAX_EVENT_BYTES_WITH_WORDS", "VoiceHandler"]
@@ -25,7 +25,9 @@ class VoiceHandler:
     voice core's remembered results (no upstream call while the file exists).
 
     The audio is streamed as it is made: at its first audio one ``generation.progress``
-    (step 0 of 1) carries the ``stream_url``.
+    (step 0 of 1) carries the ``stream_url``. A voice whose record is revoked meanwhile
+    goes on (the placement's ``keep_when_abandoned``): the record's next delivery joins it,
+    so that it is neither cut nor paid for again, and its ``stream_url`` stays the one.
 
     The completed event carries ``words`` while it stays within
     :data:`MAX_EVENT_BYTES_WITH_WORDS`; beyond, ``words`` is null (and a log line says so),
@@ -39,7 +41,10 @@ class VoiceHandler:
         async def announce(stream: AudioStream, url: str) -> None:
             await context.progress(0, 1, None, stream_url=url)
 
-        result = await self._service.generate(event, budget=context.budget, on_stream=announce)
+        with queued_as(context.placement):  # its upstream calls queue as the request
+            result = await self._service.generate(
+                event, budget=context.budget, on_stream=announce,
+                keep_when_abandoned=context.placement.keep_when_abandoned)
         return _within_limit(GenerationCompleted(
             request_id=event.request_id,
             conversation_id=event.conversation_id,

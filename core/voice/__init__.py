@@ -34,6 +34,7 @@ from core.voice.service import OnStream, VoiceJob, VoiceRequestLike, VoiceResult
 from core.voice.streams import AudioSink, AudioStream, AudioStreams, StreamAborted
 from core.voice.tags import strip_audio_tags
 from core.voice.timing import Alignment, word_timings
+from core.voice.turns import current_placement, queued_as
 
 __all__ = [
     "DEFAULT_OUTPUT_FORMAT",
@@ -79,9 +80,11 @@ __all__ = [
     "VoiceSettings",
     "audio_duration",
     "build_voice_service",
+    "current_placement",
     "format_named",
     "join_mp3",
     "model_facts",
+    "queued_as",
     "strip_audio_tags",
     "voice_fingerprint",
     "word_timings",

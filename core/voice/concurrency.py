@@ -15,8 +15,12 @@ says the account is full and probes upward again slowly while it is not.
   started after the last cut and found the limit in full use, the limit grows by one, up
   to ``ceiling``. Successes while the limit was not reached prove nothing about a higher
   one, so a quiet instance does not creep back to its ceiling and burst into the account.
-- **Fairness:** waiters get their slots in arrival order; a slot is handed over on release,
-  so a cut takes effect as the requests above it finish (none is interrupted).
+- **Fairness:** a slot is handed over on release, so a cut takes effect as the requests
+  above it finish (none is interrupted). Waiters are served as the engine's other queues
+  serve (:mod:`core.scheduling.admission`, :mod:`core.scheduling.gpu_queue`): interactive
+  before background, then owners (conversations) in turn, the owner holding the fewest
+  slots first, so that a chat's one line does not wait behind another chat's long text;
+  each owner's waiters in arrival order.
 - **Fixed:** ``floor == ceiling`` is a plain semaphore of that size.
 
 Each change of the limit is one INFO line. A limit lives on one event loop; it is not
@@ -27,9 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+
+from core.scheduling.placement import Priority
 
 __all__ = ["AdaptiveLimit", "Slot"]
 
@@ -82,7 +88,10 @@ class AdaptiveLimit:
         self._epoch = 0  # advances on every cut: older requests cannot cut again
         self._run = 0  # successes counted towards the next increase
         self._full = 0  # times the limit was found in full use
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._held: dict[str, int] = {}  # owner → slots it holds
+        # priority → owner → its waiters; owners in turn order (the one served last last)
+        self._waiting: dict[Priority, OrderedDict[str, deque[asyncio.Future[None]]]] = {
+            priority: OrderedDict() for priority in sorted(Priority, key=_rank)}
 
     def __repr__(self) -> str:
         return (f"AdaptiveLimit({self._name}: {self._in_flight} in flight, limit "
@@ -106,48 +115,88 @@ class AdaptiveLimit:
         return self._in_flight
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[Slot]:
-        """Wait for a place (in arrival order), hold it for the block, and on leaving
-        adapt the limit to what the block said through the :class:`Slot`. The slot counts
-        towards growth if it found the limit in full use (it waited, or it filled the
-        limit) or saw it so while it was held."""
+    async def slot(self, owner: str = "",
+                   priority: Priority = Priority.INTERACTIVE) -> AsyncIterator[Slot]:
+        """Wait for a place (in the order the module docstring says, as ``owner`` at
+        ``priority``), hold it for the block, and on leaving adapt the limit to what the
+        block said through the :class:`Slot`. The slot counts towards growth if it found
+        the limit in full use (it waited, or it filled the limit) or saw it so while it
+        was held."""
         full = self._full
-        await self._acquire()
+        await self._acquire(owner, priority)
         slot = Slot(self._epoch, full)
         if self._in_flight >= self._limit:
             self._full += 1
         try:
             yield slot
         finally:
-            self._in_flight -= 1
+            self._give_back(owner)
             self._settle(slot)
             self._wake()
 
-    async def _acquire(self) -> None:
-        if not self._waiters and self._in_flight < self._limit:
-            self._in_flight += 1
+    async def _acquire(self, owner: str, priority: Priority) -> None:
+        if self._in_flight < self._limit and not any(self._waiting.values()):
+            self._take(owner)
             return
         self._full += 1
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        waiters = self._waiting[priority].setdefault(owner, deque())
+        waiters.append(waiter)
+        self._wake()  # room after a cut's holders left: it may be this waiter's
         try:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():  # granted as it was cancelled
-                self._in_flight -= 1
+                self._give_back(owner)
                 self._wake()
             raise
         finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
+            if waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters and self._waiting[priority].get(owner) is waiters:
+                    del self._waiting[priority][owner]
+
+    def _take(self, owner: str) -> None:
+        self._in_flight += 1
+        self._held[owner] = self._held.get(owner, 0) + 1
+
+    def _give_back(self, owner: str) -> None:
+        self._in_flight -= 1
+        left = self._held[owner] - 1
+        if left:
+            self._held[owner] = left
+        else:
+            del self._held[owner]
 
     def _wake(self) -> None:
-        """Hand free places to the waiters, first come first served."""
-        while self._waiters and self._in_flight < self._limit:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self._in_flight += 1  # the place is the waiter's from now on
-                waiter.set_result(None)
+        """Hand free places to waiters: the highest priority first, then the owner holding
+        the fewest places, owners in turn among equals (the one served goes to the end)."""
+        while self._in_flight < self._limit:
+            lane, owner = self._next_owner()
+            if lane is None:
+                return
+            waiters = lane[owner]
+            waiter = waiters.popleft()
+            if waiters:
+                lane.move_to_end(owner)
+            else:
+                del lane[owner]
+            self._take(owner)  # the place is the waiter's from now on
+            waiter.set_result(None)
+
+    def _next_owner(self) -> tuple[OrderedDict[str, deque[asyncio.Future[None]]] | None, str]:
+        """The lane and owner of the next waiter to serve (``None``: nobody waits); waiters
+        withdrawn meanwhile are dropped on the way."""
+        for lane in self._waiting.values():
+            for owner in list(lane):
+                waiters = lane[owner]
+                while waiters and waiters[0].done():
+                    waiters.popleft()
+                if not waiters:
+                    del lane[owner]
+            if lane:
+                return lane, min(lane, key=lambda owner: self._held.get(owner, 0))
+        return None, ""
 
     def _settle(self, slot: Slot) -> None:
         if slot._outcome is False and slot._epoch == self._epoch:
@@ -166,3 +215,7 @@ class AdaptiveLimit:
             logger.info("%s concurrency limit %d -> %d (%s; ceiling %d)",
                         self._name, self._limit, limit, why, self._ceiling)
             self._limit = limit
+
+
+def _rank(priority: Priority) -> int:
+    return priority.rank

@@ -17,7 +17,11 @@ it arrives; the characters' timings come back from :meth:`ElevenLabsBackend.synt
   (``too_many_concurrent_requests``, or ``concurrent_limit_exceeded`` in ElevenLabs' newer
   error shape) halves it, down to 1, and :data:`GROW_AFTER` successes at the limit raise it
   by one again, so the fleet settles within the account's limit. The refused request is
-  retried like any 429. Other faults (``system_busy``, 5xx) leave the limit alone.
+  retried like any 429. Other faults (``system_busy``, 5xx) leave the limit alone. The
+  requests waiting for a slot are served interactive first, then conversation by
+  conversation: each call queues as the place in line its caller stated
+  (:mod:`core.voice.turns`), so a chat's one line does not wait behind another chat's long
+  text nor behind a replay's backlog.
 - **Faults** (:mod:`core.voice.elevenlabs_faults`): 408, 429, 5xx and connection errors
   (including a connection dropped in the middle of the audio) are retried here, as long as
   the request's :class:`~core.retry_budget.RetryBudget` grants it (capped exponential
@@ -44,7 +48,10 @@ it arrives; the characters' timings come back from :meth:`ElevenLabsBackend.synt
   :data:`MAX_STITCHED` parts before it as ``previous_request_ids`` and the start of the
   next part as ``next_text`` (a part whose answer had no ``request-id`` is followed by one
   that gets ``previous_text`` instead). On the others (``eleven_v3``) they are requested
-  concurrently, each with its neighbours as ``previous_text``/``next_text``; as each is
+  concurrently, each with its neighbours as ``previous_text``/``next_text``, at most
+  half the concurrency limit of them at once (at least one; started in order): a long
+  text leaves the other slots to other requests, and its parts still come faster than
+  they play. As each is
   performed on its own, a part that does not start with an audio tag gets the mood tag in
   force where it starts (:func:`~core.voice.tags.moods_in_force`), whose characters are
   left out of the timings. Every part carries the same ``seed`` and dictionaries.
@@ -64,6 +71,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -73,6 +81,7 @@ from pydantic import SecretStr
 
 from core.backoff import Backoff
 from core.retry_budget import RetryBudget
+from core.scheduling.placement import Priority
 from core.voice.assembly import PartsStream
 from core.voice.backend import VoiceSettings
 from core.voice.chunking import context, split_text
@@ -89,6 +98,7 @@ from core.voice.models import model_facts
 from core.voice.streams import AudioSink
 from core.voice.tags import moods_in_force
 from core.voice.timing import Alignment
+from core.voice.turns import current_placement
 from schemas.errors import InternalError, InvalidRequestError
 
 __all__ = ["GROW_AFTER", "MAX_STITCHED", "ElevenLabsBackend", "Subscription"]
@@ -237,7 +247,9 @@ class ElevenLabsBackend:
                 for chunk, mood in zip(chunks, moods, strict=True)]
         live = PartsStream(path, sink, fmt, len(chunks))
         try:
-            call = _Call(settings.voice_id, fmt, budget, live)
+            placement = current_placement()
+            call = _Call(settings.voice_id, fmt, budget, live, placement.owner,
+                         placement.priority)
             if len(chunks) == 1:
                 answers = [await self._convert(call, 0, self._body(sent[0], model_id,
                                                                    settings))]
@@ -270,7 +282,8 @@ class ElevenLabsBackend:
 
     async def _with_context(self, chunks: list[str], model_id: str, settings: VoiceSettings,
                             call: _Call) -> list[_Answer]:
-        """The parts concurrently, each with its neighbours' text as context."""
+        """The parts concurrently (at most half the limit of them at once), each with its
+        neighbours' text as context."""
         bodies = [
             self._body(
                 chunk, model_id, settings,
@@ -279,7 +292,9 @@ class ElevenLabsBackend:
             )
             for i, chunk in enumerate(chunks)
         ]
-        return await _all_or_nothing([self._convert(call, i, b) for i, b in enumerate(bodies)])
+        at_once = max(1, self._slots.limit // 2)
+        return await _in_order([partial(self._convert, call, i, body)
+                                for i, body in enumerate(bodies)], at_once)
 
     async def subscription(self) -> Subscription:
         """The account's subscription (one request, no retries).
@@ -352,7 +367,7 @@ class ElevenLabsBackend:
         while True:
             error: ElevenLabsError
             call.live.restart(part)
-            async with self._slots.slot() as slot:
+            async with self._slots.slot(call.owner, call.priority) as slot:
                 budget.attempt()
                 try:
                     async with self._client.stream(
@@ -434,12 +449,15 @@ class ElevenLabsBackend:
 
 @dataclass(frozen=True)
 class _Call:
-    """One :meth:`ElevenLabsBackend.synthesize_to`: its voice, format, budget and stream."""
+    """One :meth:`ElevenLabsBackend.synthesize_to`: its voice, format, budget and stream,
+    and the owner and priority its requests wait for a slot as."""
 
     voice_id: str
     fmt: OutputFormat
     budget: RetryBudget
     live: PartsStream
+    owner: str
+    priority: Priority
 
 
 @dataclass(frozen=True)
@@ -466,6 +484,21 @@ def _timeline(text: str, chunks: list[str], sent: list[str], answers: list[_Answ
         placed.append((max(0, position), aligned.shifted(start)))
         position += len(chunk)
     return Alignment.joined(text, placed)
+
+
+async def _in_order(calls: list[Callable[[], Awaitable[_T]]], at_once: int) -> list[_T]:
+    """The results of ``calls``, in order: at most ``at_once`` run at a time, started in
+    their order (each as one before it ends); on the first failure the others are
+    cancelled and that failure is raised."""
+    results: dict[int, _T] = {}
+    upcoming = iter(enumerate(calls))
+
+    async def runner() -> None:
+        for index, call in upcoming:  # shared: each runner takes the next call
+            results[index] = await call()
+
+    await _all_or_nothing([runner() for _ in range(min(at_once, len(calls)))])
+    return [results[index] for index in range(len(calls))]
 
 
 async def _all_or_nothing(calls: list[Awaitable[_T]]) -> list[_T]:
