@@ -9,6 +9,9 @@ Delivery semantics (DESIGN.md), and where each lives:
 - commits after the answers were acknowledged: :mod:`consumers.committer`;
 - consumer lag, kept true while a partition is paused: :mod:`consumers.lag`;
 - rebalances (short grace, commit what is done, drop the rest): :mod:`consumers.rebalance`;
+- a cancellation only a stop or a revoke leaves unanswered: one raised by a record's work
+  while neither happened (work that stopped on its own) answers the record again, then
+  fails it, never dropping it with its partition's commits stuck behind it;
 - the read barrier on cancels (:mod:`core.scheduling.barrier`): one mark per fetch, which
   every record of it waits for before its work starts;
 - a record's log fields and trace (its ``traceparent`` continued onto what it causes): set
@@ -24,10 +27,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from consumers.answering import RecordAnswerer, ResultTopics
+from consumers.answering import Answer, RecordAnswerer, ResultTopics
 from consumers.committer import Committer
 from consumers.failures import failed_event
 from consumers.flow import FlowControl, FlowLimits
@@ -35,7 +39,7 @@ from consumers.keyed import KeyedTurns, Turn
 from consumers.lag import REFRESH_INTERVAL, ConsumerLag
 from consumers.publisher import EventPublisher
 from consumers.rebalance import RebalanceHandler
-from consumers.records import trace_context
+from consumers.records import content_type, text_or_none, trace_context
 from consumers.retry import RetryPolicy
 from consumers.routes import Route
 from core.health import EngineHealth
@@ -43,7 +47,7 @@ from core.metrics import EngineMetrics
 from core.scheduling import ReadBarrier, ReadMark, Scheduling
 from core.telemetry import ContextSpans, Spans, current_trace, log_context
 from schemas.codec import EventCodec
-from schemas.errors import InternalError
+from schemas.errors import EngineError, InternalError
 from schemas.events import Event, GenerationFailed
 
 __all__ = ["ConsumeLoop", "DeliveryConfig", "RecordNotAnswerableError", "ResultTopics"]
@@ -52,6 +56,13 @@ logger = logging.getLogger(__name__)
 
 _FINAL_COMMIT_TIMEOUT = 5.0
 _CANCEL_TIMEOUT = 5.0  # for cancelled work to unwind (it never waits on the broker)
+
+
+class _WorkInterruptedError(InternalError):
+    """A record's work kept stopping with a cancellation nobody asked for: an engine fault,
+    and the same request may well succeed later."""
+
+    retryable = True
 
 
 class RecordNotAnswerableError(RuntimeError):
@@ -110,6 +121,9 @@ class ConsumeLoop:
         self._health = health
         self._read_barrier = read_barrier
         self._spans = spans or ContextSpans()
+        self._codec = codec
+        self._retry = retry
+        self._sleep = sleep
         self._answerer = RecordAnswerer(codec, publisher, results, scheduling, retry=retry,
                                         metrics=metrics, spans=self._spans, sleep=sleep)
         self._committer = Committer(consumer, sleep=sleep)
@@ -264,7 +278,7 @@ class ConsumeLoop:
         record, route = work.record, work.route
         where = f"topic={record.topic} partition={record.partition} offset={record.offset}"
         try:
-            answer = await self._answerer.answer(record, route, turn, work.mark)
+            answer = await self._answer(work, turn, where)
             topic, event = answer.topic, answer.event
             try:
                 await self._publish(topic, event, record, answer.request_id)
@@ -299,6 +313,35 @@ class ConsumeLoop:
         if tracker is not None and self._work.get(work.tp, {}).get(record.offset) is work:
             tracker.finished(record.offset)
             self._committer.want()
+
+    async def _answer(self, work: _Work, turn: Turn, where: str) -> Answer:
+        """The answerer's answer to ``work``. A cancellation its work raises while nobody
+        cancelled this task and the loop is not stopping is no stop nor revoke: dropped
+        then, the record would never be answered, and its partition's commits would stay
+        behind it for good. So it is answered again (its turn kept, after a backoff), up to
+        RETRY_MAX_ATTEMPTS runs, then failed ``INTERNAL`` (retryable)."""
+        task = asyncio.current_task()
+        runs = self._retry.max_attempts
+        for run in range(1, runs + 1):
+            try:
+                return await self._answerer.answer(work.record, work.route, turn, work.mark)
+            except asyncio.CancelledError:
+                if self._stopping.is_set() or task is None or task.cancelling():
+                    raise  # a stop or a revoke: left uncommitted, redelivered
+                logger.error("%s work stopped with a cancellation nobody asked for (run %d "
+                             "of %d)", where, run, runs)
+            if run < runs:
+                await self._sleep(self._retry.jittered(run))
+        raw: dict[str, Any] = {}
+        try:  # decoded before, by the answerer: only for the request's identity
+            _, raw = self._codec.decode_raw(work.record.value,
+                                            content_type(work.record.headers))
+        except EngineError:
+            pass
+        error = _WorkInterruptedError(f"work stopped {runs} times without being cancelled")
+        return Answer(self._results.failed,
+                      failed_event(work.record, work.route.kind, error, runs, raw),
+                      text_or_none(raw.get("request_id")))
 
     async def _publish(self, topic: str, event: Event,
                        record: ConsumerRecord[bytes, bytes], request_id: str | None) -> None:

@@ -26,9 +26,10 @@ class LoraHandler:
         try:
             outcome = await self._service.train(event, context.progress)
         except TrainingInterrupted as exc:
-            # The engine is stopping: the training is checkpointed, and this record must
-            # stay uncommitted so that its redelivery resumes it. A cancellation is the
-            # one outcome the consume loop neither publishes nor commits.
+            # The engine is stopping (the one time the service raises it): the training
+            # is checkpointed, and this record must stay uncommitted so that its
+            # redelivery resumes it. A cancellation while the consume loop stops is the
+            # one outcome it neither publishes nor commits.
             raise asyncio.CancelledError(str(exc)) from exc
         return GenerationCompleted(
             request_id=event.request_id,

@@ -1,11 +1,12 @@
 """The one core entry for LoRA training, used by Kafka and HTTP alike.
 
-request → id (``{character_id}_{sha8(request_id)}``) → already registered? (a replay: the
-result at once) → already running here? (joined) → claimed by another instance? (HTTP:
-its live status, :mod:`core.training.claim`) → inputs on disk from an earlier attempt, or
-in the shared store? (resumed, nothing fetched again) → else checked in memory and written
-(:mod:`core.training.inputs`) → trained a chunk at a time (:class:`TrainingRunner`) →
-registered as ``{character_id}_v{n}`` with a validation image
+request → id (``{character_id}_{sha8(request_id)}``) → already running here? (joined;
+one told to stop, its Kafka record revoked, is waited for, never joined: it would end
+this request with it) → already registered? (a replay: the result at once) → claimed by
+another instance? (HTTP: its live status, :mod:`core.training.claim`) → inputs on disk
+from an earlier attempt, or in the shared store? (resumed, nothing fetched again) → else
+checked in memory and written (:mod:`core.training.inputs`) → trained a chunk at a time
+(:class:`TrainingRunner`) → registered as ``{character_id}_v{n}`` with a validation image
 (:mod:`core.training.finish`) → folder removed.
 
 Trainings run one at a time per engine (the others wait as ``queued``). Kafka waits for the
@@ -125,26 +126,40 @@ class TrainingService:
         :class:`~schemas.errors.UpstreamUnavailableError` (an image URL, or the shared
         store: retryable),
         :class:`~schemas.errors.OutOfMemoryError` (retryable: the checkpoint stays),
-        :class:`~schemas.errors.InternalError`, or :class:`TrainingInterrupted` when the
-        engine stops first. Cancelling the caller stops the training at its next step,
-        checkpointed."""
-        begun = await self._begin(request, "kafka")
-        if isinstance(begun, TrainingOutcome):
-            return begun
-        assert isinstance(begun, _Run)  # only HTTP trainings are left to another instance
+        :class:`~schemas.errors.InternalError`, or :class:`TrainingInterrupted` only when
+        the engine stops first: a training stopped for another caller (its Kafka record
+        revoked) is resumed from its checkpoint for this one. Cancelling the caller stops
+        the training at its next step, checkpointed."""
+        while True:
+            begun = await self._begin(request, "kafka")
+            if isinstance(begun, TrainingOutcome):
+                return begun
+            assert isinstance(begun, _Run)  # only HTTP trainings are left to another instance
+            try:
+                return await self._follow(begun, progress)
+            except TrainingInterrupted:
+                if self._stopping:
+                    raise
+                logger.info("request_id=%s training %s was stopped for another caller; it "
+                            "resumes from its checkpoint", request.request_id,
+                            begun.spec.training_id)
+
+    async def _follow(self, run: _Run, progress: ProgressListener | None) -> TrainingOutcome:
+        """``run``'s outcome, ``progress`` hearing its steps; cancelling the caller stops a
+        Kafka run (checkpointed) and waits for it: its record comes again to resume it."""
         if progress is not None:
-            begun.progress.add(progress)
-        assert begun.task is not None
+            run.progress.add(progress)
+        assert run.task is not None
         try:
-            return await asyncio.shield(begun.task)
+            return await asyncio.shield(run.task)
         except asyncio.CancelledError:
-            if not begun.task.done() and begun.spec.origin == "kafka":
-                begun.stop.set()
-                await asyncio.wait({begun.task})
+            if not run.task.done() and run.spec.origin == "kafka":
+                run.stop.set()
+                await asyncio.wait({run.task})
             raise
         finally:
             if progress is not None:
-                begun.progress.remove(progress)
+                run.progress.remove(progress)
 
     async def submit(self, request: LoraTrainingRequested, files: Sequence[Path] = ()
                      ) -> TrainingStatus:
@@ -257,8 +272,10 @@ class TrainingService:
         self._orphans.sweep_when_due()
         async with self._locks.hold(training_id):
             running = self._runs.get(training_id)
-            if running is not None:
+            if running is not None and not running.stop.is_set():
                 return running
+            if running is not None:  # never joined: this request would end with it
+                await self._stopped(running)
             try:
                 info = await asyncio.to_thread(find_registered, self._registry, training_id)
             except StorageError as exc:  # registered or not is unknown: not trained again
@@ -279,6 +296,18 @@ class TrainingService:
             async with self._claims.renewing(claim):
                 spec = await self._inputs.prepare(request, origin, folder, files)
                 return self._start(spec, await asyncio.to_thread(folder.latest_step))
+
+    async def _stopped(self, run: _Run) -> None:
+        """Wait until ``run``, told to stop (its Kafka record was revoked, and this is the
+        record come again, or another request for it), has stopped at its checkpoint, for
+        the caller to resume it from there (or find it registered, if it finished first).
+        Raises :class:`TrainingInterrupted` when the engine is stopping."""
+        logger.info("request_id=%s training %s is stopping; it resumes from its checkpoint "
+                    "once stopped", run.spec.request_id, run.spec.training_id)
+        assert run.task is not None
+        await asyncio.wait({run.task})
+        if self._stopping:
+            raise TrainingInterrupted("the engine is stopping")
 
     def _start(self, spec: TrainingSpec, done: int) -> _Run:
         training_id = spec.training_id
