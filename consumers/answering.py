@@ -9,6 +9,9 @@
   upstream retries; the failed event's ``attempts`` is its count).
 - A cancel answers it ``CANCELLED`` wherever it is; a deadline passed before its work
   started answers it ``EXPIRED`` (:func:`~core.scheduling.supervise`).
+- Dropped by a revoke or a stop while its work runs, the request may keep that work for
+  its next delivery (:meth:`~core.scheduling.PendingRequest.keeps`): it stays pending
+  until the work ends, so that a cancel still stops it.
 
 Handlers see events, never records; a handler's :class:`asyncio.CancelledError` (the
 engine stopping) passes through, so the record stays unanswered and uncommitted.
@@ -142,10 +145,10 @@ class RecordAnswerer:
         budget = RetryBudget(self._retry)  # every retry of this request draws on it
         request_trace = current_trace.get()  # the consume span's; progress hangs off it
 
-        # a record dropped by a revoke or a stop comes again: running GPU work finishes into
-        # the result cache for that delivery, unless the request was cancelled
-        placement = replace(pending.placement(),
-                            keep_when_abandoned=lambda: not pending.cancelled.is_set())
+        # a record dropped by a revoke or a stop comes again: its running work goes on for
+        # that delivery (into the result cache), unless the request was cancelled; the
+        # request stays pending meanwhile, so that a cancel still stops that work
+        placement = replace(pending.placement(), keep_when_abandoned=pending)
 
         async def progress(step: int, total: int, loss: float | None, *,
                            stream_url: str | None = None) -> None:
@@ -199,7 +202,8 @@ class RecordAnswerer:
             stopping = True  # the engine stopping: its work time is no measurement
             raise
         finally:
-            self._scheduling.pending.remove(pending)
+            if not pending.kept:  # else its kept work forgets it when it ends
+                self._scheduling.pending.remove(pending)
             if pending.started_at is not None and not stopping:  # work start → result
                 self._metrics.processing.labels(route.kind).observe(
                     time.monotonic() - pending.started_at)

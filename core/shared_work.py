@@ -5,8 +5,10 @@ HTTP: while an output (an image, a voice file) is being made, a second caller wi
 same key waits for that work instead of computing it, or paying the upstream, twice. The
 work belongs to no single caller: it goes on while anyone still waits. When the last
 waiting caller is cancelled, the work is cancelled too, unless that caller's
-``keep_when_abandoned`` says it should finish anyway (a request that will come again: its
-result lands where the work keeps it, a result cache, for that next delivery).
+:class:`Keeper` keeps it (a request that will come again: its result lands where the work
+keeps it, a result cache, for that next delivery, which joins the work if it still runs).
+Kept work stays its keeper's: it is cancelled when no caller waits and no keeper wants it
+any more (the request was cancelled meanwhile), and every keeper is released when it ends.
 """
 
 from __future__ import annotations
@@ -14,20 +16,44 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
-__all__ = ["SharedWork"]
+__all__ = ["Keeper", "SharedWork"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
+class Keeper(Protocol):
+    """A caller's say over the work it leaves running alone (``keep_when_abandoned``)."""
+
+    def keeps(self) -> bool:
+        """Asked when the caller goes away while the work runs and nobody else waits for
+        it: True keeps the work going (the caller's request comes again)."""
+        ...
+
+    async def dropped(self) -> None:
+        """While the work is kept: returns once the caller no longer wants it (its request
+        was cancelled)."""
+        ...
+
+    def released(self) -> None:
+        """The kept work ended, however (made, failed or stopped); called once."""
+        ...
+
+
 @dataclass(eq=False)
 class _Work(Generic[T]):
     task: asyncio.Task[T]
     waiters: int = 0
+    # callers gone whose request comes again, each with the task watching for its drop
+    kept: list[tuple[Keeper, asyncio.Task[None]]] = field(default_factory=list)
+
+    def still_kept(self, besides: Keeper | None = None) -> bool:
+        """Whether a keeper other than ``besides`` still wants it."""
+        return any(not watch.done() for keeper, watch in self.kept if keeper is not besides)
 
 
 class SharedWork(Generic[T]):
@@ -47,13 +73,15 @@ class SharedWork(Generic[T]):
         return work is not None and not work.task.done() and not work.task.cancelling()
 
     async def run(self, key: str, make: Callable[[], Awaitable[T]], *,
-                  keep_when_abandoned: Callable[[], bool] | None = None) -> T:
+                  keep_when_abandoned: Keeper | None = None) -> T:
         """The result of the work for ``key``: joined when in progress, else ``make()``
         started as a task of its own. Raises what the work raised.
 
-        Cancelling this caller cancels the work only when no other caller waits for it
-        and ``keep_when_abandoned`` (asked then) is absent or returns False; when it
-        returns True the work goes on alone, and a caller that comes later joins it."""
+        Cancelling this caller cancels the work only when no other caller waits for it,
+        no earlier caller's keeper still wants it and ``keep_when_abandoned`` (asked then)
+        is absent or does not keep it; when it keeps it, the work goes on alone, a caller
+        that comes later joins it, and it is cancelled once that keeper is dropped with
+        nobody else wanting it."""
         work = self._work.get(key)
         if work is None or work.task.done() or work.task.cancelling():  # not a dying one
             work = _Work(asyncio.ensure_future(make()))
@@ -65,19 +93,32 @@ class SharedWork(Generic[T]):
         try:
             return await asyncio.shield(work.task)
         except asyncio.CancelledError:
-            if work.waiters == 1 and not work.task.done():
-                if keep_when_abandoned is not None and keep_when_abandoned():
+            if work.waiters == 1 and not work.task.done() and not work.task.cancelling():
+                if keep_when_abandoned is not None and keep_when_abandoned.keeps():
                     logger.info("an abandoned %s is still made: it is kept for the "
                                 "request's next delivery", self._name)
-                else:
+                    work.kept.append((keep_when_abandoned, asyncio.ensure_future(
+                        self._stop_when_dropped(work, keep_when_abandoned))))
+                elif not work.still_kept():
                     work.task.cancel()
             raise
         finally:
             work.waiters -= 1
 
+    async def _stop_when_dropped(self, work: _Work[T], keeper: Keeper) -> None:
+        await keeper.dropped()
+        if work.waiters == 0 and not work.still_kept(besides=keeper) \
+                and not work.task.done():
+            logger.info("a kept %s is no longer wanted (its request was cancelled): "
+                        "stopped", self._name)
+            work.task.cancel()
+
     def _ended(self, key: str, work: _Work[T]) -> None:
         if self._work.get(key) is work:
             del self._work[key]
+        for keeper, watch in work.kept:
+            watch.cancel()
+            keeper.released()
         if not work.task.cancelled() and work.task.exception() is not None \
                 and work.waiters == 0:
             logger.warning("abandoned %s failed: %s", self._name, work.task.exception())

@@ -31,7 +31,7 @@ from core.outputs import OutputStore, StoredFile
 from core.remembered import looked_up
 from core.scheduling import Placement
 from core.scheduling.gpu_queue import JobItem
-from core.shared_work import SharedWork
+from core.shared_work import Keeper, SharedWork
 from core.storage import StorageError, unavailable
 from schemas.errors import InternalError, InvalidRequestError, UnknownLoraError
 from schemas.events import ImageRequested
@@ -182,7 +182,8 @@ class ImageService:
         ``RequestExpiredError`` (its deadline passed in the GPU queue) or
         ``InternalError``; never a partial file. Cancelling the caller drops a queued job;
         a running one is stopped at its next step, unless ``placement.keep_when_abandoned``
-        says the request will come again: then it finishes into the result cache.
+        keeps it (the request will come again): then it finishes into the result cache,
+        or stops at its next step once that keeper is dropped (the request cancelled).
         """
         if self._loras.shared is not None:  # LoRAs registered elsewhere: fetched off the loop
             await asyncio.to_thread(self._loras.fetch, _named_loras(request))
@@ -225,9 +226,11 @@ class ImageService:
                          job.seeds)
             return await self._make(key, job, placement, kept)
 
+        keeper = placement.keep_when_abandoned
         try:
             entry = await self._making.run(
-                key, make, keep_when_abandoned=lambda: self._keeps(key, placement))
+                key, make, keep_when_abandoned=None if keeper is None
+                else _WhileRunning(keeper, lambda: self._running(key)))
         except asyncio.CancelledError:
             if bridge is not None:
                 bridge.abandon()
@@ -299,12 +302,10 @@ class ImageService:
             if self._jobs.get(key) is item:
                 del self._jobs[key]
 
-    def _keeps(self, key: str, placement: Placement) -> bool:
-        """Whether abandoned work for ``key`` goes on: its GPU job runs (a queued one is
-        simply dropped) and the caller's placement says the request will come again."""
+    def _running(self, key: str) -> bool:
+        """Whether the GPU job of the work for ``key`` runs (taken off the queue)."""
         item = self._jobs.get(key)
-        keep = placement.keep_when_abandoned
-        return item is not None and item.future.running() and keep is not None and keep()
+        return item is not None and item.future.running()
 
     def _keep(self, key: str, images: list[Image.Image], kept: _Kept) -> CachedResult:
         """Writes the files and remembers them (file I/O: runs off the event loop). All
@@ -419,6 +420,24 @@ class _ProgressBridge:
     def abandon(self) -> None:
         if self._task is not None:
             self._task.cancel()
+
+
+@dataclass(frozen=True)
+class _WhileRunning:
+    """``keeper``, asked only while the GPU job runs: abandoned work whose job is still
+    queued is dropped (nothing spent on it yet)."""
+
+    keeper: Keeper
+    running: Callable[[], bool]
+
+    def keeps(self) -> bool:
+        return self.running() and self.keeper.keeps()
+
+    async def dropped(self) -> None:
+        await self.keeper.dropped()
+
+    def released(self) -> None:
+        self.keeper.released()
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,11 @@ back when it is answered. A cancel (``generation.control``, ``DELETE /requests/{
 marks the matching ones; the code running each request watches its mark
 (:func:`core.scheduling.supervise.supervise`).
 
+A Kafka request whose delivery was dropped (a revoke, a stop) while its work runs may keep
+that work for its next delivery (:meth:`PendingRequest.keeps`, a
+:class:`~core.shared_work.Keeper`): it then stays registered until the work ends, so that
+a cancel still reaches, and stops, the work it left behind.
+
 Cancels are also remembered for ``remember_seconds``, because a cancel may arrive before
 its request (another partition, another instance's lag): a request id cancelled recently
 is cancelled on arrival, and so is a request of a conversation cancelled as a whole after
@@ -43,6 +48,7 @@ class PendingRequest:
     _registry: PendingRequests | None = field(default=None, repr=False)
     _started: bool = False
     _started_at: float | None = None
+    _kept: bool = False
 
     @property
     def started(self) -> bool:
@@ -59,6 +65,32 @@ class PendingRequest:
         """Reports the start of real work, once; thread-safe (the GPU worker calls it)."""
         if self._registry is not None:
             self._registry._on_start(self)
+
+    @property
+    def kept(self) -> bool:
+        """True once its work was kept for its next delivery (:meth:`keeps`): it stays
+        registered until that work ends (:meth:`released`)."""
+        return self._kept
+
+    def keeps(self) -> bool:
+        """Asked when its delivery was dropped (a revoke, a stop: the record comes again)
+        while its work runs: the work is kept unless the request was cancelled or is no
+        longer registered (answered). Kept, the request stays registered, a cancel
+        marking it as ever, until :meth:`released`."""
+        if self.cancelled.is_set() or (
+                self._registry is not None and not self._registry.holds(self)):
+            return False
+        self._kept = True
+        return True
+
+    async def dropped(self) -> None:
+        """Returns when its kept work is no longer wanted: the request was cancelled."""
+        await self.cancelled.wait()
+
+    def released(self) -> None:
+        """Its kept work ended: the request is forgotten."""
+        if self._registry is not None:
+            self._registry.remove(self)
 
     def placement(self) -> Placement:
         """Where this request stands in the GPU worker's queue."""
@@ -113,9 +145,9 @@ class PendingRequests:
 
     def remove(self, request: PendingRequest) -> None:
         """Forgets an answered request. Idempotent."""
-        same_id = self._by_request.get(request.request_id)
-        if same_id is None or request not in same_id:
+        if not self.holds(request):
             return
+        same_id = self._by_request[request.request_id]
         same_id.remove(request)
         if not same_id:
             del self._by_request[request.request_id]
@@ -128,6 +160,10 @@ class PendingRequests:
                 request._started = True  # never counted as waiting again
                 self._count_locked(request.kind, request.priority, -1)
         self._notify()
+
+    def holds(self, request: PendingRequest) -> bool:
+        """Whether ``request`` is registered (added, not removed yet)."""
+        return request in self._by_request.get(request.request_id, ())
 
     async def wait_until(self, predicate: Callable[[PendingRequests], bool],
                          timeout: float) -> None:

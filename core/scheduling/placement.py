@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from core.shared_work import Keeper
 from schemas.errors import InvalidRequestError
 from schemas.events import parse_instant
 
@@ -39,15 +40,16 @@ class Placement:
     ``on_start`` is called once, from whichever thread starts the work, when the request
     leaves its queue for real work (the queue-wait metric); it must be quick and
     thread-safe. ``keep_when_abandoned`` is asked when the caller goes away while the work
-    runs: True (a revoke or a stop: the request will come again) lets the work finish into
-    the result cache; False or absent (a cancel, an HTTP client gone) stops it.
+    runs (:class:`~core.shared_work.Keeper`): keeping it (a revoke or a stop: the request
+    will come again) lets the work finish into the result cache, unless the request is
+    cancelled meanwhile; not keeping it, or absent (a cancel, an HTTP client gone), stops it.
     """
 
     priority: Priority = Priority.INTERACTIVE
     owner: str = ""
     deadline: float | None = None
     on_start: Callable[[], None] | None = None
-    keep_when_abandoned: Callable[[], bool] | None = None
+    keep_when_abandoned: Keeper | None = None
 
     def expired(self, now: float | None = None) -> bool:
         """True when the deadline has passed."""

@@ -29,7 +29,7 @@ from core.outputs import OutputStore, StoredFile
 from core.remembered import looked_up
 from core.retry_budget import RetryBudget
 from core.seeds import derive_seed
-from core.shared_work import SharedWork
+from core.shared_work import Keeper, SharedWork
 from core.storage import StorageError, unavailable
 from core.voice.backend import SEED_MAX, VoiceBackend, VoiceSettings
 from core.voice.emotion import EmotionInjector, shift_settings
@@ -170,7 +170,7 @@ class VoiceService:
         self._quota = quota
         self._results = results
         self._streams = streams
-        self._making: SharedWork[_Made] = SharedWork()
+        self._making: SharedWork[_Made] = SharedWork("voice")
 
     @property
     def backend(self) -> VoiceBackend:
@@ -192,7 +192,8 @@ class VoiceService:
         return self._quota
 
     async def generate(self, request: VoiceRequestLike, *, budget: RetryBudget | None = None,
-                       on_stream: OnStream | None = None) -> VoiceResult:
+                       on_stream: OnStream | None = None,
+                       keep_when_abandoned: Keeper | None = None) -> VoiceResult:
         """Speak ``request.text`` into a new output in ``request.output_format`` (the
         backend's default when absent) and describe it, with its words' timings.
 
@@ -208,6 +209,13 @@ class VoiceService:
 
         ``budget`` is the request's retry budget: the backend's upstream calls and retries
         are counted and bounded by it (``None``: the backend's own, one per call).
+
+        Cancelling the caller stops the work, its upstream call and its stream, unless
+        ``keep_when_abandoned`` keeps it (a revoked record, which comes again; a request
+        with a seed, given or derived, when results are remembered): then the voice goes
+        on, streamed as before, and the record's next delivery joins it (same stream, no
+        second call) or is answered from the remembered results; it stops once that
+        keeper is dropped (the request cancelled) with nobody else waiting for it.
 
         Tags such as ``[warmly]`` reach the backend only if it performs them for the
         requested model; for other models emotion shifts the voice settings a request did
@@ -258,7 +266,8 @@ class VoiceService:
             await self._remember(key, made.voice)
             return made
 
-        return self._answer(request.text, await self._making.run(key, make))
+        return self._answer(request.text, await self._making.run(
+            key, make, keep_when_abandoned=keep_when_abandoned))
 
     async def _make(
         self, request: VoiceRequestLike, plain: str, settings: VoiceSettings,

@@ -36,7 +36,7 @@ from core.metrics import EngineMetrics
 from core.net import AllowedHosts
 from core.outputs import OutputStore
 from core.remembered import RememberedResults
-from core.scheduling import Placement
+from core.scheduling import PendingRequests, Placement, Priority
 from schemas.errors import ErrorCode, InternalError, InvalidRequestError, UnknownLoraError
 from schemas.events import ImageRequested, LoraWeight
 
@@ -490,8 +490,12 @@ async def test_a_running_image_abandoned_by_its_caller_is_kept_only_if_it_comes_
     async def first_step(step: int, total: int) -> None:
         running.set()
 
-    placement = Placement(owner="c", keep_when_abandoned=lambda: comes_again)
     asked = request(seed=62, num_inference_steps=20)
+    registry = PendingRequests()  # as the consume loop registers a Kafka request
+    pending = registry.add(asked.request_id, "c", "image", Priority.INTERACTIVE)
+    if not comes_again:
+        registry.cancel("c", asked.request_id)
+    placement = replace(pending.placement(), keep_when_abandoned=pending)
     first = asyncio.create_task(service.generate(asked, first_step, placement))
     await asyncio.wait_for(running.wait(), 30)
     first.cancel()
@@ -506,5 +510,33 @@ async def test_a_running_image_abandoned_by_its_caller_is_kept_only_if_it_comes_
     assert path_of(service, again.filename).is_file()
     if comes_again:  # the kept work was joined (or answered from the cache): made once
         assert steps == [] and batches(metrics) == (1, 1)
+        assert registry.find(asked.request_id) == []  # forgotten when that work ended
     else:  # the work was stopped at its next step: made afresh, with its own progress
         assert steps[-1] == 20 and batches(metrics) == (1, 1)
+        assert not pending.kept  # the consume loop forgets it as it answers it
+
+
+async def test_a_kept_image_whose_request_is_cancelled_stops_at_its_next_step(
+    service: ImageService, metrics: EngineMetrics
+) -> None:
+    asked = request(seed=63, width=256, height=256, num_inference_steps=100)
+    registry = PendingRequests()
+    pending = registry.add(asked.request_id, "c", "image", Priority.INTERACTIVE)
+    running = asyncio.Event()
+
+    async def first_step(step: int, total: int) -> None:
+        running.set()
+
+    first = asyncio.create_task(service.generate(
+        asked, first_step, replace(pending.placement(), keep_when_abandoned=pending)))
+    await asyncio.wait_for(running.wait(), 30)
+    first.cancel()  # its partition revoked: the running image is kept
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert registry.find(asked.request_id) == [pending]  # still cancellable here
+    assert registry.cancel("c", asked.request_id) == [pending]  # the user leaves
+    await registry.wait_until(lambda r: not r.find(asked.request_id), timeout=30)
+    after = await service.generate(request(seed=64))  # the GPU's next job
+    assert batches(metrics) == (1, 1)  # the cancelled image made nothing
+    assert [p.name for p in service._store.directory.iterdir() if p.is_file()] == [
+        after.filename]

@@ -66,6 +66,28 @@ def test_depths_count_requests_until_they_start() -> None:
     assert pending.find("a") == []
 
 
+async def test_a_request_keeping_its_work_stays_cancellable_until_released() -> None:
+    pending = PendingRequests()
+    request = pending.add("r1", "conv", "image", I)
+    assert request.keeps() and request.kept  # revoked while its work runs: kept
+    assert pending.find("r1") == [request]  # a DELETE /requests/r1 still finds it here
+    dropped = asyncio.ensure_future(request.dropped())
+    assert pending.cancel("conv", "r1") == [request]
+    await asyncio.wait_for(dropped, timeout=2)  # its kept work is told to stop
+    request.released()  # that work ended
+    assert pending.find("r1") == []
+
+
+def test_a_cancelled_or_answered_request_keeps_nothing() -> None:
+    pending = PendingRequests()
+    cancelled = pending.add("r1", "conv", "image", I)
+    pending.cancel("conv", "r1")
+    answered = pending.add("r2", "conv", "image", I)
+    pending.remove(answered)
+    assert not cancelled.keeps() and not answered.keeps()
+    assert not cancelled.kept and not answered.kept
+
+
 def test_old_records_count_as_background_unless_they_say_otherwise() -> None:
     now = 10_000.0
     assert effective_priority(None, published_at=now - 5, created_at=None, replay_age=600,
