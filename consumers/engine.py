@@ -49,6 +49,7 @@ from core.version import engine_version
 from core.voice import build_voice_service
 from http_files import AppServices, create_app
 from http_files.auth import access_policy, warn_if_open
+from http_files.serving import app_runner
 from http_files.uploads import upload_limits
 from schemas.codec import EventCodec
 from schemas.events import (
@@ -164,9 +165,9 @@ class Engine:
         )
         access = access_policy(settings)
         app = create_app(services, upload_limits(settings), access)
-        # handler_cancellation: a client that goes away cancels its own queued request
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                     handler_cancellation=True, shutdown_timeout=2.0)
+        # a client that goes away cancels its own queued request; one that sends no whole
+        # request header within IDLE_TIMEOUT s is closed (http_files/serving.py)
+        self._runner = app_runner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._http_host, settings.service_port)
         await site.start()

@@ -15,6 +15,7 @@ from http_files.openapi import serve_openapi
 from http_files.outputs import get_output
 from http_files.requests import cancel_request
 from http_files.schemas import get_schema
+from http_files.sending import DEFAULT_WRITE_TIMEOUT, WRITE_TIMEOUT
 from http_files.services import SERVICES, AppServices
 from http_files.streams import get_stream
 from http_files.train import get_training, train_lora
@@ -26,21 +27,28 @@ __all__ = ["create_app"]
 
 
 def create_app(services: AppServices, uploads: UploadLimits | None = None,
-               access: AccessPolicy | None = None) -> web.Application:
+               access: AccessPolicy | None = None, *,
+               write_timeout: float = DEFAULT_WRITE_TIMEOUT) -> web.Application:
     """Builds the HTTP app: ``/health`` and its probes, ``/outputs/{filename}``,
     ``/metrics``, ``/schemas/{fingerprint}`` and the original API's POST endpoints, all
     backed by ``services``;
     ``/train-lora`` uploads are received under ``uploads`` (``upload_limits(settings)``;
     the defaults when None); API keys are required as ``access`` says
-    (``access_policy(settings)``; None or no keys: the app is open).
+    (``access_policy(settings)``; None or no keys: the app is open). A client that takes
+    no block of a file (``/outputs``, a replayed voice file) for ``write_timeout`` seconds
+    has its connection reset (:mod:`http_files.sending`); raises ``ValueError`` for one
+    not above 0.
 
     JSON bodies may have JSON_BODY_LIMIT bytes (the app's ``client_max_size``);
     ``/train-lora`` streams its multipart body with its own limits, which that one does
     not bind."""
+    if not write_timeout > 0:
+        raise ValueError(f"write_timeout must be > 0 seconds, got {write_timeout}")
     access = access or AccessPolicy()
     app = web.Application(client_max_size=JSON_BODY_LIMIT,
                           middlewares=[require_api_key(access)] if access.enabled else [])
     app[SERVICES] = services
+    app[WRITE_TIMEOUT] = write_timeout
     app[UPLOADS] = Uploads(uploads or UploadLimits())
     app.cleanup_ctx.append(_uploads_cleared)
     app.router.add_get("/health", health)

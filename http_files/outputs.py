@@ -5,6 +5,10 @@ plain 404: the store's exact-name lookup decides, the filesystem is never walked
 shared object store (``STORAGE_URL``), a file this instance does not hold is streamed from
 the store, so that any instance answers for any output; only a name of an output's form
 is ever looked up there.
+
+Either way the body goes under the app's write deadline (:mod:`http_files.sending`): a
+client that stops reading has its connection reset once ``app[WRITE_TIMEOUT]`` seconds
+pass without it taking a block, and the file or store stream it held is closed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 from aiohttp import web
 
 from core.storage import SharedOutputs, StorageError
+from http_files.sending import WRITE_TIMEOUT, ClientStalled, TimedFileResponse, send
 from http_files.services import SERVICES
 
 __all__ = ["get_output"]
@@ -32,7 +37,7 @@ async def get_output(request: web.Request) -> web.StreamResponse:
         "X-Content-Type-Options": "nosniff",
     }
     if path is not None:
-        return web.FileResponse(path, headers=headers)
+        return TimedFileResponse(path, request.app[WRITE_TIMEOUT], headers=headers)
     if store.shared is None or not store.is_output_name(filename):
         raise web.HTTPNotFound(text="no such output")
     return await _from_store(request, store.shared, filename, headers)
@@ -74,13 +79,12 @@ async def _from_store(request: web.Request, shared: SharedOutputs, filename: str
         if start is not None:
             response.headers["Content-Range"] = \
                 f"bytes {read.start}-{read.end - 1}/{read.size}"
-        await response.prepare(request)
-        if request.method != "HEAD":
-            try:
-                async for chunk in chunks:
-                    await response.write(chunk)
-            except StorageError as exc:
-                logger.warning("output %s broke off while served: %s", filename, exc)
-                raise ConnectionResetError("the store broke off") from exc
-        await response.write_eof()
+        try:
+            await send(request, response, chunks if request.method != "HEAD" else None,
+                       request.app[WRITE_TIMEOUT])
+        except StorageError as exc:
+            logger.warning("output %s broke off while served: %s", filename, exc)
+            raise ConnectionResetError("the store broke off") from exc
+        except ClientStalled as exc:  # reset: the handler ends, nothing more to send
+            logger.warning("output %s: %s", filename, exc)
     return response

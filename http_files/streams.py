@@ -9,25 +9,24 @@ which instance has it (README, "Streaming voice").
 Listeners are bounded, whatever clients do: a stream takes ``max_listeners`` at once
 (:data:`core.voice.streams.MAX_LISTENERS`; one more is a 503 with ``Retry-After``), and a
 listener that does not take a block within the stream's ``write_timeout`` has its
-connection reset, without the final chunk, so its place and its buffers are freed.
+connection reset, without the final chunk, so its place and its buffers are freed
+(:func:`http_files.sending.send`).
 ``HEAD`` answers the headers alone and takes no place (RFC 9110 9.3.2: no body, so the
 connection stays usable for its next request).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
-import socket
-import struct
 
 from aiohttp import web
 
 from core.voice import AudioStream, StreamAborted
 from core.voice.streams import ListenersFull
 from http_files.errors import error_response
+from http_files.sending import ClientStalled, close, send
 from http_files.services import SERVICES
 from schemas.errors import UpstreamUnavailableError
 
@@ -36,7 +35,6 @@ __all__ = ["get_stream", "send_stream"]
 logger = logging.getLogger(__name__)
 
 _RETRY_AFTER_SECONDS = 2
-_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets, dropping the buffers
 
 
 def _not_found(message: str) -> web.HTTPNotFound:
@@ -98,48 +96,15 @@ async def _send(request: web.Request, stream: AudioStream,
     except ListenersFull as exc:
         return _full(exc)
     timeout = stream.write_timeout
-    sent = 0
     with place:  # left however the response ends: complete, cut, timed out, or gone
         try:
-            async with asyncio.timeout(timeout):  # aiohttp has no write timeout of its own
-                await response.prepare(request)
             async with contextlib.aclosing(stream.read()) as blocks:
-                async for block in blocks:
-                    async with asyncio.timeout(timeout):
-                        await response.write(block)
-                    sent += len(block)
-            async with asyncio.timeout(timeout):
-                await response.write_eof()
+                await send(request, response, blocks, timeout)
         except StreamAborted:  # no final chunk: the listener sees it cut
-            _close(request, timeout)
-        except TimeoutError:
+            close(request, timeout)
+        except ClientStalled as exc:
             logger.warning("stream %s: a listener took no block for %g s after %d bytes; "
-                           "its connection is reset", stream.id, timeout, sent)
-            _reset(request)
+                           "its connection is reset", stream.id, timeout, exc.sent)
             raise ConnectionResetError(f"the listener of stream {stream.id} stopped "
                                        "reading") from None
     return response
-
-
-def _close(request: web.Request, timeout: float) -> None:
-    """End the connection once what is buffered has gone; reset it if that takes longer
-    than ``timeout`` (a listener that stopped reading would hold it for ever)."""
-    transport = request.transport
-    if transport is not None:
-        transport.close()
-        asyncio.get_running_loop().call_later(timeout, _reset_transport, transport)
-
-
-def _reset(request: web.Request) -> None:
-    if request.transport is not None:
-        _reset_transport(request.transport)
-
-
-def _reset_transport(transport: asyncio.Transport) -> None:
-    """Close at once, dropping what is buffered here and in the kernel (a TCP reset); a
-    transport already closed stays so."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):  # closed already: nothing to reset
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-    transport.abort()

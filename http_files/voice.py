@@ -5,9 +5,9 @@ With ``Accept: audio/*`` (or any ``audio/…`` type: the audio is in the request
 first chunk (chunked, as ``GET`` on a ``stream_url`` serves it), with ``X-Request-Id`` and
 ``X-Stream-Url`` headers; a failure before any audio is the usual JSON error, one after it
 cuts the response short (no final chunk). A request answered from the remembered results
-(a replay) is its file, with ``X-Request-Id`` and ``X-Audio-Url`` (a 307 to that URL when
-the file is in the shared store and not here). Otherwise the JSON result, once the file is
-complete.
+(a replay) is its file (under the app's write deadline, as ``/outputs`` sends it), with
+``X-Request-Id`` and ``X-Audio-Url`` (a 307 to that URL when the file is in the shared
+store and not here). Otherwise the JSON result, once the file is complete.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from core.scheduling import PendingRequest
 from core.voice import AudioStream, VoiceResult
 from http_files.errors import error_response
 from http_files.scheduled import run_scheduled
+from http_files.sending import WRITE_TIMEOUT, TimedFileResponse
 from http_files.services import SERVICES
 from http_files.streams import send_stream
 from http_files.validation import read_event
@@ -50,7 +51,7 @@ def _file(request: web.Request, result: VoiceResult, request_id: str) -> web.Str
     path = store.resolve(result.filename)
     if path is None:
         return web.Response(status=307, headers={**headers, "Location": result.url})
-    return web.FileResponse(path, headers={
+    return TimedFileResponse(path, request.app[WRITE_TIMEOUT], headers={
         "Content-Type": store.content_type(result.filename), **headers})
 
 
