@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -67,3 +68,13 @@ async def until(condition: Callable[[], bool], timeout: float = 30) -> None:
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.01)
+
+
+def more_than_a_socket_holds() -> int:
+    """Bytes more than a loopback connection to a reader that reads nothing takes: the
+    sender's buffer grows to tcp_wmem's maximum at most; 4 MiB more is ample."""
+    try:
+        most = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    except (OSError, IndexError, ValueError):
+        most = 4 * 1024 * 1024
+    return most + 4 * 1024 * 1024

@@ -33,7 +33,7 @@ from http_files import AppServices, create_app
 from http_files.serving import app_runner
 from http_files.uploads import UploadLimits
 from schemas.codec import EventCodec
-from tests.http.raw import until
+from tests.http.raw import more_than_a_socket_holds, until
 from tests.support.s3_server import StoreLocation
 
 WRITE_TIMEOUT = 1.0
@@ -101,16 +101,6 @@ async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
     yield start
     for runner in runners:
         await runner.cleanup()
-
-
-def more_than_a_socket_holds() -> int:
-    """Bytes more than a loopback connection to a reader that reads nothing takes: the
-    sender's buffer grows to tcp_wmem's maximum at most; 4 MiB more is ample."""
-    try:
-        most = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
-    except (OSError, IndexError, ValueError):
-        most = 4 * 1024 * 1024
-    return most + 4 * 1024 * 1024
 
 
 def held_open(path: Path) -> bool:

@@ -46,7 +46,7 @@ from core.voice import (
 from http_files import AppServices, create_app
 from http_files.uploads import UploadLimits
 from schemas.codec import EventCodec
-from tests.http.raw import open_raw, read_response
+from tests.http.raw import more_than_a_socket_holds, open_raw, read_response
 from tests.support.elevenlabs_server import DEFAULT_KEY, ElevenLabsServer, Fault
 from tests.support.s3_server import StoreLocation
 
@@ -333,16 +333,6 @@ async def test_a_stream_takes_its_listeners_and_one_more_when_they_have_left(
     again = await listened.session.get(listened.url(stream))  # a place is free again
     assert again.status == 200 and await again.read() == heard
     assert len(heard) == 1003 + 256 * 300
-
-
-def more_than_a_socket_holds() -> int:
-    """Bytes more than a loopback connection to a reader that reads nothing takes: the
-    sender's buffer grows to tcp_wmem's maximum at most; 4 MiB more is ample."""
-    try:
-        most = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
-    except (OSError, IndexError, ValueError):
-        most = 4 * 1024 * 1024
-    return most + 4 * 1024 * 1024
 
 
 async def test_a_listener_that_stops_reading_is_cut_off_and_its_place_freed(
