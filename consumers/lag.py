@@ -2,8 +2,8 @@
 
 Lag is the end of the partition's log minus the position of its next record not yet
 answered. aiokafka learns a partition's end (its high watermark) only from fetch responses,
-and flow control pauses the partitions of a full kind: exactly when the backlog grows, the
-fetched high watermark stops moving. So besides the update after every fetch
+and flow control pauses the partitions holding their share of a full kind: exactly where the
+backlog grows, the fetched high watermark stops moving. So besides the update after every fetch
 (:meth:`ConsumerLag.update`), the end offsets of the owned partitions are asked for every
 few seconds (:meth:`ConsumerLag.run`: one ListOffsets request per broker, one refresh at a
 time, off the fetch path). A refresh that fails or times out leaves the previous values.

@@ -5,7 +5,8 @@ Delivery semantics (DESIGN.md), and where each lives:
 - decoding, scheduling, handling and retries: :mod:`consumers.answering`;
 - per-conversation order (same key in fetch order, other keys concurrently):
   :mod:`consumers.keyed`;
-- memory bound per kind (a full kind pauses only its own partitions): :mod:`consumers.flow`;
+- memory bound per kind (a full kind pauses only those of its partitions holding their
+  share of it): :mod:`consumers.flow`;
 - commits after the answers were acknowledged: :mod:`consumers.committer`;
 - consumer lag, kept true while a partition is paused: :mod:`consumers.lag`;
 - rebalances (short grace, commit what is done, drop the rest): :mod:`consumers.rebalance`;
@@ -253,7 +254,7 @@ class ConsumeLoop:
         work = _Work(tp, record, route, len(record.value or b"") + len(record.key or b""),
                      mark)
         self._work.setdefault(tp, {})[record.offset] = work
-        self._flow.took(route.kind, work.size)
+        self._flow.took(tp, work.size)
         self._metrics.consumed.labels(route.kind).inc()
         self._metrics.in_flight.labels(route.kind).inc()
         turn = self._turns.join((tp, record.key))  # in fetch order: the key's order
@@ -358,7 +359,7 @@ class ConsumeLoop:
         works = self._work.get(work.tp)
         if works is not None and works.get(work.record.offset) is work:
             del works[work.record.offset]
-        self._flow.let_go(work.route.kind, work.size)
+        self._flow.let_go(work.tp, work.size)
         self._metrics.in_flight.labels(work.route.kind).dec()
         self._apply_flow()
 

@@ -100,8 +100,8 @@ class AssignedPartition(_Body):
 class KafkaHealth(_Body):
     """``security``: the protocol and SASL mechanism (``SASL_SSL (SCRAM-SHA-512 as
     engine)``), never a secret; ``problem``: why the broker refuses this instance
-    (credentials, TLS) when that is known; ``paused_kinds``: kinds whose fetching is held
-    back because they are full."""
+    (credentials, TLS) when that is known; ``paused_kinds``: kinds with a partition whose
+    fetching is held back because the kind is full."""
 
     enabled: bool
     connected: bool
