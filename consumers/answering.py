@@ -7,6 +7,8 @@
   its handler runs; transient errors are retried with capped, jittered backoff, within
   the request's one :class:`~core.retry_budget.RetryBudget` (shared with the handler's own
   upstream retries; the failed event's ``attempts`` is its count).
+- An interactive request promotes the requests ahead of it in its conversation's line to
+  interactive (priority inheritance): it waits for them, so they must not wait as background.
 - A cancel answers it ``CANCELLED`` wherever it is; a deadline passed before its work
   started answers it ``EXPIRED`` (:func:`~core.scheduling.supervise`).
 - Dropped by a revoke or a stop while its work runs, the request may keep that work for
@@ -37,6 +39,7 @@ from consumers.routes import HandlerContext, Route
 from core.metrics import EngineMetrics
 from core.retry_budget import RetryBudget
 from core.scheduling import (
+    Priority,
     ReadMark,
     Scheduling,
     cancels_read,
@@ -141,6 +144,9 @@ class RecordAnswerer:
             logger.warning("%s rejected: %s %s", where, exc.code, exc,
                            extra={"error_code": str(exc.code)})
             return self._failed(record, route, exc, 1, raw)
+        turn.on_urged(pending.promote)
+        if pending.priority is Priority.INTERACTIVE:
+            turn.urge_ahead()  # those ahead run at its priority: it waits for them
         runs = 0
         budget = RetryBudget(self._retry)  # every retry of this request draws on it
         request_trace = current_trace.get()  # the consume span's; progress hangs off it
@@ -177,7 +183,7 @@ class RecordAnswerer:
             await cancels_read(mark, pending)
             await turn.wait()
             async with self._scheduling.admission.slot(route.kind, pending.conversation_id,
-                                                       pending.priority):
+                                                       pending.priority, pending.promotion):
                 if route.kind != "image":  # an image starts when the GPU takes it
                     pending.mark_started()
                 completed, _ = await call_with_retries(

@@ -4,6 +4,9 @@ Two requests with the same key (one conversation) take their turns in fetch orde
 requests with different keys run concurrently, even inside one partition. A request that
 leaves its line early (cancelled, expired, failed) hands nothing to its successor but its
 place: the successor still waits for every request ahead of it.
+
+A live request that joins a line urges the turns ahead of it (:meth:`Turn.urge_ahead`): they
+run at its priority (priority inheritance), since it cannot go before they are done.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ class Turn:
         self._forget = forget
         self._go = asyncio.Event()
         self._left = False
+        self._urged = False
+        self._on_urged: list[Callable[[], object]] = []
 
     async def wait(self) -> None:
         """Returns once every earlier turn of the same key has left."""
@@ -32,6 +37,30 @@ class Turn:
     @property
     def first(self) -> bool:
         return self._go.is_set()
+
+    def on_urged(self, callback: Callable[[], object]) -> None:
+        """Calls ``callback`` once a turn behind this one urges it (at once if one did)."""
+        if self._urged:
+            callback()
+        else:
+            self._on_urged.append(callback)
+
+    def urge_ahead(self) -> None:
+        """Urges every turn ahead of this one in its line."""
+        if self._left:
+            return
+        for turn in list(self._line):
+            if turn is self:
+                return
+            turn._urge()
+
+    def _urge(self) -> None:
+        if self._urged:
+            return
+        self._urged = True
+        callbacks, self._on_urged = self._on_urged, []
+        for callback in callbacks:
+            callback()
 
     def leave(self) -> None:
         """Gives up the place; the next in line may go when this one was first. Idempotent."""

@@ -1,7 +1,7 @@
 """Scheduling: who goes next, for Kafka and HTTP alike.
 
 - :mod:`~core.scheduling.placement`: a request's priority (interactive, background; old
-  records count as replays), owner (its conversation) and deadline;
+  records count as replays; promoted when a live request waits behind it), owner (its conversation) and deadline;
 - :mod:`~core.scheduling.admission`: slots of work per kind and per conversation;
 - :mod:`~core.scheduling.pending`: requests between arrival and answer, and the cancels
   that act on them (also those that arrive first);
@@ -17,7 +17,13 @@ from core.scheduling.admission import Admission
 from core.scheduling.barrier import ReadBarrier, ReadMark, cancels_read
 from core.scheduling.factory import Scheduling, build_scheduling
 from core.scheduling.pending import PendingRequest, PendingRequests
-from core.scheduling.placement import Placement, Priority, deadline_of, effective_priority
+from core.scheduling.placement import (
+    Placement,
+    Priority,
+    Promotion,
+    deadline_of,
+    effective_priority,
+)
 from core.scheduling.supervise import supervise
 
 __all__ = [
@@ -26,6 +32,7 @@ __all__ = [
     "PendingRequests",
     "Placement",
     "Priority",
+    "Promotion",
     "ReadBarrier",
     "ReadMark",
     "Scheduling",

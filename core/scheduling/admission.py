@@ -7,7 +7,8 @@ images only. Within a kind:
 - background work holds at most ``background_share`` of the budget, so an interactive
   request always finds room without waiting for background work to drain;
 - waiters are served interactive first, then owners in turn (round robin), each owner's
-  waiters in the order they came.
+  waiters in the order they came; a background waiter whose request is promoted
+  (:class:`~core.scheduling.placement.Promotion`) waits as interactive from then on.
 
 Kafka work waits for a slot (:meth:`Admission.acquire`); HTTP asks once
 (:meth:`Admission.try_acquire`) and answers 503 when there is none.
@@ -21,7 +22,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from core.scheduling.placement import Priority
+from core.scheduling.placement import Priority, Promotion
 
 __all__ = ["Admission"]
 
@@ -74,23 +75,41 @@ class Admission:
         self._take(state, owner, priority)
         return True
 
-    async def acquire(self, kind: str, owner: str, priority: Priority) -> None:
-        """Waits for a slot (see the module's rules). Cancellation-safe: a cancelled waiter
-        holds nothing."""
+    async def acquire(self, kind: str, owner: str, priority: Priority,
+                      promotion: Promotion | None = None) -> Priority:
+        """Waits for a slot (see the module's rules) and returns the priority it was taken
+        at, which :meth:`release` must be given: interactive when ``promotion`` was set
+        before the slot was granted. Cancellation-safe: a cancelled waiter holds nothing."""
+        if promotion is not None and promotion.is_set():
+            priority = Priority.INTERACTIVE
         if self.try_acquire(kind, owner, priority):
-            return
+            return priority
         state = self._kinds[kind]
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         state.waiting[priority].setdefault(owner, deque()).append(waiter)
+        waits_as = priority
+
+        def promote() -> None:  # from the event loop, like everything here
+            nonlocal waits_as
+            if waiter.done() or waits_as is Priority.INTERACTIVE:
+                return
+            self._forget(state, waits_as, owner, waiter)
+            waits_as = Priority.INTERACTIVE
+            state.waiting[waits_as].setdefault(owner, deque()).append(waiter)
+            self._grant(state)
+
+        if promotion is not None:
+            promotion.watch(promote)
         try:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
-                self.release(kind, owner, priority)  # granted as it was cancelled
+                self.release(kind, owner, waits_as)  # granted as it was cancelled
             else:
-                self._forget(state, priority, owner, waiter)
+                self._forget(state, waits_as, owner, waiter)
                 self._grant(state)
             raise
+        return waits_as
 
     def release(self, kind: str, owner: str, priority: Priority) -> None:
         """Gives a slot back and hands free slots to waiters."""
@@ -106,13 +125,14 @@ class Admission:
         self._grant(state)
 
     @asynccontextmanager
-    async def slot(self, kind: str, owner: str, priority: Priority) -> AsyncIterator[None]:
+    async def slot(self, kind: str, owner: str, priority: Priority,
+                   promotion: Promotion | None = None) -> AsyncIterator[None]:
         """``async with admission.slot(...)``: :meth:`acquire`, then :meth:`release`."""
-        await self.acquire(kind, owner, priority)
+        taken = await self.acquire(kind, owner, priority, promotion)
         try:
             yield
         finally:
-            self.release(kind, owner, priority)
+            self.release(kind, owner, taken)
 
     # --- inside ---
 

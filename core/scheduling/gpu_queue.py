@@ -13,6 +13,10 @@ arrives during that wait, the selection starts over (nothing was removed yet, so
 gathered jobs keep their places), so a background batch never delays interactive work by
 more than the call already running.
 
+A background item whose placement is promoted (:class:`~core.scheduling.placement.Promotion`:
+a live request of its conversation waits behind it) moves to the interactive line, at the
+end of its owner's FIFO there, and takes its owner's turn among interactive work.
+
 Items whose future is cancelled are dropped; items past their deadline when they would be
 taken are answered :class:`~schemas.errors.RequestExpiredError` and never returned.
 """
@@ -99,8 +103,22 @@ class WorkQueue:
             if isinstance(item, StopItem):
                 self._stop = item
             else:
-                self._lanes[item.placement.priority].add(item)
+                self._lanes[item.placement.priority_now()].add(item)
             self._changed.notify_all()
+        if isinstance(item, StopItem) or item.placement.promotion is None:
+            return
+        if item.placement.priority_now() is Priority.BACKGROUND:
+            queued = item
+            item.placement.promotion.watch(lambda: self._promote(queued))
+
+    def _promote(self, item: _Queued) -> None:
+        """Moves ``item``, while queued as background, to the interactive line."""
+        with self._changed:
+            background = self._lanes[Priority.BACKGROUND]
+            if background.holds(item):
+                background.remove([item])
+                self._lanes[Priority.INTERACTIVE].add(item)
+                self._changed.notify_all()  # a background batch window starts over
 
     def depth(self) -> dict[Priority, int]:
         """Items queued and not started, per priority (withdrawn ones not counted)."""
@@ -243,6 +261,9 @@ class _Lane:
     def __iter__(self) -> Iterator[_Queued]:
         for owner in self.turns:
             yield from self.fifos[owner]
+
+    def holds(self, item: _Queued) -> bool:
+        return item in self.fifos.get(item.placement.owner, ())
 
     def add(self, item: _Queued) -> None:
         owner = item.placement.owner

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from core.scheduling.placement import Placement, Priority
+from core.scheduling.placement import Placement, Priority, Promotion
 
 __all__ = ["PendingRequest", "PendingRequests"]
 
@@ -45,6 +45,7 @@ class PendingRequest:
     published_at: float
     arrived_at: float
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    promotion: Promotion = field(default_factory=Promotion)
     _registry: PendingRequests | None = field(default=None, repr=False)
     _started: bool = False
     _started_at: float | None = None
@@ -92,10 +93,21 @@ class PendingRequest:
         if self._registry is not None:
             self._registry.remove(self)
 
+    def promote(self) -> None:
+        """Raises a background request to interactive: a live request of its conversation
+        waits behind it (priority inheritance). Its ``priority`` says so from now on, and
+        the queues holding it move it (:attr:`promotion`). Idempotent."""
+        if self._registry is not None:
+            self._registry._promote(self)
+        else:
+            self.priority = Priority.INTERACTIVE
+        self.promotion.set()
+
     def placement(self) -> Placement:
         """Where this request stands in the GPU worker's queue."""
         return Placement(priority=self.priority, owner=self.conversation_id,
-                         deadline=self.deadline, on_start=self.mark_started)
+                         deadline=self.deadline, on_start=self.mark_started,
+                         promotion=self.promotion)
 
 
 class PendingRequests:
@@ -190,9 +202,19 @@ class PendingRequests:
                 return
             request._started = True
             request._started_at = now
-            self._count_locked(request.kind, request.priority, -1)
+            priority = request.priority
+            self._count_locked(request.kind, priority, -1)
         if self._on_queue_wait is not None:
-            self._on_queue_wait(request.kind, request.priority, now - request.arrived_at)
+            self._on_queue_wait(request.kind, priority, now - request.arrived_at)
+
+    def _promote(self, request: PendingRequest) -> None:
+        with self._lock:
+            if request.priority is Priority.INTERACTIVE:
+                return
+            if not request._started:  # it waits as interactive from now on
+                self._count_locked(request.kind, request.priority, -1)
+                self._count_locked(request.kind, Priority.INTERACTIVE, +1)
+            request.priority = Priority.INTERACTIVE
 
     # --- cancels ---
 

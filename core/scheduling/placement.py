@@ -3,11 +3,15 @@ round robin, a conversation) and its deadline.
 
 Interactive work (a live chat) always goes before background work (an explicit
 ``priority: background``, or a record old enough to be a replay); within a priority, owners
-take turns. A request not started by its deadline is answered ``EXPIRED`` without work.
+take turns. A background request that a live request of its conversation waits behind is
+promoted to interactive (:class:`Promotion`, priority inheritance), so that the live one
+never waits at background priority. A request not started by its deadline is answered
+``EXPIRED`` without work.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +21,7 @@ from core.shared_work import Keeper
 from schemas.errors import InvalidRequestError
 from schemas.events import parse_instant
 
-__all__ = ["Placement", "Priority", "deadline_of", "effective_priority"]
+__all__ = ["Placement", "Priority", "Promotion", "deadline_of", "effective_priority"]
 
 
 class Priority(StrEnum):
@@ -32,6 +36,39 @@ class Priority(StrEnum):
         return 0 if self is Priority.INTERACTIVE else 1
 
 
+class Promotion:
+    """A background request raised to interactive, once: a live request of its conversation
+    waits behind it (priority inheritance). The queues holding the request watch it and
+    move it to their interactive line. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._set = False
+        self._watchers: list[Callable[[], None]] = []
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        """Promotes; calls the watchers, in this thread. Idempotent."""
+        with self._lock:
+            if self._set:
+                return
+            self._set = True
+            watchers, self._watchers = self._watchers, []
+        for watcher in watchers:
+            watcher()
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Calls ``callback`` once promoted: from :meth:`set`'s thread, or at once when
+        already promoted. It must be quick, and harmless when its work is gone."""
+        with self._lock:
+            if not self._set:
+                self._watchers.append(callback)
+                return
+        callback()
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where a request stands in line.
@@ -43,6 +80,7 @@ class Placement:
     runs (:class:`~core.shared_work.Keeper`): keeping it (a revoke or a stop: the request
     will come again) lets the work finish into the result cache, unless the request is
     cancelled meanwhile; not keeping it, or absent (a cancel, an HTTP client gone), stops it.
+    ``promotion``, when set, makes a background request interactive (:class:`Promotion`).
     """
 
     priority: Priority = Priority.INTERACTIVE
@@ -50,6 +88,13 @@ class Placement:
     deadline: float | None = None
     on_start: Callable[[], None] | None = None
     keep_when_abandoned: Keeper | None = None
+    promotion: Promotion | None = None
+
+    def priority_now(self) -> Priority:
+        """``priority``, or interactive once promoted."""
+        if self.promotion is not None and self.promotion.is_set():
+            return Priority.INTERACTIVE
+        return self.priority
 
     def expired(self, now: float | None = None) -> bool:
         """True when the deadline has passed."""

@@ -249,7 +249,7 @@ class ElevenLabsBackend:
         try:
             placement = current_placement()
             call = _Call(settings.voice_id, fmt, budget, live, placement.owner,
-                         placement.priority)
+                         placement.priority_now())  # a live one behind it may have lifted it
             if len(chunks) == 1:
                 answers = [await self._convert(call, 0, self._body(sent[0], model_id,
                                                                    settings))]

@@ -40,3 +40,24 @@ async def test_leave_is_idempotent_and_never_wedges_a_key() -> None:
     await asyncio.wait_for(second.wait(), timeout=2)
     second.leave()
     assert turns.active_keys == 0
+
+
+async def test_a_turn_urges_the_turns_ahead_of_it_only() -> None:
+    turns = KeyedTurns()
+    first, second, third = turns.join("k"), turns.join("k"), turns.join("k")
+    other = turns.join("other")
+    urged: list[str] = []
+    first.on_urged(lambda: urged.append("first"))
+    third.on_urged(lambda: urged.append("third"))
+    other.on_urged(lambda: urged.append("other"))
+    second.urge_ahead()
+    second.urge_ahead()  # once each
+    assert urged == ["first"]
+    second.on_urged(lambda: urged.append("second"))  # not urged: none behind it asked
+    third.urge_ahead()
+    assert urged == ["first", "second"]
+    late: list[str] = []
+    first.on_urged(lambda: late.append("first"))  # registered after the urge: called at once
+    assert late == ["first"]
+    for turn in (first, second, third, other):
+        turn.leave()

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from core.scheduling import Admission, Priority
+from core.scheduling import Admission, Priority, Promotion
 
 I, B = Priority.INTERACTIVE, Priority.BACKGROUND
 
@@ -85,3 +85,20 @@ async def test_a_conversation_at_its_share_does_not_hold_back_others() -> None:
     await asyncio.wait_for(admission.acquire("image", "c", I), timeout=1)
     admission.release("image", "a", I)
     await asyncio.wait_for(blocked, timeout=1)
+
+
+async def test_a_promoted_background_waiter_waits_as_interactive() -> None:
+    # a live request of "victim" waits behind its background one: that one must not wait
+    # for the background share
+    admission = Admission({"image": 4}, per_owner=2, background_share=0.5)
+    assert admission.try_acquire("image", "replay1", B)
+    assert admission.try_acquire("image", "replay2", B)  # the background share is full
+    promotion = Promotion()
+    waiter = asyncio.create_task(admission.acquire("image", "victim", B, promotion))
+    await asyncio.sleep(0)  # let it queue
+    assert not waiter.done()
+    promotion.set()
+    assert await asyncio.wait_for(waiter, timeout=2) is I  # and it is released as such
+    admission.release("image", "victim", I)
+    assert not admission.try_acquire("image", "replay3", B)  # the share is as it was
+    assert admission.in_use("image") == 2

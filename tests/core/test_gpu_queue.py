@@ -14,7 +14,7 @@ import pytest
 
 from core.image.job import ImageJob, batch_key
 from core.scheduling.gpu_queue import ExclusiveItem, Item, JobItem, StopItem, Work, WorkQueue
-from core.scheduling.placement import Placement, Priority
+from core.scheduling.placement import Placement, Priority, Promotion
 from schemas.errors import ErrorCode, RequestExpiredError
 
 WAIT = 30.0  # seconds; a generous bound for any wait, never a sleep
@@ -166,3 +166,18 @@ def test_drain_returns_everything_queued() -> None:
     queue = queue_of(*entries)
     assert set(queue.drain()) == set(entries)
     assert queue.drain() == []
+
+
+def test_a_promoted_background_job_takes_its_owners_turn_among_interactive_ones() -> None:
+    # a live request of "victim" waits behind its replay: the replay runs at its priority
+    promotion = Promotion()
+    replay = JobItem(job(9), Future(),
+                     Placement(priority=BACKGROUND, owner="victim", promotion=promotion))
+    queue = queue_of(*(item(seed, owner="a") for seed in (1, 2, 3)),
+                     *(item(seed, owner="b") for seed in (4, 5, 6)), replay)
+    assert seeds(queue.take(1, 0)) == [1]
+    promotion.set()
+    assert queue.depth() == {Priority.INTERACTIVE: 6, Priority.BACKGROUND: 0}
+    # the turn was b, a; victim joins at its end, ahead of a's and b's later jobs
+    assert [seeds(queue.take(1, 0))[0] for _ in range(6)] == [4, 2, 9, 5, 3, 6]
+

@@ -181,3 +181,16 @@ def test_a_cancel_from_a_clock_ahead_applies_from_now() -> None:
     assert not pending.add("b", "conv", "voice", I, published_at=1001.0).cancelled.is_set()
     now[0] += 61
     assert not pending.add("c", "conv", "voice", I, published_at=900.0).cancelled.is_set()
+
+
+def test_a_promoted_request_waits_and_is_placed_as_interactive() -> None:
+    pending = PendingRequests()
+    replay = pending.add("r", "victim", "image", B)
+    placement = replay.placement()
+    assert placement.priority_now() is B and pending.depths()["image"]["background"] == 1
+    replay.promote()
+    replay.promote()  # once
+    assert replay.priority is I and placement.priority_now() is I
+    assert pending.depths()["image"] == {"interactive": 1, "background": 0}
+    replay.mark_started()
+    assert pending.depths()["image"] == {"interactive": 0, "background": 0}

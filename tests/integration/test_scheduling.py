@@ -1,6 +1,7 @@
 """Fair scheduling and request control on the real broker and the tiny development model:
 voice never waits behind images, quiet conversations never wait behind a flood, live
-images go before a replay, cancels and deadlines, and HTTP under the same admission."""
+images go before a replay and lift their own conversation's background work ahead of them,
+cancels and deadlines, and HTTP under the same admission."""
 
 from __future__ import annotations
 
@@ -149,6 +150,29 @@ async def test_an_interactive_image_overtakes_a_background_backlog(make_engine: 
                                         "conversation_id": request["conversation_id"]})
     await peer.answers_for(list(backlog_ids), timeout=60)
 
+
+
+async def test_a_live_image_lifts_its_conversations_background_one_ahead_of_it(
+        make_engine: MakeEngine, peer: PersonaPeer) -> None:
+    # the live image waits in its conversation's line behind a background one; that one
+    # runs at the live one's priority (taking its turn among the busy chats) instead of
+    # waiting until no chat has interactive work left
+    await make_engine(max_batch_size=1)
+    busy = [image(f"busy-{chat}", size=64, steps=2) for _ in range(6) for chat in range(4)]
+    for request in busy:
+        await peer.publish("image", request)
+    busy_ids = {r["request_id"] for r in busy}
+    await peer.wait_for(lambda a: a.kind == "completed" and a.event["request_id"] in busy_ids,
+                        timeout=120)
+    replay = image("victim", size=64, steps=2, priority="background")
+    live = image("victim", size=64, steps=2)
+    await peer.publish("image", replay)
+    await peer.publish("image", live)
+    replies = await peer.answers_for([replay["request_id"], live["request_id"]], timeout=300)
+    assert {reply.kind for reply in replies.values()} == {"completed"}
+    # both went within about two rounds of the four busy chats, not after all their work
+    assert len(busy_ids) - answered(peer, busy_ids) >= 4, answered(peer, busy_ids)
+    await peer.answers_for(list(busy_ids), timeout=300)
 
 async def test_cancelling_a_conversation_drops_its_queue_and_stops_the_running_image(
     make_engine: MakeEngine, peer: PersonaPeer
