@@ -2,10 +2,13 @@
 
 A client that stops reading would hold its connection, the handler's task and whatever
 the answer reads from (an output file, even one since expired; a store stream; an audio
-stream's place) for as long as it stays connected. Here each step of a body (a block
-written, the end, what is left buffered handed to the socket) has ``timeout`` seconds;
-a client that takes nothing for that long has its connection reset (a TCP reset, so the
-buffers go too) and :class:`ClientStalled` is raised, so everything it held is freed.
+stream's place) for as long as it stays connected. Here the deadline is about progress,
+not speed: while a step of a body (a block written, the end, what is left buffered
+handed to the socket) waits on the client, the client must take something (what waits
+for it, in this side's buffer and the kernel's, shrinks) every ``timeout`` seconds, so a
+slow reader gets the whole body however long it takes. A client that takes nothing for
+that long has its connection reset (a TCP reset, so the buffers go too) and
+:class:`ClientStalled` is raised, so everything it held is freed.
 
 The app's timeout is ``app[WRITE_TIMEOUT]`` (``create_app(write_timeout=…)``,
 :data:`DEFAULT_WRITE_TIMEOUT` by default: the same as a voice stream's listeners get).
@@ -15,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import inspect
 import logging
 import os
 import socket
 import struct
+import termios
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -36,15 +41,16 @@ __all__ = ["DEFAULT_WRITE_TIMEOUT", "WRITE_TIMEOUT", "ClientStalled", "TimedFile
 logger = logging.getLogger(__name__)
 
 WRITE_TIMEOUT: web.AppKey[float] = web.AppKey("write_timeout", float)
-"""Seconds a client has to take each block of a body (see the module docstring)."""
+"""Seconds a client may take nothing of a body for (see the module docstring)."""
 
-_FILE_BLOCK = 256 * 1024  # aiohttp's own chunk for files: a reader needs ~4 KiB/s at 60 s
+_FILE_BLOCK = 256 * 1024  # aiohttp's own chunk for files
+_LOOKS = 10  # looks per timeout at what waits for the client: a stall is seen within 1/10
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets, dropping the buffers
 
 
 class ClientStalled(ConnectionResetError):
-    """The client took nothing for ``timeout`` seconds, ``sent`` bytes into the body; its
-    connection has been reset."""
+    """The client took nothing for ``timeout`` seconds, having taken about ``sent`` bytes
+    of the body; its connection has been reset."""
 
     def __init__(self, timeout: float, sent: int) -> None:
         super().__init__(f"the client took nothing for {timeout:g} s after {sent} bytes; "
@@ -56,33 +62,70 @@ class ClientStalled(ConnectionResetError):
 async def send(request: web.BaseRequest, response: web.StreamResponse,
                blocks: AsyncIterable[bytes] | None, timeout: float) -> int:
     """Sends ``response`` (prepared here, unless it is already) with ``blocks`` as its
-    body (None: none, as for HEAD), then its end; returns the body's bytes. Each write
-    gets ``timeout`` seconds (waiting for the next block does not count): past them the
-    connection is reset and :class:`ClientStalled` raised. What ``blocks`` raises goes
-    through as it is, the connection left open (closing ``blocks`` is the caller's)."""
-    sent = 0
+    body (None: none, as for HEAD), then its end; returns the body's bytes. While a write
+    waits on the client, the client must take something every ``timeout`` seconds
+    (waiting for the next block does not count): past them the connection is reset and
+    :class:`ClientStalled` raised. What ``blocks`` raises goes through as it is, the
+    connection left open (closing ``blocks`` is the caller's)."""
+    written = 0
     if not response.prepared:
-        await _within(request, timeout, sent, response.prepare(request))
+        await _within(request, timeout, written, response.prepare(request))
     if blocks is not None:
         async for block in blocks:
-            await _within(request, timeout, sent, response.write(block))
-            sent += len(block)
-    await _within(request, timeout, sent, response.write_eof())
-    await _within(request, timeout, sent, _flushed(request))
-    return sent
+            written += len(block)
+            await _within(request, timeout, written, response.write(block))
+    await _within(request, timeout, written, response.write_eof())
+    await _within(request, timeout, written, _flushed(request))
+    return written
 
 
-async def _within(request: web.BaseRequest, timeout: float, sent: int,
+async def _within(request: web.BaseRequest, timeout: float, written: int,
                   step: Awaitable[Any]) -> None:
+    """Awaits ``step`` (``written`` bytes of the body handed over once it has run) while
+    the client keeps taking something every ``timeout`` seconds; resets the connection
+    and raises :class:`ClientStalled` once it has taken nothing for that long."""
     deadline = asyncio.timeout(timeout)
+    loop = asyncio.get_running_loop()
+    left = _unsent(request)  # looked at again once the step has handed its bytes over
+    look: asyncio.Handle
+
+    def watch() -> None:  # the deadline moves on each time the client took something
+        nonlocal left, look
+        now = _unsent(request)
+        if now < left:
+            deadline.reschedule(loop.time() + timeout)
+        left = now
+        look = loop.call_later(timeout / _LOOKS, watch)
+
     try:
         async with deadline:
-            await step
+            look = loop.call_soon(watch)
+            try:
+                await step
+            finally:
+                look.cancel()
     except TimeoutError:
         if not deadline.expired():  # the step's own error, not the deadline
             raise
+        delivered = max(0, written - _unsent(request))
         reset(request)
-        raise ClientStalled(timeout, sent) from None
+        raise ClientStalled(timeout, delivered) from None
+
+
+def _unsent(request: web.BaseRequest) -> int:
+    """Bytes written to the connection that its client has not taken yet: in the
+    transport's buffer and in the kernel's send queue (unsent or unacknowledged; Linux's
+    ``SIOCOUTQ``, counted as none where it is not known)."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return 0
+    queued = 0
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):  # not a TCP socket, or closed
+            queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                                    b"\0" * 4))[0]
+    return transport.get_write_buffer_size() + queued
 
 
 async def _flushed(request: web.BaseRequest) -> None:

@@ -20,7 +20,9 @@ says the account is full and probes upward again slowly while it is not.
   serve (:mod:`core.scheduling.admission`, :mod:`core.scheduling.gpu_queue`): interactive
   before background, then owners (conversations) in turn, the owner holding the fewest
   slots first, so that a chat's one line does not wait behind another chat's long text;
-  each owner's waiters in arrival order.
+  each owner's waiters in arrival order. A background waiter whose request is promoted
+  (:class:`~core.scheduling.placement.Promotion`: a live request of its conversation waits
+  behind it) waits as interactive from then on, as in admission.
 - **Fixed:** ``floor == ceiling`` is a plain semaphore of that size.
 
 Each change of the limit is one INFO line. A limit lives on one event loop; it is not
@@ -35,7 +37,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from core.scheduling.placement import Priority
+from core.scheduling.placement import Priority, Promotion
 
 __all__ = ["AdaptiveLimit", "Slot"]
 
@@ -115,15 +117,16 @@ class AdaptiveLimit:
         return self._in_flight
 
     @asynccontextmanager
-    async def slot(self, owner: str = "",
-                   priority: Priority = Priority.INTERACTIVE) -> AsyncIterator[Slot]:
+    async def slot(self, owner: str = "", priority: Priority = Priority.INTERACTIVE,
+                   promotion: Promotion | None = None) -> AsyncIterator[Slot]:
         """Wait for a place (in the order the module docstring says, as ``owner`` at
-        ``priority``), hold it for the block, and on leaving adapt the limit to what the
+        ``priority``; interactive once ``promotion`` is set, even while waiting), hold it
+        for the block, and on leaving adapt the limit to what the
         block said through the :class:`Slot`. The slot counts towards growth if it found
         the limit in full use (it waited, or it filled the limit) or saw it so while it
         was held."""
         full = self._full
-        await self._acquire(owner, priority)
+        await self._acquire(owner, priority, promotion)
         slot = Slot(self._epoch, full)
         if self._in_flight >= self._limit:
             self._full += 1
@@ -134,14 +137,30 @@ class AdaptiveLimit:
             self._settle(slot)
             self._wake()
 
-    async def _acquire(self, owner: str, priority: Priority) -> None:
+    async def _acquire(self, owner: str, priority: Priority,
+                       promotion: Promotion | None) -> None:
         if self._in_flight < self._limit and not any(self._waiting.values()):
             self._take(owner)
             return
         self._full += 1
+        if promotion is not None and promotion.is_set():
+            priority = Priority.INTERACTIVE
         waiter = asyncio.get_running_loop().create_future()
         waiters = self._waiting[priority].setdefault(owner, deque())
         waiters.append(waiter)
+
+        def promote() -> None:  # from the event loop, like everything here
+            nonlocal priority, waiters
+            if waiter.done() or priority is Priority.INTERACTIVE:
+                return
+            self._withdraw(priority, owner, waiters, waiter)
+            priority = Priority.INTERACTIVE
+            waiters = self._waiting[priority].setdefault(owner, deque())
+            waiters.append(waiter)
+            self._wake()
+
+        if promotion is not None and priority is not Priority.INTERACTIVE:
+            promotion.watch(promote)
         self._wake()  # room after a cut's holders left: it may be this waiter's
         try:
             await waiter
@@ -151,10 +170,15 @@ class AdaptiveLimit:
                 self._wake()
             raise
         finally:
-            if waiter in waiters:
-                waiters.remove(waiter)
-                if not waiters and self._waiting[priority].get(owner) is waiters:
-                    del self._waiting[priority][owner]
+            self._withdraw(priority, owner, waiters, waiter)
+
+    def _withdraw(self, priority: Priority, owner: str,
+                  waiters: deque[asyncio.Future[None]], waiter: asyncio.Future[None]) -> None:
+        """Takes ``waiter`` out of ``owner``'s ``waiters`` at ``priority`` (if still there)."""
+        if waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters and self._waiting[priority].get(owner) is waiters:
+                del self._waiting[priority][owner]
 
     def _take(self, owner: str) -> None:
         self._in_flight += 1

@@ -21,7 +21,8 @@ it arrives; the characters' timings come back from :meth:`ElevenLabsBackend.synt
   requests waiting for a slot are served interactive first, then conversation by
   conversation: each call queues as the place in line its caller stated
   (:mod:`core.voice.turns`), so a chat's one line does not wait behind another chat's long
-  text nor behind a replay's backlog.
+  text nor behind a replay's backlog; a background call that is promoted (a live request
+  of its conversation waits behind it) waits as interactive from then on, even in line.
 - **Faults** (:mod:`core.voice.elevenlabs_faults`): 408, 429, 5xx and connection errors
   (including a connection dropped in the middle of the audio) are retried here, as long as
   the request's :class:`~core.retry_budget.RetryBudget` grants it (capped exponential
@@ -81,7 +82,7 @@ from pydantic import SecretStr
 
 from core.backoff import Backoff
 from core.retry_budget import RetryBudget
-from core.scheduling.placement import Priority
+from core.scheduling.placement import Placement
 from core.voice.assembly import PartsStream
 from core.voice.backend import VoiceSettings
 from core.voice.chunking import context, split_text
@@ -247,9 +248,7 @@ class ElevenLabsBackend:
                 for chunk, mood in zip(chunks, moods, strict=True)]
         live = PartsStream(path, sink, fmt, len(chunks))
         try:
-            placement = current_placement()
-            call = _Call(settings.voice_id, fmt, budget, live, placement.owner,
-                         placement.priority_now())  # a live one behind it may have lifted it
+            call = _Call(settings.voice_id, fmt, budget, live, current_placement())
             if len(chunks) == 1:
                 answers = [await self._convert(call, 0, self._body(sent[0], model_id,
                                                                    settings))]
@@ -367,7 +366,9 @@ class ElevenLabsBackend:
         while True:
             error: ElevenLabsError
             call.live.restart(part)
-            async with self._slots.slot(call.owner, call.priority) as slot:
+            placement = call.placement  # promoted, before or while it waits: interactive
+            async with self._slots.slot(placement.owner, placement.priority_now(),
+                                        placement.promotion) as slot:
                 budget.attempt()
                 try:
                     async with self._client.stream(
@@ -450,14 +451,13 @@ class ElevenLabsBackend:
 @dataclass(frozen=True)
 class _Call:
     """One :meth:`ElevenLabsBackend.synthesize_to`: its voice, format, budget and stream,
-    and the owner and priority its requests wait for a slot as."""
+    and its place in line (:class:`Placement`), which its requests wait for a slot as."""
 
     voice_id: str
     fmt: OutputFormat
     budget: RetryBudget
     live: PartsStream
-    owner: str
-    priority: Priority
+    placement: Placement
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from pydantic import SecretStr
 
-from core.scheduling import Placement, Priority
+from core.scheduling import Placement, Priority, Promotion
 from core.voice import ElevenLabsBackend, VoiceSettings, queued_as
 from core.voice.chunking import split_text
 from core.voice.concurrency import AdaptiveLimit
@@ -43,12 +43,14 @@ class Holders:
         self._leave: dict[str, asyncio.Event] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
-    def start(self, name: str, owner: str, priority: Priority = INTERACTIVE) -> None:
+    def start(self, name: str, owner: str, priority: Priority = INTERACTIVE,
+              promotion: Promotion | None = None) -> None:
         self._leave[name] = asyncio.Event()
-        self.tasks[name] = asyncio.create_task(self._hold(name, owner, priority))
+        self.tasks[name] = asyncio.create_task(self._hold(name, owner, priority, promotion))
 
-    async def _hold(self, name: str, owner: str, priority: Priority) -> None:
-        async with self.limit.slot(owner, priority):
+    async def _hold(self, name: str, owner: str, priority: Priority,
+                    promotion: Promotion | None) -> None:
+        async with self.limit.slot(owner, priority, promotion):
             self.entered.append(name)
             await self._leave[name].wait()
 
@@ -74,6 +76,29 @@ async def test_interactive_waiters_go_before_background_ones_whoever_came_first(
         await holders.leave(name)
     assert holders.entered == ["replay-0", "live", "replay-1", "replay-2", "replay-3"]
     await holders.leave("replay-3")
+
+
+async def test_a_promoted_background_waiter_moves_to_the_interactive_line() -> None:
+    """A live request of the chat waits behind its background story: the story's waiter,
+    already in line, goes before the background waiters that came before it, and so does
+    one of the chat's that queues once the promotion is set."""
+    holders = Holders(AdaptiveLimit(1))
+    promotion = Promotion()
+    holders.start("live", "elsewhere")
+    await _yield()
+    holders.start("replay", "old-chat", BACKGROUND)
+    holders.start("story", "chat", BACKGROUND, promotion)
+    await _yield()
+    promotion.set()
+    holders.start("story-later", "chat", BACKGROUND, promotion)
+    await _yield()
+    await holders.leave("live")
+    assert holders.entered == ["live", "story"]
+    await holders.leave("story")
+    assert holders.entered == ["live", "story", "story-later"]
+    for name in ("story-later", "replay"):
+        await holders.leave(name)
+    assert holders.limit.in_flight == 0
 
 
 async def test_the_owner_holding_fewest_slots_goes_next_owners_in_turn_among_equals() -> None:
@@ -235,3 +260,31 @@ async def test_a_live_line_goes_before_a_replays_backlog_at_the_upstream_limit(
     holding.release_all()
     await asyncio.wait_for(asyncio.gather(live, *replays), 60)
     assert upstream_order[backend.concurrency_limit] == LINE, upstream_order
+
+
+async def test_a_promoted_background_line_goes_before_the_replays_queued_before_it(
+    http: httpx.AsyncClient, holding: HoldingServer, tmp_path: Path,
+) -> None:
+    """A background line of the chat waits for a slot behind a replay's; a live request of
+    the chat then waits behind it (promoted): the next free slot is the chat's."""
+    backend = ElevenLabsBackend(http, holding.api_url, SecretStr(DEFAULT_KEY),
+                                max_concurrency=1, timeout=httpx.Timeout(10.0))
+    busy = asyncio.create_task(speak_as(backend, Placement(owner="elsewhere"),
+                                        tmp_path / "busy.mp3", "Busy elsewhere."))
+    await holding.until(lambda arrived: len(arrived) >= 1)  # the one slot is taken
+    replay = asyncio.create_task(speak_as(
+        backend, Placement(priority=BACKGROUND, owner="old-chat"), tmp_path / "old.mp3",
+        "A line of an old chat."))
+    await _yield()  # it queues for the slot
+    promotion = Promotion()
+    chat = asyncio.create_task(speak_as(
+        backend, Placement(priority=BACKGROUND, owner="chat", promotion=promotion),
+        tmp_path / "chat.mp3", LINE))
+    await _yield()  # it queues behind the replay, both background
+    promotion.set()  # a live request of the chat now waits behind it
+    holding.release(0)  # the slot comes free
+    await holding.until(lambda arrived: len(arrived) >= 2)
+    upstream_order = list(holding.arrived)
+    holding.release_all()
+    await asyncio.wait_for(asyncio.gather(busy, replay, chat), 60)
+    assert upstream_order == ["Busy elsewhere.", LINE], upstream_order

@@ -2,7 +2,7 @@
 timeout: a client that asks for an output (whole or a range; from this instance's folder
 or from the shared store) and stops reading has its connection reset once it has taken
 nothing for the timeout, and the file or store stream it held is let go; one that reads
-gets the whole body, headers as before."""
+gets the whole body, headers as before, however slowly it reads."""
 
 from __future__ import annotations
 
@@ -132,11 +132,12 @@ class Stalled:
         return self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
 
 
-async def stall(port: int, path: str, headers: dict[str, str] | None = None) -> Stalled:
+async def stall(port: int, path: str, headers: dict[str, str] | None = None, *,
+                receive_buffer: int = 4096) -> Stalled:
     """GET ``path``, read the response's head, then read nothing more."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)  # fills soon
     sock.setblocking(False)
     await loop.sock_connect(sock, ("127.0.0.1", port))
     lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1",
@@ -209,6 +210,56 @@ async def test_a_download_that_stops_reading_just_before_its_end_is_reset(
         await until(lambda: not held_open(output.path), timeout=10)
     finally:
         client.sock.close()
+
+
+async def read_slowly(client: Stalled, upto: int) -> bytes:
+    """Reads the body a little at a time (8 KiB, then a pause of 50 ms: about 160 KiB/s,
+    never idle for long) until ``upto`` bytes or its end; a reset raises."""
+    loop = asyncio.get_running_loop()
+    got = bytearray()
+    while len(got) < upto:
+        piece = await asyncio.wait_for(loop.sock_recv(client.sock, 8192), timeout=10)
+        if not piece:
+            break
+        got += piece
+        await asyncio.sleep(0.05)  # the reader's pace, not a wait for the server
+    return bytes(got)
+
+
+async def test_a_download_read_slowly_but_steadily_is_sent_whole(serve: Serve) -> None:
+    """A slow link: the client takes something every 50 ms, far within the 1 s timeout,
+    but a block of the file takes it longer than that."""
+    served = await serve(send_buffer=4096)
+    data = os.urandom(400 * 1024)
+    output = served.store.write(data, "mp3")
+    client = await stall(served.port, output.url, receive_buffer=16384)
+    try:
+        assert client.status == 200
+        assert await read_slowly(client, len(data)) == data  # kept alive: no end
+    finally:
+        client.sock.close()
+    await served.handled(output.url)
+    assert not held_open(output.path)
+
+
+async def test_a_download_that_stops_reading_midway_is_logged_with_what_it_took(
+    serve: Serve, caplog: pytest.LogCaptureFixture,
+) -> None:
+    served = await serve(send_buffer=4096)
+    data = os.urandom(400 * 1024)
+    output = served.store.write(data, "mp3")
+    with caplog.at_level(logging.WARNING, logger="http_files.sending"):
+        client = await stall(served.port, output.url, receive_buffer=16384)
+        try:
+            taken = len(await read_slowly(client, 64 * 1024))  # then it stops
+            assert await client.reset_by_server()
+        finally:
+            client.sock.close()
+        await served.handled(output.url)
+    said = [r.getMessage() for r in caplog.records if "took nothing" in r.getMessage()]
+    assert len(said) == 1, said
+    counted = int(said[0].split(" after ")[1].split(" bytes")[0])
+    assert taken <= counted < len(data), said[0]  # what it read, and what its buffer holds
 
 
 async def shared_output(s3_store: StoreLocation, serve: Serve, data: bytes
