@@ -103,7 +103,7 @@ async def _send(request: web.Request, stream: AudioStream,
         except StreamAborted:  # no final chunk: the listener sees it cut
             close(request, timeout)
         except ClientStalled as exc:
-            logger.warning("stream %s: a listener took no block for %g s after %d bytes; "
+            logger.warning("stream %s: a listener took nothing for %g s, having taken %d bytes; "
                            "its connection is reset", stream.id, timeout, exc.sent)
             raise ConnectionResetError(f"the listener of stream {stream.id} stopped "
                                        "reading") from None
