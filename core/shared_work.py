@@ -9,12 +9,18 @@ waiting caller is cancelled, the work is cancelled too, unless that caller's
 keeps it, a result cache, for that next delivery, which joins the work if it still runs).
 Kept work stays its keeper's: it is cancelled when no caller waits and no keeper wants it
 any more (the request was cancelled meanwhile), and every keeper is released when it ends.
+
+Work that waits in a queue before its real work begins (an image for the GPU) reports its
+start once (:meth:`SharedWork.start_signal`): every caller then attached is told, and so is
+each one that joins later, so that a caller who joined queued work stops waiting (its
+deadline, the queue depth) when the work starts, not only the caller who queued it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -44,9 +50,53 @@ class Keeper(Protocol):
         ...
 
 
+class _Start:
+    """The start of one piece of work, told to each caller attached to it, once: those
+    attached when it happens, from the thread that reports it, and those attaching after,
+    at once. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._happened = False
+        self._told: dict[object, Callable[[], None]] = {}
+
+    def attach(self, on_start: Callable[[], None]) -> object:
+        """Tells ``on_start`` of the start; returns a token for :meth:`detach`."""
+        token = object()
+        with self._lock:
+            if not self._happened:
+                self._told[token] = on_start
+                return token
+        _tell(on_start)
+        return token
+
+    def detach(self, token: object) -> None:
+        """A caller gone before the start is not told of it."""
+        with self._lock:
+            self._told.pop(token, None)
+
+    def happen(self) -> None:
+        """Reports the start; later calls do nothing."""
+        with self._lock:
+            if self._happened:
+                return
+            self._happened = True
+            told, self._told = list(self._told.values()), {}
+        for on_start in told:
+            _tell(on_start)
+
+
+def _tell(on_start: Callable[[], None]) -> None:
+    try:
+        on_start()
+    except Exception:  # one caller's metrics must not keep the others from being told
+        logger.exception("a start callback failed")
+
+
 @dataclass(eq=False)
 class _Work(Generic[T]):
     task: asyncio.Task[T]
+    start: _Start
     waiters: int = 0
     # callers gone whose request comes again, each with the task watching for its drop
     kept: list[tuple[Keeper, asyncio.Task[None]]] = field(default_factory=list)
@@ -73,9 +123,14 @@ class SharedWork(Generic[T]):
         return work is not None and not work.task.done() and not work.task.cancelling()
 
     async def run(self, key: str, make: Callable[[], Awaitable[T]], *,
-                  keep_when_abandoned: Keeper | None = None) -> T:
+                  keep_when_abandoned: Keeper | None = None,
+                  on_start: Callable[[], None] | None = None) -> T:
         """The result of the work for ``key``: joined when in progress, else ``make()``
         started as a task of its own. Raises what the work raised.
+
+        ``on_start`` (quick, thread-safe) is called once when the work reports its real
+        start (:meth:`start_signal`), at once when it joins work already started, and not
+        when this caller is gone before then (unless its keeper kept the work).
 
         Cancelling this caller cancels the work only when no other caller waits for it,
         no earlier caller's keeper still wants it and ``keep_when_abandoned`` (asked then)
@@ -84,11 +139,13 @@ class SharedWork(Generic[T]):
         nobody else wanting it."""
         work = self._work.get(key)
         if work is None or work.task.done() or work.task.cancelling():  # not a dying one
-            work = _Work(asyncio.ensure_future(make()))
+            work = _Work(asyncio.ensure_future(make()), _Start())
             self._work[key] = work
             work.task.add_done_callback(lambda _: self._ended(key, work))
         else:
             logger.info("a request joins the same %s being made", self._name)
+        token = work.start.attach(on_start) if on_start is not None else None
+        kept = False
         work.waiters += 1
         try:
             return await asyncio.shield(work.task)
@@ -97,6 +154,7 @@ class SharedWork(Generic[T]):
                 if keep_when_abandoned is not None and keep_when_abandoned.keeps():
                     logger.info("an abandoned %s is still made: it is kept for the "
                                 "request's next delivery", self._name)
+                    kept = True
                     work.kept.append((keep_when_abandoned, asyncio.ensure_future(
                         self._stop_when_dropped(work, keep_when_abandoned))))
                 elif not work.still_kept():
@@ -104,6 +162,15 @@ class SharedWork(Generic[T]):
             raise
         finally:
             work.waiters -= 1
+            if token is not None and not kept:
+                work.start.detach(token)
+
+    def start_signal(self, key: str) -> Callable[[], None]:
+        """What the work for ``key`` calls, from any thread, when its real work starts
+        (an image taken by the GPU): each caller's ``on_start`` is then called, once.
+        Called from that work's ``make()``, while it is the work for ``key``; raises
+        ``KeyError`` when no work for ``key`` is in progress."""
+        return self._work[key].start.happen
 
     async def _stop_when_dropped(self, work: _Work[T], keeper: Keeper) -> None:
         await keeper.dropped()

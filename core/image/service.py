@@ -13,7 +13,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image
@@ -173,7 +173,9 @@ class ImageService:
         says (interactive, its own owner, when absent).
 
         The same image asked for while it is being made (a redelivery after a revoke, a
-        duplicate) joins the making instead of computing it twice. A remembered result is
+        duplicate) joins the making instead of computing it twice, and starts with it:
+        ``placement.on_start`` is called when the GPU takes that job (at once when it
+        already has), whoever queued it. A remembered result is
         answered only while its files have a useful life left
         (:data:`~core.remembered.MIN_USEFUL_LIFE_S`); otherwise it is made again, the same
         pixels under new names. Raises ``InvalidRequestError`` (a field; for a LoRA not
@@ -204,14 +206,12 @@ class ImageService:
             logger.debug("request_id=%s answered from the result cache", request.request_id)
             return self._result(remembered)
         placement = placement or Placement(owner=request.conversation_id)
-        if self._making.running(key):
-            item = self._jobs.get(key)
-            if item is not None and (item.future.running() or item.future.done()):
-                placement.started()  # joined work that already runs
         bridge: _ProgressBridge | None = None
 
         async def make() -> CachedResult:  # when this caller starts the work
             nonlocal bridge
+            # the GPU taking the job starts every caller attached, twins that joined too
+            queued = replace(placement, on_start=self._making.start_signal(key))
             prompt = await self._prompt(params, lora, remembered)
             bridge = self._bridge(progress)
             job = ImageJob(
@@ -224,13 +224,14 @@ class ImageService:
             )
             kept = _Kept(params, prompt, lora, stacked, init_hash, request.request_id,
                          job.seeds)
-            return await self._make(key, job, placement, kept)
+            return await self._make(key, job, queued, kept)
 
         keeper = placement.keep_when_abandoned
         try:
             entry = await self._making.run(
                 key, make, keep_when_abandoned=None if keeper is None
-                else _WhileRunning(keeper, lambda: self._running(key)))
+                else _WhileRunning(keeper, lambda: self._running(key)),
+                on_start=placement.on_start)
         except asyncio.CancelledError:
             if bridge is not None:
                 bridge.abandon()
