@@ -7,7 +7,7 @@ Both LoRA modes (eager LRU set, hotswap slot). Tiny development model on the CPU
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from core.image import GpuWorker, LoadedModel, build_dev_model
 from core.lora import LoraRegistry
-from tests.core.test_lora_fit import WAIT, eager_model, image, slot_model
+from tests.core.conftest import start_worker
+from tests.core.test_lora_fit import eager_model, image, slot_model
 
 RANK, ALPHA, WIDTH = 4, 2.0, 32  # the development model's inner dimension is 32
 
@@ -78,19 +79,8 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
 
 
 @pytest.fixture
-def start() -> Iterator[Callable[[LoadedModel], GpuWorker]]:
-    started: list[GpuWorker] = []
-
-    def make(model: LoadedModel) -> GpuWorker:
-        worker = GpuWorker(model, max_batch_size=4, batch_window_ms=0, lora_cache_size=4,
-                           vae_tiling_threshold=1536, max_sequence_length=32)
-        worker.start()
-        started.append(worker)
-        return worker
-
-    yield make
-    for worker in started:
-        worker.stop(timeout=WAIT)
+def start(workers: list[GpuWorker]) -> Callable[[LoadedModel], GpuWorker]:
+    return lambda model: start_worker(workers, model, lora_cache_size=4)
 
 
 @pytest.mark.parametrize("mode", ["eager", "hotswap"])
