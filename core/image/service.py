@@ -31,6 +31,7 @@ from core.outputs import OutputStore, StoredFile
 from core.remembered import looked_up
 from core.scheduling import Placement
 from core.scheduling.gpu_queue import JobItem
+from core.scheduling.placement import JointPlacement
 from core.shared_work import Keeper, SharedWork
 from core.storage import StorageError, unavailable
 from schemas.errors import InternalError, InvalidRequestError, UnknownLoraError
@@ -140,6 +141,7 @@ class ImageService:
         self._progress_interval = progress_interval
         self._making: SharedWork[CachedResult] = SharedWork("image")  # by fingerprint
         self._jobs: dict[str, JobItem] = {}  # fingerprint → the GPU job of that work
+        self._joints: dict[str, JointPlacement] = {}  # fingerprint → its callers' placement
         self._init_images = init_images or InitImageLoader(None, InitImageLimits())
         self._decoding = asyncio.Semaphore(_DECODING_AT_ONCE)  # bounds decoded pixels held
 
@@ -175,7 +177,9 @@ class ImageService:
         The same image asked for while it is being made (a redelivery after a revoke, a
         duplicate) joins the making instead of computing it twice, and starts with it:
         ``placement.on_start`` is called when the GPU takes that job (at once when it
-        already has), whoever queued it. A remembered result is
+        already has), whoever queued it. The job is queued for all of them
+        (:class:`~core.scheduling.placement.JointPlacement`): interactive once one is, and
+        expired only past the latest of their deadlines. A remembered result is
         answered only while its files have a useful life left
         (:data:`~core.remembered.MIN_USEFUL_LIFE_S`); otherwise it is made again, the same
         pixels under new names. Raises ``InvalidRequestError`` (a field; for a LoRA not
@@ -207,11 +211,14 @@ class ImageService:
             return self._result(remembered)
         placement = placement or Placement(owner=request.conversation_id)
         bridge: _ProgressBridge | None = None
+        joint = self._joint(key)
 
         async def make() -> CachedResult:  # when this caller starts the work
             nonlocal bridge
-            # the GPU taking the job starts every caller attached, twins that joined too
-            queued = replace(placement, on_start=self._making.start_signal(key))
+            # the GPU taking the job starts every caller attached, twins that joined too;
+            # their placements, joined, place it
+            queued = replace(placement, on_start=self._making.start_signal(key),
+                             promotion=joint.promotion, joint=joint)
             prompt = await self._prompt(params, lora, remembered)
             bridge = self._bridge(progress)
             job = ImageJob(
@@ -227,6 +234,7 @@ class ImageService:
             return await self._make(key, job, queued, kept)
 
         keeper = placement.keep_when_abandoned
+        token = joint.join(placement)
         try:
             entry = await self._making.run(
                 key, make, keep_when_abandoned=None if keeper is None
@@ -240,6 +248,9 @@ class ImageService:
             if bridge is not None:
                 await bridge.finish()
             raise
+        finally:
+            joint.leave(token)
+            self._forget(key, joint)
         if bridge is not None:
             await bridge.finish()
         return self._result(entry)
@@ -302,6 +313,21 @@ class ImageService:
         finally:
             if self._jobs.get(key) is item:
                 del self._jobs[key]
+            if placement.joint is not None and self._joints.get(key) is placement.joint:
+                del self._joints[key]  # the work ends: a caller from now on starts anew
+
+    def _joint(self, key: str) -> JointPlacement:
+        """The placement of the work for ``key`` that a caller would join now, or a new one
+        for the work it would start (:meth:`SharedWork.run` decides the same way)."""
+        joint = self._joints.get(key)
+        if joint is None or not self._making.running(key):
+            joint = self._joints[key] = JointPlacement()
+        return joint
+
+    def _forget(self, key: str, joint: JointPlacement) -> None:
+        """Drops ``joint`` once its work is over (or dying)."""
+        if self._joints.get(key) is joint and not self._making.running(key):
+            del self._joints[key]
 
     def _running(self, key: str) -> bool:
         """Whether the GPU job of the work for ``key`` runs (taken off the queue)."""

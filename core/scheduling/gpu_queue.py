@@ -18,7 +18,10 @@ a live request of its conversation waits behind it) moves to the interactive lin
 end of its owner's FIFO there, and takes its owner's turn among interactive work.
 
 Items whose future is cancelled are dropped; items past their deadline when they would be
-taken are answered :class:`~schemas.errors.RequestExpiredError` and never returned.
+taken are answered :class:`~schemas.errors.RequestExpiredError` and never returned. Both the
+deadline and the promotion are read as they are then: a job shared by several requests
+(``placement.joint``, :class:`~core.scheduling.placement.JointPlacement`) expires only past
+the latest of their deadlines, and is promoted once one of them is interactive.
 """
 
 from __future__ import annotations

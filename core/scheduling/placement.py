@@ -7,6 +7,10 @@ take turns. A background request that a live request of its conversation waits b
 promoted to interactive (:class:`Promotion`, priority inheritance), so that the live one
 never waits at background priority. A request not started by its deadline is answered
 ``EXPIRED`` without work.
+
+Work shared by several requests (twins with the same content, a redelivery joining kept
+work) is placed for all of them (:class:`JointPlacement`): interactive once any of them is,
+and expired only past the latest of their deadlines (never while one has none).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from core.shared_work import Keeper
 from schemas.errors import InvalidRequestError
 from schemas.events import parse_instant
 
-__all__ = ["Placement", "Priority", "Promotion", "deadline_of", "effective_priority"]
+__all__ = ["JointPlacement", "Placement", "Priority", "Promotion", "deadline_of",
+           "effective_priority"]
 
 
 class Priority(StrEnum):
@@ -81,6 +86,8 @@ class Placement:
     will come again) lets the work finish into the result cache, unless the request is
     cancelled meanwhile; not keeping it, or absent (a cancel, an HTTP client gone), stops it.
     ``promotion``, when set, makes a background request interactive (:class:`Promotion`).
+    ``joint``, for work shared by several requests, replaces ``deadline`` with theirs
+    (:class:`JointPlacement`); its ``promotion`` is then the joint one.
     """
 
     priority: Priority = Priority.INTERACTIVE
@@ -89,6 +96,7 @@ class Placement:
     on_start: Callable[[], None] | None = None
     keep_when_abandoned: Keeper | None = None
     promotion: Promotion | None = None
+    joint: JointPlacement | None = None
 
     def priority_now(self) -> Priority:
         """``priority``, or interactive once promoted."""
@@ -96,14 +104,60 @@ class Placement:
             return Priority.INTERACTIVE
         return self.priority
 
+    def deadline_now(self) -> float | None:
+        """``deadline``, or the joint one of the requests sharing the work."""
+        return self.joint.deadline() if self.joint is not None else self.deadline
+
     def expired(self, now: float | None = None) -> bool:
-        """True when the deadline has passed."""
-        return self.deadline is not None and (time.time() if now is None else now) >= self.deadline
+        """True when the deadline (:meth:`deadline_now`) has passed."""
+        deadline = self.deadline_now()
+        return deadline is not None and (time.time() if now is None else now) >= deadline
 
     def started(self) -> None:
         """Reports the start (see ``on_start``); safe to call when none is set."""
         if self.on_start is not None:
             self.on_start()
+
+
+class JointPlacement:
+    """The placement of one piece of work for every request attached to it: its
+    :attr:`promotion` is set once one of them is (or becomes) interactive, and its
+    :meth:`deadline` is the latest of theirs, ``None`` while one has none. A request that
+    leaves no longer counts, except the last one (its work is being dropped). Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._deadlines: dict[object, float | None] = {}
+        self.promotion = Promotion()
+
+    def join(self, placement: Placement) -> object:
+        """Attaches a request placed as ``placement``; returns a token for :meth:`leave`."""
+        token = object()
+        with self._lock:
+            self._deadlines[token] = placement.deadline_now()
+        if placement.priority_now() is Priority.INTERACTIVE:
+            self.promotion.set()
+        elif placement.promotion is not None:
+            placement.promotion.watch(lambda: self._promote(token))
+        return token
+
+    def leave(self, token: object) -> None:
+        with self._lock:
+            if len(self._deadlines) > 1:
+                self._deadlines.pop(token, None)
+
+    def deadline(self) -> float | None:
+        with self._lock:
+            deadlines = list(self._deadlines.values())
+        if not deadlines or None in deadlines:
+            return None
+        return max(d for d in deadlines if d is not None)
+
+    def _promote(self, token: object) -> None:
+        with self._lock:
+            attached = token in self._deadlines
+        if attached:
+            self.promotion.set()
 
 
 def effective_priority(explicit: str | None, *, published_at: float, created_at: float | None,
