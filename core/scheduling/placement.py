@@ -123,7 +123,11 @@ class JointPlacement:
     """The placement of one piece of work for every request attached to it: its
     :attr:`promotion` is set once one of them is (or becomes) interactive, and its
     :meth:`deadline` is the latest of theirs, ``None`` while one has none. A request that
-    leaves no longer counts, except the last one (its work is being dropped). Thread-safe."""
+    leaves no longer counts for the deadline, except the last one (its work is being
+    dropped). A promotion is one-way, as every promotion of the scheduler is (priority
+    inheritance in :mod:`consumers.keyed`): work lifted for an interactive request that
+    then leaves stays interactive, at the cost of running one job early, never of delaying
+    a live one. Thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
