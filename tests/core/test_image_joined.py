@@ -1,8 +1,15 @@
-"""A request that joins an image still queued on the GPU (a twin with the same content, a
-redelivery) starts when that image starts: it stops counting as waiting
+"""Requests that join an image still queued on the GPU (twins with the same content, a
+redelivery): the image is placed for all of them, and each starts when it starts.
+
+A twin that joins starts when the image starts: it stops counting as waiting
 (``engine_queue_depth_requests``), its queue wait is observed, and its deadline no longer
-applies, so it is answered with the image rather than ``EXPIRED``. Runs the tiny
-development model on the CPU; the GPU is held by an exclusive call while the twin joins.
+applies, so it is answered with the image rather than ``EXPIRED``. The queued image's
+deadline is the latest of its requests' (none when one has none), and it is interactive
+when one of them is: a twin without a deadline that joins an image queued by one with a
+deadline gets the image, an interactive one lifts a background image ahead of other
+background work, and the image stays queued for its twin when the request that queued it
+is cancelled. Runs the tiny development model on the CPU; the GPU is held by an exclusive
+call while the requests queue.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +32,7 @@ from core.image.service import ImageResult, ImageService
 from core.outputs import OutputStore
 from core.scheduling import PendingRequest, PendingRequests, Priority, supervise
 from core.shared_work import SharedWork
+from schemas.errors import RequestCancelledError
 from schemas.events import ImageRequested
 from tests.core.test_image_requests import make_service
 
@@ -234,3 +242,108 @@ async def test_shared_work_tells_its_start_to_callers_attached_and_joining_only(
     release.set()
     assert await asyncio.gather(first, twin, late) == ["made"] * 3
     assert sorted(told) == ["first", "twin"]
+
+
+class Held:
+    """The GPU held by an exclusive call until :meth:`release`; requests started meanwhile
+    run under :meth:`run` and note, in ``order``, when the GPU takes them."""
+
+    def __init__(self, service: ImageService, worker: GpuWorker) -> None:
+        self.service = service
+        self.worker = worker
+        self.registry = PendingRequests()
+        self.order: list[str] = []
+        self.tasks: list[asyncio.Task[ImageResult]] = []
+        self._release = threading.Event()
+
+    async def hold(self) -> None:
+        entered = threading.Event()
+
+        def hold(_pipeline: Any) -> None:
+            entered.set()
+            assert self._release.wait(WAIT)
+
+        self.worker.submit_exclusive(hold)
+        assert await asyncio.to_thread(entered.wait, WAIT)
+
+    def release(self) -> None:
+        self._release.set()
+
+    def run(self, name: str, conversation: str, priority: Priority, *,
+            deadline: float | None = None, clock: Gate | None = None,
+            **fields: Any) -> tuple[PendingRequest, asyncio.Task[ImageResult]]:
+        request = asked(conversation_id=conversation, **fields)
+        pending = self.registry.add(request.request_id, conversation, "image", priority,
+                                    deadline=deadline)
+
+        def started() -> None:
+            self.order.append(name)
+            pending.mark_started()
+
+        placement = replace(pending.placement(), on_start=started)
+        work = self.service.generate(request, None, placement)
+        task = asyncio.create_task(supervise(pending, work) if clock is None
+                                   else supervise(pending, work, clock=clock))
+        self.tasks.append(task)
+        return pending, task
+
+
+@pytest.fixture
+async def held(service: ImageService, worker: GpuWorker) -> AsyncIterator[Held]:
+    scene = Held(service, worker)
+    await scene.hold()
+    yield scene
+    scene.release()
+    for task in scene.tasks:
+        task.cancel()
+    await asyncio.gather(*scene.tasks, return_exceptions=True)
+
+
+async def test_a_twin_without_a_deadline_keeps_the_image_it_joined_from_expiring(
+    held: Held, joins: Callable[[int], Joined]
+) -> None:
+    joined = joins(1)
+    # the first request's deadline is long past by the GPU's clock when the GPU frees up;
+    # its own supervision reads a clock still before it, so only the queue judges it
+    gate = Gate()
+    gate.start -= 10
+    _, first = held.run("first", "c", Priority.INTERACTIVE, deadline=gate.start + 1,
+                        clock=gate)
+    _, twin = held.run("twin", "d", Priority.INTERACTIVE)  # asks for no deadline
+    await asyncio.wait_for(joined.event.wait(), WAIT)
+    assert time.time() > gate.start + 1  # the queue sees the first deadline passed
+    held.release()
+    made, joined_twin = await asyncio.wait_for(asyncio.gather(first, twin), WAIT)
+    assert joined_twin.filename == made.filename  # the image, not EXPIRED
+
+
+async def test_an_interactive_twin_lifts_the_background_image_it_joined(
+    held: Held, joins: Callable[[int], Joined]
+) -> None:
+    joined = joins(1)
+    # background work of another conversation queued first, of another size (its own
+    # pipeline call)
+    _, other = held.run("other", "o", Priority.BACKGROUND, width=96, seed=7)
+    _, first = held.run("first", "c", Priority.BACKGROUND)
+    _, twin = held.run("twin", "d", Priority.INTERACTIVE)
+    await asyncio.wait_for(joined.event.wait(), WAIT)
+    held.release()
+    await asyncio.wait_for(asyncio.gather(first, twin, other), WAIT)
+    assert held.order.index("twin") < held.order.index("other")  # taken as interactive
+
+
+async def test_the_image_stays_queued_for_its_twin_when_its_first_request_is_cancelled(
+    held: Held, joins: Callable[[int], Joined]
+) -> None:
+    joined = joins(1)
+    gate = Gate()  # the twin's deadline: judged by the queue once the first is gone
+    first_request, first = held.run("first", "c", Priority.INTERACTIVE)
+    _, twin = held.run("twin", "d", Priority.INTERACTIVE, deadline=gate.start + 3600)
+    await asyncio.wait_for(joined.event.wait(), WAIT)
+    first_request.cancelled.set()
+    with pytest.raises(RequestCancelledError):
+        await asyncio.wait_for(first, WAIT)
+    held.release()
+    made = await asyncio.wait_for(twin, WAIT)
+    assert made.filename
+    assert held.order == ["twin"]  # the first was gone before the GPU took the image
