@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from consumers.control import ControlReader
@@ -25,6 +24,7 @@ from consumers.kafka import (
     build_control_consumer,
     build_producer,
     resolve_idempotence,
+    stop_within,
 )
 from consumers.login_backoff import install_login_backoff
 from consumers.publisher import EventPublisher
@@ -342,18 +342,9 @@ class Engine:
                              (self._producer, "flush")):
             if client is None:
                 continue
-            try:
-                await asyncio.wait_for(client.stop(), timeout=left(3.0))
-            except (TimeoutError, KafkaError) as exc:
-                logger.warning("could not %s in time (%s); stopping anyway", what,
-                               type(exc).__name__)
-            except asyncio.CancelledError:
-                # aiokafka's fetcher re-raises the cancellation of its own pending fetches
-                # when the broker is gone; only a cancellation of this stop goes on up
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
-                logger.warning("could not %s cleanly; stopping anyway", what)
+            why = await stop_within(client, left(3.0))
+            if why is not None:
+                logger.warning("could not %s %s; stopping anyway", what, why)
         if self.training is not None:
             try:  # trainings checkpoint at their next step
                 await asyncio.wait_for(self.training.close(), timeout=left(30.0))

@@ -8,16 +8,19 @@ in docs/brokers.md.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from consumers.assignor import BalancedStickyAssignor
 from consumers.security import KafkaSecurity
 from consumers.topics import probe_idempotence
 from core.settings import Settings
 
-__all__ = ["build_consumer", "build_control_consumer", "build_producer", "resolve_idempotence"]
+__all__ = ["build_consumer", "build_control_consumer", "build_producer", "resolve_idempotence",
+           "stop_within"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,3 +114,21 @@ async def resolve_idempotence(settings: Settings, bootstrap_servers: str, *,
             bootstrap_servers,
         )
     return supported
+
+
+async def stop_within(client: AIOKafkaConsumer | AIOKafkaProducer, timeout: float) -> str | None:
+    """Stops ``client`` within ``timeout`` seconds: with the broker gone, leaving the group
+    or flushing would wait forever. Returns ``None`` when it stopped cleanly, else why not
+    (for a log line). Only a cancellation of the calling task goes on up: aiokafka's
+    fetcher re-raises the cancellation of its own pending fetches when the broker is gone
+    (one waiting out its retry backoff), which is not the caller's."""
+    try:
+        await asyncio.wait_for(client.stop(), timeout=timeout)
+    except (TimeoutError, KafkaError) as exc:
+        return f"not in time ({type(exc).__name__})"
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+        return "not cleanly"
+    return None

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
 
+from consumers.kafka import stop_within
 from consumers.security import PLAINTEXT, KafkaSecurity
 from schemas.codec import EventCodec
 from schemas.errors import EngineError
@@ -106,24 +106,10 @@ async def send_and_wait(
                         return Reply(tp.topic, raw, completed=tp.topic == completed_topic)
         return None
     finally:
-        await _stop(producer)
-        await _stop(consumer)
-
-
-async def _stop(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
-    """Stops ``client``, bounded: with the broker gone it may not stop cleanly, and the
-    command has its answer (or its timeout) already. Only a cancellation of this command
-    goes on up."""
-    try:
-        await asyncio.wait_for(client.stop(), timeout=_STOP_SECONDS)
-    except (TimeoutError, KafkaError):
-        pass
-    except asyncio.CancelledError:
-        # aiokafka's fetcher re-raises the cancellation of its own pending fetches when
-        # the broker is gone (one waiting out its retry backoff): not this command's
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
+        # bounded: with the broker gone they may not stop cleanly, and the command has its
+        # answer (or its timeout) already
+        await stop_within(producer, _STOP_SECONDS)
+        await stop_within(consumer, _STOP_SECONDS)
 
 
 async def _writer_schema(codec: EventCodec, value: bytes | None, deadline: float) -> None:
