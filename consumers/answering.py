@@ -237,6 +237,17 @@ class RecordAnswerer:
         elif isinstance(error, RequestExpiredError):
             self._metrics.expired.labels(route.kind).inc()
 
+    def failed(self, record: ConsumerRecord[bytes, bytes], route: Route, error: EngineError,
+               attempts: int) -> Answer:
+        """``record`` answered with ``error`` after ``attempts`` runs, its identity read
+        from it again (as far as it decodes)."""
+        raw: dict[str, Any] = {}
+        try:
+            _, raw = self._codec.decode_raw(record.value, content_type(record.headers))
+        except EngineError:
+            pass
+        return self._failed(record, route, error, attempts, raw)
+
     def _failed(self, record: ConsumerRecord[bytes, bytes], route: Route, error: EngineError,
                 attempts: int, raw: dict[str, Any]) -> Answer:
         return Answer(self._results.failed,

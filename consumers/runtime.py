@@ -28,7 +28,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
@@ -40,7 +39,7 @@ from consumers.keyed import KeyedTurns, Turn
 from consumers.lag import REFRESH_INTERVAL, ConsumerLag
 from consumers.publisher import EventPublisher
 from consumers.rebalance import RebalanceHandler
-from consumers.records import content_type, text_or_none, trace_context
+from consumers.records import trace_context
 from consumers.retry import RetryPolicy
 from consumers.routes import Route
 from core.health import EngineHealth
@@ -48,7 +47,7 @@ from core.metrics import EngineMetrics
 from core.scheduling import ReadBarrier, ReadMark, Scheduling
 from core.telemetry import ContextSpans, Spans, current_trace, log_context
 from schemas.codec import EventCodec
-from schemas.errors import EngineError, InternalError
+from schemas.errors import InternalError
 from schemas.events import Event, GenerationFailed
 
 __all__ = ["ConsumeLoop", "DeliveryConfig", "RecordNotAnswerableError", "ResultTopics"]
@@ -122,7 +121,6 @@ class ConsumeLoop:
         self._health = health
         self._read_barrier = read_barrier
         self._spans = spans or ContextSpans()
-        self._codec = codec
         self._retry = retry
         self._sleep = sleep
         self._answerer = RecordAnswerer(codec, publisher, results, scheduling, retry=retry,
@@ -333,16 +331,8 @@ class ConsumeLoop:
                              "of %d)", where, run, runs)
             if run < runs:
                 await self._sleep(self._retry.jittered(run))
-        raw: dict[str, Any] = {}
-        try:  # decoded before, by the answerer: only for the request's identity
-            _, raw = self._codec.decode_raw(work.record.value,
-                                            content_type(work.record.headers))
-        except EngineError:
-            pass
         error = _WorkInterruptedError(f"work stopped {runs} times without being cancelled")
-        return Answer(self._results.failed,
-                      failed_event(work.record, work.route.kind, error, runs, raw),
-                      text_or_none(raw.get("request_id")))
+        return self._answerer.failed(work.record, work.route, error, runs)
 
     async def _publish(self, topic: str, event: Event,
                        record: ConsumerRecord[bytes, bytes], request_id: str | None) -> None:
