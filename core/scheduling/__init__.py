@@ -3,6 +3,8 @@
 - :mod:`~core.scheduling.placement`: a request's priority (interactive, background; old
   records count as replays; promoted when a live request waits behind it), owner (its conversation) and deadline;
 - :mod:`~core.scheduling.admission`: slots of work per kind and per conversation;
+- :mod:`~core.scheduling.lanes`: waiters in line by priority and conversation (admission's
+  and the ElevenLabs slots'), promoted ones moved up;
 - :mod:`~core.scheduling.pending`: requests between arrival and answer, and the cancels
   that act on them (also those that arrive first);
 - :mod:`~core.scheduling.barrier`: requests wait until the cancels published before them

@@ -17,11 +17,11 @@ Kafka work waits for a slot (:meth:`Admission.acquire`); HTTP asks once
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from core.scheduling.lanes import Lanes
 from core.scheduling.placement import Priority, Promotion
 
 __all__ = ["Admission"]
@@ -34,9 +34,7 @@ class _Kind:
     used: int = 0
     used_background: int = 0
     by_owner: dict[str, int] = field(default_factory=dict)
-    # priority → owner → that owner's waiters, owners in serving order
-    waiting: dict[Priority, OrderedDict[str, deque[asyncio.Future[None]]]] = field(
-        default_factory=lambda: {p: OrderedDict() for p in Priority})
+    waiting: Lanes = field(default_factory=Lanes)
 
 
 class Admission:
@@ -59,8 +57,7 @@ class Admission:
         return self._kinds[kind].used
 
     def waiting(self, kind: str) -> int:
-        return sum(len(q) for owners in self._kinds[kind].waiting.values()
-                   for q in owners.values())
+        return len(self._kinds[kind].waiting)
 
     def try_acquire(self, kind: str, owner: str, priority: Priority) -> bool:
         """Takes a slot now if one is free for ``owner`` at ``priority`` and nobody of the
@@ -86,30 +83,19 @@ class Admission:
             return priority
         state = self._kinds[kind]
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        state.waiting[priority].setdefault(owner, deque()).append(waiter)
-        waits_as = priority
-
-        def promote() -> None:  # from the event loop, like everything here
-            nonlocal waits_as
-            if waiter.done() or waits_as is Priority.INTERACTIVE:
-                return
-            self._forget(state, waits_as, owner, waiter)
-            waits_as = Priority.INTERACTIVE
-            state.waiting[waits_as].setdefault(owner, deque()).append(waiter)
-            self._grant(state)
-
-        if promotion is not None:
-            promotion.watch(promote)
+        state.waiting.add(priority, owner, waiter)
+        waits_as = state.waiting.follow(promotion, priority, owner, waiter,
+                                        lambda: self._grant(state))
         try:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
-                self.release(kind, owner, waits_as)  # granted as it was cancelled
+                self.release(kind, owner, waits_as())  # granted as it was cancelled
             else:
-                self._forget(state, waits_as, owner, waiter)
+                state.waiting.remove(waits_as(), owner, waiter)
                 self._grant(state)
             raise
-        return waits_as
+        return waits_as()
 
     def release(self, kind: str, owner: str, priority: Priority) -> None:
         """Gives a slot back and hands free slots to waiters."""
@@ -154,33 +140,11 @@ class Admission:
             pass
 
     def _grant_one(self, state: _Kind) -> bool:
-        for priority in sorted(Priority, key=lambda p: p.rank):
-            owners = state.waiting[priority]
-            for owner in list(owners):
-                queue = owners[owner]
-                while queue and queue[0].done():  # waiters cancelled meanwhile
-                    queue.popleft()
-                if not queue:
-                    del owners[owner]
-                    continue
+        for priority in state.waiting.priorities:
+            for owner in state.waiting.owners(priority):
                 if not self._fits(state, owner, priority):
                     continue  # this owner (or background) is at its share; others may go
                 self._take(state, owner, priority)
-                queue.popleft().set_result(None)
-                owners.move_to_end(owner)
-                if not queue:
-                    del owners[owner]
+                state.waiting.serve(priority, owner).set_result(None)
                 return True
         return False
-
-    @staticmethod
-    def _forget(state: _Kind, priority: Priority, owner: str,
-                waiter: asyncio.Future[None]) -> None:
-        queue = state.waiting[priority].get(owner)
-        if queue is not None:
-            try:
-                queue.remove(waiter)
-            except ValueError:
-                pass
-            if not queue:
-                state.waiting[priority].pop(owner, None)

@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from core.scheduling.lanes import Lanes
 from core.scheduling.placement import Priority, Promotion
 
 __all__ = ["AdaptiveLimit", "Slot"]
@@ -92,8 +92,7 @@ class AdaptiveLimit:
         self._full = 0  # times the limit was found in full use
         self._held: dict[str, int] = {}  # owner → slots it holds
         # priority → owner → its waiters; owners in turn order (the one served last last)
-        self._waiting: dict[Priority, OrderedDict[str, deque[asyncio.Future[None]]]] = {
-            priority: OrderedDict() for priority in sorted(Priority, key=_rank)}
+        self._waiting = Lanes()
 
     def __repr__(self) -> str:
         return (f"AdaptiveLimit({self._name}: {self._in_flight} in flight, limit "
@@ -139,28 +138,15 @@ class AdaptiveLimit:
 
     async def _acquire(self, owner: str, priority: Priority,
                        promotion: Promotion | None) -> None:
-        if self._in_flight < self._limit and not any(self._waiting.values()):
+        if self._in_flight < self._limit and not self._waiting:
             self._take(owner)
             return
         self._full += 1
         if promotion is not None and promotion.is_set():
             priority = Priority.INTERACTIVE
-        waiter = asyncio.get_running_loop().create_future()
-        waiters = self._waiting[priority].setdefault(owner, deque())
-        waiters.append(waiter)
-
-        def promote() -> None:  # from the event loop, like everything here
-            nonlocal priority, waiters
-            if waiter.done() or priority is Priority.INTERACTIVE:
-                return
-            self._withdraw(priority, owner, waiters, waiter)
-            priority = Priority.INTERACTIVE
-            waiters = self._waiting[priority].setdefault(owner, deque())
-            waiters.append(waiter)
-            self._wake()
-
-        if promotion is not None and priority is not Priority.INTERACTIVE:
-            promotion.watch(promote)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.add(priority, owner, waiter)
+        waits_as = self._waiting.follow(promotion, priority, owner, waiter, self._wake)
         self._wake()  # room after a cut's holders left: it may be this waiter's
         try:
             await waiter
@@ -170,15 +156,7 @@ class AdaptiveLimit:
                 self._wake()
             raise
         finally:
-            self._withdraw(priority, owner, waiters, waiter)
-
-    def _withdraw(self, priority: Priority, owner: str,
-                  waiters: deque[asyncio.Future[None]], waiter: asyncio.Future[None]) -> None:
-        """Takes ``waiter`` out of ``owner``'s ``waiters`` at ``priority`` (if still there)."""
-        if waiter in waiters:
-            waiters.remove(waiter)
-            if not waiters and self._waiting[priority].get(owner) is waiters:
-                del self._waiting[priority][owner]
+            self._waiting.remove(waits_as(), owner, waiter)
 
     def _take(self, owner: str) -> None:
         self._in_flight += 1
@@ -196,30 +174,19 @@ class AdaptiveLimit:
         """Hand free places to waiters: the highest priority first, then the owner holding
         the fewest places, owners in turn among equals (the one served goes to the end)."""
         while self._in_flight < self._limit:
-            lane, owner = self._next_owner()
-            if lane is None:
+            priority, owner = self._next_owner()
+            if priority is None:
                 return
-            waiters = lane[owner]
-            waiter = waiters.popleft()
-            if waiters:
-                lane.move_to_end(owner)
-            else:
-                del lane[owner]
+            waiter = self._waiting.serve(priority, owner)
             self._take(owner)  # the place is the waiter's from now on
             waiter.set_result(None)
 
-    def _next_owner(self) -> tuple[OrderedDict[str, deque[asyncio.Future[None]]] | None, str]:
-        """The lane and owner of the next waiter to serve (``None``: nobody waits); waiters
-        withdrawn meanwhile are dropped on the way."""
-        for lane in self._waiting.values():
-            for owner in list(lane):
-                waiters = lane[owner]
-                while waiters and waiters[0].done():
-                    waiters.popleft()
-                if not waiters:
-                    del lane[owner]
-            if lane:
-                return lane, min(lane, key=lambda owner: self._held.get(owner, 0))
+    def _next_owner(self) -> tuple[Priority | None, str]:
+        """The priority and owner of the next waiter to serve (``None``: nobody waits)."""
+        for priority in self._waiting.priorities:
+            owners = self._waiting.owners(priority)
+            if owners:
+                return priority, min(owners, key=lambda owner: self._held.get(owner, 0))
         return None, ""
 
     def _settle(self, slot: Slot) -> None:
@@ -239,7 +206,3 @@ class AdaptiveLimit:
             logger.info("%s concurrency limit %d -> %d (%s; ceiling %d)",
                         self._name, self._limit, limit, why, self._ceiling)
             self._limit = limit
-
-
-def _rank(priority: Priority) -> int:
-    return priority.rank
