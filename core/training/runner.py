@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from core.training.estimate import StepTimes
 from core.training.pixels import to_pixels
 from core.training.progress import ProgressFanout
 from core.training.spec import TrainingSpec
+from core.training.stopping import StopSignal
 from core.training.trainer import ChunkPlan, ChunkResult, TrainState, run_chunk
 
 __all__ = ["RunResult", "TrainingInterrupted", "TrainingRunner"]
@@ -66,7 +66,7 @@ class TrainingRunner:
         self._max_sequence_length = max_sequence_length
 
     async def run(self, spec: TrainingSpec, folder: TrainingFolder, progress: ProgressFanout,
-                  stop: threading.Event,
+                  stop: StopSignal,
                   checkpointed: Callable[[int], Awaitable[None]] | None = None) -> RunResult:
         """Train ``spec`` to its last step. Raises :class:`TrainingInterrupted` when
         ``stop`` is set first (after checkpointing the step reached); the worker's errors
@@ -109,7 +109,7 @@ class TrainingRunner:
                          time.perf_counter() - started)
 
     async def _cache(self, spec: TrainingSpec, folder: TrainingFolder,
-                     stop: threading.Event) -> TrainingCache:
+                     stop: StopSignal) -> TrainingCache:
         cache = await asyncio.to_thread(folder.read_cache)
         if cache is not None and cache.image_count == spec.image_count:
             return cache
@@ -123,21 +123,32 @@ class TrainingRunner:
         return cache
 
     async def _exclusive(self, fn: Callable[[Any], T], spec: TrainingSpec,
-                         stop: threading.Event) -> T:
+                         stop: StopSignal) -> T:
         """``fn`` in the worker thread, the training taking turns with conversations as its
-        own owner (so it yields to them between chunks). If this task is cancelled meanwhile (the service
-        stops trainings through ``stop`` instead, which checkpoints), a call not yet started
-        is dropped and a running one is told to stop and awaited, so the pipeline is
+        own owner (so it yields to them between chunks). ``stop`` set before the call's turn
+        comes drops it (:class:`TrainingInterrupted` at once, the last checkpoint standing);
+        set later, the call stops at its next step. If this task is cancelled meanwhile (the
+        service stops trainings through ``stop`` instead, which checkpoints), a call not yet
+        started is dropped and a running one is told to stop and awaited, so the pipeline is
         restored before this returns; its steps since the last checkpoint are lost."""
         future = self._worker.submit_exclusive(
             fn, Placement(owner=f"training:{spec.training_id}"))
+        result = asyncio.wrap_future(future)
+        stopped = asyncio.ensure_future(stop.wait_async())
         try:
-            return await asyncio.shield(asyncio.wrap_future(future))
+            first: set[asyncio.Future[Any]] = {result, stopped}
+            await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+            if not result.done() and future.cancel():  # told to stop before its turn came
+                raise TrainingInterrupted(f"training {spec.training_id} stopped while "
+                                          "waiting for the GPU")
+            return await asyncio.shield(result)
         except asyncio.CancelledError:
             if not future.cancel():
                 stop.set()
-                await asyncio.wait({asyncio.wrap_future(future)})
+                await asyncio.wait({result})
             raise
+        finally:
+            stopped.cancel()
 
     def _note(self, spec: TrainingSpec, folder: TrainingFolder, result: ChunkResult,
               probes: dict[str, float]) -> None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +58,7 @@ from core.training.runner import RunResult, TrainingInterrupted, TrainingRunner
 from core.training.shared import SharedTrainings
 from core.training.spec import Origin, TrainingLimits, TrainingSpec
 from core.training.status import StatusBoard, TrainingStatus
+from core.training.stopping import StopSignal
 from schemas.errors import EngineError, InternalError
 from schemas.events import LoraTrainingRequested
 
@@ -74,7 +74,7 @@ logger = logging.getLogger(__name__)
 class _Run:
     spec: TrainingSpec
     progress: ProgressFanout
-    stop: threading.Event
+    stop: StopSignal
     task: asyncio.Task[TrainingOutcome] | None = None
 
 
@@ -316,7 +316,7 @@ class TrainingService:
             self._board.update(training_id, state="training", step=step, loss=loss,
                                estimated_time_minutes=self.estimate_minutes(spec, step))
 
-        run = _Run(spec, ProgressFanout(spec.steps, self._interval, report), threading.Event())
+        run = _Run(spec, ProgressFanout(spec.steps, self._interval, report), StopSignal())
         self._runs[training_id] = run  # first: a running training's status is kept
         self._queued(spec, done)
         run.task = asyncio.create_task(self._execute(run), name=f"training-{training_id}")

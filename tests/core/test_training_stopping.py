@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 
 from core.lora import LoraRegistry
+from core.training.intake import spec_identity
+from core.training.runner import TrainingInterrupted
 from tests.core.test_training_service import (  # noqa: F401 (core: the fixture)
     WAIT,
     Core,
@@ -65,3 +67,45 @@ async def test_a_request_for_a_stopping_training_resumes_it_from_its_checkpoint(
     resumed_from = (info.training or {})["resumed_from_step"]
     assert resumed_from >= 20 and resumed[0][0] == resumed_from + 1
     assert (await training.status(outcome.training_id)).state == "completed"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("stopped_by", ["its record revoked", "the engine stopping"])
+async def test_a_training_told_to_stop_while_its_chunk_waits_for_the_gpu_stops_at_once(
+    core: Core, stopped_by: str  # noqa: F811 (the fixture)
+) -> None:
+    """The next chunk waits behind other GPU work (a long image); stopping the training
+    drops that chunk at once, the checkpoint standing: the revoke (a rebalance) or the
+    shutdown does not wait for the work ahead of it."""
+    training = core.training(lora_train_steps=100, lora_checkpoint_every=20)
+    loop = asyncio.get_running_loop()
+    held, gate = asyncio.Event(), threading.Event()
+
+    def hold(_pipeline: Any) -> None:
+        loop.call_soon_threadsafe(held.set)
+        gate.wait(WAIT)
+
+    blocker: list[Any] = []
+
+    def queue_the_blocker(_step: int) -> None:
+        if not blocker:
+            blocker.append(core.worker.submit_exclusive(hold))
+
+    asked = request()
+    run = asyncio.create_task(training.train(asked, recorder([], queue_the_blocker)))
+    try:
+        await asyncio.wait_for(held.wait(), WAIT)  # a chunk is checkpointed, the next waits
+        if stopped_by == "its record revoked":
+            run.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(run, WAIT)
+        else:
+            training.request_stop()
+            with pytest.raises(TrainingInterrupted):
+                await asyncio.wait_for(run, WAIT)
+        assert not blocker[0].done()  # it ended while the other work still held the GPU
+    finally:
+        gate.set()
+    await asyncio.wait_for(asyncio.wrap_future(blocker[0]), WAIT)
+    status = await training.status(spec_identity(asked))
+    assert status is not None and status.state == "queued"
+    assert status.step == 20  # resumed from the checkpoint the first chunk left

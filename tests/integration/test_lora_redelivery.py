@@ -1,8 +1,9 @@
 """A LoRA training whose partition is revoked while its next chunk waits behind other GPU
-work cannot stop within the revoke's grace; its record, dropped, comes back (the same
-instance, once the other member left) while the training still stops. It must be trained
-from the checkpoint, answered and committed: not joined to the stopping run, lost with it,
-and its partition's commits stuck behind it for good."""
+work stops at once at its checkpoint (the waiting chunk dropped); its record comes back
+(the same instance, after each of the rebalances a member joining and leaving makes). It
+must be trained from the checkpoint, answered and committed: never lost with a stopped
+run, its partition's commits never stuck behind it. (A record meeting a run that is still
+stopping is joined to none: tests/core/test_training_stopping.py.)"""
 
 from __future__ import annotations
 
@@ -75,8 +76,8 @@ async def test_a_lora_record_back_while_its_training_still_stops_is_trained_and_
         engine._worker.submit_exclusive(hold)
         await asyncio.wait_for(held.wait(), WAIT)
 
-        # another member joins: the record's work is cancelled and, its training unable to
-        # stop meanwhile, dropped; then it leaves, and the record comes back here
+        # another member joins: the record's work is cancelled, its training stopped; then
+        # it leaves, and the record comes back here
         intruder = build_consumer(configured, configured.kafka_bootstrap_servers,
                                   security=KafkaSecurity.from_settings(configured))
         await intruder.start()
@@ -86,13 +87,13 @@ async def test_a_lora_record_back_while_its_training_still_stops_is_trained_and_
         await intruder.stop()
         intruder = None
         await asyncio.wait_for(came_again.wait(), WAIT)
-        gate.set()  # the stopping training ends at its checkpoint
+        gate.set()  # the GPU is free for the resumed training
 
         answer = (await peer.answers_for([asked["request_id"]], timeout=WAIT))[
             asked["request_id"]]
         assert answer.kind == "completed", answer.event
         assert answer.event["lora_id"] == "mia_v1"
-        assert calls == [asked["request_id"]] * 2
+        assert len(calls) >= 2 and set(calls) == {asked["request_id"]}  # came back
     finally:
         gate.set()
         if intruder is not None:
