@@ -3,20 +3,32 @@
 ``POST {PERSONA_ENGINE_URL}/v1/chat/completions`` is what vLLM, Ollama and llama.cpp
 servers speak. Callers (prompt optimization, emotion injection) use it with a short
 timeout and fall back to deterministic rules on any :class:`LLMUnavailable`.
+
+Each call is bounded as a whole, not only each network read: its ``timeout``
+(PERSONA_ENGINE_TIMEOUT) is the deadline for the answer, body included, so an LLM that
+drips its answer is cut off; and a reply longer than :data:`MAX_REPLY_BYTES` is refused
+unread past that bound (a prompt or a tagged line is short).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from typing import Any
 
 import httpx
 
+from core.net.bounded import BodyTooLarge, read_capped
 from schemas.errors import UpstreamUnavailableError
 
-__all__ = ["ChatClient", "LLMUnavailable"]
+__all__ = ["MAX_REPLY_BYTES", "ChatClient", "LLMUnavailable"]
 
 logger = logging.getLogger(__name__)
+
+MAX_REPLY_BYTES = 256 * 1024
+"""The longest reply body read: far above any completion asked for here (``max_tokens``
+of a few hundred), far below what would weigh on the engine's memory."""
 
 
 class LLMUnavailable(UpstreamUnavailableError):
@@ -41,8 +53,9 @@ class ChatClient:
     ) -> str:
         """The assistant's reply text, stripped.
 
-        Raises :class:`LLMUnavailable` on a timeout, a connection error, a non-2xx status,
-        or a body without a non-empty ``choices[0].message.content``.
+        Raises :class:`LLMUnavailable` when no whole answer came within the timeout, on a
+        connection error, a non-2xx status, a body over :data:`MAX_REPLY_BYTES`, or one
+        without a non-empty ``choices[0].message.content``.
         """
         payload: dict[str, Any] = {
             "model": self._model,
@@ -53,15 +66,24 @@ class ChatClient:
             "stream": False,
         }
         try:
-            response = await self._client.post(self._url, json=payload, timeout=self._timeout)
-        except httpx.TimeoutException as exc:
+            async with asyncio.timeout(self._timeout):
+                async with self._client.stream("POST", self._url, json=payload,
+                                               timeout=self._timeout) as response:
+                    if response.status_code >= 300:
+                        raise LLMUnavailable(f"LLM answered HTTP {response.status_code}")
+                    body = await read_capped(response, MAX_REPLY_BYTES, seconds=None)
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            logger.warning("LLM gave no whole answer within %ss", self._timeout)
             raise LLMUnavailable(f"LLM did not answer within {self._timeout}s") from exc
+        except BodyTooLarge as exc:
+            logger.warning("LLM answered more than %d bytes; its answer is dropped",
+                           MAX_REPLY_BYTES)
+            raise LLMUnavailable(f"LLM answered more than {MAX_REPLY_BYTES} bytes") from exc
         except httpx.HTTPError as exc:
-            raise LLMUnavailable(f"LLM unreachable: {type(exc).__name__}") from exc
-        if response.status_code >= 300:
-            raise LLMUnavailable(f"LLM answered HTTP {response.status_code}")
+            logger.info("LLM unreachable: %s", type(exc).__name__)
+            raise LLMUnavailable("LLM unreachable") from exc
         try:
-            content = response.json()["choices"][0]["message"]["content"]
+            content = json.loads(body)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise LLMUnavailable("LLM answered something that is not a chat completion") from exc
         if not isinstance(content, str) or not content.strip():

@@ -17,16 +17,24 @@ multiply (4 runs × 3 requests = 12 calls against a failing upstream); one
   where a layer reports them (:meth:`RetryBudget.attempt`); otherwise each run of the
   request counts one (:meth:`RetryBudget.begin_run`), or the attempts its error says it
   cost (:class:`RetriesSpent`).
+- **Listener:** ``on_retry(error)``, when given, is told of each retry the budget grants,
+  whichever layer asked for it: the one place to count retries (``engine_retries_total``)
+  without missing a layer's or counting one twice.
 
 A budget lives on the event loop of its request; it is not thread-safe.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from core.backoff import Backoff
 from schemas.errors import EngineError
 
-__all__ = ["RetriesSpent", "RetryBudget"]
+__all__ = ["RetriesSpent", "RetryBudget", "RetryListener"]
+
+RetryListener = Callable[[EngineError], None]
+"""Told of each retry a budget grants, with the error retried, before the wait."""
 
 
 class RetriesSpent:
@@ -39,11 +47,12 @@ class RetriesSpent:
 
 
 class RetryBudget:
-    """The retries and attempts of one request under ``policy`` (see the module
-    docstring)."""
+    """The retries and attempts of one request under ``policy``; ``on_retry`` is told of
+    each retry granted (see the module docstring)."""
 
-    def __init__(self, policy: Backoff) -> None:
+    def __init__(self, policy: Backoff, on_retry: RetryListener | None = None) -> None:
         self._policy = policy
+        self._on_retry = on_retry
         self._attempts = 0
         self._retries = 0
         self._run_attempts: int | None = None  # attempts reported in the current run
@@ -94,12 +103,15 @@ class RetryBudget:
         """Seconds to wait before trying again after ``error``, taking one retry from the
         budget; ``None`` when it must not be tried again now: a permanent error, one
         whose retries are spent (:class:`RetriesSpent`), an empty budget, or an
-        upstream asking to wait longer than ``policy.max_delay``."""
+        upstream asking to wait longer than ``policy.max_delay``. A granted retry is told
+        to the listener (``on_retry``)."""
         if not error.retryable or isinstance(error, RetriesSpent) or self.retries_left < 1:
             return None
         wait = self._policy.wait(self._retries + 1, getattr(error, "retry_after", None))
         if wait is not None:
             self._retries += 1
+            if self._on_retry is not None:
+                self._on_retry(error)
         return wait
 
     def _end_run(self) -> None:

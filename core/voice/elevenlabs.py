@@ -28,9 +28,15 @@ it arrives; the characters' timings come back from :meth:`ElevenLabsBackend.synt
   the request's :class:`~core.retry_budget.RetryBudget` grants it (capped exponential
   backoff and jitter honouring ``Retry-After``, waiting through the injected ``sleep``);
   then ``ElevenLabsUnavailableError`` (retryable). Each HTTP request is reported to the
-  budget, so the consume loop's retries and these share one bound. A read timeout is
-  ``ElevenLabsTimeoutError`` at once (retryable, but a hang costs a whole timeout, so only
-  the caller's outer retries try again). 400/401/403/404/422 are permanent; quota exhaustion is
+  budget, so the consume loop's retries and these share one bound. No audio within the
+  read timeout (of the request's start, or of the audio chunk before: a hang, or a drip
+  that never makes a chunk) is ``ElevenLabsTimeoutError`` at once (retryable, but a hang
+  costs a whole timeout, so only the caller's outer retries try again); a stream that keeps
+  sending audio is never cut off, however long. A stream line over
+  :data:`~core.voice.elevenlabs_reading.MAX_LINE_BYTES` is a fault like any line that is no
+  audio chunk, and of an error answer at most
+  :data:`~core.voice.elevenlabs_reading.ERROR_BODY_BYTES` is read. Messages name no
+  exception (the log does). 400/401/403/404/422 are permanent; quota exhaustion is
   ``QUOTA_EXCEEDED``. Every error carries ``attempts`` (the request's so far). A part
   whose own audio already went out to the request's stream is not asked for again (the
   stream holds its start): its failure is raised at once, and the caller decides whether
@@ -40,7 +46,7 @@ it arrives; the characters' timings come back from :meth:`ElevenLabsBackend.synt
   sent is dropped.
 - **Budget:** :meth:`ElevenLabsBackend.with_budget` gives a view of the backend that
   spends a request's budget; a call without one gets a budget of its own from
-  ``retry`` (the RETRY_* settings).
+  ``retry`` (the RETRY_* settings), telling ``on_retry`` of each retry it grants.
 - **Long text:** split at sentence boundaries within the model's limit
   (:mod:`core.voice.models`, :mod:`core.voice.chunking`) and joined into one stream
   (:mod:`core.voice.assembly`: MP3 frame by frame, Opus page by page, raw under one WAV
@@ -65,8 +71,6 @@ it arrives; the characters' timings come back from :meth:`ElevenLabsBackend.synt
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import copy
 import json
 import logging
@@ -81,7 +85,8 @@ import httpx
 from pydantic import SecretStr
 
 from core.backoff import Backoff
-from core.retry_budget import RetryBudget
+from core.net.bounded import BodyTooLarge, Stalled, read_capped, read_prefix
+from core.retry_budget import RetryBudget, RetryListener
 from core.scheduling.placement import Placement
 from core.voice.assembly import PartsStream
 from core.voice.backend import VoiceSettings
@@ -93,6 +98,13 @@ from core.voice.elevenlabs_faults import (
     ElevenLabsTimeoutError,
     ElevenLabsUnavailableError,
     error_for_response,
+)
+from core.voice.elevenlabs_reading import (
+    ERROR_BODY_BYTES,
+    Answer,
+    cause_of,
+    read_audio,
+    unreachable,
 )
 from core.voice.formats import OutputFormat, format_named
 from core.voice.models import model_facts
@@ -138,9 +150,11 @@ class ElevenLabsBackend:
 
     ``client`` is shared and owned by the caller (who closes it); ``api_url`` is the API
     base including ``/v1`` (ELEVENLABS_API_URL); ``default_model_id`` is used when a request
-    names no model; ``timeout`` applies to each HTTP request (its read part is what turns a
-    hang into ``TIMEOUT``); ``retry`` is the policy of calls made without a budget and
-    ``sleep`` how retries wait; ``max_concurrency``, ``account_concurrency`` and
+    names no model; ``timeout`` applies to each HTTP request, and its read part also bounds
+    the time without progress (see the module docstring: what turns a hang or a drip into
+    ``TIMEOUT``); ``retry`` is the policy of calls made without a budget, ``on_retry`` is
+    told of each retry those budgets grant (as :class:`RetryBudget`'s listener), and
+    ``sleep`` is how retries wait; ``max_concurrency``, ``account_concurrency`` and
     ``adaptive_concurrency`` bound the requests in flight (see the module docstring).
     Raises ``ValueError`` naming the argument for an empty key, a URL that is not http(s),
     an output format ElevenLabs does not list, or ``max_concurrency`` or
@@ -160,6 +174,7 @@ class ElevenLabsBackend:
         adaptive_concurrency: bool = True,
         timeout: httpx.Timeout | None = None,
         retry: Backoff | None = None,
+        on_retry: RetryListener | None = None,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         if not api_key.get_secret_value().strip():
@@ -186,6 +201,7 @@ class ElevenLabsBackend:
                                     grow_after=GROW_AFTER, name="ElevenLabs")
         self._timeout = timeout if timeout is not None else httpx.Timeout(30.0, connect=5.0)
         self._retry = retry if retry is not None else Backoff()
+        self._on_retry = on_retry
         self._sleep = sleep
         self._budget: RetryBudget | None = None
 
@@ -235,7 +251,8 @@ class ElevenLabsBackend:
         Raises an :class:`~core.voice.elevenlabs_faults.ElevenLabsError` subclass for an
         upstream failure and :class:`InternalError` when the parts cannot be joined.
         """
-        budget = self._budget if self._budget is not None else RetryBudget(self._retry)
+        budget = (self._budget if self._budget is not None
+                  else RetryBudget(self._retry, on_retry=self._on_retry))
         fmt = format_named(settings.output_format or self._output_format)
         model_id = settings.model_id or self._default_model_id
         facts = model_facts(model_id)
@@ -262,10 +279,10 @@ class ElevenLabsBackend:
                                        live.part_starts())
 
     async def _stitched(self, chunks: list[str], model_id: str, settings: VoiceSettings,
-                        call: _Call) -> list[_Answer]:
+                        call: _Call) -> list[Answer]:
         """The parts one after the other, each stitched to the ones before it by their
         ``request-id`` (see the module docstring)."""
-        parts: list[_Answer] = []
+        parts: list[Answer] = []
         ids: list[str] = []
         for i, chunk in enumerate(chunks):
             following = context(chunks[i + 1], before=False) if i + 1 < len(chunks) else None
@@ -280,7 +297,7 @@ class ElevenLabsBackend:
         return parts
 
     async def _with_context(self, chunks: list[str], model_id: str, settings: VoiceSettings,
-                            call: _Call) -> list[_Answer]:
+                            call: _Call) -> list[Answer]:
         """The parts concurrently (at most half the limit of them at once), each with its
         neighbours' text as context."""
         bodies = [
@@ -302,18 +319,25 @@ class ElevenLabsBackend:
         """
         url = f"{self._api_url}/user/subscription"
         try:
-            response = await self._client.get(url, headers=self._headers("application/json"),
-                                               timeout=self._timeout)
-        except httpx.TimeoutException as exc:
+            async with self._client.stream("GET", url, headers=self._headers("application/json"),
+                                           timeout=self._timeout) as response:
+                if response.status_code != 200:
+                    raise error_for_response(
+                        response.status_code, await read_prefix(
+                            response, ERROR_BODY_BYTES, seconds=self._timeout.read),
+                        response.headers, attempts=1, secret=self._key.get_secret_value())
+                content = await read_capped(response, ERROR_BODY_BYTES,
+                                            seconds=self._timeout.read)
+        except (httpx.TimeoutException, Stalled) as exc:
             raise ElevenLabsTimeoutError("ElevenLabs subscription check timed out") from exc
-        except httpx.RequestError as exc:
+        except BodyTooLarge as exc:
             raise ElevenLabsUnavailableError(
-                f"ElevenLabs unreachable: {type(exc).__name__}") from exc
-        if response.status_code != 200:
-            raise error_for_response(response.status_code, response.content, response.headers,
-                                     attempts=1, secret=self._key.get_secret_value())
+                "ElevenLabs answered a subscription without tier and character counts"
+            ) from exc
+        except httpx.RequestError as exc:
+            raise unreachable(exc, attempts=1) from exc
         try:
-            data: Any = response.json()
+            data: Any = json.loads(content)
             return Subscription(
                 tier=str(data["tier"]),
                 character_count=int(data["character_count"]),
@@ -355,7 +379,7 @@ class ElevenLabsBackend:
             body["next_text"] = following
         return body
 
-    async def _convert(self, call: _Call, part: int, body: dict[str, Any]) -> _Answer:
+    async def _convert(self, call: _Call, part: int, body: dict[str, Any]) -> Answer:
         """Part ``part``'s audio, its ``request-id`` (``None`` when upstream sent none) and
         its characters' timings, its chunks streamed as they come; retried as the module
         docstring says."""
@@ -376,7 +400,9 @@ class ElevenLabsBackend:
                         headers=self._headers("application/json"), timeout=self._timeout,
                     ) as response:
                         if response.status_code == 200:
-                            answer = await self._received(response, call, part)
+                            answer = await read_audio(
+                                response, partial(call.live.write, part),
+                                stall=self._timeout.read, attempts=lambda: budget.attempts)
                             if answer is not None:
                                 slot.succeeded()
                                 await call.live.done(part)
@@ -386,7 +412,8 @@ class ElevenLabsBackend:
                                 attempts=budget.attempts,
                             )
                         else:
-                            content = await response.aread()
+                            content = await read_prefix(response, ERROR_BODY_BYTES,
+                                                        seconds=self._timeout.read)
                             error = error_for_response(
                                 response.status_code, content, response.headers,
                                 attempts=budget.attempts, secret=self._key.get_secret_value(),
@@ -395,57 +422,22 @@ class ElevenLabsBackend:
                             if (error.http_status == 429
                                     and error.upstream_status in _CONCURRENCY_REFUSALS):
                                 slot.overloaded()
-                except httpx.ReadTimeout as exc:
+                except (httpx.ReadTimeout, Stalled) as exc:  # a hang, or a drip
                     raise ElevenLabsTimeoutError(
                         f"ElevenLabs sent no audio within {self._timeout.read}s",
                         attempts=budget.attempts,
                     ) from exc
                 except httpx.RequestError as exc:  # connect, write, pool, dropped body
-                    error = ElevenLabsUnavailableError(
-                        f"ElevenLabs unreachable: {type(exc).__name__}",
-                        attempts=budget.attempts,
-                    )
-                    error.__cause__ = exc
+                    error = unreachable(exc, attempts=budget.attempts)
             if call.live.heard(part):  # the stream holds its start: asking again repeats it
                 raise error
             wait = budget.retry(error)
             if wait is None:
                 raise error
-            logger.warning("%s (attempt %d, at most %d for one request); retrying in %.2fs",
-                           error.message, budget.attempts, budget.max_attempts, wait)
+            logger.warning("%s%s (attempt %d, at most %d for one request); retrying in %.2fs",
+                           error.message, cause_of(error), budget.attempts, budget.max_attempts,
+                           wait)
             await self._sleep(wait)
-
-    async def _received(self, response: httpx.Response, call: _Call, part: int
-                        ) -> _Answer | None:
-        """The JSON lines of a 200 answer, each chunk streamed as it comes; ``None`` when
-        they held no audio. Raises ``httpx.RequestError`` when the connection drops and
-        :class:`ElevenLabsUnavailableError` for a line that is not one of upstream's."""
-        received = 0
-        characters: list[str] = []
-        starts: list[float] = []
-        ends: list[float] = []
-        async for line in response.aiter_lines():
-            if not line.strip():
-                continue
-            try:
-                chunk = json.loads(line)
-                data = base64.b64decode(chunk.get("audio_base64") or "", validate=True)
-                timed = chunk.get("alignment") or {}
-                characters += [str(c) for c in timed.get("characters", [])]
-                starts += [float(t) for t in timed.get("character_start_times_seconds", [])]
-                ends += [float(t) for t in timed.get("character_end_times_seconds", [])]
-            except (ValueError, TypeError, AttributeError, binascii.Error) as exc:
-                raise ElevenLabsUnavailableError(
-                    f"ElevenLabs sent a stream line that is not an audio chunk: "
-                    f"{type(exc).__name__}", http_status=200,
-                    attempts=call.budget.attempts) from exc
-            if data:
-                received += len(data)
-                await call.live.write(part, data)
-        if not received:
-            return None
-        return _Answer(response.headers.get("request-id") or None,
-                       (characters, starts, ends) if characters else None)
 
 
 @dataclass(frozen=True)
@@ -460,13 +452,7 @@ class _Call:
     placement: Placement
 
 
-@dataclass(frozen=True)
-class _Answer:
-    request_id: str | None
-    timed: tuple[list[str], list[float], list[float]] | None  # upstream's alignment
-
-
-def _timeline(text: str, chunks: list[str], sent: list[str], answers: list[_Answer],
+def _timeline(text: str, chunks: list[str], sent: list[str], answers: list[Answer],
               starts: list[float]) -> Alignment | None:
     """The parts' alignments as one of ``text``, each shifted to where its audio starts
     in the file (``starts``); ``None`` when a part came without one. A part ``sent`` with
