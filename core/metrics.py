@@ -11,12 +11,13 @@ to the start of its work), ``engine_processing_seconds`` (the work: start to res
 
 GPU memory and the voice quota are read when scraped (:meth:`EngineMetrics.watch_gpu`,
 :meth:`EngineMetrics.watch_voice_quota`); without a CUDA device, or before the first
-quota check, those metrics have no series.
+quota check, those metrics have no series. The per-kind request counters of each kind the
+engine serves exist from its start, at 0 (:meth:`EngineMetrics.serve`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -139,6 +140,17 @@ class EngineMetrics:
             "engine_build", "The engine's version, image model, whether it is the tiny "
             "development model, and its device", registry=registry,
         )
+
+    def serve(self, kinds: Iterable[str]) -> None:
+        """Creates, at 0, the series of each of ``kinds`` of the metrics keyed by kind
+        alone (requests consumed, completed, cancelled, expired, rejected, in flight), as
+        Prometheus advises: a kind none of whose requests completed yet still has a
+        completed series to divide its failures by, and ``rate()`` sees the first one."""
+        for kind in kinds:
+            for counter in (self.consumed, self.completed, self.cancelled, self.expired,
+                            self.http_rejected):
+                counter.labels(kind)
+            self.in_flight.labels(kind)
 
     def set_build(self, *, version: str, model: str, development_model: bool,
                   device: str) -> None:

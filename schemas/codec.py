@@ -278,14 +278,13 @@ class EventCodec:
             raise UndecodableError(f"writer schema id {schema_id} was not fetched from the "
                                    "Schema Registry")
         if not text:
-            raise UndecodableError(
-                f"the Schema Registry at {self.framing.url} has no Avro schema with id "
-                f"{schema_id}")
+            raise UndecodableError(f"the Schema Registry has no Avro schema with id "
+                                   f"{schema_id}", detail=f"registry {self.framing.url}")
         try:
             return _parse_text(text)
         except ValueError as exc:  # json's errors included
-            raise UndecodableError(f"the Schema Registry's schema id {schema_id} is not "
-                                   f"usable: {exc}") from exc
+            raise UndecodableError(f"the Schema Registry's schema id {schema_id} is not a "
+                                   "usable Avro record schema", detail=str(exc)) from exc
 
     def _decode_avro(self, value: bytes) -> tuple[str, dict[str, Any]]:
         writer, start = self._writer_of(value)
@@ -298,11 +297,16 @@ class EventCodec:
             )
         # The bytes are hostile input and fastavro signals bad ones with many types (EOFError,
         # ValueError, UnicodeDecodeError, IndexError, SchemaResolutionError, ...); any of
-        # them means "not a record of this schema", and the cause is kept.
+        # them means "not a record of this schema". The caller is told that in its terms;
+        # fastavro's words are the detail, for the log.
+        except EOFError as exc:
+            raise UndecodableError(
+                f"truncated Avro body for {writer.name}: the bytes end inside the record",
+                detail=_detail(exc)) from exc
         except Exception as exc:
             raise UndecodableError(
-                f"corrupt or truncated Avro body for {writer.name}: {type(exc).__name__}: {exc}"
-            ) from exc
+                f"corrupt Avro body for {writer.name}: the bytes are not a record of that "
+                "schema", detail=_detail(exc)) from exc
         if body.tell() != len(value):
             raise UndecodableError(
                 f"{len(value) - body.tell()} bytes after the Avro body of {writer.name}"
@@ -339,22 +343,54 @@ def _encoding_of(content_type: str | bytes | None, value: bytes) -> Encoding:
 
 
 def _decode_json(value: bytes) -> dict[str, Any]:
+    """The JSON object in ``value``; the errors say what is wrong in JSON's terms (where,
+    and what), never the parser's own exception."""
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UndecodableError(f"JSON value is not UTF-8: {exc}") from exc
+        raise UndecodableError(f"JSON value is not UTF-8: invalid byte 0x{value[exc.start]:02x} "
+                               f"at byte {exc.start}", detail=_detail(exc)) from exc
     try:
         # NaN and Infinity are not JSON, whatever Python's json module accepts by default.
         data = json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
+    except json.JSONDecodeError as exc:
+        raise UndecodableError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: "
+                               f"{exc.msg[:1].lower()}{exc.msg[1:]}") from exc
+    except _NotJson as exc:
         raise UndecodableError(f"invalid JSON: {exc}") from exc
+    except RecursionError as exc:  # the C parser's own guard, at about 1000 levels
+        raise UndecodableError("invalid JSON: objects and arrays nested too deep",
+                               detail=_detail(exc)) from exc
+    except ValueError as exc:  # the one other: an integer past sys.get_int_max_str_digits()
+        raise UndecodableError("invalid JSON: a number has too many digits",
+                               detail=_detail(exc)) from exc
     if not isinstance(data, dict):
-        raise UndecodableError(f"JSON value is {type(data).__name__}, not an object")
+        raise UndecodableError(f"JSON value is {_json_type(data)}, not an object")
     return data
 
 
+class _NotJson(ValueError):
+    """What the JSON module accepts that JSON does not (``NaN``, ``Infinity``)."""
+
+
 def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not valid JSON")
+    raise _NotJson(f"{name} is not a JSON value")
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type (``list`` is an array, ``None`` null)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "a string" if isinstance(value, str) else "an array"
+
+
+def _detail(exc: BaseException) -> str:
+    """A decoder's exception, as the log shows it."""
+    return f"{type(exc).__name__}: {exc}"[:300]
 
 
 def _raise_invalid(exc: ValidationError) -> NoReturn:

@@ -78,7 +78,18 @@ class EngineError(Exception):
 
 
 class UndecodableError(EngineError):
+    """Bytes that are no event. The message, which a caller is told, says what is wrong
+    in the caller's terms; ``detail`` (a decoder's own words, for the log) is added by
+    ``str()`` only."""
+
     code = ErrorCode.UNDECODABLE
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.message if self.detail is None else f"{self.message} ({self.detail})"
 
 
 class InvalidRequestError(EngineError):

@@ -234,14 +234,16 @@ class RegistryFraming:
         if status >= 400:
             raise SchemaRegistryError(f"the Schema Registry refused {method} {path} "
                                       f"({status}): {_message(response)}")
+        # These words may reach a caller (a record whose writer schema was asked for): they
+        # say what the registry did wrong, never the JSON parser's or Python's own words.
         try:
             body = response.json()
         except ValueError as exc:
-            raise SchemaRegistryError(f"the Schema Registry answered {path} with invalid "
-                                      f"JSON: {exc}") from exc
+            raise SchemaRegistryError(f"the Schema Registry answered {path} with a body "
+                                      "that is not JSON") from exc
         if not isinstance(body, (dict, list)):
-            raise SchemaRegistryError(f"the Schema Registry answered {path} with "
-                                      f"{type(body).__name__}")
+            raise SchemaRegistryError(f"the Schema Registry answered {path} with JSON that "
+                                      "is neither an object nor an array")
         return body if isinstance(body, dict) else {"items": body}
 
     def _seen(self, reachable: bool) -> None:

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
 import schemas
 from schemas import EventCodec, VoiceRequested
 from schemas.errors import UndecodableError
-from schemas.registry import RegistryFraming
+from schemas.registry import RegistryFraming, SchemaRegistryError
 from tests.support.schema_registry import SchemaRegistryServer, running_registry
 
 AVRO_DIR = Path(schemas.__file__).with_name("avro")
@@ -82,3 +84,39 @@ async def test_unknown_ids_neither_push_schemas_out_nor_pile_up(reading: Reading
     assert await read(reading, framed(known)) == REQUEST
     assert reading.gets(known) == 1  # still cached: not asked for again
     assert reading.framing.cached(hostile[0]) is None  # the misses kept are bounded
+
+
+async def test_unusable_ids_are_told_in_the_writers_terms(reading: Reading) -> None:
+    # An id the registry lacks: the caller is told so, the registry's address is for the log.
+    with pytest.raises(UndecodableError) as missing:
+        await read(reading, framed(7))
+    assert missing.value.public_message == "the Schema Registry has no Avro schema with id 7"
+    assert reading.framing.url in str(missing.value)
+    # An id of a schema that is not a record (a string): no parser's words.
+    not_record = reading.client.register_schema(SUBJECT, Schema('"string"', "AVRO"))
+    with pytest.raises(UndecodableError) as unusable:
+        await read(reading, framed(not_record))
+    assert unusable.value.public_message == (
+        f"the Schema Registry's schema id {not_record} is not a usable Avro record schema")
+    assert "dictionary update sequence" in str(unusable.value)
+
+
+@pytest.mark.parametrize(("body", "said"), [
+    ("{not json", "with a body that is not JSON"),
+    ('"a string"', "with JSON that is neither an object nor an array"),
+])
+async def test_a_registry_answering_garbage_is_told_without_parser_words(
+    body: str, said: str
+) -> None:
+    # The engine puts this error in the failed event of the record it was reading.
+    async def garbage(request: web.Request) -> web.Response:
+        return web.Response(text=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/schemas/ids/{id}", garbage)
+    async with TestServer(app, host="127.0.0.1") as server, \
+            httpx.AsyncClient(timeout=5.0) as http:
+        framing = RegistryFraming(str(server.make_url("")).rstrip("/"), http)
+        with pytest.raises(SchemaRegistryError) as info:
+            await framing.resolve(framed(5))
+    assert str(info.value) == f"the Schema Registry answered /schemas/ids/5 {said}"
