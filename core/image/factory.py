@@ -142,8 +142,7 @@ def compile_cache_of(settings: Settings, model: LoadedModel,
 
 async def _warm(worker: GpuWorker, limits: ImageLimits, model_path: Path,
                 health: EngineHealth | None, compile_cache: CompileCache | None) -> None:
-    # the size a request without one gets, when MAX_IMAGE_SIZE allows it
-    side = min(limits.default_size, limits.max_image_size)
+    side = limits.default_side  # the size a request without one gets
     if health is not None:
         health.warming = True
     try:

@@ -38,6 +38,12 @@ class ImageLimits:
     default_strength: float = 0.8
     max_batch_size: int = 4  # MAX_BATCH_SIZE: a request's images are one batch
 
+    @property
+    def default_side(self) -> int:
+        """The side a request that gives none gets: ``default_size``, or the largest
+        multiple of 16 within MAX_IMAGE_SIZE when that is smaller."""
+        return min(self.default_size, self.max_image_size // _MULTIPLE * _MULTIPLE)
+
 
 @dataclass(frozen=True)
 class ImageParams:
@@ -76,7 +82,7 @@ def resolve_params(request: ImageRequested, limits: ImageLimits) -> ImageParams:
             f"prompt: at most {limits.max_prompt_chars} characters", field="prompt")
     sizes = {"width": request.width, "height": request.height}
     for field, value in sizes.items():
-        value = limits.default_size if value is None else value
+        value = limits.default_side if value is None else value
         if value % _MULTIPLE:
             raise InvalidRequestError(
                 f"{field}: must be a multiple of {_MULTIPLE} (FLUX), got {value}", field=field)

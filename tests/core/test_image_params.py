@@ -21,6 +21,16 @@ def test_defaults_and_derived_seed() -> None:
     assert params.negative_prompt is None and params.optimize_prompt
 
 
+@pytest.mark.parametrize(("max_image_size", "side"), [(512, 512), (500, 496), (4096, 1024)])
+def test_a_request_without_sizes_gets_a_side_max_image_size_allows(
+        max_image_size: int, side: int) -> None:
+    """MAX_IMAGE_SIZE under FLUX's 1024 used to refuse every request that gave no size."""
+    limits = ImageLimits(max_image_size=max_image_size)
+    for fields in ({}, {"init_image_url": "https://example.com/a.png"}):
+        params = resolve_params(request(**fields), limits)
+        assert (params.width, params.height) == (side, side)
+
+
 def test_explicit_seed_wins() -> None:
     assert resolve_params(request(seed=42), LIMITS).seed == 42
 
