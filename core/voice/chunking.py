@@ -19,8 +19,9 @@ text after it (an audio tag belongs to what it colours): a cut that would fall i
 right after one moves to before it. Chunks are slices of the text, stripped, in order.
 Splitting is linear in the text's length.
 
-Each chunk is sent with its neighbours as ``previous_text``/``next_text`` so that the voice
-carries on across the joint; :func:`context` trims them to the nearest words.
+Each chunk is sent with its neighbours as ``previous_text``/``next_text`` (but on v3, which
+refuses them) so that the voice carries on across the joint; :func:`context` trims them to
+the nearest words.
 """
 
 from __future__ import annotations

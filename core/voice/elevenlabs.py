@@ -3,7 +3,9 @@
 ``POST {api_url}/text-to-speech/{voice_id}/stream/with-timestamps?output_format=…`` with
 the ``xi-api-key`` header and the JSON body of ElevenLabs' OpenAPI document (``text``,
 ``model_id``, ``voice_settings``, ``seed``, ``pronunciation_dictionary_locators``, and for
-long text ``previous_request_ids`` or ``previous_text``/``next_text``); the answer is a
+long text ``previous_request_ids`` or ``previous_text``/``next_text``; built by
+:mod:`core.voice.elevenlabs_body`, which leaves out or adjusts what ``eleven_v3`` refuses:
+text context, a stability other than 0, 0.5 or 1); the answer is a
 stream of JSON lines, each an audio chunk (``audio_base64``) with the timing of the
 characters it speaks (``alignment``), and the ``request-id`` header that names it for
 stitching. Each chunk goes to the request's stream (:mod:`core.voice.streams`) the moment
@@ -54,8 +56,9 @@ it arrives; the characters' timings come back from :meth:`ElevenLabsBackend.synt
   are requested one after the other, each with the ``request-id`` of up to
   :data:`MAX_STITCHED` parts before it as ``previous_request_ids`` and the start of the
   next part as ``next_text`` (a part whose answer had no ``request-id`` is followed by one
-  that gets ``previous_text`` instead). On the others (``eleven_v3``) they are requested
-  concurrently, each with its neighbours as ``previous_text``/``next_text``, at most
+  that gets ``previous_text`` instead). On the others they are requested concurrently,
+  each with its neighbours as ``previous_text``/``next_text`` (on ``eleven_v3``, which
+  refuses both, without), at most
   half the concurrency limit of them at once (at least one; started in order): a long
   text leaves the other slots to other requests, and its parts still come faster than
   they play. As each is
@@ -92,7 +95,7 @@ from core.voice.assembly import PartsStream
 from core.voice.backend import VoiceSettings
 from core.voice.chunking import context, split_text
 from core.voice.concurrency import AdaptiveLimit
-from core.voice.dictionaries import locators
+from core.voice.elevenlabs_body import request_body
 from core.voice.elevenlabs_faults import (
     ElevenLabsError,
     ElevenLabsTimeoutError,
@@ -267,10 +270,10 @@ class ElevenLabsBackend:
         try:
             call = _Call(settings.voice_id, fmt, budget, live, current_placement())
             if len(chunks) == 1:
-                answers = [await self._convert(call, 0, self._body(sent[0], model_id,
-                                                                   settings))]
+                answers = [await self._convert(call, 0, request_body(sent[0], model_id,
+                                                                     settings))]
             else:
-                stitch = self._stitched if facts.stitching else self._with_context
+                stitch = self._stitched if facts.stitching else self._concurrent
                 answers = await stitch(sent, model_id, settings, call)
             await live.finish()
         finally:
@@ -286,22 +289,23 @@ class ElevenLabsBackend:
         ids: list[str] = []
         for i, chunk in enumerate(chunks):
             following = context(chunks[i + 1], before=False) if i + 1 < len(chunks) else None
-            body = self._body(chunk, model_id, settings, following=following)
+            # the part before came without a request-id: its text instead
+            previous = context(chunks[i - 1], before=True) if i > 0 and not ids else None
+            body = request_body(chunk, model_id, settings, previous=previous,
+                                following=following)
             if ids:
                 body["previous_request_ids"] = ids[-MAX_STITCHED:]
-            elif i > 0:  # the part before came without a request-id: its text instead
-                body["previous_text"] = context(chunks[i - 1], before=True)
             answer = await self._convert(call, i, body)
             parts.append(answer)
             ids = [*ids, answer.request_id] if answer.request_id else []
         return parts
 
-    async def _with_context(self, chunks: list[str], model_id: str, settings: VoiceSettings,
-                            call: _Call) -> list[Answer]:
+    async def _concurrent(self, chunks: list[str], model_id: str, settings: VoiceSettings,
+                          call: _Call) -> list[Answer]:
         """The parts concurrently (at most half the limit of them at once), each with its
-        neighbours' text as context."""
+        neighbours' text as context where the model takes it (not on v3)."""
         bodies = [
-            self._body(
+            request_body(
                 chunk, model_id, settings,
                 previous=context(chunks[i - 1], before=True) if i > 0 else None,
                 following=context(chunks[i + 1], before=False) if i + 1 < len(chunks) else None,
@@ -354,30 +358,6 @@ class ElevenLabsBackend:
 
     def _headers(self, accept: str) -> dict[str, str]:
         return {"xi-api-key": self._key.get_secret_value(), "accept": accept}
-
-    @staticmethod
-    def _body(
-        text: str, model_id: str, settings: VoiceSettings, *,
-        previous: str | None = None, following: str | None = None,
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = {"text": text, "model_id": model_id}
-        voice_settings = {
-            name: value
-            for name in ("stability", "similarity_boost", "style", "use_speaker_boost", "speed")
-            if (value := getattr(settings, name)) is not None
-        }
-        if voice_settings:  # none given: the voice's own stored settings apply
-            body["voice_settings"] = voice_settings
-        if settings.seed is not None:
-            body["seed"] = settings.seed
-        if settings.pronunciation_dictionaries:
-            body["pronunciation_dictionary_locators"] = locators(
-                settings.pronunciation_dictionaries)
-        if previous:
-            body["previous_text"] = previous
-        if following:
-            body["next_text"] = following
-        return body
 
     async def _convert(self, call: _Call, part: int, body: dict[str, Any]) -> Answer:
         """Part ``part``'s audio, its ``request-id`` (``None`` when upstream sent none) and

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 
 import httpx
 
@@ -27,6 +28,7 @@ from core.voice.quota import QuotaMonitor
 from core.voice.results import VoiceResults
 from core.voice.service import VoiceService
 from core.voice.streams import AudioStreams
+from schemas.errors import EngineError
 
 __all__ = ["build_voice_service"]
 
@@ -40,6 +42,7 @@ def build_voice_service(
     *,
     objects: ObjectStore | None = None,
     sleep: Sleep = asyncio.sleep,
+    on_retry: Callable[[EngineError], None] | None = None,
 ) -> VoiceService:
     """The voice core for these settings.
 
@@ -58,7 +61,9 @@ def build_voice_service(
     ``http`` is the engine's shared client (the caller closes it); ``sleep`` is how the
     ElevenLabs backend waits between retries (tests pass a recorder). Its retries follow
     RETRY_MAX_ATTEMPTS, RETRY_BASE_DELAY and RETRY_MAX_DELAY, the consume loop's policy:
-    a Kafka request brings the loop's budget, an HTTP one gets its own.
+    a Kafka request brings the loop's budget, an HTTP one gets its own, which tells
+    ``on_retry`` of each retry it grants (``engine_retries_total``; a Kafka request's
+    budget tells the consume loop's listener).
 
     Raises :class:`ConfigurationError` (one line) when ElevenLabs is selected with an empty
     key or no key, ELEVENLABS_OUTPUT_FORMAT is not one of ElevenLabs' formats, or the
@@ -110,6 +115,7 @@ def build_voice_service(
                           base_delay=settings.retry_base_delay,
                           max_delay=settings.retry_max_delay),
             sleep=sleep,
+            on_retry=on_retry,
         )
         backend, quota = elevenlabs, QuotaMonitor(elevenlabs)
     else:

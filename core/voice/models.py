@@ -8,9 +8,10 @@ also lists the flash models as ``eleven_v2_flash`` and ``eleven_v2_5_flash``
 (``high_quality_base_model_ids`` in ``elevenlabs-openapi-tts.json``): same facts.
 
 Request stitching (``previous_request_ids``; ElevenLabs: "not available for eleven_v3")
-is used on every one of these but v3, which gets ``previous_text``/``next_text`` instead.
-Any other model is treated conservatively: no tags, 5,000 characters, no stitching
-(``previous_text``/``next_text`` work everywhere).
+is used on every one of these but v3, which refuses ``previous_text``/``next_text`` too
+(400 ``unsupported_model``): its parts go without context. Any other model is treated
+conservatively: no tags, 5,000 characters, no stitching (``previous_text``/``next_text``
+only).
 
 A text longer than a model's limit is spoken in parts only if the engine accepts it at
 all: VOICE_MAX_TEXT_CHARS (:class:`~core.voice.service.VoiceService`) must exceed the

@@ -323,7 +323,7 @@ def long_text(sentences: int) -> str:
     )
 
 
-async def test_long_text_is_chunked_with_continuity_and_joined_into_one_mp3(
+async def test_long_text_is_chunked_and_joined_into_one_mp3(
     service: VoiceService, server: ElevenLabsServer, store: OutputStore
 ) -> None:
     text = long_text(70)  # ~5,000 characters: v3 takes 3,000, in chunks of 2,000
@@ -334,11 +334,8 @@ async def test_long_text_is_chunked_with_continuity_and_joined_into_one_mp3(
     assert len(chunks) == 3 and all(len(c) <= 2_000 for c in chunks)
     assert all(c.endswith(".") for c in chunks)  # cut at sentence ends
     assert " ".join(chunks) == text == result.enhanced_text
-    assert "previous_text" not in sent[0].json and "next_text" not in sent[-1].json
-    for i in range(1, len(sent)):
-        assert chunks[i - 1].endswith(sent[i].json["previous_text"])
-        assert chunks[i].startswith(sent[i - 1].json["next_text"])
-        assert 0 < len(sent[i].json["previous_text"]) <= 1_000
+    # v3 refuses previous_text/next_text (test_elevenlabs_stitching.py: the other models)
+    assert not any({"previous_text", "next_text"} & set(r.json) for r in sent)
     assert all(r.json["model_id"] == "eleven_v3" for r in sent)
 
     assert files(store) == [result.filename]

@@ -48,6 +48,10 @@ Paths (under ``/v1``): ``POST /text-to-speech/{voice_id}``, ``…/stream``,
   stitching as unavailable on v3 without documenting the error: this shape is this
   server's choice), and ids this server never issued with 400 ``request_id_not_found``
   (likewise its choice: it catches an engine that sends made-up ids).
+- **eleven_v3:** as ElevenLabs answers (measured, not documented): ``previous_text`` or
+  ``next_text`` → 400 ``unsupported_model`` ("Providing previous_text or next_text is not
+  yet supported with the 'eleven_v3' model."), a ``voice_settings.stability`` other than
+  0.0, 0.5 or 1.0 → 400 ``invalid_ttd_stability`` ("… Must be one of: [0.0, 0.5, 1.0]").
 - **Concurrency:** ``max_concurrency`` is the account's limit, counted over every client of
   this server together (several engine instances on one key share it, as on ElevenLabs):
   a text-to-speech request arriving while that many are in flight is refused with 429
@@ -144,6 +148,7 @@ _SEED_MAX = 4_294_967_295
 _MAX_LOCATORS = 3
 _MAX_STITCHED = 3
 _STITCHING_IDS = ("previous_request_ids", "next_request_ids")
+_V3_STABILITIES = (0.0, 0.5, 1.0)
 _SETTING_RANGES = {
     "stability": (0.0, 1.0), "similarity_boost": (0.0, 1.0), "style": (0.0, 1.0),
     "speed": (0.7, 1.2),
@@ -261,6 +266,21 @@ def _locator_errors(value: Any) -> list[dict[str, Any]]:
             errors.append({"type": "string_type", "loc": [*loc, "version_id"],
                            "msg": "Input should be a valid string", "input": version})
     return errors
+
+
+def _v3_refusal(model_id: str, body: dict[str, Any]) -> web.Response | None:
+    """What ElevenLabs refuses on ``eleven_v3`` alone, as it answers (measured upstream):
+    text context, and a stability other than 0.0, 0.5 or 1.0."""
+    if not model_id.startswith("eleven_v3"):
+        return None
+    if body.get("previous_text") or body.get("next_text"):
+        return _detail(400, "unsupported_model", "Providing previous_text or next_text is not "
+                       f"yet supported with the '{model_id}' model.")
+    stability = (body.get("voice_settings") or {}).get("stability")
+    if stability is not None and stability not in _V3_STABILITIES:
+        return _detail(400, "invalid_ttd_stability",
+                       "Invalid TTD stability value. Must be one of: [0.0, 0.5, 1.0]")
+    return None
 
 
 def _tone(text: str, seconds: float, rate: int) -> np.ndarray[Any, np.dtype[np.int16]]:
@@ -453,8 +473,10 @@ class ElevenLabsServer:
         stitched = [i for name in _STITCHING_IDS for i in body.get(name) or []]
         if stitched and model_id.startswith("eleven_v3"):
             return _detail(400, "unsupported_model", "Request stitching (previous_request_ids, "
-                           f"next_request_ids) is not available for {model_id}; use "
-                           "previous_text and next_text.")
+                           f"next_request_ids) is not available for {model_id}.")
+        refused = _v3_refusal(model_id, body)
+        if refused is not None:
+            return refused
         unknown = [i for i in stitched if i not in self.issued]
         if unknown:
             return _detail(400, "request_id_not_found",
