@@ -10,7 +10,10 @@
 - An interactive request promotes the requests ahead of it in its conversation's line to
   interactive (priority inheritance): it waits for them, so they must not wait as background.
 - A cancel answers it ``CANCELLED`` wherever it is; a deadline passed before its work
-  started answers it ``EXPIRED`` (:func:`~core.scheduling.supervise`).
+  started answers it ``EXPIRED`` (:func:`~core.scheduling.supervise`) -- unless its answer
+  is remembered (a redelivery of a request completed before, on this instance or one that
+  died before committing it): then it is answered with that same completed event, the
+  lookup costing no GPU, upstream or LLM call (:attr:`~consumers.routes.Route.remembered`).
 - Dropped by a revoke or a stop while its work runs, the request may keep that work for
   its next delivery (:meth:`~core.scheduling.PendingRequest.keeps`): it stays pending
   until the work ends, so that a cancel still stops it.
@@ -34,6 +37,7 @@ from consumers.failures import failed_event
 from consumers.keyed import Turn
 from consumers.publisher import EventPublisher
 from consumers.records import content_type, text_or_none
+from consumers.replay import copy_published_at
 from consumers.retry import RetryExhausted, RetryPolicy, call_with_retries
 from consumers.routes import HandlerContext, Route
 from core.metrics import EngineMetrics
@@ -148,7 +152,11 @@ class RecordAnswerer:
         if pending.priority is Priority.INTERACTIVE:
             turn.urge_ahead()  # those ahead run at its priority: it waits for them
         runs = 0
-        budget = RetryBudget(self._retry)  # every retry of this request draws on it
+        retries = self._metrics.retries
+        # every retry of this request draws on it, the consume loop's and the upstream
+        # calls' alike, and each one it grants is counted once
+        budget = RetryBudget(self._retry, on_retry=lambda error: retries.labels(
+            route.kind, error.code).inc())
         request_trace = current_trace.get()  # the consume span's; progress hangs off it
 
         # a record dropped by a revoke or a stop comes again: its running work goes on for
@@ -175,7 +183,6 @@ class RecordAnswerer:
                     attempt=runs, progress=progress, placement=placement, budget=budget))
 
         def on_retry(error: EngineError, run: int, wait: float) -> None:
-            self._metrics.retries.labels(route.kind, error.code).inc()
             logger.info("%s run %d failed with %s (%s) after %d attempt(s); retrying in %.2fs",
                         where, run, error.code, error, budget.attempts, wait)
 
@@ -191,12 +198,11 @@ class RecordAnswerer:
                 return completed
 
         stopping = False
+        stopped: RequestCancelledError | RequestExpiredError | None = None
         try:
             completed = await supervise(pending, scheduled())
         except (RequestCancelledError, RequestExpiredError) as exc:
-            self._count_stopped(route, exc)
-            logger.info("%s %s: %s", where, exc.code, exc, extra={"error_code": str(exc.code)})
-            return self._failed(record, route, exc, budget.attempts, raw)
+            stopped = exc
         except RetryExhausted as exc:
             self._count_stopped(route, exc.error)
             log = logger.error if exc.error.code == "INTERNAL" else logger.warning
@@ -213,8 +219,33 @@ class RecordAnswerer:
             if pending.started_at is not None and not stopping:  # work start → result
                 self._metrics.processing.labels(route.kind).observe(
                     time.monotonic() - pending.started_at)
+        if stopped is not None:
+            return await self._stopped(record, route, event, stopped, budget.attempts, raw,
+                                       where)
         logger.info("%s %s completed", where, route.kind)
         return Answer(self._results.completed, completed, request_id)
+
+    async def _stopped(self, record: ConsumerRecord[bytes, bytes], route: Route, event: Any,
+                       error: RequestCancelledError | RequestExpiredError, attempts: int,
+                       raw: dict[str, Any], where: str) -> Answer:
+        """A cancelled or expired request's answer: ``failed`` with ``error``, unless its
+        answer is remembered (:attr:`Route.remembered`). A request that completed on an
+        instance that died before committing it comes again, maybe past its deadline or
+        cancelled since: its consumer may have seen it completed, so it is completed
+        again, the same files at the same URLs, never failed after."""
+        remembered: GenerationCompleted | None = None
+        if route.remembered is not None:
+            try:
+                remembered = await route.remembered(event)
+            except Exception:  # a lookup that fails leaves the answer it would have had
+                logger.warning("%s remembered answer not looked up", where, exc_info=True)
+        if remembered is not None:
+            logger.info("%s %s, but its answer is remembered: %s completed again", where,
+                        error.code, route.kind)
+            return Answer(self._results.completed, remembered, event.request_id)
+        self._count_stopped(route, error)
+        logger.info("%s %s: %s", where, error.code, error, extra={"error_code": str(error.code)})
+        return self._failed(record, route, error, attempts, raw)
 
     def _register(self, record: ConsumerRecord[bytes, bytes], route: Route, event: Any,
                   raw: dict[str, Any]) -> Any:
@@ -227,9 +258,12 @@ class RecordAnswerer:
             replay_age=self._scheduling.replay_age)
         conversation = getattr(event, "conversation_id", None) or (
             record.key.decode("utf-8", "replace") if record.key else "")
+        # a replayed copy keeps its original's timestamp (its priority above), but was
+        # published when the replay sent it: a conversation's cancel before then spares it
+        sent = copy_published_at(record.headers, now=time.time())
         return self._scheduling.pending.add(
             event.request_id, conversation, route.kind, priority, deadline=deadline,
-            published_at=published)
+            published_at=published if sent is None else sent)
 
     def _count_stopped(self, route: Route, error: EngineError) -> None:
         if isinstance(error, RequestCancelledError):

@@ -123,7 +123,10 @@ class Engine:
             if self.objects is not None else None,
         )
         self.http = _observed_client(settings, self.metrics)
-        self.voice = build_voice_service(settings, self.store, self.http, objects=self.objects)
+        retries = self.metrics.retries.labels  # the HTTP requests' own budgets count there
+        self.voice = build_voice_service(
+            settings, self.store, self.http, objects=self.objects,
+            on_retry=lambda error: retries("voice", error.code).inc())
         self.scheduling = build_scheduling(settings, self.metrics)
         self.health = EngineHealth(voice_backend=self.voice.backend.name,
                                    queues=self.scheduling.pending.depths,
@@ -232,18 +235,21 @@ class Engine:
                                barrier_timeout=settings.cancel_barrier_seconds,
                                lookups=lookups)
         services.read_barrier = reader.mark
+        voice = VoiceHandler(self.voice)
         routes: list[Route] = [] if settings.lora_training_only else [
             Route(settings.topic("generation.requested.voice"), "voice", VoiceRequested,
-                  VoiceHandler(self.voice)),
+                  voice, voice.remembered),
         ]
         if self.image is not None and not settings.lora_training_only:
+            image = ImageHandler(self.image)
             routes.append(Route(settings.topic("generation.requested.image"), "image",
-                                ImageRequested, ImageHandler(self.image)))
+                                ImageRequested, image, image.remembered))
         if self.training is not None and self.image is not None:
             routes.append(Route(
                 settings.topic("generation.requested.lora"), "lora", LoraTrainingRequested,
                 LoraHandler(self.training, model=self.image.model.name,
                             development_model=self.image.model.development_model)))
+        self.metrics.serve(route.kind for route in routes)
         self._loop = ConsumeLoop(
             consumer, publisher, codec, routes,
             ResultTopics(

@@ -3,9 +3,11 @@
 The way to regenerate after a model or LoRA change, without touching the engine's
 consumer group. Each record whose Kafka timestamp lies in ``[since, until)`` goes back to
 its own topic and partition with its key, value, headers and *original* timestamp, plus
-``replayed-from: topic/partition/offset``. The engine sees such a record as old (older than
-``REPLAY_AGE_SECONDS``) and schedules it as background work, and it answers from its
-remembered results unless the model or LoRA changed.
+``replayed-from: topic/partition/offset`` and ``replayed-at`` (when the copy was sent, epoch
+milliseconds). The engine sees such a record as old (older than ``REPLAY_AGE_SECONDS``) and
+schedules it as background work, and it answers from its remembered results unless the
+model or LoRA changed; a conversation's cancel reaches the copy only when issued after
+``replayed-at`` (:func:`copy_published_at`).
 
 Bounded on every side: the range of each partition is pinned before anything is published
 (from the offset for ``since`` up to the end offset of that moment, or the offset for
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -26,6 +29,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.errors import KafkaError
 
 __all__ = [
+    "REPLAYED_AT",
     "REPLAYED_FROM",
     "PartitionRange",
     "PartitionReplay",
@@ -34,10 +38,32 @@ __all__ = [
     "ReplayWindow",
     "Replayer",
     "TopicNotFoundError",
+    "copy_published_at",
 ]
 
 #: The header a replayed record carries: ``topic/partition/offset`` of its original.
 REPLAYED_FROM = "replayed-from"
+#: The header a replayed record carries: when the replay sent it (epoch milliseconds).
+REPLAYED_AT = "replayed-at"
+
+
+def copy_published_at(headers: Iterable[tuple[str, bytes | None]] | None, *, now: float
+                      ) -> float | None:
+    """When a replayed copy was published (epoch seconds), for matching the cancels of its
+    conversation (its timestamp is its original's): its ``replayed-at`` header; ``now`` for
+    a copy without a usable one (an older replay's: it was published by the time it is
+    read); ``None`` for a record that is no replayed copy."""
+    pairs = list(headers or ())
+    if not any(name == REPLAYED_FROM for name, _ in pairs):
+        return None
+    for name, value in pairs:
+        if name == REPLAYED_AT and value is not None:
+            try:
+                sent = int(value.decode("ascii")) / 1000
+            except (UnicodeDecodeError, ValueError):
+                return now
+            return sent if sent > 0 else now
+    return now
 
 
 class ReplayError(Exception):
@@ -243,11 +269,13 @@ class Replayer:
         origin = f"{record.topic}/{record.partition}/{record.offset}"
         try:
             # its own partition (whatever partitioner the original producer used) and its
-            # original timestamp: the engine schedules it as the old record it is
+            # original timestamp: the engine schedules it as the old record it is; sent now
+            # (replayed-at): a conversation's earlier cancel does not reach it
+            sent = str(int(time.time() * 1000)).encode()
             future: asyncio.Future[object] = await self.producer.send(
                 record.topic, value=record.value, key=record.key, partition=record.partition,
                 timestamp_ms=record.timestamp,
-                headers=[*headers, (REPLAYED_FROM, origin.encode())])
+                headers=[*headers, (REPLAYED_FROM, origin.encode()), (REPLAYED_AT, sent)])
         except KafkaError as exc:
             raise ReplayError(f"publishing {origin} failed: {exc}") from exc
         sends.append((result, future))

@@ -16,7 +16,7 @@ from core.retry_budget import RetryBudget
 from core.scheduling import Placement
 from schemas.events import Event, EventKind, GenerationCompleted
 
-__all__ = ["Handler", "HandlerContext", "ProgressReporter", "Route"]
+__all__ = ["Handler", "HandlerContext", "ProgressReporter", "RememberedAnswer", "Route"]
 
 class ProgressReporter(Protocol):
     """Publishes ``generation.progress``: ``step`` of ``total``, the training ``loss``,
@@ -48,11 +48,22 @@ class Handler(Protocol):
     async def __call__(self, event: Any, context: HandlerContext) -> GenerationCompleted: ...
 
 
+class RememberedAnswer(Protocol):
+    """The completed event a request was already answered with, as its handler would
+    answer it again from the remembered results, found cheaply (no GPU, no upstream or
+    LLM call, no download); ``None`` when nothing is remembered for it. Raises nothing
+    but ``CancelledError``."""
+
+    async def __call__(self, event: Any) -> GenerationCompleted | None: ...
+
+
 @dataclass(frozen=True)
 class Route:
-    """One input topic: the event type found there, its kind and its handler."""
+    """One input topic: the event type found there, its kind and its handler, and where
+    its requests' remembered answers are looked up (none: nothing is remembered)."""
 
     topic: str
     kind: EventKind
     model: type[Event]
     handler: Handler
+    remembered: RememberedAnswer | None = None

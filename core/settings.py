@@ -44,7 +44,9 @@ class Settings(BaseSettings):
         None, description="comma-separated bearer keys, each plain or sha256:<64 hex>; "
         "unset: the HTTP API is open")
     metrics_require_key: bool = True
-    outputs_require_key: bool = False
+    outputs_require_key: bool = Field(
+        True, description="with API_KEYS set, /outputs and /streams/voice need a key; false: "
+        "open, as capability URLs")
     liveness_gpu_stuck_seconds: float = Field(
         900.0, gt=0, le=86400,
         description="seconds the GPU worker may spend on one item before /health/live fails")
@@ -361,6 +363,12 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigurationError(
             f"invalid configuration: MIN_LORA_IMAGES={settings.min_lora_images!r} "
             f"(allowed: at most MAX_LORA_IMAGES={settings.max_lora_images})"
+        )
+    if settings.default_inference_steps > settings.max_inference_steps:
+        raise ConfigurationError(
+            f"invalid configuration: DEFAULT_INFERENCE_STEPS="
+            f"{settings.default_inference_steps!r} (allowed: at most MAX_INFERENCE_STEPS="
+            f"{settings.max_inference_steps})"
         )
     _check_kafka_security(settings)
     if settings.output_urls == "presigned" and settings.storage_url is None:

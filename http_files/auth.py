@@ -1,8 +1,9 @@
-"""API keys: with ``API_KEYS`` set, every route but the probes needs
-``Authorization: Bearer <key>``; ``/metrics`` and the files (``/outputs/{filename}`` and the
-live ``/streams/voice/{instance}/{stream_id}``) each by their own setting
-(``METRICS_REQUIRE_KEY``, ``OUTPUTS_REQUIRE_KEY``). A stream's URL is a capability URL like
-an output's (a random uuid4), and the players that open it cannot send headers.
+"""API keys: with ``API_KEYS`` set, every route but the probes (``/health/live``,
+``/health/ready``) needs ``Authorization: Bearer <key>``, ``/health`` included. The operator
+may open ``/metrics`` (``METRICS_REQUIRE_KEY=false``) and the files (``/outputs/{filename}``
+and the live ``/streams/voice/{instance}/{stream_id}``: ``OUTPUTS_REQUIRE_KEY=false``), each
+leaving the contract's rule for those routes: their URLs are then capability URLs (a random
+uuid4), for players that cannot send headers.
 
 A key is configured plain or as ``sha256:<hex>`` of it, so that the environment need not
 hold the keys themselves. Only SHA-256 digests are kept: a presented key is hashed and
@@ -32,7 +33,7 @@ __all__ = ["PROBE_PATHS", "AccessPolicy", "access_policy", "require_api_key",
 
 logger = logging.getLogger(__name__)
 
-PROBE_PATHS = frozenset({"/health", "/health/live", "/health/ready"})
+PROBE_PATHS = frozenset({"/health/live", "/health/ready"})
 """Routes that never need a key: an orchestrator's probes carry none."""
 _METRICS = "/metrics"
 _OUTPUTS = frozenset({"/outputs/{filename}", "/streams/voice/{instance}/{stream_id}"})
@@ -44,11 +45,11 @@ _CHALLENGE = 'Bearer realm="multimodal-engine"'
 class AccessPolicy:
     """Who may call what: ``digests`` are the SHA-256 digests of the keys (none: the app
     is open); ``/metrics`` and the files (``/outputs/{filename}``, voice streams) need a
-    key only when their flag says so (and keys are configured)."""
+    key too unless their flag opens them."""
 
     digests: tuple[bytes, ...] = ()
     metrics_require_key: bool = True
-    outputs_require_key: bool = False
+    outputs_require_key: bool = True
 
     def __repr__(self) -> str:  # the digests stay out of every repr
         return (f"AccessPolicy(keys={len(self.digests)}, metrics_require_key="

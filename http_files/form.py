@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import warnings
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -32,7 +32,10 @@ from http_files.errors import unprocessable, unreadable_body
 from http_files.uploads import UploadLimits, stall_guard
 from schemas.errors import ErrorCode, InternalError
 
-__all__ = ["TrainingForm", "read_training_form"]
+__all__ = ["BeforeImages", "TrainingForm", "read_training_form"]
+
+BeforeImages = Callable[[dict[str, str | int | float]], Awaitable[None]]
+"""Told the fields sent before the first image, before that image is stored."""
 
 _TEXT_LIMIT = 4096
 _MAX_OTHER_PARTS = 32
@@ -52,10 +55,13 @@ class TrainingForm:
 
 
 async def read_training_form(request: web.Request, folder: Path, limits: UploadLimits, *,
-                             max_images: int, max_image_bytes: int) -> TrainingForm:
+                             max_images: int, max_image_bytes: int,
+                             before_images: BeforeImages | None = None) -> TrainingForm:
     """The form of ``request``, its images written into ``folder`` (which the caller
-    removes). Raises the 4xx of the module docstring, or :class:`InternalError` when a
-    file cannot be written."""
+    removes); ``before_images(fields)`` is awaited once with the fields sent before the
+    first image, before that image is stored (what it raises ends the upload). Raises the
+    4xx of the module docstring, or :class:`InternalError` when a file cannot be
+    written."""
     kind = request.content_type.lower()
     if kind != "multipart/form-data":
         raise unreadable_body(
@@ -67,7 +73,7 @@ async def read_training_form(request: web.Request, folder: Path, limits: UploadL
     try:
         async with stall_guard(limits.stall_seconds) as progress:
             return await _FormReader(request, folder, limits, max_images, max_image_bytes,
-                                     progress).read()
+                                     progress, before_images).read()
     except (ValueError, RuntimeError, HttpProcessingError, web.RequestPayloadError) as exc:
         # aiohttp's multipart reader: no or a bad boundary, a part cut short, a broken header
         raise unreadable_body(400, f"the multipart body is malformed: {_reason(exc)}",
@@ -85,6 +91,7 @@ class _FormReader:
     max_images: int
     max_image_bytes: int
     progress: Callable[[], None]  # the stall guard's: called before each read
+    before_images: BeforeImages | None = None
     form: TrainingForm = field(default_factory=TrainingForm)
     others: int = 0
 
@@ -96,6 +103,8 @@ class _FormReader:
                                       "accepted"}])
             name = _name_of(part)
             if name == "images":
+                if not self.form.images and self.before_images is not None:
+                    await self.before_images(dict(self.form.fields))
                 await self._image(part)
             else:
                 await self._text(part, name)

@@ -66,10 +66,11 @@ original (FastAPI) shape naming the field (`detail[].loc`); a failure in the eng
 `{error_code, message, retryable}` with the status of its code; a retryable one has a
 `Retry-After` header (seconds).
 
-Authentication: with `API_KEYS` set, every operation but the probes (`/health`,
-`/health/live`, `/health/ready`) needs `Authorization: Bearer <key>`; `/metrics` too unless
-`METRICS_REQUIRE_KEY=false`, `/outputs/{filename}` and `/streams/voice/...` only with
-`OUTPUTS_REQUIRE_KEY=true` (output and stream URLs are unguessable capability URLs). Without `API_KEYS` nothing needs a key,
+Authentication: with `API_KEYS` set, every operation but the probes (`/health/live`,
+`/health/ready`) needs `Authorization: Bearer <key>`, `/health` included; the operator may
+open `/metrics` (`METRICS_REQUIRE_KEY=false`) and `/outputs/{filename}` with
+`/streams/voice/...` (`OUTPUTS_REQUIRE_KEY=false`: their URLs are then unguessable
+capability URLs), leaving that rule for those routes. Without `API_KEYS` nothing needs a key,
 hence the empty alternative `{}` in each operation's `security`; `x-key-required` says when
 the key is needed. A missing or wrong key is a 401 with `WWW-Authenticate: Bearer`.
 
@@ -125,11 +126,11 @@ _SECURITY_SCHEMES = {_SCHEME: {
     "description": "One of the keys of API_KEYS (configured plain or as sha256:<hex> of the "
                    "key), as `Authorization: Bearer <key>`."}}
 _KEY_NEEDED = "when API_KEYS is set"
+_FILES_KEY_NEEDED = f"{_KEY_NEEDED}, unless OUTPUTS_REQUIRE_KEY=false"
 _PROBE: dict[str, Any] = {"security": [], "x-key-required": "never"}
 
 
-def _keyed(operation: dict[str, Any], when: str = _KEY_NEEDED, *,
-           key_first: bool = True) -> dict[str, Any]:
+def _keyed(operation: dict[str, Any], when: str = _KEY_NEEDED) -> dict[str, Any]:
     """``operation`` with its security (a bearer key, or none when API_KEYS is unset),
     ``x-key-required`` saying ``when`` the key is needed, and its 401."""
     alternatives: list[dict[str, list[str]]] = [{_SCHEME: []}, {}]
@@ -139,7 +140,7 @@ def _keyed(operation: dict[str, Any], when: str = _KEY_NEEDED, *,
                                                 "`error=\"invalid_token\"` for a wrong key",
                                  "required": True, "schema": {"type": "string"}}})
     responses = dict(sorted({**operation["responses"], "401": unauthorized}.items()))
-    return {**operation, "security": alternatives if key_first else alternatives[::-1],
+    return {**operation, "security": alternatives,
             "x-key-required": when, "responses": responses}
 
 
@@ -224,11 +225,12 @@ def _paths(schemas: dict[str, Any]) -> dict[str, Any]:
     }
     not_found = {"text/plain": {"schema": {"type": "string"}}}
     return {
-        "/health": {"get": {
-            "operationId": "getHealth", "summary": "The engine's state", **_PROBE,
+        "/health": {"get": _keyed({
+            "operationId": "getHealth", "summary": "The engine's state (not a probe: "
+            "probes use /health/live and /health/ready, which need no key)",
             "responses": {"200": _response(200, "ok", _json(_ref("HealthReport"))),
                           "503": _response(503, "starting or degraded",
-                                           _json(_ref("HealthReport")))}}},
+                                           _json(_ref("HealthReport")))}})},
         "/health/live": {"get": {
             "operationId": "getLiveness", "summary": "Liveness probe: fails only when the "
             "process is wedged (GPU worker dead, or on one item past "
@@ -256,7 +258,7 @@ def _paths(schemas: dict[str, Any]) -> dict[str, Any]:
                 "304": _response(304, "not modified since If-Modified-Since"),
                 "404": _response(404, "", not_found),
                 "416": _response(416, "the range is outside the file")}},
-            f"{_KEY_NEEDED} and OUTPUTS_REQUIRE_KEY=true", key_first=False)},
+            _FILES_KEY_NEEDED)},
         "/metrics": {"get": _keyed({
             "operationId": "getMetrics", "summary": "Prometheus exposition",
             "description": "OpenMetrics when the `Accept` header names "
@@ -326,7 +328,7 @@ def _paths(schemas: dict[str, Any]) -> dict[str, Any]:
                                            "takes: UPSTREAM_UNAVAILABLE",
                                            _json(_ref("EngineErrorBody")),
                                            _retry_after(True))}},
-            f"{_KEY_NEEDED} and OUTPUTS_REQUIRE_KEY=true", key_first=False)},
+            _FILES_KEY_NEEDED)},
         "/train-lora": {"post": _keyed({
             "operationId": "trainLora", "summary": "Start a character LoRA training",
             "requestBody": {"required": True, "content": {"multipart/form-data": {

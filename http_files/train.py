@@ -8,7 +8,9 @@ the images from those files and copies them into the training's folder; the uplo
 is removed when the request ends, whatever the answer. Then the training runs in the
 background and the response says so, as the original API did. At most
 MAX_CONCURRENT_UPLOADS uploads are received at once: one more is answered 503 with
-``Retry-After`` before its body is read.
+``Retry-After`` before its body is read. A new training is taken only while fewer than
+MAX_IN_FLIGHT_LORA are in progress here (:mod:`http_files.training_gate`): one more is
+answered 503 with ``Retry-After`` before its first image is stored.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from typing import Any
 
 from aiohttp import web
 
-from core.training import TrainingInterrupted
+from core.training import TrainingInterrupted, training_id_for
 from http_files.errors import error_response, retry_later, unprocessable
 from http_files.form import read_training_form
 from http_files.services import SERVICES
+from http_files.training_gate import TrainingsFull
 from http_files.training_time import submit_timed
 from http_files.uploads import UPLOADS, UploadsFull
 from schemas.errors import EngineError, InternalError, InvalidRequestError
@@ -36,16 +39,26 @@ async def train_lora(request: web.Request) -> web.Response:
     if training is None:
         return _unavailable("no image model is loaded: LoRA training is not available")
     uploads = request.app[UPLOADS]
+    gate = uploads.trainings
+
+    async def admit(fields: dict[str, str | int | float]) -> None:
+        character_id, request_id = fields.get("character_id"), fields.get("request_id")
+        known = isinstance(character_id, str) and isinstance(request_id, str)
+        await gate.check(training, training_id_for(str(character_id), str(request_id))
+                         if known else None)
+
     try:
         async with uploads.receive() as folder:
             form = await read_training_form(
                 request, folder, uploads.limits, max_images=training.limits.max_images,
-                max_image_bytes=training.limits.max_image_bytes)
+                max_image_bytes=training.limits.max_image_bytes, before_images=admit)
             body: dict[str, Any] = {**form.fields, "images": []}
             body.setdefault("request_id", str(uuid.uuid4()))
             event = services.codec.validate(LoraTrainingRequested, body)
-            status = await submit_timed(services.metrics, training, event, form.images)
-    except UploadsFull as exc:
+            training_id = training_id_for(event.character_id, event.request_id)
+            async with gate.starting(training, training_id):
+                status = await submit_timed(services.metrics, training, event, form.images)
+    except (UploadsFull, TrainingsFull) as exc:
         services.metrics.http_rejected.labels("lora").inc()
         raise retry_later(str(exc), exc.retry_after) from None
     except InvalidRequestError as exc:

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from core.settings import Settings
 from http_files.errors import unreadable_body
+from http_files.training_gate import TrainingGate
 
 __all__ = ["UPLOADS", "UploadLimits", "Uploads", "UploadsFull", "stall_guard",
            "upload_limits"]
@@ -39,13 +40,16 @@ class UploadLimits:
     ``max_request_bytes`` (LORA_MAX_UPLOAD_BYTES); at most ``max_concurrent``
     (MAX_CONCURRENT_UPLOADS) are received at once, and at most ``max_concurrent_json``
     JSON bodies (each within ``JSON_BODY_LIMIT``: together at most 64 MiB by default);
-    a body, upload or JSON, that sends nothing for ``stall_seconds`` is dropped."""
+    a body, upload or JSON, that sends nothing for ``stall_seconds`` is dropped. A new
+    training is taken while fewer than ``max_trainings`` (MAX_IN_FLIGHT_LORA) are in
+    progress on this instance (:mod:`http_files.training_gate`)."""
 
     directory: Path = Path("temp") / "uploads"
     max_request_bytes: int = 256 * 2**20
     max_concurrent: int = 2
     stall_seconds: float = 60.0
     max_concurrent_json: int = 64
+    max_trainings: int = 2
 
     def __post_init__(self) -> None:
         if self.max_request_bytes < 1:
@@ -57,12 +61,15 @@ class UploadLimits:
         if self.max_concurrent_json < 1:
             raise ValueError(f"max_concurrent_json must be >= 1, got "
                              f"{self.max_concurrent_json}")
+        if self.max_trainings < 1:
+            raise ValueError(f"MAX_IN_FLIGHT_LORA must be >= 1, got {self.max_trainings}")
 
 
 def upload_limits(settings: Settings) -> UploadLimits:
     """The upload part of ``settings``."""
     return UploadLimits(settings.temp_dir / "uploads", settings.lora_max_upload_bytes,
-                        settings.max_concurrent_uploads)
+                        settings.max_concurrent_uploads,
+                        max_trainings=settings.max_in_flight_lora)
 
 
 class UploadsFull(Exception):
@@ -104,6 +111,7 @@ class Uploads:
         self.limits = limits
         self._uploads = _Slots(limits.max_concurrent, "uploads", "MAX_CONCURRENT_UPLOADS")
         self._json = _Slots(limits.max_concurrent_json, "JSON request bodies")
+        self.trainings = TrainingGate(limits.max_trainings)
 
     @property
     def active(self) -> int:

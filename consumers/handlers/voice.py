@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from consumers.routes import HandlerContext
-from core.voice import AudioStream, VoiceService, queued_as
+from core.voice import AudioStream, VoiceResult, VoiceService, queued_as
 from schemas.events import GenerationCompleted, VoiceRequested
 
 __all__ = ["MAX_EVENT_BYTES_WITH_WORDS", "VoiceHandler"]
@@ -45,22 +45,32 @@ class VoiceHandler:
             result = await self._service.generate(
                 event, budget=context.budget, on_stream=announce,
                 keep_when_abandoned=context.placement.keep_when_abandoned)
-        return _within_limit(GenerationCompleted(
-            request_id=event.request_id,
-            conversation_id=event.conversation_id,
-            kind="voice",
-            audio_id=result.audio_id,
-            filename=result.filename,
-            text=result.text,
-            enhanced_text=result.enhanced_text,
-            voice_id=result.voice_id,
-            url=result.url,
-            duration_seconds=result.duration_seconds,
-            character_id=event.character_id,
-            seed=result.seed,
-            words=result.words,
-            alignment_url=result.alignment_url,
-        ))
+        return _completed(event, result)
+
+    async def remembered(self, event: VoiceRequested) -> GenerationCompleted | None:
+        """The answer already made for ``event``, from the remembered results (see
+        :meth:`VoiceService.remembered`); ``None`` without one."""
+        result = await self._service.remembered(event)
+        return None if result is None else _completed(event, result)
+
+
+def _completed(event: VoiceRequested, result: VoiceResult) -> GenerationCompleted:
+    return _within_limit(GenerationCompleted(
+        request_id=event.request_id,
+        conversation_id=event.conversation_id,
+        kind="voice",
+        audio_id=result.audio_id,
+        filename=result.filename,
+        text=result.text,
+        enhanced_text=result.enhanced_text,
+        voice_id=result.voice_id,
+        url=result.url,
+        duration_seconds=result.duration_seconds,
+        character_id=event.character_id,
+        seed=result.seed,
+        words=result.words,
+        alignment_url=result.alignment_url,
+    ))
 
 
 def _within_limit(completed: GenerationCompleted) -> GenerationCompleted:

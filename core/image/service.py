@@ -34,7 +34,7 @@ from core.scheduling.gpu_queue import JobItem
 from core.scheduling.placement import JointPlacement
 from core.shared_work import Keeper, SharedWork
 from core.storage import StorageError, unavailable
-from schemas.errors import InternalError, InvalidRequestError, UnknownLoraError
+from schemas.errors import EngineError, InternalError, InvalidRequestError, UnknownLoraError
 from schemas.events import ImageRequested
 
 __all__ = ["CheckedRequest", "ImageFile", "ImageResult", "ImageService", "ModelIdentity",
@@ -194,18 +194,9 @@ class ImageService:
         if self._loras.shared is not None:  # LoRAs registered elsewhere: fetched off the loop
             await asyncio.to_thread(self._loras.fetch, _named_loras(request))
         checked = self.check(request)
-        params, lora, stacked = checked.params, checked.lora, checked.stacked
-        init: Image.Image | None = None
-        init_hash: str | None = None
-        if params.image_to_image:
-            params, init, init_hash = await self._starting_image(params)
-        key = fingerprint(params, self.model.fingerprint, lora.fingerprint if lora else None,
-                          rendering=self._rendering,
-                          stacked_hashes=tuple(info.fingerprint for info, _ in stacked),
-                          init_hash=init_hash)
-        remembered, current = await looked_up(
-            self._results.get, self._store, key, _filenames,
-            shared=self._results.shared or self._store.shared is not None)
+        lora, stacked = checked.lora, checked.stacked
+        params, init, init_hash, key = await self._keyed(checked)
+        remembered, current = await self._looked_up(key)
         if remembered is not None and current:
             logger.debug("request_id=%s answered from the result cache", request.request_id)
             return self._result(remembered)
@@ -254,6 +245,40 @@ class ImageService:
         if bridge is not None:
             await bridge.finish()
         return self._result(entry)
+
+    async def remembered(self, request: ImageRequested) -> ImageResult | None:
+        """The result :meth:`generate` would answer ``request`` with from the result cache
+        (same files, same URLs), found without the GPU, the prompt optimizer or a
+        download; ``None`` when there is none, or when its key would need one: a starting
+        image at ``init_image_url``, a LoRA not fetched here yet. An invalid request has
+        none either (no error raised)."""
+        if request.init_image_url is not None:
+            return None
+        try:
+            _, _, _, key = await self._keyed(self.check(request))
+        except EngineError:
+            return None
+        remembered, current = await self._looked_up(key)
+        return self._result(remembered) if remembered is not None and current else None
+
+    async def _keyed(self, checked: CheckedRequest
+                     ) -> tuple[ImageParams, Image.Image | None, str | None, str]:
+        """The parameters (sized by the starting image), the starting image and its
+        sha256, and the result-cache key of a checked request."""
+        params, lora, stacked = checked.params, checked.lora, checked.stacked
+        init: Image.Image | None = None
+        init_hash: str | None = None
+        if params.image_to_image:
+            params, init, init_hash = await self._starting_image(params)
+        key = fingerprint(params, self.model.fingerprint, lora.fingerprint if lora else None,
+                          rendering=self._rendering,
+                          stacked_hashes=tuple(info.fingerprint for info, _ in stacked),
+                          init_hash=init_hash)
+        return params, init, init_hash, key
+
+    async def _looked_up(self, key: str) -> tuple[CachedResult | None, bool]:
+        return await looked_up(self._results.get, self._store, key, _filenames,
+                               shared=self._results.shared or self._store.shared is not None)
 
     async def _prompt(self, params: ImageParams, lora: LoraInfo | None,
                       remembered: CachedResult | None) -> str:

@@ -117,6 +117,12 @@ class TrainingService:
         """What requests are checked against (for readers of uploads: stop early)."""
         return self._intake.limits
 
+    @property
+    def in_progress(self) -> frozenset[str]:
+        """The ids of the trainings running or queued here, Kafka and HTTP alike (for
+        HTTP admission: MAX_IN_FLIGHT_LORA)."""
+        return frozenset(self._runs)
+
     # ------------------------------------------------------------------ entries
     async def train(self, request: LoraTrainingRequested,
                     progress: ProgressListener | None = None) -> TrainingOutcome:

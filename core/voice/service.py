@@ -246,12 +246,8 @@ class VoiceService:
             made = await self._make(request, plain, settings, explicit, budget,
                                     on_stream=on_stream)
             return self._answer(request.text, made)
-        model = settings.model_id or getattr(self._backend, "default_model_id", None)
-        key = voice_fingerprint(request.text, request.inject_emotion, settings,
-                                self._backend.name, model, self._backend.audio_variant)
-        remembered, current = await looked_up(
-            self._results.get, self._store, key, lambda r: [r.filename],
-            shared=self._results.shared or self._store.shared is not None)
+        key = self._key(request, settings)
+        remembered, current = await self._looked_up(key)
         if remembered is not None and current:
             logger.debug("voice answered from the remembered results: %s", remembered.filename)
             words = await self._words(request.text, remembered)
@@ -268,6 +264,36 @@ class VoiceService:
 
         return self._answer(request.text, await self._making.run(
             key, make, keep_when_abandoned=keep_when_abandoned))
+
+    async def remembered(self, request: VoiceRequestLike) -> VoiceResult | None:
+        """The result :meth:`generate` would answer ``request`` with from the remembered
+        results (same file, same URL), found without emotion injection or an upstream
+        call; ``None`` when there is none (nothing is remembered without a seed), its file
+        is gone or about to be, or the request is invalid (no error raised)."""
+        if self._results is None:
+            return None
+        try:
+            settings, _ = self._settings(request)
+            self._checked_text(request.text)
+        except EngineError:
+            return None
+        if settings.seed is None:
+            return None
+        remembered, current = await self._looked_up(self._key(request, settings))
+        if remembered is None or not current:
+            return None
+        words = await self._words(request.text, remembered)
+        return self._answer(request.text, _Made(remembered, time.time(), words))
+
+    def _key(self, request: VoiceRequestLike, settings: VoiceSettings) -> str:
+        model = settings.model_id or getattr(self._backend, "default_model_id", None)
+        return voice_fingerprint(request.text, request.inject_emotion, settings,
+                                 self._backend.name, model, self._backend.audio_variant)
+
+    async def _looked_up(self, key: str) -> tuple[RememberedVoice | None, bool]:
+        assert self._results is not None
+        return await looked_up(self._results.get, self._store, key, lambda r: [r.filename],
+                               shared=self._results.shared or self._store.shared is not None)
 
     async def _make(
         self, request: VoiceRequestLike, plain: str, settings: VoiceSettings,

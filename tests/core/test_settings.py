@@ -83,3 +83,16 @@ def test_an_invalid_url_setting_is_named_without_its_credentials(name: str, valu
     assert message.startswith(f"invalid configuration: {name.upper()}=")
     assert "hunter2" not in message and "svc:" not in message
     assert "://***@" in message  # where the secret was, so the operator sees what to fix
+
+
+def test_default_steps_beyond_the_maximum_stop_start_up(monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    """Accepted, it would refuse every request that gives no num_inference_steps."""
+    monkeypatch.setenv("DEFAULT_INFERENCE_STEPS", "50")
+    monkeypatch.setenv("MAX_INFERENCE_STEPS", "30")
+    with pytest.raises(ConfigurationError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "DEFAULT_INFERENCE_STEPS=50" in message and "MAX_INFERENCE_STEPS=30" in message
+    monkeypatch.setenv("DEFAULT_INFERENCE_STEPS", "30")
+    assert load_settings().default_inference_steps == 30

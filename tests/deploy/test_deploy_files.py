@@ -297,7 +297,8 @@ def test_engine_service(
     assert depends["kafka"]["condition"] == "service_healthy"
     port = int(env_example["SERVICE_PORT"])
     assert [(p["target"], int(p["published"])) for p in engine["ports"]] == [(port, port)]
-    assert "/health" in " ".join(engine["healthcheck"]["test"])
+    # the probe: /health needs a key when API_KEYS is set
+    assert "/health/ready'" in " ".join(engine["healthcheck"]["test"])
     grace = max(
         Settings.model_fields["shutdown_grace_seconds"].default,
         float(env_example["SHUTDOWN_GRACE_SECONDS"]),

@@ -315,7 +315,8 @@ def test_the_caddyfile_balances_the_two_engines(tmp_path: Path) -> None:
     proxy = server["routes"][0]["handle"][0]
     assert proxy["handler"] == "reverse_proxy"
     assert [u["dial"] for u in proxy["upstreams"]] == environment["ENGINE_UPSTREAMS"].split()
-    assert proxy["health_checks"]["active"]["uri"] == "/health"
+    # the probe: /health needs a key when API_KEYS is set
+    assert proxy["health_checks"]["active"]["uri"] == "/health/ready"
     assert proxy["flush_interval"] == -1  # streamed audio is not held back
 
 

@@ -1,6 +1,7 @@
-"""API keys (API_KEYS): every route but the probes answers 401 without a key or with a
-wrong one and works with a right one; ``/metrics`` and ``/outputs`` follow their own
-settings; keys (plain or configured as ``sha256:<hex>``) never appear in a log line, a
+"""API keys (API_KEYS): every route but the probes (``/health/live``, ``/health/ready``)
+answers 401 without a key or with a wrong one and works with a right one, ``/health``,
+``/outputs`` and the voice streams included; ``/metrics`` and the files may be opened by
+their own settings (METRICS_REQUIRE_KEY, OUTPUTS_REQUIRE_KEY set to false); keys (plain or configured as ``sha256:<hex>``) never appear in a log line, a
 401 or a configuration error.
 
 The app is the real one (:func:`http_files.create_app` with the policy of its settings)
@@ -85,8 +86,11 @@ ROUTES = {
     "training-status": Route("GET", "/train-lora/no-such-training", 404),
     "openapi": Route("GET", "/openapi.json", 200),
     "metrics": Route("GET", "/metrics", 200),  # METRICS_REQUIRE_KEY defaults to true
+    "health": Route("GET", "/health", 503),  # not a probe; this app was never started
+    "output": Route("GET", UNKNOWN_OUTPUT, 404),  # OUTPUTS_REQUIRE_KEY defaults to true
+    "stream": Route("GET", UNKNOWN_STREAM, 404),
 }
-PROBES = ("/health", "/health/live", "/health/ready")
+PROBES = ("/health/live", "/health/ready")
 
 
 async def call(client: Client, route: Route, key: str | None, scheme: str = "Bearer"
@@ -134,8 +138,9 @@ async def test_the_probes_need_no_key_and_ignore_a_wrong_one(keyed: Start) -> No
         assert statuses == ({200} if path == "/health/live" else {503}), path
 
 
-async def test_outputs_are_capability_urls_by_default(keyed: Start) -> None:
-    client = await keyed()
+async def test_outputs_are_capability_urls_with_outputs_require_key_false(
+        keyed: Start) -> None:
+    client = await keyed(outputs_require_key=False)
     made = await client.post("/generate/voice", json={"text": "A file.", "seed": 2},
                              headers={"Authorization": f"Bearer {PLAIN_KEY}"})
     assert made.status == 200
@@ -145,8 +150,8 @@ async def test_outputs_are_capability_urls_by_default(keyed: Start) -> None:
     assert (await client.get(UNKNOWN_OUTPUT)).status == 404
 
 
-async def test_outputs_need_a_key_with_outputs_require_key(keyed: Start) -> None:
-    client = await keyed(outputs_require_key=True)
+async def test_outputs_need_a_key_by_default(keyed: Start) -> None:
+    client = await keyed()
     made = await client.post("/generate/voice", json={"text": "A file.", "seed": 3},
                              headers={"Authorization": f"Bearer {HASHED_KEY}"})
     url = "/outputs/" + (await made.json())["filename"]
@@ -158,9 +163,10 @@ async def test_outputs_need_a_key_with_outputs_require_key(keyed: Start) -> None
 
 
 async def test_voice_streams_are_capability_urls_like_outputs(keyed: Start) -> None:
-    client = await keyed()  # a player opening a stream_url sends no header
+    # opened for players that send no header when opening a stream_url
+    client = await keyed(outputs_require_key=False)
     assert (await client.get(UNKNOWN_STREAM)).status == 404
-    client = await keyed(outputs_require_key=True)
+    client = await keyed()
     stream = Route("GET", UNKNOWN_STREAM, 404)
     await assert_refused(await call(client, stream, None), wrong=False)
     await assert_refused(await call(client, stream, WRONG_KEY), wrong=True)

@@ -9,6 +9,7 @@ import asyncio
 import os
 import socket
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -21,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 
 from consumers.cli import main
 from consumers.kafka import build_control_consumer, build_producer
-from consumers.replay import REPLAYED_FROM, Replayer, ReplayWindow
+from consumers.replay import REPLAYED_AT, REPLAYED_FROM, Replayer, ReplayWindow
 from consumers.security import KafkaSecurity
 from core.settings import Settings
 from tests.support.dev_engine import dev_engine
@@ -184,6 +185,7 @@ async def test_the_window_is_published_again_as_it_was_with_replayed_from(
     sent = await publish(settings, history(since))
     topic = settings.topic("generation.requested.image")
 
+    started_ms = int(time.time() * 1000)
     code, out, err = await run_replay(settings, "image", "--since", instant(since),
                                       "--until", instant(since + HOUR))
 
@@ -205,8 +207,11 @@ async def test_the_window_is_published_again_as_it_was_with_replayed_from(
         assert (copy.key, copy.value, copy.timestamp) == (
             original.key, original.value, original.timestamp)
         assert copy.timestamp_type == 0  # CreateTime: the engine sees how old it is
-        assert tuple(copy.headers) == (
+        *kept, (at_name, at_value) = tuple(copy.headers)
+        assert tuple(kept) == (
             *original.headers, (REPLAYED_FROM, f"{topic}/{original.origin}".encode()))
+        assert at_name == REPLAYED_AT  # its own publish time, for matching cancels
+        assert started_ms <= int(at_value) <= time.time() * 1000
     assert len(records) == len(sent) + 9  # nothing else
 
 

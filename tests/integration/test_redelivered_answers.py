@@ -1,0 +1,136 @@
+"""A request completed on an instance that died before committing it comes again, maybe
+past its deadline or cancelled since its completion: it is completed again, the same URL,
+from the remembered results (no GPU, no upstream call), never answered failed after its
+consumer may have seen it completed. A request with nothing remembered is still answered
+EXPIRED / CANCELLED.
+
+A redelivery is the same record again: here the same value published once more (with the
+original's timestamp where it matters); "past its deadline" is the same request with a
+deadline that has passed."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consumers.engine import Engine
+from core.settings import Settings
+from tests.integration.test_replay_command import Original, publish
+from tests.integration.test_voice_elevenlabs import eleven_labs_engine
+from tests.support.dev_engine import dev_engine
+from tests.support.elevenlabs_server import ElevenLabsServer
+from tests.support.kafka_client import Answer, PersonaPeer
+
+pytestmark = pytest.mark.kafka
+
+
+def image(conversation: str, prompt: str, **extra: Any) -> dict[str, Any]:
+    return {"request_id": str(uuid.uuid4()), "conversation_id": conversation,
+            "prompt": prompt, "width": 64, "height": 64, "num_inference_steps": 2,
+            "optimize_prompt": False, **extra}
+
+
+def passed() -> str:
+    return (datetime.now(UTC) - timedelta(seconds=5)).isoformat()
+
+
+def record(request: dict[str, Any], timestamp: int) -> Original:
+    return Original(0, request["conversation_id"].encode(), json.dumps(request).encode(),
+                    timestamp, (("content-type", b"application/json"),))
+
+
+async def answers(peer: PersonaPeer, request: dict[str, Any], count: int) -> list[Answer]:
+    return await peer.wait_for(
+        lambda a: a.kind in ("completed", "failed")
+        and a.event.get("request_id") == request["request_id"], count=count, timeout=60)
+
+
+async def cancel(peer: PersonaPeer, conversation: str, request_id: str | None = None) -> None:
+    await peer.publish("control", {"action": "cancel", "conversation_id": conversation,
+                                   "request_id": request_id,
+                                   "created_at": datetime.now(UTC).isoformat()},
+                       key=conversation)
+
+
+async def test_a_redelivered_image_is_completed_again_though_cancelled_or_expired_since(
+    settings: Settings, peer: PersonaPeer, dev_model_dir: Path, tmp_path: Path
+) -> None:
+    published = int(time.time() * 1000)
+    named = image("conv-named", "a portrait of a woman in a cafe")
+    whole = image("conv-whole", "a cat on a windowsill")
+    dated = image("conv-dated", "a boat on a lake",
+                  deadline=(datetime.now(UTC) + timedelta(minutes=5)).isoformat())
+    async with dev_engine(settings, dev_model_dir, tmp_path):
+        await publish(settings, [record(r, published) for r in (named, whole, dated)])
+        (first_named,) = await answers(peer, named, 1)
+        (first_whole,) = await answers(peer, whole, 1)
+        (first_dated,) = await answers(peer, dated, 1)
+        assert first_named.kind == first_whole.kind == first_dated.kind == "completed"
+        # cancels that come after the completion (a race any caller can lose)
+        await cancel(peer, "conv-named", named["request_id"])
+        await cancel(peer, "conv-whole")
+
+        # the records again, as another instance gets them: published before the cancels
+        await publish(settings, [record(named, published), record(whole, published),
+                                 record(dict(dated, deadline=passed()), published)])
+        *_, by_id = await answers(peer, named, 2)
+        *_, by_conversation = await answers(peer, whole, 2)
+        *_, expired = await answers(peer, dated, 2)
+        for again, first in ((by_id, first_named), (by_conversation, first_whole),
+                             (expired, first_dated)):
+            assert again.kind == "completed", again.event
+            assert again.event["url"] == first.event["url"]
+
+        # nothing remembered: cancelled and expired as ever
+        stopped = image("conv-whole", "a lighthouse at dusk")
+        late = image("conv-late", "a red bicycle", deadline=passed())
+        await publish(settings, [record(stopped, published), record(late, published)])
+        (stopped_answer,) = await answers(peer, stopped, 1)
+        (late_answer,) = await answers(peer, late, 1)
+    assert stopped_answer.event.get("error_code") == "CANCELLED", stopped_answer.event
+    assert late_answer.event.get("error_code") == "EXPIRED", late_answer.event
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[ElevenLabsServer]:
+    server = ElevenLabsServer()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def eleven_engine(settings: Settings, upstream: ElevenLabsServer) -> AsyncIterator[Engine]:
+    async with eleven_labs_engine(settings, upstream) as engine:
+        yield engine
+
+
+async def test_a_redelivered_voice_is_completed_again_without_asking_elevenlabs(
+    eleven_engine: Engine, peer: PersonaPeer, upstream: ElevenLabsServer
+) -> None:
+    request = {"request_id": str(uuid.uuid4()), "conversation_id": "conv-voice",
+               "text": "I kept the last slice of cake for you."}
+    await peer.publish("voice", request)
+    (first,) = await answers(peer, request, 1)
+    assert first.kind == "completed", first.event
+    await peer.publish("voice", dict(request, deadline=passed()))
+    (_, expired) = await answers(peer, request, 2)
+    await cancel(peer, "conv-voice", request["request_id"])  # after it completed
+    await peer.publish("voice", request)
+    (*_, cancelled) = await answers(peer, request, 3)
+    for again in (expired, cancelled):
+        assert again.kind == "completed", again.event
+        assert again.event["url"] == first.event["url"]
+    assert upstream.tts_calls == 1
+
+    fresh = dict(request, request_id=str(uuid.uuid4()), deadline=passed())
+    await peer.publish("voice", fresh)
+    (late,) = await answers(peer, fresh, 1)
+    assert late.event.get("error_code") == "EXPIRED", late.event
