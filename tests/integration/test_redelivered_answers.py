@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import pytest
 from consumers.engine import Engine
 from core.settings import Settings
 from tests.integration.test_replay_command import Original, publish
-from tests.integration.test_voice_elevenlabs import eleven_labs_engine
+from tests.integration.test_voice_elevenlabs import eleven_engine  # noqa: F401 (fixture)
 from tests.support.dev_engine import dev_engine
 from tests.support.elevenlabs_server import ElevenLabsServer
 from tests.support.kafka_client import Answer, PersonaPeer
@@ -98,22 +97,8 @@ async def test_a_redelivered_image_is_completed_again_though_cancelled_or_expire
     assert late_answer.event.get("error_code") == "EXPIRED", late_answer.event
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[ElevenLabsServer]:
-    server = ElevenLabsServer()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def eleven_engine(settings: Settings, upstream: ElevenLabsServer) -> AsyncIterator[Engine]:
-    async with eleven_labs_engine(settings, upstream) as engine:
-        yield engine
-
-
 async def test_a_redelivered_voice_is_completed_again_without_asking_elevenlabs(
-    eleven_engine: Engine, peer: PersonaPeer, upstream: ElevenLabsServer
+    eleven_engine: Engine, peer: PersonaPeer, upstream: ElevenLabsServer,  # noqa: F811
 ) -> None:
     request = {"request_id": str(uuid.uuid4()), "conversation_id": "conv-voice",
                "text": "I kept the last slice of cake for you."}
