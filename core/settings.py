@@ -364,6 +364,15 @@ def load_settings(**overrides: Any) -> Settings:
             f"invalid configuration: MIN_LORA_IMAGES={settings.min_lora_images!r} "
             f"(allowed: at most MAX_LORA_IMAGES={settings.max_lora_images})"
         )
+    largest = settings.max_image_size // 16 * 16
+    if settings.lora_resolution > largest and "lora_resolution" not in settings.model_fields_set:
+        # the default, under a MAX_IMAGE_SIZE below it: the largest side allowed
+        settings = settings.model_copy(update={"lora_resolution": largest})
+    if settings.lora_resolution % 16 or settings.lora_resolution > settings.max_image_size:
+        raise ConfigurationError(
+            f"invalid configuration: LORA_RESOLUTION={settings.lora_resolution!r} (allowed: a "
+            f"multiple of 16, at most MAX_IMAGE_SIZE={settings.max_image_size})"
+        )
     if settings.default_inference_steps > settings.max_inference_steps:
         raise ConfigurationError(
             f"invalid configuration: DEFAULT_INFERENCE_STEPS="

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from core.image._fresh_thread import run_in_fresh_thread
+from core.lora.metadata import portable_metadata
 
 __all__ = [
     "DEV_MODEL_MARKER",
@@ -165,8 +166,7 @@ def _make_lora(model: Any, out_file: Path, rank: int, alpha: int | None, seed: i
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
     layers = get_peft_model_state_dict(transformer)
-    metadata = config.to_dict()
-    metadata["target_modules"] = sorted(_LORA_TARGETS)  # a set in peft: fix its order
+    metadata = portable_metadata(config)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     diffusers.FluxPipeline.save_lora_weights(
         out_file.parent,

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from core.files import atomic_path, atomic_write, fsync_directory
+from core.lora.metadata import portable_metadata
 from core.training.adapter import lora_config
 from core.training.encode import TrainingCache
 from core.training.images import CheckedImage
@@ -190,8 +191,7 @@ class TrainingFolder:
 
         folder = self.path / "final"
         folder.mkdir(parents=True, exist_ok=True)
-        metadata = lora_config().to_dict()
-        metadata["target_modules"] = sorted(metadata["target_modules"])  # a set in peft
+        metadata = portable_metadata(lora_config())
         pipeline_class: Any = diffusers.FluxPipeline
         pipeline_class.save_lora_weights(
             folder, transformer_lora_layers={k: v.to(dtype) for k, v in weights.items()},

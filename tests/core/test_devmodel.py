@@ -21,6 +21,7 @@ from core.image import (
 )
 from core.image import load_pipeline as load
 from core.image.devmodel import make_dev_lora
+from core.lora.metadata import PORTABLE_FIELDS
 
 
 @pytest.fixture(scope="module")
@@ -153,5 +154,6 @@ def test_dev_lora_is_rank_16_on_the_attention_projections(model_dir: Path, tmp_p
         b_weights = [handle.get_tensor(k) for k in keys if "lora_B" in k]
     assert metadata["transformer.r"] == 16 and metadata["transformer.lora_alpha"] == 16
     assert metadata["transformer.target_modules"] == ["to_k", "to_out.0", "to_q", "to_v"]
+    assert {name.removeprefix("transformer.") for name in metadata} <= set(PORTABLE_FIELDS)
     assert {k.split(".")[-3] for k in keys} >= {"to_k", "to_q", "to_v"}
     assert all(weight.abs().sum() > 0 for weight in b_weights)  # not a no-op

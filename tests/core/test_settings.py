@@ -96,3 +96,23 @@ def test_default_steps_beyond_the_maximum_stop_start_up(monkeypatch: pytest.Monk
     assert "DEFAULT_INFERENCE_STEPS=50" in message and "MAX_INFERENCE_STEPS=30" in message
     monkeypatch.setenv("DEFAULT_INFERENCE_STEPS", "30")
     assert load_settings().default_inference_steps == 30
+
+
+@pytest.mark.parametrize(("resolution", "max_size"), [("500", "2048"), ("1024", "768")])
+def test_a_lora_resolution_no_request_could_use_stops_start_up(
+        monkeypatch: pytest.MonkeyPatch, resolution: str, max_size: str) -> None:
+    """Accepted, it would refuse every training request that gives no resolution."""
+    monkeypatch.setenv("LORA_RESOLUTION", resolution)
+    monkeypatch.setenv("MAX_IMAGE_SIZE", max_size)
+    with pytest.raises(ConfigurationError) as info:
+        load_settings()
+    assert f"LORA_RESOLUTION={resolution}" in str(info.value)
+    assert "multiple of 16" in str(info.value) and f"MAX_IMAGE_SIZE={max_size}" in str(info.value)
+
+
+def test_the_default_lora_resolution_follows_a_smaller_max_image_size(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAX_IMAGE_SIZE", "300")
+    assert load_settings().lora_resolution == 288  # the largest multiple of 16 within it
+    monkeypatch.setenv("MAX_IMAGE_SIZE", "2048")
+    assert load_settings().lora_resolution == 512
