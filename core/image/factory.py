@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from core.answers import Answers
 from core.health import EngineHealth
 from core.image.acceleration import Acceleration
 from core.image.compile_cache import CompileCache, Loaded, cache_name, kernel_cache_counts
@@ -69,7 +70,8 @@ async def build_image_service(
     its GPU worker and makes the warm-up images (:mod:`core.image.warmup`: with
     COMPILE_TRANSFORMER, the compilation), so that the service returned serves at full
     speed from its first request. ``health.warming`` (when given) is true meanwhile;
-    ``objects``, the shared store, also keeps the result cache.
+    ``objects``, the shared store, also keeps the result cache and the record of which
+    requests it answered.
 
     Raises ``ModelLoadError`` with what is missing or wrong, or when a warm-up image fails
     (the worker is stopped then)."""
@@ -120,6 +122,9 @@ async def build_image_service(
         limits, identity, true_cfg_scale=settings.true_cfg_scale,
         progress_interval=settings.progress_interval,
         init_images=InitImageLoader(http, init_image_limits(settings)),
+        answers=Answers(RememberedResults(settings.output_dir / ".answers" / "image",
+                                          max_entries=settings.result_cache_max_entries,
+                                          shared=objects, namespace="results/answers/image")),
     )
     return service, worker
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from core.answers import Answers
 from core.image.files import SUFFIXES, write_image
 from core.image.init_image import InitImageLimits, InitImageLoader, decode_init_image
 from core.image.job import ActiveLora, ImageJob
@@ -107,7 +108,8 @@ class ImageService:
     the worker's FLUX_MAX_SEQUENCE_LENGTH and VAE_TILING_THRESHOLD and its model's device,
     dtype, attention kernel and speed settings, it keys the result cache
     (:class:`~core.image.results.Rendering`), so that other settings never replay other
-    pixels.
+    pixels. ``answers`` records which request ids were answered with which result (none:
+    :meth:`remembered` finds nothing).
     """
 
     def __init__(
@@ -123,12 +125,14 @@ class ImageService:
         true_cfg_scale: float = 4.0,
         progress_interval: float = 0.5,
         init_images: InitImageLoader | None = None,
+        answers: Answers | None = None,
     ) -> None:
         self._worker = worker
         self._loras = loras
         self._store = store
         self._optimizer = optimizer
         self._results = results
+        self._answers = answers
         self._limits = limits
         self.model = model
         self._true_cfg_scale = true_cfg_scale
@@ -199,6 +203,7 @@ class ImageService:
         remembered, current = await self._looked_up(key)
         if remembered is not None and current:
             logger.debug("request_id=%s answered from the result cache", request.request_id)
+            await self._recorded(request, key)
             return self._result(remembered)
         placement = placement or Placement(owner=request.conversation_id)
         bridge: _ProgressBridge | None = None
@@ -244,19 +249,23 @@ class ImageService:
             self._forget(key, joint)
         if bridge is not None:
             await bridge.finish()
+        await self._recorded(request, key)
         return self._result(entry)
 
     async def remembered(self, request: ImageRequested) -> ImageResult | None:
-        """The result :meth:`generate` would answer ``request`` with from the result cache
-        (same files, same URLs), found without the GPU, the prompt optimizer or a
-        download; ``None`` when there is none, or when its key would need one: a starting
-        image at ``init_image_url``, a LoRA not fetched here yet. An invalid request has
-        none either (no error raised)."""
-        if request.init_image_url is not None:
+        """The result :meth:`generate` answered ``request`` with before (its
+        ``request_id``, the same content), from the result cache (same files, same URLs),
+        found without the GPU, the prompt optimizer or a download; ``None`` when there is
+        none (a new request with the same content included), or when its key would need
+        one: a starting image at ``init_image_url``, a LoRA not fetched here yet. An
+        invalid request has none either (no error raised)."""
+        if request.init_image_url is not None or self._answers is None:
             return None
         try:
             _, _, _, key = await self._keyed(self.check(request))
         except EngineError:
+            return None
+        if not await self._answers.answered_with(request.request_id, key):
             return None
         remembered, current = await self._looked_up(key)
         return self._result(remembered) if remembered is not None and current else None
@@ -275,6 +284,10 @@ class ImageService:
                           stacked_hashes=tuple(info.fingerprint for info, _ in stacked),
                           init_hash=init_hash)
         return params, init, init_hash, key
+
+    async def _recorded(self, request: ImageRequested, key: str) -> None:
+        if self._answers is not None:  # before the caller publishes it: durably
+            await self._answers.record(request.request_id, key)
 
     async def _looked_up(self, key: str) -> tuple[CachedResult | None, bool]:
         return await looked_up(self._results.get, self._store, key, _filenames,

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import httpx
 
+from core.answers import Answers
 from core.backoff import Backoff
 from core.llm import ChatClient
 from core.outputs import OutputStore
@@ -52,7 +53,8 @@ def build_voice_service(
     - Emotion: the Persona Engine's LLM (on ``http``) with the rules as fallback when
       PERSONA_ENGINE_URL is set, the rules alone otherwise.
     - Profiles: read from VOICE_PROFILES_PATH when set.
-    - Remembered results: ``{store}/.voice-results``, at most RESULT_CACHE_MAX_ENTRIES.
+    - Remembered results: ``{store}/.voice-results``, at most RESULT_CACHE_MAX_ENTRIES;
+      which requests they answered: ``{store}/.answers/voice``, as many.
     - Texts of at most VOICE_MAX_TEXT_CHARS characters.
     - Live streams spooled in ``{store}/.voice-streams/{instance}``, named
       ``{VOICE_STREAM_BASE_URL or PUBLIC_BASE_URL}/streams/voice/{VOICE_STREAM_INSTANCE or
@@ -123,13 +125,16 @@ def build_voice_service(
     results = VoiceResults(RememberedResults(store.directory / ".voice-results",
                                              max_entries=settings.result_cache_max_entries,
                                              shared=objects, namespace="results/voice"))
+    answers = Answers(RememberedResults(store.directory / ".answers" / "voice",
+                                        max_entries=settings.result_cache_max_entries,
+                                        shared=objects, namespace="results/answers/voice"))
     instance = settings.voice_stream_instance or _host_name()
     streams = AudioStreams(store.directory / ".voice-streams",
                            settings.voice_stream_base_url or settings.public_base_url, instance,
                            linger=settings.voice_stream_linger_seconds)
     return VoiceService(backend, store, settings.default_voice_id, injector,
                         settings.voice_max_text_chars, profiles=profiles, quota=quota,
-                        results=results, streams=streams)
+                        results=results, answers=answers, streams=streams)
 
 
 def _host_name() -> str:

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from core.answers import Answers
 from core.outputs import OutputStore, StoredFile
 from core.remembered import looked_up
 from core.retry_budget import RetryBudget
@@ -140,8 +141,9 @@ class VoiceService:
     :class:`~core.voice.emotion_rules.RulesEmotionInjector`); texts longer than
     ``max_text_chars`` (VOICE_MAX_TEXT_CHARS) are rejected. ``quota`` is the provider's
     quota monitor, when the backend has an account. ``results`` remembers answered
-    requests (none: every request is made anew). Raises ``ValueError`` for an empty ``default_voice_id`` or a
-    ``max_text_chars`` below 1.
+    requests (none: every request is made anew), ``answers`` which request ids they
+    answered (none: :meth:`remembered` finds nothing). Raises ``ValueError`` for an empty
+    ``default_voice_id`` or a ``max_text_chars`` below 1.
     """
 
     def __init__(
@@ -155,6 +157,7 @@ class VoiceService:
         profiles: VoiceProfiles | None = None,
         quota: QuotaMonitor | None = None,
         results: VoiceResults | None = None,
+        answers: Answers | None = None,
         streams: AudioStreams | None = None,
     ) -> None:
         if not default_voice_id:
@@ -169,6 +172,7 @@ class VoiceService:
         self._profiles = profiles if profiles is not None else VoiceProfiles()
         self._quota = quota
         self._results = results
+        self._answers = answers
         self._streams = streams
         self._making: SharedWork[_Made] = SharedWork("voice")
 
@@ -251,6 +255,7 @@ class VoiceService:
         if remembered is not None and current:
             logger.debug("voice answered from the remembered results: %s", remembered.filename)
             words = await self._words(request.text, remembered)
+            await self._recorded(request, key)
             return self._answer(request.text, _Made(remembered, time.time(), words))
         if remembered is not None:
             logger.info("voice output %s is gone or about to expire: speaking it again with seed %s",
@@ -262,15 +267,18 @@ class VoiceService:
             await self._remember(key, made.voice)
             return made
 
-        return self._answer(request.text, await self._making.run(
-            key, make, keep_when_abandoned=keep_when_abandoned))
+        made = await self._making.run(key, make, keep_when_abandoned=keep_when_abandoned)
+        await self._recorded(request, key)
+        return self._answer(request.text, made)
 
     async def remembered(self, request: VoiceRequestLike) -> VoiceResult | None:
         """The result :meth:`generate` would answer ``request`` with from the remembered
         results (same file, same URL), found without emotion injection or an upstream
-        call; ``None`` when there is none (nothing is remembered without a seed), its file
-        is gone or about to be, or the request is invalid (no error raised)."""
-        if self._results is None:
+        call, for a request that :meth:`generate` answered before (its ``request_id``,
+        the same content); ``None`` for any other (a new request with the same content
+        included), when its file is gone or about to be, or the request is invalid (no
+        error raised)."""
+        if self._results is None or self._answers is None:
             return None
         try:
             settings, _ = self._settings(request)
@@ -279,7 +287,10 @@ class VoiceService:
             return None
         if settings.seed is None:
             return None
-        remembered, current = await self._looked_up(self._key(request, settings))
+        key = self._key(request, settings)
+        if not await self._answers.answered_with(request.request_id, key):
+            return None
+        remembered, current = await self._looked_up(key)
         if remembered is None or not current:
             return None
         words = await self._words(request.text, remembered)
@@ -437,6 +448,12 @@ class VoiceService:
             await asyncio.to_thread(self._results.put, key, made)
         except OSError as exc:  # the output is fine; only a replay will cost again
             logger.warning("voice result not remembered: %s", exc)
+
+    async def _recorded(self, request: VoiceRequestLike, key: str) -> None:
+        """``request`` answered with the result under ``key``: recorded (durably) before
+        the caller publishes it, so that a redelivery finds it (:meth:`remembered`)."""
+        if self._answers is not None:
+            await self._answers.record(request.request_id, key)
 
     def _answer(self, text: str, answered: _Made) -> VoiceResult:
         made, words = answered.voice, answered.words

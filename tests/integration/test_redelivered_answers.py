@@ -2,7 +2,8 @@
 past its deadline or cancelled since its completion: it is completed again, the same URL,
 from the remembered results (no GPU, no upstream call), never answered failed after its
 consumer may have seen it completed. A request with nothing remembered is still answered
-EXPIRED / CANCELLED.
+EXPIRED / CANCELLED, and so is a new request (another request_id) with the same content as
+one completed before (the same explicit seed): its answer was never given, only another's.
 
 A redelivery is the same record again: here the same value published once more (with the
 original's timestamp where it matters); "past its deadline" is the same request with a
@@ -22,10 +23,14 @@ import pytest
 from consumers.engine import Engine
 from core.settings import Settings
 from tests.integration.test_replay_command import Original, publish
-from tests.integration.test_voice_elevenlabs import eleven_engine  # noqa: F401 (fixture)
+from tests.integration.test_voice_elevenlabs import (  # noqa: F401 (fixture)
+    eleven_engine,
+    eleven_labs_engine,
+)
 from tests.support.dev_engine import dev_engine
 from tests.support.elevenlabs_server import ElevenLabsServer
 from tests.support.kafka_client import Answer, PersonaPeer
+from tests.support.s3_server import StoreLocation
 
 pytestmark = pytest.mark.kafka
 
@@ -62,7 +67,7 @@ async def test_a_redelivered_image_is_completed_again_though_cancelled_or_expire
     settings: Settings, peer: PersonaPeer, dev_model_dir: Path, tmp_path: Path
 ) -> None:
     published = int(time.time() * 1000)
-    named = image("conv-named", "a portrait of a woman in a cafe")
+    named = image("conv-named", "a portrait of a woman in a cafe", seed=7)
     whole = image("conv-whole", "a cat on a windowsill")
     dated = image("conv-dated", "a boat on a lake",
                   deadline=(datetime.now(UTC) + timedelta(minutes=5)).isoformat())
@@ -90,11 +95,15 @@ async def test_a_redelivered_image_is_completed_again_though_cancelled_or_expire
         # nothing remembered: cancelled and expired as ever
         stopped = image("conv-whole", "a lighthouse at dusk")
         late = image("conv-late", "a red bicycle", deadline=passed())
-        await publish(settings, [record(stopped, published), record(late, published)])
-        (stopped_answer,) = await answers(peer, stopped, 1)
-        (late_answer,) = await answers(peer, late, 1)
-    assert stopped_answer.event.get("error_code") == "CANCELLED", stopped_answer.event
-    assert late_answer.event.get("error_code") == "EXPIRED", late_answer.event
+        # new requests with the content of one completed before: never answered either
+        twin = dict(named, request_id=str(uuid.uuid4()), conversation_id="conv-twin")
+        late_twin = dict(named, request_id=str(uuid.uuid4()), deadline=passed())
+        await cancel(peer, "conv-twin", twin["request_id"])  # before it is published
+        await publish(settings, [record(r, published) for r in (stopped, late, twin, late_twin)])
+        replies = [(await answers(peer, r, 1))[0] for r in (stopped, late, twin, late_twin)]
+    for reply, code in zip(replies, ("CANCELLED", "EXPIRED", "CANCELLED", "EXPIRED"),
+                           strict=True):
+        assert reply.kind == "failed" and reply.event.get("error_code") == code, reply.event
 
 
 async def test_a_redelivered_voice_is_completed_again_without_asking_elevenlabs(
@@ -119,3 +128,59 @@ async def test_a_redelivered_voice_is_completed_again_without_asking_elevenlabs(
     await peer.publish("voice", fresh)
     (late,) = await answers(peer, fresh, 1)
     assert late.event.get("error_code") == "EXPIRED", late.event
+
+
+async def test_a_new_voice_request_with_the_content_of_a_completed_one_is_not_answered_by_it(
+    eleven_engine: Engine, peer: PersonaPeer, upstream: ElevenLabsServer,  # noqa: F811
+) -> None:
+    first = {"request_id": str(uuid.uuid4()), "conversation_id": "conv-first",
+             "text": "See you tomorrow at the lake.", "seed": 42}
+    await peer.publish("voice", first)
+    (done,) = await answers(peer, first, 1)
+    assert done.kind == "completed", done.event
+
+    twin = dict(first, request_id=str(uuid.uuid4()), conversation_id="conv-twin")
+    await cancel(peer, "conv-twin", twin["request_id"])  # before it is published
+    await peer.publish("voice", twin)
+    (cancelled,) = await answers(peer, twin, 1)
+    late = dict(first, request_id=str(uuid.uuid4()), deadline=passed())
+    await peer.publish("voice", late)
+    (expired,) = await answers(peer, late, 1)
+    assert cancelled.kind == "failed" and cancelled.event.get("error_code") == "CANCELLED", \
+        cancelled.event
+    assert expired.kind == "failed" and expired.event.get("error_code") == "EXPIRED", \
+        expired.event
+
+    await peer.publish("voice", dict(first, deadline=passed()))  # the first itself, again
+    (_, again) = await answers(peer, first, 2)
+    assert again.kind == "completed" and again.event["url"] == done.event["url"], again.event
+    assert upstream.tts_calls == 1
+
+
+async def test_another_instance_finds_which_requests_were_answered_in_the_store(
+    settings: Settings, peer: PersonaPeer, upstream: ElevenLabsServer,
+    s3_store: StoreLocation, tmp_path: Path,
+) -> None:
+    """The instance that completed a request is gone, its disk too; the one that gets the
+    request again past its deadline finds its answer through the shared store."""
+    def instance(name: str) -> dict[str, Any]:
+        return {"output_dir": tmp_path / name / "outputs", "temp_dir": tmp_path / name / "temp",
+                "storage_url": s3_store.url, "storage_endpoint_url": s3_store.endpoint}
+
+    first = {"request_id": str(uuid.uuid4()), "conversation_id": "conv-fleet",
+             "text": "The kettle is on, come in.", "seed": 9}
+    async with eleven_labs_engine(settings, upstream, **instance("a")):
+        await peer.publish("voice", first)
+        (done,) = await answers(peer, first, 1)
+    assert done.kind == "completed", done.event
+    twin = dict(first, request_id=str(uuid.uuid4()), deadline=passed())
+    async with eleven_labs_engine(settings, upstream, **instance("b")):
+        await peer.publish("voice", dict(first, deadline=passed()))
+        (_, again) = await answers(peer, first, 2)
+        await peer.publish("voice", twin)
+        (expired,) = await answers(peer, twin, 1)
+    assert again.kind == "completed", again.event
+    assert again.event["audio_id"] == done.event["audio_id"]
+    assert expired.kind == "failed" and expired.event.get("error_code") == "EXPIRED", \
+        expired.event
+    assert upstream.tts_calls == 1
