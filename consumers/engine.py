@@ -122,7 +122,8 @@ class Engine:
                                  if settings.output_urls == "presigned" else None)
             if self.objects is not None else None,
         )
-        self.http = _observed_client(settings, self.metrics)
+        self.http = _observed_client(settings, self.metrics)  # follows HTTP(S)_PROXY
+        self.fetch_http = _observed_client(settings, self.metrics, direct=True)
         retries = self.metrics.retries.labels  # the HTTP requests' own budgets count there
         self.voice = build_voice_service(
             settings, self.store, self.http, objects=self.objects,
@@ -183,11 +184,11 @@ class Engine:
             self.health.image_model = ImageModelInfo(name=str(self._model_path), loaded=False)
             self.image, self._worker = await build_image_service(
                 settings, self._model_path, self.store, self.http, self.metrics,
-                objects=self.objects, health=self.health)
+                objects=self.objects, health=self.health, fetch_http=self.fetch_http)
             services.image = self.image
             self.health.gpu_worker = self._worker.pulse  # for /health/live
             self.training = build_training_service(settings, self._worker, self.image,
-                                                   self.http, self.objects)
+                                                   self.fetch_http, self.objects)
             services.training = self.training
             self.health.image_model = ImageModelInfo(
                 name=self.image.model.name, loaded=True,
@@ -362,6 +363,7 @@ class Engine:
         if self._runner is not None:
             await self._runner.cleanup()
         await self.http.aclose()
+        await self.fetch_http.aclose()
         if self._registry_http is not None:
             await self._registry_http.aclose()
         try:  # what spans are pending go to the collector, bounded (it may be gone)
@@ -461,8 +463,15 @@ class Engine:
             return None
 
 
-def _observed_client(settings: Settings, metrics: EngineMetrics) -> httpx.AsyncClient:
-    """The one shared HTTP client: timed per upstream, carrying the trace to ours."""
+def _observed_client(settings: Settings, metrics: EngineMetrics, *, direct: bool = False
+                     ) -> httpx.AsyncClient:
+    """A client timed per upstream, carrying the trace to ours. The shared one (ElevenLabs,
+    the Persona Engine) follows HTTP_PROXY/HTTPS_PROXY/NO_PROXY; ``direct``, the one that
+    fetches requests' URLs (:class:`~core.net.SafeFetcher`), never does: a proxy would
+    resolve the name again, past the fetcher's address check (and the fetcher sends to
+    the checked IP, which breaks TLS through a tunnel and NO_PROXY by name). With a
+    transport of its own a client takes no proxy from the environment; that transport
+    still takes a CA bundle from SSL_CERT_FILE/SSL_CERT_DIR."""
     bases = [(settings.elevenlabs_api_url, "elevenlabs")]
     if settings.persona_engine_url:
         bases.append((settings.persona_engine_url, "persona_llm"))
@@ -470,6 +479,9 @@ def _observed_client(settings: Settings, metrics: EngineMetrics) -> httpx.AsyncC
     def observe(upstream: str, outcome: str, seconds: float) -> None:
         metrics.upstream_seconds.labels(upstream, outcome).observe(seconds)
 
-    return ObservedClient(
-        upstreams=UpstreamNames(bases, default="image_fetch"), observe=observe,
-        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
+    upstreams = UpstreamNames(bases, default="image_fetch")
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+    if direct:
+        return ObservedClient(upstreams=upstreams, observe=observe, trust_env=False,
+                              transport=httpx.AsyncHTTPTransport(limits=limits))
+    return ObservedClient(upstreams=upstreams, observe=observe, limits=limits)

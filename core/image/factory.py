@@ -64,14 +64,15 @@ def acceleration_of(settings: Settings) -> Acceleration:
 async def build_image_service(
     settings: Settings, model_path: Path, store: OutputStore, http: httpx.AsyncClient,
     metrics: EngineMetrics, objects: ObjectStore | None = None,
-    health: EngineHealth | None = None,
+    health: EngineHealth | None = None, fetch_http: httpx.AsyncClient | None = None,
 ) -> tuple[ImageService, GpuWorker]:
     """Loads the model at ``model_path`` (in a thread: real weights take minutes), starts
     its GPU worker and makes the warm-up images (:mod:`core.image.warmup`: with
     COMPILE_TRANSFORMER, the compilation), so that the service returned serves at full
     speed from its first request. ``health.warming`` (when given) is true meanwhile;
     ``objects``, the shared store, also keeps the result cache and the record of which
-    requests it answered.
+    requests it answered. ``http`` calls the Persona Engine; ``fetch_http`` (``http``
+    when not given) fetches ``init_image_url`` (the engine's own takes no proxy).
 
     Raises ``ModelLoadError`` with what is missing or wrong, or when a warm-up image fails
     (the worker is stopped then)."""
@@ -121,7 +122,7 @@ async def build_image_service(
                                       shared=objects, namespace="results/image")),
         limits, identity, true_cfg_scale=settings.true_cfg_scale,
         progress_interval=settings.progress_interval,
-        init_images=InitImageLoader(http, init_image_limits(settings)),
+        init_images=InitImageLoader(fetch_http or http, init_image_limits(settings)),
         answers=Answers(RememberedResults(settings.output_dir / ".answers" / "image",
                                           max_entries=settings.result_cache_max_entries,
                                           shared=objects, namespace="results/answers/image")),

@@ -11,6 +11,10 @@ once and refused when any address is not public
 :class:`~core.net.policy.AllowedHosts`; the request then goes to that checked address,
 never to the name again: ``http`` asks the IP with the original ``Host`` header, ``https``
 also passes the name as ``sni_hostname`` so TLS verifies the certificate against the name.
+So the client given must take no proxy from the environment (the engine's fetch client is
+built with a transport of its own, beside which httpx mounts no HTTP(S)_PROXY): a proxy
+would resolve the name again, past this check; and since the URL sent names the IP, TLS
+through a CONNECT tunnel would fail and NO_PROXY would never match the name.
 
 The body is read raw and decoded here, not by httpx: ``Accept-Encoding: identity`` is
 asked for, and one ``gzip`` or ``deflate`` coding sent anyway is undone without ever

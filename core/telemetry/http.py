@@ -1,5 +1,7 @@
-"""The engine's one shared ``httpx.AsyncClient``, observed: every request is timed per
-upstream and outcome, and the requests to the engine's own upstreams carry the trace.
+"""The engine's ``httpx.AsyncClient``s, observed: every request is timed per upstream and
+outcome, and the requests to the engine's own upstreams carry the trace. (Two of them: the
+shared one, for ElevenLabs and the LLM, follows the proxy variables; the one for URL
+fetches connects directly.)
 
 A subclass overriding :meth:`ObservedClient.send` rather than event hooks: hooks never see
 a request that fails (a timeout, a refused connection), and those are the slow and broken

@@ -38,19 +38,21 @@ def training_limits(settings: Settings) -> TrainingLimits:
 
 
 def build_training_service(settings: Settings, worker: GpuWorker, images: ImageService,
-                           http: httpx.AsyncClient, objects: ObjectStore | None = None
+                           fetch_http: httpx.AsyncClient, objects: ObjectStore | None = None
                            ) -> TrainingService:
     """Trainings on ``worker``'s pipeline, files under TEMP_DIR/training, results in
     LORA_OUTPUT_DIR (and the shared store ``images``' registry uses), validation images
     through ``images``; with ``objects`` (the shared store) inputs, checkpoints and
-    statuses are kept there too. Nothing is written until a training is accepted."""
+    statuses are kept there too. ``fetch_http`` fetches the requests' ``image_urls`` (the
+    engine's client for that takes no proxy). Nothing is written until a training is
+    accepted."""
     model = worker.model
     root = settings.temp_dir / "training"
     times = StepTimes(root / "step_times.json", development_model=model.development_model)
     return TrainingService(
         TrainingRunner(worker, times, checkpoint_every=settings.lora_checkpoint_every,
                        max_sequence_length=settings.flux_max_sequence_length),
-        Intake(training_limits(settings), http, settings.lora_fetch_timeout,
+        Intake(training_limits(settings), fetch_http, settings.lora_fetch_timeout,
                fetch_allowed_hosts=AllowedHosts.parse(settings.lora_fetch_allowed_hosts)),
         TrainingStore(root), LoraRegistry(settings.lora_output_dir, shared=images.loras.shared),
         images, times,
