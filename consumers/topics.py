@@ -2,18 +2,20 @@
 
 ``ensure_topics`` is best effort, for brokers the engine does not own (an external
 cluster may forbid topic creation; then operators create topics and the engine uses them).
-``create_missing_topics`` is the strict form, for brokers the engine does own.
+``create_missing_topics`` is the strict form, for brokers the engine does own. Both create
+each contract topic with its :data:`TOPIC_CONFIGS`, as deploy/create-topics.sh does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     IncompatibleBrokerVersion,
     KafkaConnectionError,
@@ -27,10 +29,12 @@ from consumers.security import PLAINTEXT, KafkaSecurity
 
 __all__ = [
     "CONTRACT_TOPICS",
+    "TOPIC_CONFIGS",
     "Replication",
     "create_missing_topics",
     "ensure_topics",
     "probe_idempotence",
+    "topic_configs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -45,6 +49,27 @@ CONTRACT_TOPICS: tuple[str, ...] = (
     "generation.failed",
     "generation.progress",
 )
+
+_DAY_MS = str(24 * 3600 * 1000)
+
+#: Topic configs beyond the broker's defaults, by contract topic (deploy/create-topics.sh
+#: sets the same; tests/deploy compares them). LoRA requests may carry inline images:
+#: records up to the engine producer's 16 MiB (consumers/kafka.py), where Apache Kafka's
+#: default is about 1 MiB. Cancels and progress are transient: kept a day, not seven.
+TOPIC_CONFIGS: Mapping[str, Mapping[str, str]] = {
+    "generation.requested.lora": {"max.message.bytes": str(16 * 2**20)},
+    "generation.control": {"retention.ms": _DAY_MS},
+    "generation.progress": {"retention.ms": _DAY_MS},
+}
+
+
+def topic_configs(name: str) -> dict[str, str]:
+    """:data:`TOPIC_CONFIGS` of ``name``, a contract topic with any prefix (``prod.`` +
+    ``generation.control``); ``{}`` for any other topic."""
+    for topic, configs in TOPIC_CONFIGS.items():
+        if name.endswith(topic):
+            return dict(configs)
+    return {}
 
 
 @dataclass(frozen=True)
@@ -79,8 +104,11 @@ async def create_missing_topics(
 ) -> list[str]:
     """Create those of ``names`` that do not exist yet; return the ones created, in order.
 
-    Existing topics are left as they are, whatever their partition count or replication
-    (also when another client creates one concurrently). Creating with one replica on a
+    Each topic is created with its :func:`topic_configs`. Existing topics are left as they
+    are, whatever their partition count, replication or configs (also when another client
+    creates one concurrently); one whose ``max.message.bytes`` is below what its
+    :data:`TOPIC_CONFIGS` ask for is a warning, where the broker says (DescribeConfigs).
+    Creating with one replica on a
     cluster of several brokers, or with more replicas than brokers, is a warning naming
     ``KAFKA_REPLICATION_FACTOR``. Raises ``ValueError`` for ``partitions`` or a replication
     factor below 1, aiokafka's ``KafkaError`` (the broker's per-topic error, or
@@ -99,6 +127,7 @@ async def create_missing_topics(
         async with asyncio.timeout(timeout):
             await admin.start()
             existing = set(await admin.list_topics())
+            await _warn_about_small_records(admin, [n for n in wanted if n in existing])
             missing = [name for name in wanted if name not in existing]
             if not missing:
                 return []
@@ -110,10 +139,11 @@ async def create_missing_topics(
                 raise IncompatibleBrokerVersion("the broker names no controller for CreateTopics")
             factor, min_insync = replication.resolve(len(brokers))
             _warn_about_replication(factor, len(brokers), missing)
-            configs = {"min.insync.replicas": str(min_insync)} if min_insync else None
-            response = await admin.create_topics(
-                [NewTopic(name, partitions, factor, topic_configs=configs) for name in missing]
-            )
+            replicas = {"min.insync.replicas": str(min_insync)} if min_insync else {}
+            response = await admin.create_topics([
+                NewTopic(name, partitions, factor,
+                         topic_configs={**replicas, **topic_configs(name)} or None)
+                for name in missing])
     finally:
         await admin.close()
     created: set[str] = set()
@@ -126,6 +156,35 @@ async def create_missing_topics(
         elif error is not TopicAlreadyExistsError:
             raise error(f"cannot create topic {topic!r}: {message or error.description}")
     return [name for name in missing if name in created]
+
+
+async def _warn_about_small_records(admin: AIOKafkaAdminClient, names: Sequence[str]) -> None:
+    """A warning for each of ``names`` (existing topics) whose ``max.message.bytes`` the
+    broker reports below what :data:`TOPIC_CONFIGS` asks for. A broker that does not say
+    (no DescribeConfigs, not authorized, no value reported) gets no warning."""
+    needed = {name: int(limit) for name in names
+              if (limit := topic_configs(name).get("max.message.bytes")) is not None}
+    if not needed:
+        return
+    try:
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name) for name in needed])
+    except KafkaError as exc:
+        logger.debug("cannot read the configs of %s (%s)", ", ".join(needed), exc)
+        return
+    for response in responses:
+        for resource in response.resources:
+            error_code, name, entries = resource[0], resource[3], resource[4]
+            values = {entry[0]: entry[1] for entry in entries}
+            limit = values.get("max.message.bytes")
+            if error_code or name not in needed or limit is None or int(limit) >= needed[name]:
+                continue
+            logger.warning(
+                "topic %s exists with max.message.bytes=%s, below the %d its records may "
+                "need (inline images): the broker refuses larger ones; raise it with "
+                "kafka-configs.sh --alter --entity-type topics --entity-name %s "
+                "--add-config max.message.bytes=%d", name, limit, needed[name], name,
+                needed[name])
 
 
 def _warn_about_replication(factor: int, brokers: int, topics: Sequence[str]) -> None:

@@ -12,6 +12,10 @@
 #   LORA_MAX_MESSAGE_BYTES  LoRA requests may carry inline images: records up to 16 MiB,
 #                        the engine's own max_request_size     (default 16777216)
 #   KAFKA_BIN            where kafka-topics.sh lives              (default /opt/kafka/bin)
+#
+# The --config of each topic are those the engine itself gives the topics it creates where
+# no script runs (Kubernetes): TOPIC_CONFIGS in consumers/topics.py. Keep the two the same
+# (tests/deploy/test_deploy_files.py runs this script and compares).
 set -euo pipefail
 
 bootstrap="${BOOTSTRAP_SERVER:-kafka:9092}"

@@ -14,8 +14,9 @@ the model's device and dtype:
 
 ``bench/gpu_check.py`` times every kernel the card has at FLUX's 1024² shape, which shows
 whether the order holds there. Any other name is set as asked: unknown names, kernels that
-download from the Hub (the engine runs offline) and xformers when not installed are a
-:class:`AttentionBackendError` naming the setting.
+download from the Hub (the engine runs offline) are a :class:`AttentionBackendError` naming
+the setting, and so is ``xformers`` unless its memory-efficient attention runs a probe call
+(a package built for another torch or CUDA imports, but its kernels do not load).
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ def auto_candidates(device: str, capability: tuple[int, int] | None,
 
 def resolve_attention_backend(requested: str, *, device: str, dtype: torch.dtype) -> str:
     """The backend to set: ``requested`` itself, or for ``auto`` the first of
-    :func:`auto_candidates` that runs a probe call on ``device`` in ``dtype``."""
+    :func:`auto_candidates` that runs a probe call on ``device`` in ``dtype``. ``xformers``
+    must run one too: :class:`AttentionBackendError` otherwise."""
+    if requested == "xformers":
+        _require_xformers(device, dtype)
     if requested != "auto":
         return requested
     capability = (torch.cuda.get_device_capability(torch.device(device))
@@ -85,6 +89,42 @@ def _runs(backend: str, device: str, dtype: torch.dtype) -> bool:
                     type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         return False
     return True
+
+
+def _require_xformers(device: str, dtype: torch.dtype) -> None:
+    """The call diffusers' xformers backend makes (``xformers.ops.memory_efficient_attention``,
+    whose fmha dispatch picks a kernel), once on ``device`` in ``dtype``."""
+    try:
+        import xformers.ops as xops  # optional: imported only when chosen
+    except ModuleNotFoundError as exc:
+        if exc.name != "xformers":
+            raise AttentionBackendError(
+                f"ATTENTION_BACKEND='xformers' but xformers cannot be imported "
+                f"({_first_line(exc)}); install the `gpu` extra built for this torch, or use "
+                "ATTENTION_BACKEND=auto") from exc
+        raise AttentionBackendError(
+            "ATTENTION_BACKEND='xformers' but xformers is not installed "
+            "(pip install 'multimodal-engine[gpu]', or use ATTENTION_BACKEND=native)"
+        ) from exc
+    except Exception as exc:  # a build whose import fails
+        raise AttentionBackendError(
+            f"ATTENTION_BACKEND='xformers' but xformers cannot be imported ({_first_line(exc)}); "
+            "install the `gpu` extra built for this torch, or use ATTENTION_BACKEND=auto"
+        ) from exc
+    query = torch.randn(1, 64, 2, _HEAD_DIM, device=device, dtype=dtype)
+    try:
+        with torch.no_grad():
+            xops.memory_efficient_attention(query, query, query)
+    except Exception as exc:  # no kernel for this build, device or dtype
+        raise AttentionBackendError(
+            f"ATTENTION_BACKEND='xformers' cannot run on {device} in {dtype} "
+            f"({_first_line(exc)}); xformers must be built for this torch and CUDA "
+            "(docs/image.md), or use ATTENTION_BACKEND=auto") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -122,10 +162,6 @@ def set_attention_backend(pipeline: Any, backend: str) -> None:
         raise AttentionBackendError(
             f"ATTENTION_BACKEND={backend!r} downloads its kernel from the Hub at start-up; "
             "the engine runs offline")
-    if backend == "xformers" and importlib.util.find_spec("xformers") is None:
-        raise AttentionBackendError(
-            "ATTENTION_BACKEND='xformers' but xformers is not installed "
-            "(pip install 'multimodal-engine[gpu]', or use ATTENTION_BACKEND=native)")
     try:
         pipeline.transformer.set_attention_backend(backend)
     except (RuntimeError, ValueError, ImportError) as exc:

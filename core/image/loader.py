@@ -201,9 +201,9 @@ def prepare_model(
 
     def prepare() -> tuple[StepCache | None, str | None, str]:
         pipeline.set_progress_bar_config(disable=True)
-        backend = resolve_attention_backend(attention_backend, device=resolved,
-                                            dtype=pipeline.transformer.dtype)
         try:
+            backend = resolve_attention_backend(attention_backend, device=resolved,
+                                                dtype=pipeline.transformer.dtype)
             set_attention_backend(pipeline, backend)
         except AttentionBackendError as exc:
             raise ModelLoadError(str(exc), path=path, setting="ATTENTION_BACKEND") from exc

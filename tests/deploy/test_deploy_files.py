@@ -23,11 +23,14 @@ from typing import Any
 import pytest
 import yaml
 
+from consumers.topics import TOPIC_CONFIGS
 from core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINE = "multimodal_engine"  # the engine's compose service
 TOPIC_SERVICE = "create-topics"
+#: .env.example variables that Compose interpolates and no setting reads
+COMPOSE_VARIABLES = frozenset({"METRICS_SCRAPE_KEY"})
 
 # CONTRACT.md, "Configuration": the original .env.example's variables, then the added ones.
 CONTRACT_VARIABLES = {
@@ -342,6 +345,12 @@ def test_topic_service_creates_the_contract_topics(
             assert argv[argv.index("--replication-factor") + 1] == "1"
             created[argv[argv.index("--topic") + 1]] = argv
     assert set(created) == CONTRACT_TOPICS
+    # the same topic configs as the engine gives the topics it creates (Kubernetes)
+    configs = {
+        topic: dict(argv[i + 1].split("=", 1) for i, arg in enumerate(argv) if arg == "--config")
+        for topic, argv in created.items()
+    }
+    assert configs == {topic: dict(TOPIC_CONFIGS.get(topic, {})) for topic in CONTRACT_TOPICS}
     partitions = {int(argv[argv.index("--partitions") + 1]) for argv in created.values()}
     assert partitions == {int(service["environment"]["TOPIC_PARTITIONS"])}
     assert min(partitions) >= 6  # room for several engine instances per topic
@@ -435,6 +444,16 @@ def test_prometheus_scrapes_the_engine_metrics(env_example: dict[str, str]) -> N
     assert f"{ENGINE}:{env_example['SERVICE_PORT']}" in targets, targets
 
 
+def prometheus_etc(root: Path) -> Path:
+    """/etc/prometheus as the compose Prometheus has it: the config, the alert rules beside
+    it and the scrape key compose writes (the `metrics_scrape_key` config)."""
+    root.mkdir(parents=True)
+    shutil.copy2(REPO / "deploy" / "prometheus.yml", root / "prometheus.yml")
+    shutil.copytree(REPO / "deploy" / "prometheus", root / "prometheus")
+    (root / "metrics-scrape-key").write_text("\n")
+    return root / "prometheus.yml"
+
+
 @pytest.mark.skipif(
     promtool() is None,
     reason="no promtool binary: PyPI has no wheel that ships it; Debian's `prometheus` "
@@ -443,22 +462,18 @@ def test_prometheus_scrapes_the_engine_metrics(env_example: dict[str, str]) -> N
 def test_promtool_accepts_the_config_and_rejects_a_broken_one(tmp_path: Path) -> None:
     tool = promtool()
     assert tool is not None
+    config = prometheus_etc(tmp_path / "etc")
     good = subprocess.run(
-        [tool, "check", "config", str(REPO / "deploy" / "prometheus.yml")],
+        [tool, "check", "config", str(config)],
         capture_output=True,
         text=True,
         timeout=20,
         check=False,
     )
     assert good.returncode == 0, good.stdout + good.stderr
-    broken = tmp_path / "prometheus.yml"
-    broken.write_text(
-        (REPO / "deploy" / "prometheus.yml")
-        .read_text()
-        .replace("scrape_interval: 15s", "scrape_interval: fifteen", 1)
-    )
+    config.write_text(config.read_text().replace("scrape_interval: 15s", "scrape_interval: fifteen", 1))
     bad = subprocess.run(
-        [tool, "check", "config", str(broken)],
+        [tool, "check", "config", str(config)],
         capture_output=True,
         text=True,
         timeout=20,
@@ -484,7 +499,15 @@ def test_env_example_lists_every_setting_and_nothing_else() -> None:
         alias = field.validation_alias
         fields.add(alias.upper() if isinstance(alias, str) else field_name.upper())
     assert not fields - names, f".env.example lacks settings {sorted(fields - names)}"
-    assert not names - fields, f".env.example has unknown variables {sorted(names - fields)}"
+    unknown = names - fields - COMPOSE_VARIABLES
+    assert not unknown, f".env.example has unknown variables {sorted(unknown)}"
+
+
+def test_env_example_compose_variables_are_used_by_compose() -> None:
+    """.env.example's variables that are no setting are Compose's own ${...}."""
+    compose = (REPO / "docker-compose.yml").read_text()
+    for name in COMPOSE_VARIABLES:
+        assert f"${{{name}:-" in compose, f"{name} is not interpolated in docker-compose.yml"
 
 
 def test_env_example_every_variable_has_a_comment() -> None:
