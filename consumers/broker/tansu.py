@@ -111,8 +111,8 @@ class TansuBroker(EmbeddedBroker):
                         continue
                     raise
                 self._child, self._port = child, port
-                # Tansu does not notice its parent's death; at least a normal interpreter
-                # exit that forgot stop() must not leave it running.
+                # A parent that dies stops it (ChildProcess); a normal interpreter exit
+                # that forgot stop() stops it too, as gently as stop() does.
                 atexit.register(self.stop)
                 logger.info("tansu broker ready on %s:%d (pid %d)", _HOST, port, child.popen.pid)
                 return
