@@ -179,15 +179,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         except ConfigurationError as exc:
             _say(str(exc))
             sys.exit(2)
-    from diffusers.utils import logging as diffusers_logging
+    try:  # a Ctrl-C while the libraries load: nothing runs yet, one line says so
+        from diffusers.utils import logging as diffusers_logging
 
-    from consumers.serve import StartupError, run_dev, run_serve
-
+        from consumers.serve import StartupError, StartupInterrupted, run_dev, run_serve
+    except KeyboardInterrupt:
+        _say("interrupted during start-up")
+        sys.exit(130)
     # "Loading pipeline components" bars: no env variable turns them off, and a JSON log
     # pipeline reads every line of the output
     diffusers_logging.disable_progress_bar()
     try:
         asyncio.run(run_serve(settings) if args.command == "serve" else run_dev(settings))
+    except StartupInterrupted as exc:  # SIGINT, SIGTERM or SIGHUP: 128 + the signal
+        _say(str(exc))
+        sys.exit(exc.exit_code)
     except (StartupError, ConfigurationError) as exc:
         _say(str(exc))
         sys.exit(2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from core.image.worker import GpuWorker
 from core.metrics import EngineMetrics, VoiceQuotaFigures
 from core.outputs import OutputStore
 from core.scheduling import build_scheduling
-from core.settings import Settings
+from core.settings import ConfigurationError, Settings
 from core.storage import SharedOutputs, build_object_store
 from core.telemetry import ObservedClient, UpstreamNames, build_spans
 from core.telemetry.gpu import cuda_memory
@@ -71,6 +72,7 @@ __all__ = ["Engine", "EngineAddresses"]
 # the group, flushing, checkpointing trainings, the GPU worker, HTTP. With the broker gone
 # each of these would otherwise wait for ever; the orchestrator's kill comes after it.
 _STOP_MARGIN = 10.0
+_HURRY = 3.0  # seconds the rest of a stop may take once stop_now ended its grace
 _CONTROL_CATCH_UP = 10.0  # seconds start-up waits for the recent cancels
 _DIAGNOSE_EVERY = 30.0  # seconds between lookups of why the broker refuses us
 
@@ -114,14 +116,18 @@ class Engine:
                                              on_reachable=self._registry_seen)
         self.codec = EventCodec(framing=self.registry)
         self.objects = build_object_store(settings)  # None: the local folders alone
-        self.store = OutputStore(
-            settings.output_dir,
-            public_base_url=settings.public_base_url,
-            cleanup_delay=settings.cleanup_delay if settings.auto_cleanup else None,
-            shared=SharedOutputs(self.objects, presign_ttl=settings.output_url_ttl_seconds
-                                 if settings.output_urls == "presigned" else None)
-            if self.objects is not None else None,
-        )
+        try:
+            self.store = OutputStore(
+                settings.output_dir,
+                public_base_url=settings.public_base_url,
+                cleanup_delay=settings.cleanup_delay if settings.auto_cleanup else None,
+                shared=SharedOutputs(self.objects, presign_ttl=settings.output_url_ttl_seconds
+                                     if settings.output_urls == "presigned" else None)
+                if self.objects is not None else None,
+            )
+        except OSError as exc:  # cannot create the folder: a file in the way, no permission
+            raise ConfigurationError(f"OUTPUT_DIR={settings.output_dir}: {_reason(exc)}") \
+                from exc
         self.http = _observed_client(settings, self.metrics)  # follows HTTP(S)_PROXY
         self.fetch_http = _observed_client(settings, self.metrics, direct=True)
         retries = self.metrics.retries.labels  # the HTTP requests' own budgets count there
@@ -153,6 +159,7 @@ class Engine:
         self._control_lookups: AIOKafkaConsumer | None = None
         self.addresses: EngineAddresses | None = None
         self.crashed: BaseException | None = None
+        self._stop_deadline: float | None = None  # event loop time; stop_now brings it in
 
     async def start(self) -> EngineAddresses:
         """Checks the shared store (raises :class:`~core.storage.StorageError`), starts
@@ -174,7 +181,12 @@ class Engine:
         self._runner = app_runner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._http_host, settings.service_port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # in use, not allowed (< 1024), no such address
+            raise ConfigurationError(
+                f"SERVICE_PORT={settings.service_port}: {_reason(exc)} "
+                f"(on {self._http_host})") from exc
         port = self._runner.addresses[0][1]
         warn_if_open(self._http_host, port, access)
         host = "127.0.0.1" if self._http_host in ("0.0.0.0", "") else self._http_host
@@ -309,6 +321,18 @@ class Engine:
         if self.training is not None:
             self.training.request_stop()  # trainings checkpoint at their next step
 
+    def stop_now(self) -> None:
+        """Ends the grace of a stop at once (safe to call from a signal handler, before or
+        during :meth:`stop`): in-flight work is cancelled and left uncommitted, so it is
+        redelivered, as after a grace that runs out; what the stop still waits for
+        (commits, leaving the group, trainings' checkpoints, the GPU worker) gets a few
+        seconds in all."""
+        self.request_stop()
+        clock = asyncio.get_running_loop().time
+        self._stop_deadline = min(self._stop_deadline or float("inf"), clock() + _HURRY)
+        if self._loop is not None and self._consumer is not None:
+            self._loop.drop(self._consumer.assignment())
+
     async def wait_stopped(self) -> None:
         """Returns when a stop was requested or the consume loop ended on its own."""
         loop_task = self._tasks[0] if self._tasks else None
@@ -327,10 +351,12 @@ class Engine:
         published then stays uncommitted, and is redelivered)."""
         self.request_stop()
         clock = asyncio.get_running_loop().time
-        deadline = clock() + self._settings.shutdown_grace_seconds + _STOP_MARGIN
+        self._stop_deadline = min(self._stop_deadline or float("inf"),
+                                  clock() + self._settings.shutdown_grace_seconds + _STOP_MARGIN)
 
         def left(cap: float) -> float:
-            return max(0.1, min(cap, deadline - clock()))
+            assert self._stop_deadline is not None
+            return max(0.1, min(cap, self._stop_deadline - clock()))
 
         if self._tasks:
             loop_task, *others = self._tasks
@@ -461,6 +487,12 @@ class Engine:
         except Exception:  # a failed lookup of the reason must not end the watch
             logger.exception("could not find out why the broker is unreachable")
             return None
+
+
+def _reason(error: OSError) -> str:
+    """``address already in use`` for errno 98, whatever text the raiser wrapped it in."""
+    text = os.strerror(error.errno) if error.errno else str(error)
+    return text[:1].lower() + text[1:]
 
 
 def _observed_client(settings: Settings, metrics: EngineMetrics, *, direct: bool = False

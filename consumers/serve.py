@@ -9,6 +9,8 @@ import signal
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 from aiokafka.errors import KafkaConnectionError
 
@@ -20,12 +22,13 @@ from consumers.topics import CONTRACT_TOPICS, Replication, ensure_topics
 from core.image.devmodel import DEV_MODEL_NAME, build_dev_model, make_dev_lora
 from core.image.loader import ModelLoadError
 from core.lora.registry import LoraRegistry
-from core.settings import Settings
+from core.settings import ConfigurationError, Settings
 from core.storage import StorageError
 from schemas.errors import UnknownLoraError
 from schemas.registry import SchemaRegistryError
 
-__all__ = ["DEV_LORA_ID", "StartupError", "prepare_dev_model", "run_dev", "run_serve"]
+__all__ = ["DEV_LORA_ID", "StartupError", "StartupInterrupted", "prepare_dev_model", "run_dev",
+           "run_serve"]
 
 DEV_LORA_ID = "sarah_v1"
 
@@ -36,23 +39,108 @@ class StartupError(Exception):
     """Start-up cannot go on; the message says why and what to do."""
 
 
-async def _serve_until_signal(engine: Engine) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, engine.request_stop)
+class StartupInterrupted(StartupError):
+    """A stop signal came before the engine served; what had started is stopped.
+    ``exit_code`` is the shell's for that signal (130 for Ctrl-C)."""
+
+    def __init__(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        super().__init__("interrupted during start-up" if signum == signal.SIGINT
+                         else f"stopped by {name} during start-up")
+        self.exit_code = 128 + signum
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class _StopSignals:
+    """SIGTERM, SIGINT and SIGHUP (a closed terminal) from before anything starts until
+    everything stopped. During start-up the first one cancels the start (what started is
+    stopped, :class:`StartupInterrupted` follows); while serving it begins the graceful
+    stop; one more during that stop ends its grace at once (:meth:`Engine.stop_now`)."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._main = asyncio.current_task()
+        self.engine: Engine | None = None  # once built: the one a later signal hurries
+        self.received: int | None = None  # the signal that interrupted the start-up
+        self._serving = False
+        self._stopping = False
+        self.hurried = False  # a signal came during the stop: nothing waits any more
+
+    def __enter__(self) -> Self:
+        for sig in _STOP_SIGNALS:
+            self._loop.add_signal_handler(sig, self._on_signal, sig)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        for sig in _STOP_SIGNALS:
+            self._loop.remove_signal_handler(sig)
+
+    def serving(self) -> None:
+        """The start is over: a signal from now on stops the engine gracefully."""
+        self._serving = True
+
+    def stopping(self) -> None:
+        """The engine stops (asked to, or by itself): a signal now hurries the stop."""
+        self._stopping = True
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self._stopping:
+            self.hurried = True
+            logger.warning("%s during the stop: stopping now, without waiting for in-flight "
+                           "work (left uncommitted, it is redelivered)", name)
+            if self.engine is not None:
+                self.engine.stop_now()
+        elif self._serving:
+            assert self.engine is not None
+            self._stopping = True
+            logger.info("%s: stopping gracefully (another one stops at once)", name)
+            self.engine.request_stop()
+        else:
+            self._stopping = True
+            self.received = signum
+            logger.info("%s during start-up: stopping what started", name)
+            if self._main is not None:
+                self._main.cancel()
+
+    def interrupted(self) -> StartupInterrupted | None:
+        """The error to raise for a start-up cancelled by a signal (None: not by one)."""
+        if self.received is None:
+            return None
+        if self._main is not None:
+            self._main.uncancel()
+        return StartupInterrupted(self.received)
+
+
+async def _serve_until_signal(engine: Engine, signals: _StopSignals) -> None:
+    signals.serving()
     try:
         await engine.wait_stopped()
     finally:
+        signals.stopping()
         logger.info("stopping: draining in-flight work")
         await engine.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
     if engine.crashed is not None:
         raise StartupError(f"the consume loop stopped with an error: {engine.crashed!r}")
 
 
 async def run_serve(settings: Settings) -> None:
-    """Production entry: the configured broker, or a clear error."""
+    """Production entry: the configured broker, or a clear error. Raises
+    :class:`StartupError` (:class:`StartupInterrupted` for a stop signal during start-up)
+    or :class:`~core.settings.ConfigurationError`."""
+    with _StopSignals() as signals:
+        try:
+            await _serve(settings, signals)
+        except asyncio.CancelledError:
+            if (interrupted := signals.interrupted()) is None:
+                raise
+            raise interrupted from None
+
+
+async def _serve(settings: Settings, signals: _StopSignals) -> None:
     if settings.kafka_bootstrap_servers is None:
         raise StartupError(
             "KAFKA_BOOTSTRAP_SERVERS is not set: `serve` needs a Kafka broker "
@@ -65,13 +153,13 @@ async def run_serve(settings: Settings) -> None:
             "tiny development model, and `multimodal-engine dev` uses it by itself"
         )
     bootstrap = settings.kafka_bootstrap_servers
-    engine = Engine(settings, bootstrap, model_path=settings.flux_model_path)
+    engine = signals.engine = Engine(settings, bootstrap, model_path=settings.flux_model_path)
     await _ensure_topics(settings, engine, bootstrap)
     addresses = await _start(engine, bootstrap)
     _announce(settings, f"engine serving: kafka={addresses.bootstrap_servers} "
                         f"http={addresses.http_url} voice={engine.voice.backend.name} "
                         f"model={_model_line(engine)}")
-    await _serve_until_signal(engine)
+    await _serve_until_signal(engine, signals)
 
 
 async def _start(engine: Engine, bootstrap: str) -> EngineAddresses:
@@ -92,6 +180,9 @@ async def _start(engine: Engine, bootstrap: str) -> EngineAddresses:
     except SchemaRegistryError as exc:  # incompatible subject, unreachable, refused
         await engine.stop()
         raise StartupError(f"SCHEMA_REGISTRY_URL: {exc}") from exc
+    except (ConfigurationError, asyncio.CancelledError):  # a setting; a stop signal
+        await engine.stop()
+        raise
 
 
 async def _ensure_topics(settings: Settings, engine: Engine, bootstrap: str) -> None:
@@ -167,7 +258,18 @@ def _embedded_plaintext(settings: Settings) -> Settings:
 
 async def run_dev(settings: Settings) -> None:
     """Everything on one machine: embedded broker unless configured, local voice without a
-    key; prints what it started and records it for ``send``."""
+    key; prints what it started and records it for ``send``. Raises as :func:`run_serve`;
+    the embedded broker is stopped whatever happens."""
+    with _StopSignals() as signals:
+        try:
+            await _dev(settings, signals)
+        except asyncio.CancelledError:
+            if (interrupted := signals.interrupted()) is None:
+                raise
+            raise interrupted from None
+
+
+async def _dev(settings: Settings, signals: _StopSignals) -> None:
     if settings.kafka_bootstrap_servers is None:
         settings = _embedded_plaintext(_embedded_group_timing(settings))
     with ExitStack() as stack:
@@ -177,13 +279,15 @@ async def run_dev(settings: Settings) -> None:
         if bootstrap is None:
             broker = launch_broker(settings.embedded_broker)
             broker.start()
-            stack.callback(broker.stop)
+            # a graceful Tansu waits ~5 s for its clients to go: not after a 2nd signal
+            stack.callback(lambda: broker.stop(1.0 if signals.hurried else 10.0))
             broker.create_topics(topics, settings.kafka_topic_partitions)
             bootstrap = broker.bootstrap_servers
             broker_note = f"embedded {broker.name}"
         model_path = settings.flux_model_path or await asyncio.to_thread(
             prepare_dev_model, settings)
-        engine = Engine(settings, bootstrap, model_path=model_path, http_host="127.0.0.1")
+        engine = signals.engine = Engine(settings, bootstrap, model_path=model_path,
+                                         http_host="127.0.0.1")
         if settings.kafka_bootstrap_servers is not None:
             await _ensure_topics(settings, engine, bootstrap)
         addresses = await _start(engine, bootstrap)
@@ -209,5 +313,5 @@ async def run_dev(settings: Settings) -> None:
             "--width 256 --height 256 --steps 8\n"
             "(Ctrl-C stops)",
         )
-        await _serve_until_signal(engine)
+        await _serve_until_signal(engine, signals)
 

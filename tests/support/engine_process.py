@@ -1,5 +1,5 @@
-"""The engine as a real subprocess (`multimodal-engine serve`), its output read line by
-line so tests wait on what it says, never on the clock."""
+"""The engine as a real subprocess (`multimodal-engine serve` or `dev`), its output read
+line by line so tests wait on what it says, never on the clock."""
 
 from __future__ import annotations
 
@@ -17,14 +17,18 @@ __all__ = ["LINE_LIMIT", "EngineProcess"]
 # line of aiokafka's can be; a longer line would end the reader and hide what follows).
 LINE_LIMIT = 16 * 2**20
 
-_SERVING = re.compile(r"engine serving: kafka=\S+ http=(\S+)")
+# the line each command prints once it serves; its group 1 is the HTTP URL
+_SERVING = {"serve": re.compile(r"engine serving: kafka=\S+ http=(\S+)"),
+            "dev": re.compile(r"^\s+http\s+(http://\S+)")}
 
 
 class EngineProcess:
-    def __init__(self, env: dict[str, str], cwd: Path, name: str = "engine") -> None:
+    def __init__(self, env: dict[str, str], cwd: Path, name: str = "engine",
+                 command: str = "serve") -> None:
         self.env = {**os.environ, **env}
         self.cwd = cwd
         self.name = name
+        self.command = command
         self.lines: list[str] = []
         self.http_url: str | None = None
         self._proc: asyncio.subprocess.Process | None = None
@@ -32,19 +36,30 @@ class EngineProcess:
         self._changed = asyncio.Condition()
 
     async def start(self, timeout: float = 30.0) -> str:
-        """Starts the process and waits for its "engine serving" line; returns its HTTP URL."""
+        """Starts the process and waits for the line saying it serves; returns its HTTP
+        URL."""
+        await self.launch()
+        serving = _SERVING[self.command]
+        line = await self.wait_for_line(lambda text: serving.search(text) is not None, timeout)
+        match = serving.search(line)
+        assert match is not None
+        self.http_url = match.group(1)
+        return self.http_url
+
+    async def launch(self) -> None:
+        """Starts the process without waiting for anything it says."""
         script = Path(sys.executable).with_name("multimodal-engine")
         self._proc = await asyncio.create_subprocess_exec(
-            str(script), "serve", cwd=self.cwd, env=self.env,
+            str(script), self.command, cwd=self.cwd, env=self.env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             limit=LINE_LIMIT,
         )
         self._reader = asyncio.create_task(self._read())
-        line = await self.wait_for_line(lambda text: _SERVING.search(text) is not None, timeout)
-        match = _SERVING.search(line)
-        assert match is not None
-        self.http_url = match.group(1)
-        return self.http_url
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
 
     async def _read(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
