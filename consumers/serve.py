@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import tempfile
+from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
@@ -115,6 +116,19 @@ class _StopSignals:
         return StartupInterrupted(self.received)
 
 
+async def _under_stop_signals(main: Callable[[Settings, _StopSignals], Awaitable[None]],
+                              settings: Settings) -> None:
+    """``main(settings, signals)`` with the stop signals handled from its first step; a
+    start-up a signal cancelled raises :class:`StartupInterrupted`."""
+    with _StopSignals() as signals:
+        try:
+            await main(settings, signals)
+        except asyncio.CancelledError:
+            if (interrupted := signals.interrupted()) is None:
+                raise
+            raise interrupted from None
+
+
 async def _serve_until_signal(engine: Engine, signals: _StopSignals) -> None:
     signals.serving()
     try:
@@ -131,13 +145,7 @@ async def run_serve(settings: Settings) -> None:
     """Production entry: the configured broker, or a clear error. Raises
     :class:`StartupError` (:class:`StartupInterrupted` for a stop signal during start-up)
     or :class:`~core.settings.ConfigurationError`."""
-    with _StopSignals() as signals:
-        try:
-            await _serve(settings, signals)
-        except asyncio.CancelledError:
-            if (interrupted := signals.interrupted()) is None:
-                raise
-            raise interrupted from None
+    await _under_stop_signals(_serve, settings)
 
 
 async def _serve(settings: Settings, signals: _StopSignals) -> None:
@@ -260,13 +268,7 @@ async def run_dev(settings: Settings) -> None:
     """Everything on one machine: embedded broker unless configured, local voice without a
     key; prints what it started and records it for ``send``. Raises as :func:`run_serve`;
     the embedded broker is stopped whatever happens."""
-    with _StopSignals() as signals:
-        try:
-            await _dev(settings, signals)
-        except asyncio.CancelledError:
-            if (interrupted := signals.interrupted()) is None:
-                raise
-            raise interrupted from None
+    await _under_stop_signals(_dev, settings)
 
 
 async def _dev(settings: Settings, signals: _StopSignals) -> None:
